@@ -1,0 +1,38 @@
+# flux-impressionism: `make repro` rebuilds the pipeline, `make test` runs the tests.
+# Both create .venv and install what they need on first use.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export HF_HUB_DISABLE_TELEMETRY := 1
+export DO_NOT_TRACK := 1
+
+.PHONY: install install-test repro test test-fast params clean-outputs
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, from the pinned CPU wheel: nothing later may pull a CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.test-installed: requirements-test.txt $(VENV)/.installed
+	$(PIP) install -q -r requirements-test.txt
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.test-installed
+
+repro: install           ## run the whole pipeline (embedded smoke profile by default)
+	dvc repro
+
+test: install-test       ## the whole test suite, slow tests included
+	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+test-fast: install-test  ## skip tests marked slow
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow"
+
+params: install          ## regenerate conf/config.yaml from the schema and params.yaml from conf/
+	$(PY) -m stages.core.params --sync

@@ -1,0 +1,57 @@
+"""Image building blocks shared by stages: decode, encode, thumbnails, contact sheets."""
+from __future__ import annotations
+
+import io
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps
+
+
+def decode(data: bytes) -> Image.Image:
+    """Bytes (as stored in shards) -> RGB PIL image, EXIF orientation applied."""
+    img = Image.open(io.BytesIO(data))
+    img = ImageOps.exif_transpose(img)
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def to_array(img: Image.Image) -> np.ndarray:
+    """RGB PIL -> float32 array in [0, 1], shape (H, W, 3)."""
+    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def encode_png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def encode_jpeg(img: Image.Image, quality: int = 92) -> bytes:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def contact_sheet(images: Sequence[Image.Image], labels: Optional[Sequence[str]] = None,
+                  cols: int = 8, cell: int = 128, title: Optional[str] = None) -> Image.Image:
+    """Thumbnails side by side in a grid, each with an optional label under it."""
+    n = max(len(images), 1)
+    cols = max(1, min(cols, n))
+    rows = (n + cols - 1) // cols
+    label_h = 14 if labels else 0
+    top = 18 if title else 0
+    sheet = Image.new("RGB", (cols * cell, top + rows * (cell + label_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((4, 2), title, fill="black")
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        thumb = img.copy()
+        thumb.thumbnail((cell, cell))
+        x = c * cell + (cell - thumb.width) // 2
+        y = top + r * (cell + label_h) + (cell - thumb.height) // 2
+        sheet.paste(thumb, (x, y))
+        if labels:
+            draw.text((c * cell + 2, top + r * (cell + label_h) + cell), str(labels[i])[: cell // 6],
+                      fill="black")
+    return sheet

@@ -1,0 +1,274 @@
+"""The params schema: every knob in params.yaml, validated at the start of every stage.
+
+params.yaml is composed by Hydra from conf/ (``conf/config.yaml`` + ``conf/profile/*.yaml``);
+edit defaults there. A stage calls :func:`load` first: a wrong type, a value out of range or an
+unknown key fails at once with a message naming the key, the value and what is allowed.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ROOT = Path(__file__).resolve().parents[2]
+PARAMS_FILE = ROOT / "params.yaml"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class SyntheticSource(Section):
+    count: int = Field(240, ge=8, description="paintings to generate (before planted copies)")
+    size: int = Field(128, ge=32, le=2048, description="long side in px")
+    near_duplicates: float = Field(0.1, ge=0, le=0.5, description="fraction planted as near-duplicates")
+    defects: float = Field(0.08, ge=0, le=0.5, description="fraction planted as defective images")
+
+
+class WikiartSource(Section):
+    dataset: str = "huggan/wikiart"
+    revision: Optional[str] = None
+    split: str = "train"
+    styles: list[str] = ["Impressionism"]
+    artists: list[str] = []
+    genres: list[str] = []
+
+
+class Data(Section):
+    source: Literal["synthetic", "wikiart", "folder"] = "synthetic"
+    path: Optional[str] = None
+    limit: Optional[int] = Field(None, ge=1)
+    min_side: int = Field(64, ge=1)
+    max_pixels: int = Field(178_956_970, ge=1, description="decompression-bomb limit")
+    shard_rows: int = Field(256, ge=1)
+    holdout: float = Field(0.1, ge=0, lt=1)
+    workers: int = Field(2, ge=1)
+    synthetic: SyntheticSource = SyntheticSource()
+    wikiart: WikiartSource = WikiartSource()
+
+    @model_validator(mode="after")
+    def _folder_needs_path(self):
+        if self.source == "folder" and not self.path:
+            raise ValueError("data.source=folder needs data.path (a directory of images)")
+        return self
+
+
+class Dedupe(Section):
+    hash_size: int = Field(8, ge=4, le=16)
+    threshold: int = Field(10, ge=0, le=64, description="max pHash Hamming distance (of hash_size² bits)")
+    second_vote: bool = True
+    dhash_threshold: int = Field(16, ge=0, le=64)
+    workers: int = Field(2, ge=1)
+
+
+class Clip(Section):
+    model: str = "tiny"            # open_clip model name, or "tiny" (a small random config)
+    pretrained: Optional[str] = None  # open_clip tag (e.g. "openai") or a local checkpoint path
+    batch_size: int = Field(32, ge=1)
+
+
+class Aesthetic(Section):
+    enabled: bool = True
+    head: Optional[str] = None      # path or URL of the LAION aesthetic MLP weights; None = random (smoke)
+    threshold: float = 5.0
+
+
+class ZeroShot(Section):
+    enabled: bool = True
+    positive: list[str] = ["an impressionist painting", "a painting"]
+    negative: list[str] = ["a photograph", "text", "a sculpture", "a picture frame", "a diagram"]
+    threshold: float = 0.5
+
+
+class Filter(Section):
+    min_side: int = Field(64, ge=1)
+    aspect_min: float = Field(0.33, gt=0)
+    aspect_max: float = Field(3.0, gt=0)
+    blur_min: float = Field(60.0, ge=0, description="min variance of the Laplacian (0-255 gray)")
+    clipped_max: float = Field(0.25, ge=0, le=1, description="max share of clipped (≤2 or ≥253) pixels")
+    entropy_min: float = Field(3.0, ge=0)
+    std_min: float = Field(12.0, ge=0)
+    border_detect: bool = False
+    threshold_mode: Literal["absolute", "percentile"] = "absolute"
+    aesthetic: Aesthetic = Aesthetic()
+    zeroshot: ZeroShot = ZeroShot()
+
+
+class Caption(Section):
+    backend: Literal["template", "vlm", "combined"] = "template"
+    template: str = "{description}, {genre} by {artist}, in the style of {trigger}"
+    trigger: str = "impressionism style"
+    model: Optional[str] = None     # image-to-text model: hub id or local path (vlm/combined)
+    prompt: str = "Describe what is depicted in this picture."
+    max_new_tokens: int = Field(40, ge=1)
+    batch_size: int = Field(8, ge=1)
+    keep_existing: bool = True
+    export_imagefolder: bool = False
+
+
+class Model(Section):
+    base: str = "tiny-random"       # hub id, local diffusers folder, or "tiny-random"
+    revision: Optional[str] = None
+    quantization: Literal["none", "nf4", "int8", "fp8"] = "none"
+
+
+class Lora(Section):
+    rank: int = Field(4, ge=1, le=1024)
+    alpha: Optional[float] = Field(None, gt=0, description="None = rank")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: Literal["attention", "attention+ff", "all"] = "attention"
+    double_blocks: Optional[list[int]] = None  # None = all
+    single_blocks: Optional[list[int]] = None  # None = all
+    rank_map: dict[str, int] = {}               # module-name pattern -> rank
+
+    @field_validator("rank_map")
+    @classmethod
+    def _positive_ranks(cls, v):
+        bad = {k: r for k, r in v.items() if r < 1}
+        if bad:
+            raise ValueError(f"ranks must be >= 1, got {bad}")
+        return v
+
+
+class Train(Section):
+    resolution: int = Field(64, ge=16)
+    buckets: bool = True
+    flip: bool = False
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    steps: int = Field(60, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(5, ge=0)
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    weight_decay: float = Field(1e-4, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    sigma_sampling: Literal["uniform", "logit_normal", "shift"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    shift: float = Field(3.0, gt=0)
+    guidance: float = Field(1.0, ge=0)
+    caption_dropout: float = Field(0.05, ge=0, le=1)
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(20, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    validate_every: int = Field(0, ge=0, description="0 = no validation images")
+    num_processes: int = Field(1, ge=1)
+    compile: bool = False
+
+
+class Sample(Section):
+    prompts: str = "conf/prompts/smoke.txt"
+    seeds: list[int] = [0, 1]
+    steps: int = Field(4, ge=1)
+    guidance: float = Field(3.5, ge=0)
+    lora_scales: list[float] = [0.0, 0.5, 1.0]
+    resolution: int = Field(64, ge=16)
+
+
+class Eval(Section):
+    csd_weights: Optional[str] = None
+    kid_subset_size: int = Field(8, ge=2)
+    fid_min_samples: int = Field(2048, ge=2)
+
+
+class Mlflow(Section):
+    experiment: str = "flux-impressionism"
+    registered_model: str = "flux-impressionism-lora"
+
+
+class Params(Section):
+    profile: str = "smoke"
+    seed: int = 1234
+    data: Data = Data()
+    dedupe: Dedupe = Dedupe()
+    clip: Clip = Clip()
+    filter: Filter = Filter()
+    caption: Caption = Caption()
+    model: Model = Model()
+    lora: Lora = Lora()
+    train: Train = Train()
+    sample: Sample = Sample()
+    eval: Eval = Eval()
+    mlflow: Mlflow = Mlflow()
+
+
+class ParamsError(SystemExit):
+    """Raised (as a clean exit with a message) when params.yaml does not fit the schema."""
+
+
+def _describe(err: dict, raw: dict) -> str:
+    key = ".".join(str(p) for p in err["loc"])
+    value = raw
+    for part in err["loc"]:
+        value = value.get(part, "<missing>") if isinstance(value, dict) else "<missing>"
+    if err["type"] == "extra_forbidden":
+        return f"  {key}: unknown key (value {value!r}); check the spelling against conf/config.yaml"
+    allowed = err.get("ctx", {}).get("expected")
+    msg = err["msg"] + (f" (allowed: {allowed})" if allowed else "")
+    return f"  {key} = {value!r}: {msg}"
+
+
+def validate(raw: dict) -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e, raw) for e in exc.errors()]
+        raise ParamsError("invalid params.yaml:\n" + "\n".join(lines)) from None
+
+
+def load(path: os.PathLike | str | None = None) -> Params:
+    """Read and validate params.yaml (the repo's by default, or ``path``)."""
+    path = Path(path) if path else Path.cwd() / "params.yaml"
+    if not path.exists():
+        path = PARAMS_FILE
+    with open(path) as fh:
+        raw = yaml.safe_load(fh) or {}
+    return validate(raw)
+
+
+CONF_HEADER = """\
+# Defaults of every knob, generated from the schema in stages/core/params.py (`make params`).
+# A profile (conf/profile/*.yaml) overrides them; DVC composes params.yaml from conf/
+# (`dvc exp run -S profile=flux-dev -S lora.rank=32`). With Hydra on, `dvc exp run` rewrites
+# params.yaml: change defaults in the schema or a profile, never in params.yaml by hand.
+defaults:
+  - _self_
+  - profile: smoke   # applied after this file, so a profile overrides these defaults
+
+"""
+
+
+def compose(overrides: list[str] | None = None, conf_dir: Path | None = None) -> dict:
+    """Compose conf/ the way ``dvc exp run -S`` does and return the dict."""
+    import tempfile
+
+    from dvc.utils.hydra import compose_and_dump
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "params.yaml"
+        compose_and_dump(out, str(conf_dir or ROOT / "conf"), None, "config", tmp, overrides or [])
+        return yaml.safe_load(out.read_text())
+
+
+def sync() -> None:
+    """Regenerate conf/config.yaml from the schema defaults and params.yaml from conf/ (smoke)."""
+    from stages.core.io import write_text
+
+    defaults = Params().model_dump()
+    defaults.pop("profile")
+    write_text(ROOT / "conf" / "config.yaml", CONF_HEADER + yaml.safe_dump(defaults, sort_keys=False))
+    composed = validate(compose())
+    write_text(PARAMS_FILE, yaml.safe_dump(composed.model_dump(), sort_keys=False))
+
+
+if __name__ == "__main__":  # python -m stages.core.params [--sync | file]
+    if sys.argv[1:] == ["--sync"]:
+        sync()
+    else:
+        p = load(sys.argv[1] if len(sys.argv) > 1 else None)
+        print(yaml.safe_dump(p.model_dump(), sort_keys=False))
