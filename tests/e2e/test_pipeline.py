@@ -1,0 +1,100 @@
+"""The whole pipeline, as a user runs it: a fresh clone, `dvc repro`, a no-op rerun, an experiment.
+
+One module-scoped clone is shared by the tests below, in order (pytest keeps file order)."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors import safe_open
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    env.update(HF_HUB_OFFLINE="1", FLUXIMP_PROGRESS="0", PYTHONUNBUFFERED="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def run(cmd, cwd, timeout=900, stdout_only=False):
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout, shell=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{cmd} failed:\n{out[-6000:]}"
+    return proc.stdout if stdout_only else out
+
+
+def declared_outputs(repo: Path) -> list[Path]:
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text())
+    paths = []
+    for stage in spec["stages"].values():
+        for kind in ("outs", "metrics", "plots"):
+            for item in stage.get(kind, []):
+                paths.append(repo / (next(iter(item)) if isinstance(item, dict) else item))
+    return paths
+
+
+def lora_ranks(path: Path) -> set[int]:
+    with safe_open(str(path), "pt") as f:
+        return {f.get_slice(k).get_shape()[0] for k in f.keys() if "lora_A" in k}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    dest = tmp_path_factory.mktemp("e2e") / "repo"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(dest)], check=True)
+    # test with the working tree's code (what CI runs is the clean clone, identical to it)
+    yield dest
+    shutil.rmtree(dest, ignore_errors=True)
+
+
+def test_repro_builds_every_declared_output(repo):
+    out = run("dvc repro", repo)
+    for stage in ("download", "dedupe", "filter", "caption", "encode", "train", "sample", "evaluate"):
+        assert f"Running stage '{stage}'" in out
+    missing = [str(p.relative_to(repo)) for p in declared_outputs(repo) if not p.exists()]
+    assert not missing, f"declared outputs not written: {missing}"
+    assert (repo / "models/lora/pytorch_lora_weights.safetensors").stat().st_size > 0
+    assert lora_ranks(repo / "models/lora/pytorch_lora_weights.safetensors") == {4}
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    flat = json.dumps(metrics)
+    for key in ("style", "clip_score", "kid", "trait"):
+        assert key in flat, f"metrics.json lacks {key} metrics: {sorted(metrics)}"
+    assert list((repo / "reports/samples").rglob("*.png")), "no sample images"
+
+
+def test_second_repro_is_a_noop(repo):
+    out = run("dvc repro", repo)
+    assert "Running stage" not in out
+    status = run("dvc status", repo)
+    assert "up to date" in status
+
+
+def test_experiment_reruns_only_train_sample_evaluate(repo):
+    out = run("dvc exp run -S lora.rank=8", repo)
+    ran = set(re.findall(r"Running stage '(\w+)'", out))
+    assert ran == {"train", "sample", "evaluate"}, out[-3000:]
+    assert lora_ranks(repo / "models/lora/pytorch_lora_weights.safetensors") == {8}
+    shown = json.loads(run("dvc exp show --json", repo, timeout=300, stdout_only=True))
+    ranks = set(_find(shown, "lora", "rank"))
+    assert {4, 8} <= ranks, f"dvc exp show should list the baseline (rank 4) and the experiment: {ranks}"
+
+
+def _find(obj, section, key):
+    """Every value of obj[...][section][key] anywhere in dvc's nested JSON."""
+    if isinstance(obj, dict):
+        if isinstance(obj.get(section), dict) and key in obj[section]:
+            yield obj[section][key]
+        for v in obj.values():
+            yield from _find(v, section, key)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _find(v, section, key)
