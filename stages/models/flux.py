@@ -1,0 +1,298 @@
+"""Flux base models: resolve ``model.base``, build the tiny random pipeline, load by id or path.
+
+``model.base`` is one of
+- ``tiny-random``: a tiny FluxPipeline built from configs (random weights, offline tokenizers),
+  saved once to ``.cache/tiny-random-flux-v<N>`` and then loaded by path like any other folder;
+- a local diffusers folder (``model_index.json`` inside);
+- a Hugging Face hub id such as ``black-forest-labs/FLUX.1-dev`` (with ``model.revision``).
+
+All three go through ``FluxPipeline.from_pretrained`` / ``FluxTransformer2DModel.from_pretrained``:
+the smoke profile exercises the same loading code as the real run. The HF token comes from the
+environment (``HF_TOKEN``) or the login cache (``hf auth login``); it is never read from params
+and never logged. Failures that users hit most (gated model without token, no network, not enough
+memory) are checked before any weight is read and raise :class:`ModelLoadError` with a message
+that says what is missing.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import string
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from stages.core import compat
+from stages.core.io import atomic_dir
+
+log = logging.getLogger(__name__)
+
+TINY = "tiny-random"
+TINY_VERSION = 1  # bump when the tiny architecture changes: a new cache folder is built
+ROOT = Path(__file__).resolve().parents[2]
+# bytes of a quantized transformer relative to its bf16 checkpoint on disk
+QUANT_FACTOR = {"nf4": 0.29, "int8": 0.52, "fp8": 0.52}
+
+
+class ModelLoadError(SystemExit):
+    """A clear, early failure to load the base model (exits the stage with the message)."""
+
+
+# ----------------------------------------------------------------------------- tiny-random
+def _tiny_tokenizers():
+    """CLIP (BPE) and T5 (Unigram) tokenizers built from a fixed character vocabulary."""
+    compat.ensure_torchvision()
+    from transformers import CLIPTokenizer, T5Tokenizer
+
+    chars = list(string.ascii_lowercase + string.digits + ".,;:!?'-()")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for c in chars:
+            vocab[c + suffix] = len(vocab)
+    clip = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)]
+    pieces += [(c, -2.0) for c in chars] + [("▁" + c, -1.5) for c in chars]
+    t5 = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+    return clip, t5
+
+
+def build_tiny_random(path: os.PathLike | str, seed: int = 0) -> Path:
+    """Build the tiny random FluxPipeline (same weights for the same seed) and save it to ``path``.
+
+    Shapes follow FLUX.1-dev's wiring: guidance embeds, 2x2 packing (transformer in_channels =
+    4 x VAE latent channels), joint_attention_dim = T5 hidden, pooled_projection_dim = CLIP
+    hidden, sum(axes_dims_rope) = attention head dim, VAE downsampling x8.
+    """
+    compat.ensure_torchvision()
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    clip_tok, t5_tok = _tiny_tokenizers()
+    hidden = 32
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=hidden, pooled_projection_dim=hidden,
+            guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 16, 16),
+            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+            layers_per_block=1, norm_num_groups=8, sample_size=64, shift_factor=0.0609,
+            scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False)
+        torch.manual_seed(seed + 2)
+        clip = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(clip_tok), hidden_size=hidden, intermediate_size=37, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, projection_dim=hidden,
+            bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
+            pad_token_id=clip_tok.pad_token_id))
+        torch.manual_seed(seed + 3)
+        t5 = T5EncoderModel(T5Config(
+            vocab_size=len(t5_tok), d_model=hidden, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, pad_token_id=t5_tok.pad_token_id,
+            eos_token_id=t5_tok.eos_token_id, decoder_start_token_id=t5_tok.pad_token_id))
+    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler config
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+        max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tok,
+                        text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer)
+    path = Path(path)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def tiny_random_path() -> Path:
+    cache = Path(os.environ.get("FLUXIMP_CACHE", ROOT / ".cache"))
+    return cache / f"tiny-random-flux-v{TINY_VERSION}"
+
+
+def resolve_base(model_params) -> str:
+    """``model.base`` -> what ``from_pretrained`` takes: a local folder path or a hub id.
+    ``tiny-random`` is built once into the cache folder (atomically) and reused."""
+    base = model_params.base
+    if base == TINY:
+        path = tiny_random_path()
+        if not (path / "model_index.json").exists():
+            log.info("building the tiny random Flux pipeline into %s", path)
+            with atomic_dir(path) as tmp:
+                build_tiny_random(tmp)
+        return str(path)
+    local = Path(base).expanduser()
+    if local.exists():
+        if not (local / "model_index.json").exists() and not (local / "config.json").exists():
+            raise ModelLoadError(f"model.base={base!r} is a folder but holds no diffusers model "
+                                 "(no model_index.json): point it at a FluxPipeline.save_pretrained folder")
+        return str(local.resolve())
+    if base.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model.base={base!r}: no such folder")
+    return base
+
+
+# ----------------------------------------------------------------------------- checks
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def check_access(repo: str, revision: Optional[str]) -> None:
+    """Fail early and clearly when a hub model cannot be read (gated, offline, unknown)."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    cached = try_to_load_from_cache(repo, "model_index.json", revision=revision)
+    if isinstance(cached, str):
+        return  # in the local HF cache: from_pretrained can read it offline
+    what = f"{repo}" + (f"@{revision}" if revision else "")
+    if _offline():
+        raise ModelLoadError(
+            f"model.base={what} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+            f"download it first (`hf download {repo}`) or point model.base at a local folder")
+    try:
+        hf_hub_download(repo, "model_index.json", revision=revision)
+    except GatedRepoError:
+        raise ModelLoadError(
+            f"{repo} is gated: accept its licence on huggingface.co and provide a token "
+            "(HF_TOKEN environment variable or `hf auth login`)") from None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"model.base={repo!r}: no such model on the hub (or it is private "
+                             "and no token was found: set HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise ModelLoadError(f"model.revision={revision!r} does not exist for {repo}") from None
+    except Exception as err:  # connection errors come in several types
+        raise ModelLoadError(f"cannot reach the Hugging Face hub for {what} ({type(err).__name__}): "
+                             "no network? Download the model beforehand or set model.base to a local "
+                             "folder") from None
+
+
+def component_bytes(source: str, revision: Optional[str], components: list[str]) -> dict[str, int]:
+    """Bytes of each component's weight files (local folder or hub metadata), without loading."""
+    sizes: dict[str, int] = {}
+    local = Path(source)
+    if local.exists():
+        for comp in components:
+            files = list((local / comp).glob("*.safetensors")) + list((local / comp).glob("*.bin"))
+            sizes[comp] = sum(f.stat().st_size for f in files)
+        return sizes
+    from huggingface_hub import HfApi
+
+    info = HfApi().model_info(source, revision=revision, files_metadata=True)
+    for comp in components:
+        sizes[comp] = sum(s.size or 0 for s in info.siblings
+                          if s.rfilename.startswith(comp + "/") and s.rfilename.endswith((".safetensors", ".bin")))
+    return sizes
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_memory(source: str, revision: Optional[str], components: list[str], quantization: str,
+                 device: torch.device, dtype: torch.dtype, margin: float = 1.15) -> int:
+    """Estimate the bytes the chosen components need on ``device``; fail before loading if the
+    device has less free memory. Returns the estimate."""
+    sizes = component_bytes(source, revision, components)
+    scale = torch.finfo(dtype).bits / 16  # checkpoints are stored in bf16
+    need = 0
+    for comp, size in sizes.items():
+        quantized = comp == "transformer" and quantization != "none"
+        need += int(size * (QUANT_FACTOR[quantization] if quantized else scale))
+    need = int(need * margin)
+    free = available_bytes(device)
+    if need > free:
+        gib = 2 ** 30
+        hint = "" if quantization == "nf4" else " Try model.quantization=nf4 (about 7 GiB for FLUX.1-dev)."
+        raise ModelLoadError(
+            f"not enough {device.type.upper()} memory for {', '.join(components)} of {source} with "
+            f"quantization={quantization}: need about {need / gib:.1f} GiB, {free / gib:.1f} GiB free.{hint}")
+    return need
+
+
+# ----------------------------------------------------------------------------- loading
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def setup_backends() -> None:
+    """Known-good backend settings (DESIGN.md §4: cuDNN SDPA backward crashes for Flux on H100)."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+
+def _prepare(model_params, device, dtype, components):
+    compat.ensure_torchvision()
+    setup_backends()
+    source = resolve_base(model_params)
+    if not Path(source).exists():
+        check_access(source, model_params.revision)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    check_memory(source, model_params.revision, components, model_params.quantization, device, dtype)
+    return source, device, dtype
+
+
+def load_pipeline(model_params, *, device=None, dtype=None, quantize: bool = True, lora: Optional[str] = None):
+    """The whole FluxPipeline (text encoders, VAE, transformer) on ``device``.
+
+    With ``quantize`` the transformer is quantized per ``model.quantization`` (stages.models.quant)
+    before it moves to the device. ``lora`` (a folder or file) is loaded with ``load_lora_weights``.
+    """
+    from diffusers import FluxPipeline
+
+    comps = ["transformer", "text_encoder", "text_encoder_2", "vae"]
+    source, device, dtype = _prepare(model_params, device, dtype, comps)
+    log.info("loading FluxPipeline from %s (revision %s, %s, %s)", source, model_params.revision, device, dtype)
+    pipe = FluxPipeline.from_pretrained(source, revision=model_params.revision, dtype=dtype)
+    if quantize and model_params.quantization != "none":
+        from stages.models import quant
+
+        pipe.transformer = quant.quantize(pipe.transformer, model_params.quantization, device)
+    pipe.to(device)
+    if lora:
+        pipe.load_lora_weights(lora)
+    return pipe
+
+
+def load_transformer(model_params, *, device=None, dtype=None):
+    """Only the transformer (what training needs once latents and embeddings are cached),
+    quantized per ``model.quantization`` and moved to ``device``; frozen."""
+    from diffusers import FluxTransformer2DModel
+
+    source, device, dtype = _prepare(model_params, device, dtype, ["transformer"])
+    log.info("loading transformer from %s (revision %s, quantization %s)", source, model_params.revision,
+             model_params.quantization)
+    model = FluxTransformer2DModel.from_pretrained(source, subfolder="transformer",
+                                                   revision=model_params.revision, dtype=dtype)
+    model.requires_grad_(False)
+    if model_params.quantization != "none":
+        from stages.models import quant
+
+        model = quant.quantize(model, model_params.quantization, device)
+    return model.to(device)
+
+
+def load_encoders(model_params, *, device=None, dtype=None):
+    """The pipeline without its transformer (text encoders + VAE), for the encode stage."""
+    from diffusers import FluxPipeline
+
+    comps = ["text_encoder", "text_encoder_2", "vae"]
+    source, device, dtype = _prepare(model_params, device, dtype, comps)
+    log.info("loading text encoders and VAE from %s (revision %s)", source, model_params.revision)
+    pipe = FluxPipeline.from_pretrained(source, revision=model_params.revision, dtype=dtype,
+                                        transformer=None)
+    return pipe.to(device)
