@@ -23,15 +23,19 @@ class Section(BaseModel):
 
 
 class SyntheticSource(Section):
-    count: int = Field(240, ge=8, description="paintings to generate (before planted copies)")
+    """The embedded generator (stages/data/synthetic.py): paintings plus planted copies and defects."""
+    count: int = Field(240, ge=8, description="images in the set, planted near-duplicates and defects included")
     size: int = Field(128, ge=32, le=2048, description="long side in px")
-    near_duplicates: float = Field(0.1, ge=0, le=0.5, description="fraction planted as near-duplicates")
-    defects: float = Field(0.08, ge=0, le=0.5, description="fraction planted as defective images")
+    near_duplicates: float = Field(0.1, ge=0, le=0.5, description="share of the set planted as near-duplicates")
+    defects: float = Field(0.08, ge=0, le=0.5, description="share of the set planted as defective images")
+    contrast: int = Field(32, ge=0, description="photo-like renderings of the same scenes (data/raw/contrast)")
 
 
 class WikiartSource(Section):
+    """huggan/wikiart (or a hub id / local folder in its schema) through `datasets`."""
     dataset: str = "huggan/wikiart"
-    revision: Optional[str] = None
+    # a commit of huggan/wikiart holding all 72 data/train-*.parquet shards (pinned for reproducibility)
+    revision: Optional[str] = "95a63ba9d977acef34a0203a13e4b5b794145526"
     split: str = "train"
     styles: list[str] = ["Impressionism"]
     artists: list[str] = []
@@ -42,7 +46,7 @@ class Data(Section):
     source: Literal["synthetic", "wikiart", "folder"] = "synthetic"
     path: Optional[str] = None
     limit: Optional[int] = Field(None, ge=1)
-    min_side: int = Field(64, ge=1)
+    min_side: int = Field(32, ge=1, description="download rejects smaller images; the filter stage has its own")
     max_pixels: int = Field(178_956_970, ge=1, description="decompression-bomb limit")
     shard_rows: int = Field(256, ge=1)
     holdout: float = Field(0.1, ge=0, lt=1)
