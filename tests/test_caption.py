@@ -237,3 +237,18 @@ def test_stage_rejects_bad_inputs(tmp_path):
     with pytest.raises(SystemExit, match="caption.model"):
         stage.run(vlm, **paths)
     assert not paths["out_dir"].exists()
+
+
+@pytest.mark.slow
+def test_bundled_clip_bpe_counts_equal_open_clips_tokenizer():
+    from stages.core import compat
+
+    compat.ensure_torchvision()
+    from open_clip.tokenizer import SimpleTokenizer
+
+    texts = ["Claude Monet's \"Impression, soleil levant\" (1872) — Le Havre!", "naïve café façade, 12 o'clock",
+             "UPPER case and    spaces", " ".join(["water lilies"] * 60),
+             captions.render(TEMPLATE, dict(description="three sailing boats, a pale morning sky",
+                                            genre="marina", artist="jeanne-riviere"), "impressionism style")]
+    reference = [len(SimpleTokenizer().encode(t)) + 2 for t in texts]  # + start/end tokens
+    assert captions.TokenCounter().count(texts)[0] == reference
