@@ -62,11 +62,13 @@ class Data(Section):
 
 
 class Dedupe(Section):
-    hash_size: int = Field(8, ge=4, le=16)
-    threshold: int = Field(10, ge=0, le=64, description="max pHash Hamming distance (of hash_size² bits)")
-    second_vote: bool = True
-    dhash_threshold: int = Field(16, ge=0, le=64)
-    workers: int = Field(2, ge=1)
+    hash_size: int = Field(8, ge=4, le=16, description="pHash/dHash side: hash_size² bits")
+    threshold: int = Field(10, ge=0, le=256, description="max pHash Hamming distance (of hash_size² bits)")
+    second_vote: bool = Field(True, description="a near pair also needs dHash distance <= dhash_threshold")
+    dhash_threshold: int = Field(16, ge=0, le=256)
+    verify: bool = Field(True, description="confirm each near pair on fine pixel detail (see curation/hashing)")
+    verify_min: float = Field(0.7, ge=-1, le=1, description="min detail correlation of a confirmed pair")
+    workers: int = Field(2, ge=1, description="processes that hash (and threads that search)")
 
 
 class Clip(Section):
@@ -78,26 +80,33 @@ class Clip(Section):
 class Aesthetic(Section):
     enabled: bool = True
     head: Optional[str] = None      # path or URL of the LAION aesthetic MLP weights; None = random (smoke)
-    threshold: float = 5.0
+    threshold: float = Field(5.0, description="absolute mode: reject a score below this")
+    percentile: float = Field(2.0, ge=0, le=100, description="percentile mode: reject the lowest this %")
 
 
 class ZeroShot(Section):
     enabled: bool = True
     positive: list[str] = ["an impressionist painting", "a painting"]
     negative: list[str] = ["a photograph", "text", "a sculpture", "a picture frame", "a diagram"]
-    threshold: float = 0.5
+    threshold: float = Field(0.5, ge=0, le=1, description="absolute mode: min probability of 'painting'")
+    percentile: float = Field(2.0, ge=0, le=100, description="percentile mode: reject the lowest this %")
 
 
 class Filter(Section):
-    min_side: int = Field(64, ge=1)
+    min_side: int = Field(80, ge=1, description="min shorter side (px) of a training image")
     aspect_min: float = Field(0.33, gt=0)
     aspect_max: float = Field(3.0, gt=0)
+    analysis_side: int = Field(512, ge=32, description="blur/exposure/blank are measured with the long "
+                                                       "side scaled down to at most this")
     blur_min: float = Field(60.0, ge=0, description="min variance of the Laplacian (0-255 gray)")
     clipped_max: float = Field(0.25, ge=0, le=1, description="max share of clipped (≤2 or ≥253) pixels")
     entropy_min: float = Field(3.0, ge=0)
     std_min: float = Field(12.0, ge=0)
     border_detect: bool = False
-    threshold_mode: Literal["absolute", "percentile"] = "absolute"
+    border_max: float = Field(0.06, ge=0, le=1, description="max uniform band at an edge (share of the side)")
+    # CLIP scores from random weights (smoke) mean nothing: "percentile" rejects the lowest
+    # aesthetic/zeroshot.percentile % of the images that pass the heuristics instead of an absolute cut.
+    threshold_mode: Literal["absolute", "percentile"] = "percentile"
     aesthetic: Aesthetic = Aesthetic()
     zeroshot: ZeroShot = ZeroShot()
 

@@ -128,12 +128,18 @@ def load_clip(clip_params, device: Optional[str] = None, seed: int = 0) -> ClipM
         tag_cfg = open_clip.get_pretrained_cfg(name, pretrained) if pretrained else {}
         if tag_cfg.get("quick_gelu"):  # OpenAI's weights were trained with QuickGELU
             kwargs["force_quick_gelu"] = True
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # random weights (tiny / pretrained=None) are reproducible
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            arch, pretrained=pretrained, device=device, **kwargs)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))  # open_clip logs every step at INFO on the root
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # random weights (tiny / pretrained=None) are reproducible
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                arch, pretrained=pretrained, device=device, **kwargs)
+        tokenizer = open_clip.get_tokenizer(arch)
+    finally:
+        root.setLevel(level)
     model.eval()
-    tokenizer = open_clip.get_tokenizer(arch)
     log.info("CLIP %s on %s", label, device)
     return ClipModel(model, preprocess, tokenizer, device, label, clip_params.batch_size)
 

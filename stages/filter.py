@@ -1,0 +1,232 @@
+"""filter: score every image kept by dedupe and keep those that pass, recording why the rest fail.
+
+Reads ``data/raw/shards`` and ``data/interim/dedupe.parquet``. Writes:
+
+- ``data/interim/filter.parquet``: one row per scored id: the heuristics (``quality.heuristics``),
+  ``aesthetic``, ``zeroshot``, ``kept``, ``reason`` (first failing code, null when kept) and
+  ``reasons`` (all failing codes, ``;``-joined);
+- ``data/interim/clip_embeddings.safetensors``: the CLIP image embeddings of every scored image
+  (``stages.models.clip.save_embeddings``; evaluate reuses them for the held-out split);
+- ``reports/filter/``: ``scores.csv`` (score histograms, long format, the DVC plot),
+  ``reasons.csv`` (reject counts), ``figures/`` (histogram PNG, contact sheets of rejects with their
+  reason and of the top / bottom aesthetic scores);
+- ``reports/curation.json`` (DVC metrics): counts, and precision / recall of dedupe and of the
+  heuristic filter against ``data/raw/truth.parquet`` when the source planted ground truth.
+
+Thresholds of the CLIP scores: ``filter.threshold_mode=absolute`` uses ``threshold``;
+``percentile`` (the smoke default, where CLIP has random weights) rejects the lowest
+``percentile`` % of the images that pass the heuristics, so the code path runs while the
+heuristics do the real work.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from stages.core import images, io, log, params, shards
+from stages.curation import hashing, quality
+from stages.models import clip as clip_models
+
+RAW = "data/raw/shards"
+TRUTH = "data/raw/truth.parquet"
+DEDUPE = "data/interim/dedupe.parquet"
+OUT = "data/interim/filter.parquet"
+EMBEDDINGS = "data/interim/clip_embeddings.safetensors"
+REPORTS = Path("reports/filter")
+METRICS = "reports/curation.json"
+SCORES = ("blur", "clipped", "entropy", "std", "border", "aesthetic", "zeroshot")
+
+
+def score_images(ids: set[str], p, model, logger) -> tuple[list[dict], list[str], np.ndarray]:
+    """Heuristics for every image, CLIP embeddings for the readable ones, in batches."""
+    rows, emb_ids, embs, batch = [], [], [], []
+
+    def flush():
+        if batch:
+            embs.append(model.embed_images([im for _, im in batch]))
+            emb_ids.extend(i for i, _ in batch)
+            batch.clear()
+
+    bar = tqdm(total=len(ids), desc="filter", unit="img", disable=log.progress_disabled())
+    seen = set()
+    for row in shards.iter_rows(RAW, columns=["id", "image"], ids=ids):
+        if row["id"] in seen:
+            continue
+        seen.add(row["id"])
+        try:
+            img = images.decode(row["image"])
+        except Exception as err:  # recorded, never a crash
+            logger.warning("%s does not decode: %s", row["id"], err)
+            rows.append({"id": row["id"], "reasons": ["unreadable"]})
+            continue
+        s = quality.heuristics(img, p.filter.analysis_side)
+        rows.append({"id": row["id"], **s, "reasons": quality.reject_reasons(s, p.filter)})
+        batch.append((row["id"], img))
+        if len(batch) >= p.clip.batch_size:
+            flush()
+        bar.update(1)
+    flush()
+    bar.close()
+    missing = ids - seen
+    if missing:
+        raise SystemExit(f"{len(missing)} ids kept by dedupe are not in {RAW} (e.g. {sorted(missing)[0]}): "
+                         "rerun dedupe")
+    dim = model.dim
+    return rows, emb_ids, np.concatenate(embs) if embs else np.zeros((0, dim), np.float32)
+
+
+def clip_checks(rows: list[dict], emb_ids: list[str], emb: np.ndarray, p, model, logger) -> dict:
+    """Aesthetic and zero-shot scores into ``rows``, thresholds applied; returns the cut-offs."""
+    f = p.filter
+    by_id = {r["id"]: r for r in rows}
+    cuts = {}
+    checks = []
+    if f.aesthetic.enabled:
+        head = quality.load_aesthetic_head(f.aesthetic.head, model.dim, seed=p.seed, device=model.device)
+        checks.append(("aesthetic", "low_aesthetic", head.score(emb) if len(emb) else np.zeros(0),
+                       f.aesthetic))
+    if f.zeroshot.enabled:
+        z = model.zero_shot(emb, f.zeroshot.positive, f.zeroshot.negative) if len(emb) else np.zeros(0)
+        checks.append(("zeroshot", "not_painting", z, f.zeroshot))
+    for name, code, values, cfg in checks:
+        for i, v in zip(emb_ids, values):
+            by_id[i][name] = float(v)
+        passing = [by_id[i][name] for i in emb_ids if not by_id[i]["reasons"]]
+        cuts[name] = quality.cutoff(passing, f.threshold_mode, cfg.threshold, cfg.percentile)
+        for i, v in zip(emb_ids, values):
+            if v < cuts[name]:
+                by_id[i]["reasons"].append(code)
+        logger.info("%s cut-off %.4f (%s mode)", name, cuts[name], f.threshold_mode)
+    return cuts
+
+
+def to_table(rows: list[dict]) -> pa.Table:
+    cols = ["width", "height", "min_side"]
+    out = {"id": [r["id"] for r in rows]}
+    for c in cols:
+        out[c] = pa.array([r.get(c) for r in rows], pa.int32())
+    for c in ("aspect", *SCORES):
+        out[c] = pa.array([r.get(c) for r in rows], pa.float64())
+    order = list(quality.REASONS)
+    reasons = [sorted(r["reasons"], key=order.index) for r in rows]
+    out["kept"] = pa.array([not r for r in reasons], pa.bool_())
+    out["reason"] = pa.array([r[0] if r else None for r in reasons], pa.string())
+    out["reasons"] = pa.array([";".join(r) if r else None for r in reasons], pa.string())
+    return pa.table(out)
+
+
+def curation_metrics(table: pa.Table, dedupe: pa.Table) -> dict:
+    """Counts, and P/R of dedupe and of the heuristic filter when ground truth exists."""
+    d_rows, f_rows = dedupe.to_pylist(), table.to_pylist()
+    counts = {"raw": len({r["id"] for r in d_rows}),
+              "after_dedupe": sum(r["kept"] for r in d_rows),
+              "after_filter": sum(r["kept"] for r in f_rows),
+              "rejects": dict(sorted(Counter(r["reason"] for r in f_rows if r["reason"]).items()))}
+    out = {"counts": counts}
+    if Path(TRUTH).exists():
+        truth = {r["id"]: r for r in pq.read_table(TRUTH).to_pylist() if r.get("id")}
+        out["dedupe"] = hashing.dedupe_scores(d_rows, truth)
+        for r in f_rows:
+            r["reasons"] = (r["reasons"] or "").split(";") if r["reasons"] else []
+        out["filter"] = quality.filter_scores(f_rows, truth)
+        out["filter"]["defects_removed_before_filter"] = sum(
+            1 for i, t in truth.items() if t["kind"] == "defect" and i not in {r["id"] for r in f_rows})
+    return out
+
+
+def main() -> None:
+    p = params.load()
+    logger = log.setup("filter")
+    dedupe = pq.read_table(DEDUPE)
+    ids = {r["id"] for r in dedupe.select(["id", "kept"]).to_pylist() if r["kept"]}
+    logger.info("scoring %d images kept by dedupe", len(ids))
+    model = clip_models.load_clip(p.clip, seed=p.seed)
+    rows, emb_ids, emb = score_images(ids, p, model, logger)
+    cuts = clip_checks(rows, emb_ids, emb, p, model, logger)
+    rows.sort(key=lambda r: r["id"])
+    table = to_table(rows)
+    shards.write_table(table, OUT)
+    clip_models.save_embeddings(EMBEDDINGS, emb_ids, emb, model.name)
+    metrics = curation_metrics(table, dedupe)
+    metrics["cutoffs"] = {k: (v if np.isfinite(v) else None) for k, v in cuts.items()}
+    io.write_json(METRICS, metrics)
+    logger.info("kept %d of %d; rejects %s", metrics["counts"]["after_filter"], len(rows),
+                metrics["counts"]["rejects"])
+    if "filter" in metrics:
+        logger.info("dedupe P/R %.3f/%.3f, heuristic filter P/R %.3f/%.3f, good lost %.3f",
+                    metrics["dedupe"]["precision"], metrics["dedupe"]["recall"],
+                    metrics["filter"]["precision"], metrics["filter"]["recall"],
+                    metrics["filter"]["good_lost"])
+    write_reports(table, cuts, p)
+
+
+def histograms(table: pa.Table, bins: int = 20) -> list[dict]:
+    """Long-format histograms of every score: rows of score, bin (lower edge), count."""
+    out = []
+    for name in SCORES:
+        v = np.array([x for x in table[name].to_pylist() if x is not None], float)
+        if len(v) == 0:
+            continue
+        counts, edges = np.histogram(v, bins=bins)
+        out += [{"score": name, "bin": f"{name} {e:.4g}", "count": int(c)} for e, c in zip(edges, counts)]
+    return out
+
+
+def write_reports(table: pa.Table, cuts: dict, p) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = table.to_pylist()
+    cutoffs = {"blur": p.filter.blur_min, "clipped": p.filter.clipped_max, "entropy": p.filter.entropy_min,
+               "std": p.filter.std_min, "border": p.filter.border_max if p.filter.border_detect else None,
+               **cuts}
+    hist = histograms(table)
+    reasons = Counter(r for row in rows for r in (row["reasons"] or "").split(";") if r)
+    with io.atomic_dir(REPORTS / "figures") as fig_dir:
+        fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+        for ax, name in zip(axes.ravel(), SCORES):
+            v = [x for x in table[name].to_pylist() if x is not None]
+            ax.hist(v, bins=20, color="tab:blue")
+            if cutoffs.get(name) is not None and np.isfinite(cutoffs[name]):
+                ax.axvline(cutoffs[name], color="tab:red", ls="--", label="threshold")
+                ax.legend()
+            ax.set_title(name)
+        axes.ravel()[-1].barh(list(reasons), list(reasons.values()), color="tab:red")
+        axes.ravel()[-1].set_title("rejects by reason")
+        fig.tight_layout()
+        fig.savefig(fig_dir / "scores.png", dpi=80)
+        plt.close(fig)
+        sheets(rows, fig_dir)
+    io.write_text(REPORTS / "scores.csv", "score,bin,count\n" + "".join(
+        f"{h['score']},{h['bin']},{h['count']}\n" for h in hist))
+    io.write_text(REPORTS / "reasons.csv", "reason,count\n" + "".join(
+        f"{r},{c}\n" for r, c in sorted(reasons.items())))
+
+
+def sheets(rows: list[dict], fig_dir: Path, n: int = 32) -> None:
+    """Contact sheets: rejects with their reasons; top and bottom aesthetic scores."""
+    rejects = [r for r in rows if not r["kept"] and r["reason"] != "unreadable"][:n]
+    scored = sorted((r for r in rows if r["aesthetic"] is not None), key=lambda r: -r["aesthetic"])
+    top, bottom = scored[:16], scored[-16:][::-1]
+    want = {r["id"] for r in rejects + top + bottom}
+    pics = {row["id"]: images.decode(row["image"])
+            for row in shards.iter_rows(RAW, columns=["id", "image"], ids=want)}
+    for name, picked, label in (
+            ("rejects.png", rejects, lambda r: r["reasons"]),
+            ("top_aesthetic.png", top, lambda r: f"{r['aesthetic']:.3f}"),
+            ("bottom_aesthetic.png", bottom, lambda r: f"{r['aesthetic']:.3f}")):
+        picked = [r for r in picked if r["id"] in pics]
+        sheet = images.contact_sheet([pics[r["id"]] for r in picked], [label(r) for r in picked],
+                                     cols=8, title=f"{name[:-4]}: {len(picked)} shown")
+        sheet.save(fig_dir / name)
+
+
+if __name__ == "__main__":
+    main()
