@@ -58,7 +58,8 @@ def load_metadata(root: Path) -> tuple[dict[str, dict], list[str]]:
 
 
 def scan(root: str | Path) -> tuple[list[dict], dict]:
-    """Candidates (``path`` + sidecar metadata) sorted by path, and a summary for the report."""
+    """Candidates sorted by path (``path`` relative to ``root``, as recorded; ``file`` to read;
+    sidecar metadata), and a summary for the report."""
     root = Path(root)
     if not root.is_dir():
         raise SystemExit(f"data.path = {str(root)!r} is not a directory (data.source=folder needs one)")
@@ -69,7 +70,7 @@ def scan(root: str | Path) -> tuple[list[dict], dict]:
             continue
         if p.suffix.lower() in IMAGE_EXTENSIONS:
             fields = meta.get(str(p.resolve()), {})
-            candidates.append({"path": str(p), "source": "folder", **fields,
+            candidates.append({"path": p.relative_to(root).as_posix(), "file": str(p), "source": "folder", **fields,
                                "provenance": fields.get("provenance") or f"folder:{p.relative_to(root)}"})
         else:
             ignored.append(str(p.relative_to(root)))

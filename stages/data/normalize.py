@@ -12,6 +12,7 @@ Reject reasons (the ``reason`` column of ``data/raw/rejects.parquet``):
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -100,9 +101,11 @@ def normalize(data: bytes, min_side: int, max_pixels: int) -> Normalized:
         raise Reject("empty", "zero-byte file")
     Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own guard fires at 2x; ours below at 1x
     try:
-        img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError as exc:
-        raise Reject("not_image", str(exc)) from None
+        with warnings.catch_warnings():  # over the limit is rejected below, not warned about
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise Reject("not_image", f"not a recognised image format (starts with {data[:12]!r})") from None
     except Image.DecompressionBombError as exc:
         raise Reject("decompression_bomb", str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - any parser error is a reject, never a crash
@@ -149,18 +152,18 @@ def read_bytes(path: str | Path) -> bytes:
 
 
 def process(candidate: dict, min_side: int, max_pixels: int) -> dict:
-    """One candidate (``path`` and ``data`` bytes, or ``path`` only to read) -> an image row
+    """One candidate (``path`` and ``data`` bytes, or ``file`` to read) -> an image row
     (``ok`` True, IMAGE_SCHEMA fields + the candidate's metadata) or a reject row (``ok`` False)."""
     data = candidate.get("data")
     path = str(candidate.get("path"))
     try:
         if data is None:
-            data = read_bytes(path)
+            data = read_bytes(candidate.get("file") or path)
         norm = normalize(data, min_side, max_pixels)
     except Reject as rej:
         return {"ok": False, "path": path, "id": content_id(data) if data else None,
                 "reason": rej.reason, "detail": rej.detail[:500]}
-    row = {k: v for k, v in candidate.items() if k != "data"}
+    row = {k: v for k, v in candidate.items() if k not in ("data", "file")}
     row.update(ok=True, id=content_id(norm.data), image=norm.data, format=norm.format,
                width=norm.width, height=norm.height, path=path, reencoded=norm.reencoded, note=norm.note)
     return row
