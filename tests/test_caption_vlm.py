@@ -36,6 +36,30 @@ def tiny_blip(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_git(tmp_path_factory):
+    """A decoder-only captioner (GIT): generate() echoes the prompt ids before the new ones."""
+    import torch
+    from transformers import BertTokenizer, CLIPImageProcessor, GitConfig, GitForCausalLM, GitProcessor
+
+    folder = tmp_path_factory.mktemp("tiny-git")
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    tok = BertTokenizer(str(vocab), model_max_length=64)
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+                  image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    model = GitForCausalLM(GitConfig(vision_config=vision, vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=37, max_position_embeddings=64,
+                                     bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+                                     pad_token_id=tok.pad_token_id))
+    out = folder / "model"
+    model.save_pretrained(out)
+    GitProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                 tokenizer=tok).save_pretrained(out)
+    return out
+
+
 def _images(n):
     return [Image.new("RGB", (30 + 7 * i, 20 + 3 * i), (37 * i % 256, 90, 160)) for i in range(n)]
 
@@ -62,6 +86,22 @@ def test_captioner_batches_and_returns_one_string_per_image(tiny_blip):
 
     plain = captions.Captioner(str(tiny_blip), prompt="", max_new_tokens=4, batch_size=8)
     assert len(plain(_images(3))) == 3
+
+
+def test_decoder_only_captioner_drops_the_echoed_prompt(tiny_git):
+    cap = captions.Captioner(str(tiny_git), prompt="a picture of", max_new_tokens=4, batch_size=2)
+    assert not cap.model.config.is_encoder_decoder
+    decoded_lengths = []
+    decode = cap.processor.batch_decode
+
+    def spy(ids, **kw):
+        decoded_lengths.append(ids.shape[1])
+        return decode(ids, **kw)
+
+    cap.processor.batch_decode = spy
+    texts = cap(_images(3))
+    assert len(texts) == 3 and all(isinstance(t, str) and t for t in texts)
+    assert decoded_lengths and max(decoded_lengths) <= 4  # only the new tokens are decoded
 
 
 def test_stage_vlm_backend_loads_the_model_by_path(tmp_path, tiny_blip):

@@ -251,6 +251,7 @@ class Captioner:
         for i in range(0, len(images), self.batch_size):
             batch = [img.convert("RGB") for img in images[i:i + self.batch_size]]
             inputs = self._inputs(batch).to(self.device)
+            inputs.pop("token_type_ids", None)  # BERT-tokenizer output that generate() may refuse (GIT)
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
             with torch.inference_mode():
