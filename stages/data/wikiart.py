@@ -129,13 +129,15 @@ CHECKPOINT_SCHEMA = pa.schema([("path", pa.string()), ("data", pa.binary()), ("a
 def candidates(cfg, seed: int, limit: Optional[int], cache_root: Path = CACHE_ROOT) -> Iterator[dict]:
     """Matching rows as download candidates (``path``, ``data`` bytes, metadata), in the seeded order,
     at most ``limit``. ``cfg`` is ``params.data.wikiart``."""
-    shards = list_shards(cfg.dataset, cfg.revision, cfg.split)
+    local = is_local(cfg.dataset)
+    revision = None if local else cfg.revision  # a local folder has no revisions
+    shards = list_shards(cfg.dataset, revision, cfg.split)
     random.Random(seed).shuffle(shards)
-    key = hashlib.sha256(json.dumps([cfg.dataset if not is_local(cfg.dataset) else str(Path(cfg.dataset).resolve()),
-                                     cfg.revision, cfg.split, sorted(cfg.styles), sorted(cfg.artists),
-                                     sorted(cfg.genres)]).encode()).hexdigest()[:16]
+    where = str(Path(cfg.dataset).resolve()) if local else cfg.dataset
+    key = json.dumps([where, revision, cfg.split, sorted(cfg.styles), sorted(cfg.artists), sorted(cfg.genres)])
+    key = hashlib.sha256(key.encode()).hexdigest()[:16]
     cache = Path(cache_root) / key
-    provenance = f"{cfg.dataset}@{cfg.revision or 'main'}"
+    provenance = cfg.dataset if local else f"{cfg.dataset}@{revision or 'main'}"
     filters = None
     taken = 0
     for shard in shards:
@@ -144,7 +146,7 @@ def candidates(cfg, seed: int, limit: Optional[int], cache_root: Path = CACHE_RO
             rows = pq.read_table(ckpt).to_pylist()
             log.info("wikiart: %s from checkpoint (%d matching rows)", shard, len(rows))
         else:
-            ds = open_shard(cfg.dataset, shard, cfg.revision, cfg.split)
+            ds = open_shard(cfg.dataset, shard, revision, cfg.split)
             if filters is None:
                 filters = {c: label_ids(ds.features, c, getattr(cfg, c + "s")) for c in ("style", "artist", "genre")}
             rows = _shard_rows(ds, filters, shard, provenance)
