@@ -181,12 +181,16 @@ class Sample(Section):
     guidance: float = Field(3.5, ge=0)
     lora_scales: list[float] = [0.0, 0.5, 1.0]
     resolution: int = Field(64, ge=16)
+    batch_size: int = Field(8, ge=1, description="images per pipeline call")
 
 
 class Eval(Section):
-    csd_weights: Optional[str] = None
+    csd_weights: Optional[str] = None  # CSD checkpoint.pth; None = style similarity on CLIP embeddings
+    csd_model: str = Field("ViT-L-14", description="open_clip architecture of the CSD backbone")
     kid_subset_size: int = Field(8, ge=2)
     fid_min_samples: int = Field(2048, ge=2)
+    trait_size: int = Field(64, ge=16, description="side images are resized to for the trait metrics")
+    ab_scale: Optional[float] = Field(None, gt=0, description="LoRA scale in the A/B page; None = largest")
 
 
 class Mlflow(Section):
