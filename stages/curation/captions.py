@@ -226,6 +226,10 @@ class Captioner:
         self.prompt, self.max_new_tokens, self.batch_size = prompt.strip(), max_new_tokens, batch_size
         self.chat = bool(getattr(self.processor, "chat_template", None)) and bool(self.prompt)
         log.info("captioner %s (%s) on %s, prompt %r", model, type(self.model).__name__, self.device, prompt)
+        if self.prompt and not self.chat and self.prompt[-1] in ".?!:":
+            log.warning("caption.prompt %r reads like an instruction, but %s has no chat template: the "
+                        "caption continues it as a prefix (for BLIP-like models use e.g. 'a picture of')",
+                        self.prompt, model)
 
     def _inputs(self, images: list):
         if self.chat:
