@@ -170,6 +170,8 @@ class Train(Section):
     checkpoint_every: int = Field(20, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     validate_every: int = Field(0, ge=0, description="0 = no validation images")
+    validation_steps: int = Field(4, ge=1, description="sampling steps of a validation image")
+    max_sequence_length: int = Field(64, ge=8, le=512, description="T5 tokens per caption (FLUX.1-dev: 512)")
     num_processes: int = Field(1, ge=1)
     compile: bool = False
 

@@ -1,0 +1,187 @@
+"""encode: curated images + captions -> cached VAE latents and text embeddings (``data/cache/``).
+
+Training then needs only the transformer: the text encoders (T5 ~9 GB for FLUX.1-dev) and the
+VAE are loaded here, used once, and freed. The cache layout is documented in
+``stages/models/cache.py``. It depends only on the curated data, the base model and the
+resolution/bucket/flip/text-length params, never on LoRA or optimizer params, so
+``dvc exp run -S lora.rank=32`` reuses it (DVC does not rerun this stage; run by hand with the
+same inputs, the stage finds ``index.json`` with the same key and does nothing).
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from stages.core import compat, log as logs, params
+from stages.core.images import decode
+from stages.core.io import atomic_dir, read_json, write_json
+from stages.core.shards import iter_rows
+from stages.models import cache as cache_lib
+
+CURATED = Path("data/curated")
+OUT = Path("data/cache")
+VERSION = 1  # bump when the cache format changes
+BATCH = 8
+SHARD_ROWS = 256
+N_VALIDATION = 2
+
+
+def cache_key(p, data_hash: str) -> str:
+    t = p.train
+    blob = json.dumps({"v": VERSION, "seed": p.seed, "base": p.model.base, "revision": p.model.revision,
+                       "resolution": t.resolution, "buckets": t.buckets, "flip": t.flip,
+                       "max_sequence_length": t.max_sequence_length, "data": data_hash}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_captions(split: str) -> list[dict]:
+    folder = CURATED / split
+    if not folder.exists():
+        return []
+    return list(iter_rows(folder, columns=["id", "caption"]))
+
+
+def data_hash(rows: list[dict]) -> str:
+    h = hashlib.sha256()
+    for r in sorted(rows, key=lambda r: r["id"]):
+        h.update(f"{r['id']}\t{r['caption']}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def to_tensor(img: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """Resize to cover ``size`` (w, h), centre-crop, scale to [-1, 1], CHW."""
+    w, h = size
+    scale = max(w / img.width, h / img.height)
+    img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))), Image.LANCZOS)
+    left, top = (img.width - w) // 2, (img.height - h) // 2
+    arr = np.asarray(img.crop((left, top, left + w, top + h)), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+class Encoder:
+    def __init__(self, p, device, dtype):
+        from stages.models import flux
+
+        self.pipe = flux.load_encoders(p.model, device=device, dtype=dtype)
+        self.device, self.dtype, self.seq = device, dtype, p.train.max_sequence_length
+        self.gen = torch.Generator(device).manual_seed(p.seed)
+        vae = self.pipe.vae.config
+        self.shift, self.scale = vae.shift_factor or 0.0, vae.scaling_factor
+
+    @torch.no_grad()
+    def text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=prompts, device=self.device,
+                                                    max_sequence_length=self.seq)
+        return embeds.cpu(), pooled.cpu()
+
+    @torch.no_grad()
+    def images(self, pixels: torch.Tensor) -> torch.Tensor:
+        dist = self.pipe.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        return ((dist.sample(generator=self.gen) - self.shift) * self.scale).cpu()
+
+
+def load_pixels(rows: list[dict], size, rejects: list[dict]) -> list[dict]:
+    """Decode the rows' images (read from the shards by id) into tensors of ``size``."""
+    images = {r["id"]: r["image"] for r in iter_rows(CURATED / "train", columns=["id", "image"],
+                                                      ids={r["id"] for r in rows})}
+    out = []
+    for r in rows:
+        try:
+            out.append({**r, "pixels": to_tensor(decode(images[r["id"]]), size)})
+        except Exception as err:  # a broken image is recorded, never a crash
+            rejects.append({"id": r["id"], "reason": f"undecodable: {type(err).__name__}: {err}"})
+    return out
+
+
+def encode_bucket(enc: Encoder, rows: list[dict], size, flip: bool) -> dict[str, torch.Tensor]:
+    out = defaultdict(list)
+    for i in range(0, len(rows), BATCH):
+        chunk = rows[i:i + BATCH]
+        pix = torch.stack([r["pixels"] for r in chunk])
+        out["latents"].append(enc.images(pix))
+        if flip:
+            out["latents_flip"].append(enc.images(pix.flip(-1)))
+        embeds, pooled = enc.text([r["caption"] for r in chunk])
+        out["prompt_embeds"].append(embeds)
+        out["pooled"].append(pooled)
+    return {k: torch.cat(v).contiguous() for k, v in out.items()}
+
+
+def main() -> None:
+    p = params.load()
+    log = logs.setup("encode")
+    compat.ensure_torchvision()
+    rows = read_captions("train")
+    if not rows:
+        raise SystemExit(f"{CURATED}/train holds no images: run the caption stage first")
+    dhash = data_hash(rows)
+    key = cache_key(p, dhash)
+    if (OUT / "index.json").exists() and read_json(OUT / "index.json").get("key") == key:
+        log.info("cache %s is up to date (key %s): nothing to do", OUT, key)
+        return
+    from stages.models import flux
+
+    device = flux.default_device()
+    dtype = flux.default_dtype(device)
+    sizes = cache_lib.buckets(p.train.resolution, p.train.buckets)
+    enc = Encoder(p, device, dtype)
+    # assign buckets from the recorded sizes first; decode images bucket by bucket (bounded memory)
+    by_bucket, rejects = defaultdict(list), []
+    for row in iter_rows(CURATED / "train", columns=["id", "caption", "width", "height"]):
+        if not (row["caption"] or "").strip():
+            rejects.append({"id": row["id"], "reason": "empty_caption"})
+        elif not row["width"] or not row["height"]:
+            rejects.append({"id": row["id"], "reason": "unknown_size"})
+        else:
+            by_bucket[cache_lib.nearest_bucket(row["width"], row["height"], sizes)].append(row)
+    holdout = read_captions("holdout") or rows
+    val_prompts = [r["caption"] for r in sorted(holdout, key=lambda r: r["id"])[:N_VALIDATION]]
+    index = {"key": key, "version": VERSION, "base": p.model.base, "revision": p.model.revision,
+             "resolution": p.train.resolution, "flip": p.train.flip, "data_hash": dhash,
+             "max_sequence_length": p.train.max_sequence_length, "dtype": str(dtype).replace("torch.", ""),
+             "count": 0, "rejects": rejects, "buckets": []}
+    with atomic_dir(OUT) as tmp:
+        for (w, h), items in tqdm(sorted(by_bucket.items()), desc="encode buckets", disable=logs.progress_disabled()):
+            files, count = [], 0
+            for k in range(0, len(items), SHARD_ROWS):
+                part = load_pixels(items[k:k + SHARD_ROWS], (w, h), rejects)
+                if not part:
+                    continue
+                tensors = encode_bucket(enc, part, (w, h), p.train.flip)
+                name = f"bucket-{w}x{h}-{k // SHARD_ROWS:03d}.safetensors"
+                save_file(tensors, tmp / name, metadata={"ids": json.dumps([r["id"] for r in part]),
+                                                          "captions": json.dumps([r["caption"] for r in part])})
+                files.append(name)
+                count += len(part)
+            if files:
+                index["buckets"].append({"width": w, "height": h, "count": count, "files": files})
+                index["count"] += count
+                log.info("bucket %dx%d: %d images", w, h, count)
+
+        for r in rejects:
+            log.warning("skipped %s: %s", r["id"], r["reason"])
+        e, pooled = enc.text([""])
+        save_file({"prompt_embeds": e[0], "pooled": pooled[0]}, tmp / "empty.safetensors")
+        e, pooled = enc.text(val_prompts)
+        save_file({"prompt_embeds": e, "pooled": pooled}, tmp / "validation.safetensors",
+                  metadata={"prompts": json.dumps(val_prompts)})
+        write_json(tmp / "index.json", index)
+    del enc  # free the text encoders and the VAE before anything else runs
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    log.info("cached %d images in %d buckets (%d rejected) -> %s", index["count"], len(index["buckets"]),
+             len(rejects), OUT)
+
+
+if __name__ == "__main__":
+    main()

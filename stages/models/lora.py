@@ -1,0 +1,134 @@
+"""LoRA on the Flux transformer: which modules get adapters, with which rank, and saving them.
+
+Targets are resolved to an explicit list of module names, so what gets an adapter is exactly
+what the params say:
+
+- ``lora.targets`` picks the kinds of layers (presets below) in every selected block;
+- ``lora.double_blocks`` / ``lora.single_blocks`` select blocks by index (None = all, [] = none),
+  the block-wise LoRA used to steer style while preserving the base's content;
+- ``lora.rank_map`` gives some modules another rank: ``{pattern: rank}`` where a pattern is a
+  module-name prefix (``single_transformer_blocks.3``, ``transformer_blocks.0.attn``) or a full
+  regular expression; the first matching pattern wins. It becomes peft's ``rank_pattern``.
+  ``lora.alpha`` None keeps alpha = rank everywhere (scale 1, what ComfyUI assumes);
+  a number keeps that alpha for every module (kohya convention).
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+
+# module-name suffixes inside one block, per preset part
+DOUBLE = {
+    "attention": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                  "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"],
+    "ff": ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"],
+    "mod": ["norm1.linear", "norm1_context.linear"],
+}
+SINGLE = {
+    "attention": ["attn.to_q", "attn.to_k", "attn.to_v"],
+    "ff": ["proj_mlp", "proj_out"],
+    "mod": ["norm.linear"],
+}
+PRESETS = {"attention": ["attention"], "attention+ff": ["attention", "ff"], "all": ["attention", "ff", "mod"]}
+
+
+def _select(which: Optional[list[int]], count: int, key: str) -> list[int]:
+    if which is None:
+        return list(range(count))
+    bad = [i for i in which if not 0 <= i < count]
+    if bad:
+        raise ValueError(f"{key}={which}: block indices {bad} out of range (the model has {count}: 0..{count - 1})")
+    return sorted(set(which))
+
+
+def target_modules(transformer, lora_params) -> list[str]:
+    """Full names of the linear layers that get an adapter, in model order."""
+    modules = dict(transformer.named_modules())
+    parts = PRESETS[lora_params.targets]
+    cfg = transformer.config
+    names = []
+    for i in _select(lora_params.double_blocks, cfg.num_layers, "lora.double_blocks"):
+        names += [f"transformer_blocks.{i}.{s}" for p in parts for s in DOUBLE[p]]
+    for i in _select(lora_params.single_blocks, cfg.num_single_layers, "lora.single_blocks"):
+        names += [f"single_transformer_blocks.{i}.{s}" for p in parts for s in SINGLE[p]]
+    missing = [n for n in names if not isinstance(modules.get(n), torch.nn.Linear)]
+    if missing:
+        raise ValueError(f"LoRA targets not found as linear layers in the transformer: {missing[:5]}")
+    if not names:
+        raise ValueError("no LoRA targets: lora.double_blocks and lora.single_blocks select no block")
+    order = {n: k for k, n in enumerate(modules)}
+    return sorted(names, key=order.__getitem__)
+
+
+def rank_of(name: str, lora_params) -> int:
+    for pattern, rank in lora_params.rank_map.items():
+        if name == pattern or name.startswith(pattern + ".") or re.fullmatch(pattern, name):
+            return rank
+    return lora_params.rank
+
+
+def lora_config(transformer, lora_params):
+    """The peft LoraConfig for these params (explicit targets, per-module rank/alpha patterns)."""
+    from peft import LoraConfig
+
+    names = target_modules(transformer, lora_params)
+    ranks = {n: rank_of(n, lora_params) for n in names}
+    unused = [p for p in lora_params.rank_map
+              if not any(n == p or n.startswith(p + ".") or re.fullmatch(p, n) for n in names)]
+    if unused:
+        raise ValueError(f"lora.rank_map patterns {unused} match no targeted module "
+                         f"(targets look like {names[0]!r})")
+    rank_pattern = {n: r for n, r in ranks.items() if r != lora_params.rank}
+    alpha = lora_params.alpha if lora_params.alpha is not None else lora_params.rank
+    alpha_pattern = {} if lora_params.alpha is not None else {n: float(r) for n, r in rank_pattern.items()}
+    return LoraConfig(r=lora_params.rank, lora_alpha=alpha, lora_dropout=lora_params.dropout,
+                      init_lora_weights="gaussian", target_modules=names,
+                      rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+
+
+def add_lora(transformer, lora_params, dtype: torch.dtype = torch.float32):
+    """Freeze the base, add the adapter, keep the trainable LoRA weights in ``dtype`` (fp32).
+    Returns the list of trainable parameters."""
+    transformer.requires_grad_(False)
+    config = lora_config(transformer, lora_params)
+    transformer.add_adapter(config)
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.to(dtype)
+    return params
+
+
+def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
+    """The adapter's tensors with peft/diffusers keys (``transformer_blocks.0.attn.to_q.lora_A.weight``)."""
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", torch.float32).contiguous()
+            for k, v in get_peft_model_state_dict(transformer).items()}
+
+
+def set_lora_state_dict(transformer, state: dict[str, torch.Tensor]) -> None:
+    from peft.utils import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(transformer, state)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"LoRA state does not fit the adapter: unexpected keys {unexpected[:3]}")
+
+
+def adapter_config(transformer) -> dict:
+    """The adapter's LoraConfig as a JSON-able dict (what diffusers reads back from metadata)."""
+    cfg = transformer.peft_config["default"].to_dict()
+    cfg["target_modules"] = sorted(cfg["target_modules"])
+    return {k: v for k, v in cfg.items() if isinstance(v, (str, int, float, bool, list, dict, type(None)))}
+
+
+def save_diffusers(transformer, out_dir) -> None:
+    """``pytorch_lora_weights.safetensors`` with diffusers keys and the LoraConfig in its metadata,
+    so ``FluxPipeline.load_lora_weights`` restores rank/alpha patterns exactly."""
+    from diffusers import FluxPipeline
+
+    FluxPipeline.save_lora_weights(out_dir, transformer_lora_layers=lora_state_dict(transformer),
+                                   transformer_lora_adapter_metadata=adapter_config(transformer),
+                                   safe_serialization=True)

@@ -1,0 +1,140 @@
+"""The LoRA training step for Flux: what the train stage runs and what the GPU benchmark times.
+
+:class:`Trainer` owns the transformer with its adapter, the optimizer and the lr schedule.
+``Trainer.step(batches, step)`` does one optimizer step over ``len(batches)`` micro-batches
+(gradient accumulation): flow-matching loss (stages.models.flow), caption dropout, guidance
+embedding, backward, grad-norm clipping, optimizer and scheduler steps. Every random draw of a
+step (σ, noise, caption dropout, LoRA dropout) comes from generators seeded by (seed, step,
+rank, micro-batch), so a resumed run repeats an uninterrupted one exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Optional
+
+import torch
+
+from stages.models import flow, lora
+from stages.models.cache import Batch
+
+log = logging.getLogger(__name__)
+SCHEDULERS = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
+
+
+def step_seed(seed: int, step: int, rank: int = 0, micro: int = 0) -> int:
+    return (seed * 1_000_003 + step * 1009 + rank * 101 + micro) % (2 ** 63)
+
+
+def make_optimizer(params, train_params):
+    if train_params.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=train_params.lr, weight_decay=train_params.weight_decay)
+    return torch.optim.AdamW(params, lr=train_params.lr, weight_decay=train_params.weight_decay)
+
+
+class Trainer:
+    def __init__(self, transformer, lora_params, train_params, *, seed: int, device=None,
+                 accelerator=None, empty_prompt: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+        from diffusers.optimization import get_scheduler
+
+        self.device = torch.device(device) if device is not None else next(transformer.parameters()).device
+        self.train_params, self.seed = train_params, seed
+        self.accelerator = accelerator
+        self.rank = accelerator.process_index if accelerator else 0
+        self.world = accelerator.num_processes if accelerator else 1
+        self.base_dtype = next(p for p in transformer.parameters() if p.is_floating_point()).dtype
+        self.params = lora.add_lora(transformer, lora_params, torch.float32)
+        self.guidance = bool(transformer.config.guidance_embeds)
+        if train_params.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        if train_params.compile:
+            transformer.compile_repeated_blocks(fullgraph=False)
+        self.transformer = transformer
+        self.model = transformer  # DDP-wrapped under accelerate
+        self.optimizer = make_optimizer(self.params, train_params)
+        self.scheduler = get_scheduler(SCHEDULERS[train_params.lr_scheduler], self.optimizer,
+                                       num_warmup_steps=train_params.warmup_steps,
+                                       num_training_steps=train_params.steps)
+        if accelerator is not None and accelerator.num_processes > 1:
+            self.model = accelerator.prepare_model(transformer)
+        self.empty = empty_prompt
+        self.autocast = self.device.type == "cuda" and self.base_dtype != torch.float32
+
+    # ------------------------------------------------------------------ one micro-batch
+    def loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        tp = self.train_params
+        b = batch.latents.shape[0]
+        latents = batch.latents.to(self.device, torch.float32)
+        _, _, h, w = latents.shape
+        x0 = flow.pack(latents)
+        prompt, pooled = batch.prompt_embeds, batch.pooled
+        if tp.caption_dropout > 0 and self.empty is not None:
+            drop = torch.rand(b, generator=generator) < tp.caption_dropout
+            if drop.any():
+                prompt = torch.where(drop[:, None, None], self.empty[0].to(prompt.dtype).expand_as(prompt), prompt)
+                pooled = torch.where(drop[:, None], self.empty[1].to(pooled.dtype).expand_as(pooled), pooled)
+        sigmas = flow.sample_sigmas(b, tp.sigma_sampling, generator=generator, logit_mean=tp.logit_mean,
+                                    logit_std=tp.logit_std, shift=tp.shift)
+        noise = torch.randn(x0.shape, generator=generator).to(self.device)
+        sigmas = sigmas.to(self.device)
+        xt, target = flow.noisy_and_target(x0, noise, sigmas)
+        dtype = self.base_dtype
+        kwargs = dict(
+            hidden_states=xt.to(dtype), encoder_hidden_states=prompt.to(self.device, dtype),
+            pooled_projections=pooled.to(self.device, dtype), timestep=sigmas.to(dtype),
+            img_ids=flow.image_ids(h, w, self.device), txt_ids=flow.text_ids(prompt.shape[1], self.device),
+            guidance=torch.full((b,), tp.guidance, device=self.device) if self.guidance else None,
+            return_dict=False)
+        with torch.autocast(self.device.type, dtype=dtype, enabled=self.autocast):
+            pred = self.model(**kwargs)[0]
+        return flow.flow_loss(pred, target)
+
+    # ------------------------------------------------------------------ one optimizer step
+    def step(self, batches: list[Batch], step: int) -> dict:
+        """One optimizer step over the micro-batches; returns the step's metrics."""
+        t0 = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.model.train()
+        total = 0.0
+        for micro, batch in enumerate(batches):
+            seed = step_seed(self.seed, step, self.rank, micro)
+            torch.manual_seed(seed)  # LoRA dropout
+            gen = torch.Generator().manual_seed(seed)
+            last = micro == len(batches) - 1
+            sync = contextlib.nullcontext() if last or self.model is self.transformer else self.model.no_sync()
+            with sync:
+                loss = self.loss(batch, gen) / len(batches)
+                loss.backward()
+            total += loss.detach().float().item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.train_params.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.world > 1:
+            total_t = torch.tensor([total], device=self.device)
+            torch.distributed.all_reduce(total_t)
+            total = total_t.item() / self.world
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        samples = sum(b.latents.shape[0] for b in batches) * self.world
+        metrics = {"loss": total, "lr": lr, "grad_norm": float(grad_norm), "step_time": dt,
+                   "samples_per_s": samples / dt}
+        if self.device.type == "cuda":
+            metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+        return metrics
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict:
+        return {"lora": lora.lora_state_dict(self.transformer), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        lora.set_lora_state_dict(self.transformer, state["lora"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])

@@ -1,0 +1,204 @@
+"""train: LoRA on the Flux transformer from the encode cache -> ``models/lora/``.
+
+- Loads only the transformer (quantized per ``model.quantization``), adds the LoRA
+  (stages.models.lora) and runs ``train.steps`` optimizer steps of stages.models.trainer.
+- Checkpoints every ``train.checkpoint_every`` steps into ``models/checkpoints/`` (atomic, last
+  ``train.keep_checkpoints`` kept). Killed at any moment, rerunning the stage resumes from the last
+  checkpoint at the right step and ends with the same adapter as an uninterrupted run.
+- Logs loss, lr, grad norm, step time, samples/s and peak GPU memory per step to
+  ``reports/train/loss.tsv`` (a DVC plot), to MLflow (stages.core.tracking) and to any callback
+  in :data:`CALLBACKS`; a tqdm bar shows the ETA.
+- Validation images every ``train.validate_every`` steps from prompts cached by encode.
+- ``train.num_processes > 1``: re-launches itself with ``accelerate launch`` (DDP, one process per
+  GPU; gloo on CPU). A single process never needs accelerate's launcher.
+- Exports (stages.models.export): diffusers ``pytorch_lora_weights.safetensors``, a kohya/ComfyUI
+  copy ``lora_kohya.safetensors`` and ``adapter.json``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from stages.core import compat, log as logs, params
+from stages.core.io import atomic_dir
+from stages.models import checkpoint as ckpt
+from stages.models.cache import Cache
+from stages.models.trainer import Trainer, step_seed
+
+CACHE = Path("data/cache")
+LORA_DIR = Path("models/lora")
+CKPT_DIR = Path("models/checkpoints")
+REPORTS = Path("reports/train")
+COLUMNS = ["step", "loss", "lr", "grad_norm", "step_time", "samples_per_s", "peak_mem_gib"]
+CALLBACKS: list[Callable[[dict, int], None]] = []  # extra per-step metric sinks: fn(metrics, step)
+log = logging.getLogger("stages.train")
+
+
+class LossLog:
+    """``reports/train/loss.tsv``: one row per step; on resume, rows after the checkpoint go."""
+
+    def __init__(self, path: Path, start: int):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = path.read_text().splitlines()[1:] if path.exists() and start > 0 else []
+        rows = [r for r in rows if r and int(r.split("\t")[0]) <= start]
+        path.write_text("\t".join(COLUMNS) + "\n" + "".join(r + "\n" for r in rows))
+
+    def __call__(self, metrics: dict, step: int) -> None:
+        vals = [str(step)] + [f"{metrics.get(c, float('nan')):.6g}" for c in COLUMNS[1:]]
+        with open(self.path, "a") as fh:
+            fh.write("\t".join(vals) + "\n")
+
+
+def launch_distributed(p) -> int:
+    """Re-run this stage under ``accelerate launch`` with ``train.num_processes`` processes."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(p.train.num_processes),
+           "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no"]
+    cmd += ["--multi_gpu"] if torch.cuda.device_count() >= p.train.num_processes else ["--cpu"]
+    cmd += ["-m", "stages.train"]
+    log.info("launching %d processes: %s", p.train.num_processes, " ".join(cmd))
+    return subprocess.call(cmd, env={**os.environ, "FLUXIMP_TRAIN_CHILD": "1"})
+
+
+def validate(trainer: Trainer, cache: Cache, p, step: int, vae, out_dir: Path) -> list[Path]:
+    """Images for the cached validation prompts with the adapter being trained (fixed seeds)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    from stages.models import flux
+
+    prompts, embeds, pooled = cache.validation()
+    sched = FlowMatchEulerDiscreteScheduler.from_pretrained(flux.resolve_base(p.model), subfolder="scheduler",
+                                                            revision=p.model.revision)
+    pipe = FluxPipeline(scheduler=sched, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=trainer.transformer)
+    side = (p.train.resolution // 16) * 16
+    paths = []
+    trainer.transformer.eval()
+    for k in range(len(prompts)):
+        dtype = trainer.base_dtype
+        with torch.no_grad(), torch.autocast(trainer.device.type, dtype=dtype, enabled=trainer.autocast):
+            img = pipe(prompt_embeds=embeds[k:k + 1].to(trainer.device, dtype),
+                       pooled_prompt_embeds=pooled[k:k + 1].to(trainer.device, dtype),
+                       num_inference_steps=p.train.validation_steps, height=side, width=side, guidance_scale=3.5,
+                       generator=torch.Generator().manual_seed(k)).images[0]
+        path = out_dir / f"step-{step:06d}-{k}.png"
+        img.save(path)
+        paths.append(path)
+    return paths
+
+
+def export(trainer: Trainer, cache: Cache, p, steps: int) -> None:
+    from safetensors.torch import save_file
+
+    from stages.core.io import write_json
+    from stages.models import export as kohya, lora
+
+    state = lora.lora_state_dict(trainer.transformer)
+    cfg = lora.adapter_config(trainer.transformer)
+    alphas = {n: float(cfg["alpha_pattern"].get(n, cfg["lora_alpha"])) for n in cfg["target_modules"]}
+    with atomic_dir(LORA_DIR) as tmp:
+        lora.save_diffusers(trainer.transformer, tmp)
+        save_file(kohya.to_kohya(state, dict(trainer.transformer.config), alphas), tmp / "lora_kohya.safetensors",
+                  metadata={"ss_network_module": "networks.lora_flux", "ss_base_model_version": "flux1"})
+        write_json(tmp / "adapter.json", {
+            "base": p.model.base, "revision": p.model.revision, "quantization": p.model.quantization,
+            "rank": p.lora.rank, "alpha": p.lora.alpha if p.lora.alpha is not None else p.lora.rank,
+            "rank_map": p.lora.rank_map, "targets": p.lora.targets, "double_blocks": p.lora.double_blocks,
+            "single_blocks": p.lora.single_blocks, "target_modules": cfg["target_modules"],
+            "dropout": p.lora.dropout, "steps": steps, "data_hash": cache.index["data_hash"],
+            "cache_key": cache.index["key"], "resolution": p.train.resolution, "seed": p.seed,
+            "lora_parameters": sum(t.numel() for t in state.values()),
+            "files": {"diffusers": "pytorch_lora_weights.safetensors", "kohya": "lora_kohya.safetensors"}})
+    log.info("adapter exported to %s", LORA_DIR)
+
+
+def train(p, accelerator=None) -> dict:
+    """The training loop (one process of it); returns the last step's metrics."""
+    from stages.models import flux
+
+    main_proc = accelerator is None or accelerator.is_main_process
+    device = accelerator.device if accelerator else flux.default_device()
+    cache = Cache(CACHE)
+    transformer = flux.load_transformer(p.model, device=device)
+    trainer = Trainer(transformer, p.lora, p.train, seed=p.seed, device=device, accelerator=accelerator,
+                      empty_prompt=cache.empty)
+    fp = ckpt.fingerprint(p, cache.index["key"])
+    start = 0
+    found = ckpt.latest(CKPT_DIR, fp, p.train.steps) if main_proc else None
+    if accelerator is not None and accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+        found = ckpt.latest(CKPT_DIR, fp, p.train.steps)
+    if found:
+        start = ckpt.load(found, trainer)
+        log.info("resuming from %s at step %d of %d", found, start, p.train.steps)
+    sinks = [LossLog(REPORTS / "loss.tsv", start)] + CALLBACKS if main_proc else []
+    val_dir, vae = REPORTS / "validation", None
+    if main_proc and p.train.validate_every:
+        from diffusers import AutoencoderKL
+
+        val_dir.mkdir(parents=True, exist_ok=True)
+        vae = AutoencoderKL.from_pretrained(flux.resolve_base(p.model), subfolder="vae",
+                                            revision=p.model.revision, dtype=trainer.base_dtype).to(device)
+    rank, world = trainer.rank, trainer.world
+    metrics: dict = {}
+    bar = tqdm(range(start, p.train.steps), initial=start, total=p.train.steps, desc="train",
+               disable=logs.progress_disabled() or not main_proc)
+    for step in bar:
+        batches = []
+        for micro in range(p.train.grad_accum):
+            gen = torch.Generator().manual_seed(step_seed(p.seed, step, rank, 1000 + micro))
+            batches.append(cache.batch(p.seed, step * p.train.grad_accum + micro, p.train.batch_size,
+                                       rank=rank, world=world, flip=p.train.flip, generator=gen))
+        metrics = trainer.step(batches, step)
+        done = step + 1
+        for sink in sinks:
+            sink(metrics, done)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+        log.debug("step %d %s", done, metrics)
+        if main_proc and vae is not None and (done % p.train.validate_every == 0 or done == p.train.steps):
+            validate(trainer, cache, p, done, vae, val_dir)
+        if done % p.train.checkpoint_every == 0 or done == p.train.steps:
+            if main_proc:
+                ckpt.save(CKPT_DIR, trainer, done, fp, p.train.keep_checkpoints)
+            if world > 1:
+                accelerator.wait_for_everyone()
+    if main_proc:
+        export(trainer, cache, p, p.train.steps)
+    return metrics
+
+
+def main() -> None:
+    p = params.load()
+    logs.setup("train")
+    compat.ensure_torchvision()
+    if p.train.num_processes > 1 and os.environ.get("FLUXIMP_TRAIN_CHILD") != "1":
+        sys.exit(launch_distributed(p))
+    accelerator = None
+    if os.environ.get("FLUXIMP_TRAIN_CHILD") == "1":
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    try:
+        from stages.core import tracking
+    except ImportError:  # tracking is optional
+        tracking = None
+    main_proc = accelerator is None or accelerator.is_main_process
+    if tracking is None or not main_proc:
+        train(p, accelerator)
+        return
+    with tracking.run("train", p, new=True):
+        CALLBACKS.append(lambda m, s: tracking.log_metrics(m, step=s, prefix="train/"))
+        train(p, accelerator)
+        tracking.log_artifacts([REPORTS / "loss.tsv", LORA_DIR / "adapter.json"])
+        tracking.register_adapter(LORA_DIR, p)
+
+
+if __name__ == "__main__":
+    main()
