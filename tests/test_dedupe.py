@@ -1,0 +1,172 @@
+"""dedupe: hash stability, the multi-index search against brute force, clustering, the keep rule,
+the pixel-detail verification, P/R scoring, and the stage end to end on constructed images."""
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, ImageDraw
+
+from stages.core import images, shards
+from stages.curation import hashing
+
+
+def painting(composition: int, strokes: int, size=(128, 96)) -> Image.Image:
+    """A composition (big shapes, seeded by ``composition``) under a texture of short strokes
+    (seeded by ``strokes``): equal composition + other strokes = a 'series' painting, not a copy."""
+    rng = np.random.default_rng(composition)
+    img = Image.new("RGB", size, tuple(int(c) for c in rng.integers(60, 200, 3)))
+    draw = ImageDraw.Draw(img)
+    for _ in range(5):
+        x, y = rng.integers(0, size[0]), rng.integers(0, size[1])
+        r = rng.integers(10, 40)
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    srng = np.random.default_rng(10_000 + strokes)
+    for _ in range(900):
+        x, y = srng.integers(0, size[0]), srng.integers(0, size[1])
+        base = np.array(img.getpixel((int(x), int(y))))
+        col = tuple(int(c) for c in np.clip(base + srng.integers(-45, 46, 3), 0, 255))
+        draw.line((x, y, x + srng.integers(-5, 6), y + srng.integers(-3, 4)), fill=col, width=2)
+    return img
+
+
+def reencode(img, fmt="JPEG", **kw) -> Image.Image:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def copies(img):
+    w, h = img.size
+    return {
+        "jpeg": reencode(img, quality=60),
+        "resize": img.resize((int(w * 0.75), int(h * 0.75)), Image.Resampling.LANCZOS),
+        "crop": img.crop((3, 2, w - 3, h - 2)),
+        "colour": Image.eval(img, lambda v: min(255, int(v * 1.08) + 4)),
+    }
+
+
+def test_hashes_stable_across_reencode_resize_crop():
+    orig = painting(1, 1)
+    ph0, dh0 = hashing.hash_image(orig)
+    assert ph0.shape == (8,) and ph0.dtype == np.uint8
+    for name, cp in copies(orig).items():
+        ph, dh = hashing.hash_image(cp)
+        assert hashing.hamming(ph0, ph) <= 10, name  # the default dedupe.threshold
+        assert hashing.hamming(dh0, dh) <= 16, name
+    other = hashing.hash_image(painting(2, 2))[0]
+    assert hashing.hamming(ph0, other) > 10
+    assert hashing.from_hex([hashing.to_hex(ph0)]).tolist() == [ph0.tolist()]
+
+
+def brute_reference(bits, radius):
+    """All pairs by unpacked bit comparison, one row at a time (independent of hashing.hamming)."""
+    unpacked = np.unpackbits(bits, axis=1).astype(bool)
+    pairs = []
+    for i in range(len(bits) - 1):
+        d = (unpacked[i + 1:] != unpacked[i]).sum(1)
+        pairs += [(i, i + 1 + j) for j in np.flatnonzero(d <= radius)]
+    return np.array(pairs, np.int64).reshape(-1, 2)
+
+
+@pytest.mark.parametrize("n,nbytes,radius", [(300, 8, 10), (2600, 8, 10), (2100, 32, 40), (2200, 8, 3)])
+def test_near_pairs_match_brute_force(n, nbytes, radius):
+    rng = np.random.default_rng(n)
+    bits = rng.integers(0, 256, (n, nbytes), dtype=np.uint8)
+    for k in range(n // 10):  # plant copies at distances 0..radius+2 around the threshold
+        src, dst = rng.integers(0, n, 2)
+        bits[dst] = bits[src]
+        for b in rng.choice(nbytes * 8, rng.integers(0, radius + 3), replace=False):
+            bits[dst, b // 8] ^= 1 << (b % 8)
+    ref = brute_reference(bits, radius)
+    got = hashing.near_pairs(bits, radius, workers=2)
+    assert got.dtype == np.int64 and got.shape[1] == 2
+    assert len(ref) >= n // 20
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_cluster_is_transitive_and_labels_stable():
+    labels = hashing.cluster(7, np.array([[0, 1], [1, 2], [4, 5], [5, 4]]))
+    assert labels.tolist() == [0, 0, 0, 3, 4, 4, 6]
+    assert hashing.cluster(3, np.zeros((0, 2), np.int64)).tolist() == [0, 1, 2]
+
+
+def test_keep_rule_pixels_then_quality_then_id():
+    clusters = np.array([0, 0, 0, 1, 1, 2, 2])
+    pixels = np.array([100, 400, 400, 50, 50, 9, 9])
+    quality = np.array([9.0, 1.0, 2.0, np.nan, 0.5, 1.0, 1.0])
+    ids = ["a", "b", "c", "d", "e", "g", "f"]
+    keep = hashing.choose_keepers(clusters, pixels, ids, quality)
+    # cluster 0: b and c tie on pixels, c has the better quality; cluster 1: NaN quality loses;
+    # cluster 2: full tie, the smaller id ("f") wins
+    assert keep.tolist() == [False, False, True, False, True, False, True]
+    assert hashing.choose_keepers(clusters, pixels, ids).tolist()[:3] == [False, True, False]
+
+
+def test_detail_verification_separates_copies_from_series():
+    orig = painting(5, 1)
+    sig = hashing.detail_signature(orig)
+    for name, cp in copies(orig).items():
+        assert hashing.pair_similarity(sig, hashing.detail_signature(cp)) >= 0.7, name
+    sibling = painting(5, 2)  # same composition, other strokes: pHash alone calls it a copy
+    assert hashing.hamming(hashing.hash_image(orig)[0], hashing.hash_image(sibling)[0]) <= 10
+    assert hashing.pair_similarity(sig, hashing.detail_signature(sibling)) < 0.5
+
+
+def test_dedupe_scores():
+    rows = [dict(id="o1", cluster_id="o1", reason="best_of_cluster"),
+            dict(id="c1", cluster_id="o1", reason="near_duplicate"),
+            dict(id="o2", cluster_id="c2", reason="near_duplicate"),   # original dropped, copy kept
+            dict(id="c2", cluster_id="c2", reason="best_of_cluster"),
+            dict(id="g", cluster_id="o1", reason="near_duplicate"),    # wrongly merged
+            dict(id="o3", cluster_id="o3", reason="unique"),
+            dict(id="c3", cluster_id="c3", reason="unique")]           # missed
+    truth = {"o1": dict(kind="good"), "c1": dict(kind="near_duplicate", dup_of="o1"),
+             "o2": dict(kind="good"), "c2": dict(kind="near_duplicate", dup_of="o2"),
+             "g": dict(kind="good"), "o3": dict(kind="good"),
+             "c3": dict(kind="near_duplicate", dup_of="o3")}
+    s = hashing.dedupe_scores(rows, truth)
+    assert s["removed"] == 3 and s["true_removed"] == 2
+    assert s["precision"] == pytest.approx(2 / 3)
+    assert s["recall"] == pytest.approx(2 / 3) and s["found"] == 2
+
+
+def test_stage_end_to_end(tmp_path, monkeypatch):
+    from stages import dedupe
+
+    monkeypatch.chdir(tmp_path)
+    originals = [painting(k, k) for k in range(6)] + [painting(3, 99)]  # 6 = a series sibling of 3
+    blobs = [images.encode_png(im) for im in originals]
+    blobs.append(images.encode_jpeg(originals[0], quality=70))            # copy of 0, same size
+    blobs.append(images.encode_png(copies(originals[1])["resize"]))       # smaller copy of 1
+    blobs.append(blobs[2])                                                # exact duplicate row
+    blobs.append(b"\x89PNG\r\n\x1a\n-not-really")                          # unreadable
+    rows = []
+    for b in blobs:
+        try:
+            w, h = Image.open(io.BytesIO(b)).size
+        except Exception:
+            w = h = None
+        rows.append(dict(id=shards.content_id(b), image=b, width=w, height=h, format="PNG"))
+    shards.write_shards(rows, "data/raw/shards", shard_rows=4)
+    dedupe.main()
+    out = {r["id"]: r for r in pq.read_table("data/interim/dedupe.parquet").to_pylist()}
+    table = pq.read_table("data/interim/dedupe.parquet").to_pylist()
+    ids = [r["id"] for r in rows]
+    assert len(table) == len(rows) and len(out) == len(rows) - 1
+    assert out[ids[0]]["kept"] and out[ids[0]]["reason"] == "best_of_cluster"   # PNG beats JPEG
+    assert not out[ids[7]]["kept"] and out[ids[7]]["cluster_id"] == ids[0]
+    assert out[ids[1]]["kept"] and out[ids[8]]["reason"] == "near_duplicate"      # more pixels wins
+    assert out[ids[3]]["reason"] == "unique" and out[ids[6]]["reason"] == "unique"  # series kept
+    assert sorted(r["reason"] for r in table if r["id"] == ids[2]) == ["exact_duplicate", "unique"]
+    assert out[ids[10]]["reason"] == "unreadable" and not out[ids[10]]["kept"]
+    assert out[ids[0]]["cluster_size"] == 2 and len(out[ids[0]]["phash"]) == 16
+    report = tmp_path / "reports" / "dedupe"
+    assert {p.name for p in report.iterdir()} >= {"summary.json", "cluster_sizes.csv", "largest_clusters.png"}
+    s = json.loads((report / "summary.json").read_text())
+    assert s["kept"] == 7 and s["near_duplicate_clusters"] == 2
+    assert s["cluster_size_histogram"] == {"1": 5, "2": 2}
+    first = (tmp_path / "data/interim/dedupe.parquet").read_bytes()
+    dedupe.main()  # deterministic: the same bytes again
+    assert (tmp_path / "data/interim/dedupe.parquet").read_bytes() == first
