@@ -90,9 +90,8 @@ def export_imagefolder(curated: Path, dest: Path) -> int:
         folder.mkdir(parents=True, exist_ok=True)
         lines = []
         for row in shards.iter_rows(curated / split):
-            ext = {"jpeg": "jpg", None: "png"}.get((row.get("format") or "").lower() or None,
-                                                     (row.get("format") or "png").lower())
-            name = f"{row['id']}.{ext}"
+            fmt = (row.get("format") or "png").lower()
+            name = f"{row['id']}.{'jpg' if fmt == 'jpeg' else fmt}"
             (folder / name).write_bytes(row.pop("image"))
             meta = {"file_name": name, **{k: v for k, v in row.items() if k not in ("format",)}}
             lines.append(json.dumps(meta, ensure_ascii=False))

@@ -193,7 +193,7 @@ def test_stage_writes_curated_split_and_reports(tmp_path):
     # imagefolder export, read back by datasets offline
     import datasets
 
-    ds = datasets.load_dataset("imagefolder", data_dir=str(cur / "imagefolder"))
+    ds = datasets.load_dataset("imagefolder", data_dir=str(cur / "imagefolder"), cache_dir=str(tmp_path / "hf"))
     assert set(ds) == {"train", "test"} and ds["train"].num_rows == 8 and ds["test"].num_rows == 3
     assert sorted(list(ds["train"]["caption"]) + list(ds["test"]["caption"])) == sorted(caps.values())
     assert ds["train"][0]["image"].size[1] == 24
