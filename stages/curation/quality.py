@@ -109,15 +109,16 @@ def reject_reasons(s: dict, f) -> list[str]:
 
 
 def cutoff(scores: np.ndarray, mode: str, threshold: float, percentile: float) -> float:
-    """The score below which an image is rejected: ``threshold`` itself in absolute mode, or the
-    ``percentile``-th percentile of ``scores`` in percentile mode (for random-weight models)."""
+    """The score below which an image is rejected: ``threshold`` itself in absolute mode; in
+    percentile mode (random-weight models) the value that leaves the lowest ``percentile`` % of
+    ``scores`` (rounded up, so any p > 0 rejects at least one) below it."""
     if mode == "absolute":
         return float(threshold)
-    scores = np.asarray(scores, float)
-    scores = scores[np.isfinite(scores)]
-    if len(scores) == 0 or percentile <= 0:
+    scores = np.sort(np.asarray(scores, float)[np.isfinite(scores)])
+    k = int(np.ceil(len(scores) * percentile / 100 - 1e-9))
+    if k <= 0:
         return -np.inf
-    return float(np.percentile(scores, percentile, method="lower")) if percentile < 100 else np.inf
+    return float(scores[k]) if k < len(scores) else np.inf
 
 
 # ---- the LAION aesthetic head ----------------------------------------------------------------

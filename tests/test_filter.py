@@ -1,0 +1,152 @@
+"""filter: each heuristic on constructed images, percentile mode, the aesthetic head (shapes, loading
+from a local file), P/R scoring, and the stage end to end with the tiny CLIP."""
+import json
+import types
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+from stages.core import images, params, shards
+from stages.curation import quality
+from tests.test_dedupe import painting
+
+F = params.Filter()  # the schema's defaults
+
+
+def reasons(img, **overrides):
+    f = F.model_copy(update=overrides)
+    return quality.reject_reasons(quality.heuristics(img, f.analysis_side), f)
+
+
+def test_a_textured_painting_passes():
+    assert reasons(painting(1, 1)) == []
+
+
+def test_each_heuristic_on_constructed_images():
+    good = painting(2, 2)
+    assert reasons(good.resize((64, 48))) == ["too_small"]
+    assert "bad_aspect" in reasons(painting(3, 3, size=(400, 100)))
+    assert reasons(good.filter(ImageFilter.GaussianBlur(6))) == ["blurry"]
+    noise = np.random.default_rng(0).normal(0, 1.0, (96, 128, 1))
+    blank = Image.fromarray(np.clip(np.array([120, 160, 90]) + noise, 0, 255).astype(np.uint8))
+    assert "blank" in reasons(blank)
+    arr = np.asarray(good, np.float32)
+    over = Image.fromarray(np.clip(arr + 260 - np.percentile(arr.min(axis=2), 30), 0, 255).astype(np.uint8))
+    assert "exposure" in reasons(over)
+    under = Image.fromarray(np.clip((arr - np.percentile(arr.max(axis=2), 70)) * 0.5, 0, 255).astype(np.uint8))
+    assert "exposure" in reasons(under)
+
+
+def test_border_detection_only_when_enabled():
+    framed = Image.new("RGB", (160, 120), (20, 20, 20))
+    framed.paste(painting(4, 4, size=(120, 80)), (20, 20))
+    s = quality.heuristics(framed)
+    assert s["border"] == pytest.approx(20 / 120, abs=0.02)
+    assert quality.heuristics(painting(4, 4))["border"] < 0.05
+    assert "border" not in reasons(framed)
+    assert "border" in reasons(framed, border_detect=True)
+
+
+def test_measures_do_not_depend_on_resolution_above_analysis_side():
+    big = painting(5, 5, size=(256, 192))
+    a = quality.heuristics(big, analysis_side=128)
+    b = quality.heuristics(big.resize((1024, 768), Image.Resampling.NEAREST), analysis_side=128)
+    assert a["blur"] == pytest.approx(b["blur"], rel=0.05)
+    assert b["min_side"] == 768
+
+
+def test_cutoff_absolute_and_percentile():
+    scores = np.arange(100, dtype=float)
+    assert quality.cutoff(scores, "absolute", 5.0, 10) == 5.0
+    cut = quality.cutoff(scores, "percentile", 5.0, 10)
+    assert (scores < cut).sum() == 10
+    assert quality.cutoff(scores, "percentile", 5.0, 0) == -np.inf
+    assert quality.cutoff([], "percentile", 5.0, 10) == -np.inf
+
+
+def test_aesthetic_head_shapes_and_loading_from_a_file(tmp_path):
+    head = quality.AestheticHead(768)
+    names = [k for k in head.state_dict() if k.endswith("weight")]
+    assert names == ["layers.0.weight", "layers.2.weight", "layers.4.weight", "layers.6.weight",
+                     "layers.7.weight"]  # the published LAION checkpoint's keys
+    assert [tuple(head.state_dict()[k].shape) for k in names] == [
+        (1024, 768), (128, 1024), (64, 128), (16, 64), (1, 16)]
+    torch.manual_seed(0)
+    saved = quality.AestheticHead(768)
+    torch.save(saved.state_dict(), tmp_path / "head.pth")
+    loaded = quality.load_aesthetic_head(str(tmp_path / "head.pth"), 768)
+    emb = np.random.default_rng(0).normal(size=(5, 768)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    out = loaded.score(emb)
+    assert out.shape == (5,)
+    np.testing.assert_allclose(out, saved.eval()(torch.from_numpy(emb)).detach().numpy(), atol=1e-5)
+    from safetensors.torch import save_file
+
+    save_file(saved.state_dict(), str(tmp_path / "head.safetensors"))
+    np.testing.assert_allclose(quality.load_aesthetic_head(str(tmp_path / "head.safetensors")).score(emb),
+                               out, atol=1e-6)
+    a, b = quality.load_aesthetic_head(None, 64, seed=1), quality.load_aesthetic_head(None, 64, seed=1)
+    np.testing.assert_array_equal(a.score(emb[:, :64]), b.score(emb[:, :64]))
+    with pytest.raises(ValueError, match="768"):
+        loaded.score(emb[:, :64])
+
+
+def test_filter_scores():
+    truth = {"g1": dict(kind="good"), "g2": dict(kind="good"), "d1": dict(kind="defect", defect="blurred"),
+             "d2": dict(kind="defect", defect="tiny"), "n1": dict(kind="near_duplicate")}
+    rows = [dict(id="g1", reasons=[]), dict(id="g2", reasons=["blurry"]),
+            dict(id="d1", reasons=["blurry"]), dict(id="d2", reasons=["low_aesthetic"]),
+            dict(id="n1", reasons=[]), dict(id="x", reasons=["blank"])]
+    s = quality.filter_scores(rows, truth)
+    assert s["precision"] == 0.5 and s["recall"] == 0.5 and s["good_lost"] == 0.5
+    assert s["recall_by_defect"] == {"blurred": 1.0, "tiny": 0.0}
+
+
+@pytest.mark.slow  # ~30 s, most of it importing open_clip
+def test_stage_end_to_end(tmp_path, monkeypatch):
+    from stages import filter as filter_stage
+    from stages.models import clip
+
+    torch.set_num_threads(1)
+    monkeypatch.chdir(tmp_path)
+    pics = {f"good{i}": painting(i, i) for i in range(12)}
+    pics["blurred"] = painting(20, 20).filter(ImageFilter.GaussianBlur(6))
+    pics["tiny"] = painting(21, 21).resize((64, 48))
+    blobs = {k: images.encode_png(v) for k, v in pics.items()}
+    blobs["broken"] = b"\x89PNG\r\n\x1a\nbroken"
+    ids = {k: shards.content_id(b) for k, b in blobs.items()}
+    shards.write_shards([dict(id=ids[k], image=b) for k, b in blobs.items()], "data/raw/shards", 5)
+    dedupe = [dict(id=i, cluster_id=i, kept=True, reason="unique") for i in ids.values()]
+    dedupe.append(dict(id="gone", cluster_id=ids["good0"], kept=False, reason="near_duplicate"))
+    shards.write_table(pa.Table.from_pylist(dedupe), "data/interim/dedupe.parquet")
+    truth = [dict(id=ids[k], kind="defect" if k in ("blurred", "tiny") else "good",
+                  defect=k if k in ("blurred", "tiny") else None, dup_of=None) for k in pics]
+    shards.write_table(pa.Table.from_pylist(truth), "data/raw/truth.parquet")
+
+    filter_stage.main()
+
+    rows = {r["id"]: r for r in pq.read_table("data/interim/filter.parquet").to_pylist()}
+    assert set(rows) == set(ids.values())
+    assert rows[ids["blurred"]]["reason"] == "blurry" and rows[ids["tiny"]]["reason"] == "too_small"
+    assert rows[ids["broken"]]["reason"] == "unreadable"
+    for r in rows.values():
+        assert r["kept"] == (r["reason"] is None)
+        assert r["id"] == ids["broken"] or (r["aesthetic"] is not None and 0 <= r["zeroshot"] <= 1)
+    # percentile mode (smoke): at most ceil(2%) of the 12 heuristic-passing images per CLIP check
+    clip_rejects = [r for r in rows.values() if r["reason"] in ("low_aesthetic", "not_painting")]
+    assert 1 <= len(clip_rejects) <= 2
+    emb_ids, emb, model = clip.load_embeddings("data/interim/clip_embeddings.safetensors")
+    assert set(emb_ids) == set(ids.values()) - {ids["broken"]} and model.startswith("tiny")
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    metrics = json.loads((tmp_path / "reports/curation.json").read_text())
+    assert metrics["filter"]["recall"] == 1.0 and metrics["filter"]["good_lost"] == 0.0
+    assert metrics["counts"]["after_dedupe"] == 15 and "dedupe" in metrics
+    figures = {p.name for p in (tmp_path / "reports/filter/figures").iterdir()}
+    assert figures == {"scores.png", "rejects.png", "top_aesthetic.png", "bottom_aesthetic.png"}
+    csv = (tmp_path / "reports/filter/scores.csv").read_text().splitlines()
+    assert csv[0] == "score,bin,count" and any(line.startswith("aesthetic,") for line in csv)
+    assert "too_small,1" in (tmp_path / "reports/filter/reasons.csv").read_text()
