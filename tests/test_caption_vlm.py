@@ -60,6 +60,39 @@ def tiny_git(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory):
+    """A chat VLM (LLaVA: CLIP vision tower + Llama): the prompt goes through the chat template."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
+                              PreTrainedTokenizerFast)
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>", "<image>", "user", "assistant", ":",
+                                         "describe", "what", "is", "depicted"] + WORDS)}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                  eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
+    template = ("{% for m in messages %}{{ m['role'] }} : {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                "<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
+                "{% if add_generation_prompt %}assistant : {% endif %}")
+    vision = dict(model_type="clip_vision_model", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=37, image_size=32, patch_size=8, projection_dim=32)
+    text = dict(model_type="llama", vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2, intermediate_size=37, max_position_embeddings=128, bos_token_id=2,
+                eos_token_id=3, pad_token_id=0)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
+                                                      image_token_index=vocab["<image>"], vision_feature_layer=-1))
+    out = tmp_path_factory.mktemp("tiny-llava") / "model"
+    model.save_pretrained(out)
+    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                   tokenizer=tok, patch_size=8, vision_feature_select_strategy="default", chat_template=template,
+                   num_additional_image_tokens=1).save_pretrained(out)
+    return out
+
+
 def _images(n):
     return [Image.new("RGB", (30 + 7 * i, 20 + 3 * i), (37 * i % 256, 90, 160)) for i in range(n)]
 
@@ -88,9 +121,11 @@ def test_captioner_batches_and_returns_one_string_per_image(tiny_blip):
     assert len(plain(_images(3))) == 3
 
 
-def test_decoder_only_captioner_drops_the_echoed_prompt(tiny_git):
-    cap = captions.Captioner(str(tiny_git), prompt="a picture of", max_new_tokens=4, batch_size=2)
-    assert not cap.model.config.is_encoder_decoder
+@pytest.mark.parametrize("kind,prompt,chat", [("tiny_git", "a picture of", False),
+                                              ("tiny_llava", "describe what is depicted", True)])
+def test_decoder_only_captioner_drops_the_echoed_prompt(request, kind, prompt, chat):
+    cap = captions.Captioner(str(request.getfixturevalue(kind)), prompt=prompt, max_new_tokens=4, batch_size=2)
+    assert not cap.model.config.is_encoder_decoder and cap.chat == chat
     decoded_lengths = []
     decode = cap.processor.batch_decode
 
