@@ -1,0 +1,163 @@
+"""sample stage: images from the base model and base + LoRA with identical seeds, and grids.
+
+Reads the prompt suite (``sample.prompts``: one content prompt per line, ``#`` comments), the base
+model (``model.*``) and the adapter in ``models/lora``. For every prompt, seed and LoRA scale in
+``sample.lora_scales`` (0 = the base: the adapter is disabled) it renders one image at
+``sample.resolution``, ``sample.steps`` and ``sample.guidance``; the latents of a (prompt, seed)
+are the same for every scale (one CPU generator per image), so only the adapter differs.
+
+The trigger (``caption.trigger``) is appended to every prompt, for the base too
+(``"<prompt>, <trigger>"``): the LoRA was trained on captions that contain it, and giving the base
+the very same text keeps the comparison about the adapter alone, not about the wording.
+
+Writes ``reports/samples/``: ``images/p00-s0-l0.50.png``..., ``grids/seed-<seed>.png`` (prompts x
+(base | LoRA scales)) and ``index.json`` describing every image (prompt, seed, scale, file).
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import torch
+
+from stages.core import compat
+from stages.core import log, params, tracking
+from stages.core.io import atomic_dir, write_json
+from stages.core.log import progress_disabled
+
+OUT = Path("reports/samples")
+LORA_DIR = Path("models/lora")
+LORA_FILE = "pytorch_lora_weights.safetensors"
+ADAPTER = "style"
+
+
+def read_prompts(path: Path | str) -> list[str]:
+    """Non-empty lines of the prompt file, ``#`` comments skipped; duplicates are an error."""
+    path = Path(path)
+    if not path.exists():
+        raise SystemExit(f"sample.prompts = {str(path)!r}: no such file")
+    prompts = [ln.strip() for ln in path.read_text().splitlines()]
+    prompts = [ln for ln in prompts if ln and not ln.startswith("#")]
+    if not prompts:
+        raise SystemExit(f"{path}: no prompts in the file")
+    dupes = {p for p in prompts if prompts.count(p) > 1}
+    if dupes:
+        raise SystemExit(f"{path}: duplicate prompts {sorted(dupes)}")
+    return prompts
+
+
+def with_trigger(prompt: str, trigger: str) -> str:
+    return f"{prompt}, {trigger}" if trigger and trigger not in prompt else prompt
+
+
+def scale_label(scale: float) -> str:
+    return "base" if scale == 0 else f"LoRA {scale:g}"
+
+
+def grid(rows: list[list], row_labels: list[str], col_labels: list[str], title: str,
+         cell: int = 0, label_w: int = 180):
+    """A prompt x scale grid: column headers on top, the prompt left of each row. Small images
+    are enlarged (nearest neighbour, so pixels stay honest) to at least 128 px cells."""
+    from PIL import Image, ImageDraw
+
+    side = rows[0][0].width
+    cell = cell or min(max(side, 128), 512)
+    head = 34
+    sheet = Image.new("RGB", (label_w + cell * len(col_labels), head + cell * len(rows)), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((4, 2), title, fill="black")
+    for c, text in enumerate(col_labels):
+        draw.text((label_w + c * cell + 4, 18), text, fill="black")
+    for r, (images, text) in enumerate(zip(rows, row_labels)):
+        words, lines = text.split(), [""]
+        for w in words:  # wrap the prompt into the label column
+            lines[-1:] = [lines[-1] + " " + w] if len(lines[-1]) + len(w) < label_w // 7 else [lines[-1], w]
+        draw.multiline_text((4, head + r * cell + 4), "\n".join(x.strip() for x in lines), fill="black")
+        for c, img in enumerate(images):
+            resample = Image.NEAREST if img.width < cell else Image.LANCZOS
+            sheet.paste(img.resize((cell, cell), resample), (label_w + c * cell, head + r * cell))
+    return sheet
+
+
+def render(pipe, prompts: list[str], seeds: list[int], sp) -> list:
+    """One image per (prompt, seed), in batches of ``sp.batch_size``; a CPU generator per image."""
+    from tqdm import tqdm
+
+    jobs = [(pr, s) for pr in prompts for s in seeds]
+    out = []
+    for i in tqdm(range(0, len(jobs), sp.batch_size), desc="batches", disable=progress_disabled()):
+        batch = jobs[i:i + sp.batch_size]
+        gens = [torch.Generator("cpu").manual_seed(s) for _, s in batch]
+        result = pipe(prompt=[pr for pr, _ in batch], num_inference_steps=sp.steps,
+                      guidance_scale=sp.guidance, height=sp.resolution, width=sp.resolution,
+                      generator=gens, output_type="pil")
+        out.extend(result.images)
+    return out
+
+
+def main() -> None:
+    p = params.load()
+    logger = log.setup("sample")
+    sp = p.sample
+    prompts = read_prompts(sp.prompts)
+    scales = sorted({float(s) for s in sp.lora_scales})
+    adapter = LORA_DIR / LORA_FILE
+    if any(s > 0 for s in scales) and not adapter.exists():
+        raise SystemExit(f"no adapter at {adapter}: run the train stage first (dvc repro train)")
+    full = [with_trigger(pr, p.caption.trigger) for pr in prompts]
+    logger.info("%d prompts x %d seeds x scales %s at %d px, %d steps, guidance %g", len(prompts),
+                len(sp.seeds), scales, sp.resolution, sp.steps, sp.guidance)
+
+    compat.ensure_torchvision()  # before diffusers (see stages/core/compat.py)
+    from stages.models import flux
+
+    t0 = time.perf_counter()
+    pipe = flux.load_pipeline(p.model)
+    pipe.set_progress_bar_config(disable=True)
+    if any(s > 0 for s in scales):
+        pipe.load_lora_weights(str(LORA_DIR), weight_name=LORA_FILE, adapter_name=ADAPTER)
+    logger.info("pipeline ready in %.1f s", time.perf_counter() - t0)
+
+    records, by_scale = [], {}
+    with atomic_dir(OUT) as tmp:
+        (tmp / "images").mkdir()
+        (tmp / "grids").mkdir()
+        for scale in scales:
+            t1 = time.perf_counter()
+            if scale == 0:
+                if any(s > 0 for s in scales):
+                    pipe.disable_lora()
+            else:
+                pipe.enable_lora()
+                pipe.set_adapters([ADAPTER], [scale])
+            imgs = render(pipe, full, list(sp.seeds), sp)
+            logger.info("%s: %d images in %.1f s", scale_label(scale), len(imgs), time.perf_counter() - t1)
+            for (pi, seed), img in zip([(i, s) for i in range(len(prompts)) for s in sp.seeds], imgs):
+                name = f"images/p{pi:02d}-s{seed}-l{scale:.2f}.png"
+                img.save(tmp / name)
+                by_scale[(pi, seed, scale)] = img
+                records.append({"file": name, "prompt_index": pi, "prompt": prompts[pi],
+                                "full_prompt": full[pi], "seed": seed, "scale": scale,
+                                "kind": "base" if scale == 0 else "lora"})
+        grids = []
+        for seed in sp.seeds:
+            rows = [[by_scale[(pi, seed, s)] for s in scales] for pi in range(len(prompts))]
+            name = f"grids/seed-{seed}.png"
+            grid(rows, prompts, [scale_label(s) for s in scales], f"seed {seed}").save(tmp / name)
+            grids.append({"file": name, "seed": seed})
+        write_json(tmp / "index.json", {
+            "prompts": prompts, "trigger": p.caption.trigger, "seeds": list(sp.seeds), "scales": scales,
+            "steps": sp.steps, "guidance": sp.guidance, "resolution": sp.resolution,
+            "model": p.model.base, "revision": p.model.revision,
+            "adapter_sha256": hashlib.sha256(adapter.read_bytes()).hexdigest() if adapter.exists() else None,
+            "images": records, "grids": grids})
+    logger.info("wrote %d images and %d grids to %s in %.1f s", len(records), len(grids), OUT,
+                time.perf_counter() - t0)
+    with tracking.run("sample", p):
+        tracking.log_artifacts([OUT / g["file"] for g in grids], artifact_path="samples/grids")
+        tracking.log_artifacts([OUT / "index.json"], artifact_path="samples")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""evaluate stage end to end on the smoke profile (samples from tests/test_sample.py's project, a
+held-out set of constructed stroke paintings), plus the embedding-cache reuse rule."""
+import csv
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image, ImageDraw
+
+from stages import evaluate
+from stages.core import images, params, shards
+from stages.metrics import traits
+from tests.test_sample import PROMPTS, sampled  # noqa: F401  (session fixture)
+
+ROOT = Path(params.ROOT)
+SETS = ("holdout", "base", "lora")
+
+
+def stroke_painting(seed: int, side: int = 96) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", (side, side), tuple(int(x) for x in rng.integers(160, 250, 3)))
+    draw = ImageDraw.Draw(img)
+    for _ in range(250):
+        x, y = rng.uniform(0, side, 2)
+        a = rng.uniform(0, np.pi)
+        draw.line([(x, y), (x + 5 * np.cos(a), y + 5 * np.sin(a))], width=2,
+                  fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    return img
+
+
+def write_holdout(root: Path, n: int = 10) -> list[str]:
+    rows = []
+    for i in range(n):
+        data = images.encode_png(stroke_painting(i))
+        rows.append({"id": shards.content_id(data), "image": data, "format": "PNG", "width": 96,
+                     "height": 96, "caption": "a painting, impressionism style"})
+    rows.append({"id": "broken", "image": b"not an image", "format": "PNG"})  # skipped, logged
+    shards.write_shards(rows, root / "data/curated/holdout", shard_rows=4)
+    return [r["id"] for r in rows[:-1]]
+
+
+@pytest.fixture(scope="module")
+def evaluated(sampled):  # noqa: F811
+    write_holdout(sampled)
+    old, old_env = Path.cwd(), os.environ.get("FLUXIMP_MLFLOW")
+    os.environ["FLUXIMP_MLFLOW"] = "0"
+    os.chdir(sampled)
+    try:
+        evaluate.main()
+    finally:
+        os.chdir(old)
+        os.environ.pop("FLUXIMP_MLFLOW", None) if old_env is None else os.environ.update(FLUXIMP_MLFLOW=old_env)
+    return sampled
+
+
+@pytest.mark.slow
+def test_metrics_json_has_every_family_for_every_set(evaluated):
+    m = json.loads((evaluated / "reports/metrics.json").read_text())
+    assert (m["n_holdout"], m["n_base"], m["n_lora"], m["lora_scale"]) == (10, 4, 4, 1.0)
+    stems = ["style_centroid", "style_nn", "aesthetic", "diversity"] + [f"trait_{t}" for t in traits.NAMES]
+    for stem in stems:
+        for s in SETS + ("delta",):
+            assert isinstance(m[f"{stem}_{s}"], float), f"{stem}_{s}"
+        assert m[f"{stem}_delta"] == pytest.approx(m[f"{stem}_lora"] - m[f"{stem}_base"], abs=2e-6)
+    for stem in ("clip_score", "kid"):
+        assert isinstance(m[f"{stem}_base"], float) and isinstance(m[f"{stem}_lora"], float)
+    if m["clip_score_base"] > 0:  # a random CLIP can score 0 (cosines clamp at 0): ratio is then null
+        assert m["clip_score_ratio"] == pytest.approx(m["clip_score_lora"] / m["clip_score_base"], rel=1e-4)
+    else:
+        assert m["clip_score_ratio"] is None
+    assert not any(k.startswith("fid_") for k in m)  # too few images: omitted, with a note
+    assert all(v is None or np.isfinite(v) for v in m.values())
+    # the constructed held-out strokes carry more stroke energy than tiny-random's samples
+    assert m["trait_hf_energy_holdout"] > m["trait_hf_energy_base"]
+    assert -1 <= m["style_centroid_base"] <= 1
+    details = json.loads((evaluated / "reports/eval/details.json").read_text())
+    assert any(n.startswith("FID omitted") for n in details["notes"])
+    assert len(details["images"]) == 2 * 2 * 3 and len(details["holdout_ids"]) == 10
+
+
+@pytest.mark.slow
+def test_plots_ab_page_and_report(evaluated):
+    with open(evaluated / "reports/plots/traits.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(traits.NAMES) * 3
+    assert all(float(r["relative_to_holdout"]) == pytest.approx(1.0) for r in rows if r["set"] == "holdout"
+               and r["relative_to_holdout"])
+    with open(evaluated / "reports/plots/sweep.csv") as fh:
+        sweep = list(csv.DictReader(fh))
+    assert [float(r["scale"]) for r in sweep] == [0.0, 0.5, 1.0] and "style_centroid" in sweep[0]
+    assert Image.open(evaluated / "reports/eval/traits.png").size[0] > 500
+    key = json.loads((evaluated / "reports/eval/abtest-key.json").read_text())
+    assert len(key["pairs"]) == len(PROMPTS) * 2
+    assert (evaluated / "reports/eval/abtest/index.html").exists()
+    page = (evaluated / "reports/report.html").read_text()
+    targets = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert "samples/grids/seed-0.png" in targets and "eval/traits.png" in targets
+    for t in targets:
+        assert (evaluated / "reports" / t).exists(), t
+
+
+def test_dvc_yaml_declares_what_evaluate_writes():
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["evaluate"]
+    outs = [next(iter(o)) if isinstance(o, dict) else o for o in stage["outs"]]
+    metrics = [next(iter(o)) for o in stage["metrics"]]
+    plots = [next(iter(o)) for o in stage["plots"]]
+    assert str(evaluate.EVAL) in outs and str(evaluate.REPORT) in outs
+    assert metrics == [str(evaluate.METRICS)]
+    assert sorted(plots) == sorted(str(evaluate.PLOTS / f) for f in ("traits.csv", "sweep.csv"))
+    assert {"eval", "clip", "seed", "filter.aesthetic.head"} <= set(stage["params"])
+
+
+def test_holdout_embeddings_reused_only_for_the_same_model(tmp_path, monkeypatch):
+    from stages.models.clip import save_embeddings
+
+    class FakeClip:
+        name = "tiny/seed=1"
+
+        def embed_images(self, imgs):
+            return np.full((len(imgs), 3), 7.0, np.float32)
+
+    monkeypatch.chdir(tmp_path)
+    emb = np.eye(3, dtype=np.float32)
+    save_embeddings(evaluate.EMBEDDINGS, ["a", "b", "c"], emb, "tiny/seed=1")
+    import logging
+    log = logging.getLogger("t")
+    got = evaluate.holdout_clip_embeddings(FakeClip(), ["c", "a"], [None, None], log)
+    np.testing.assert_array_equal(got, emb[[2, 0]])
+    FakeClip.name = "ViT-L-14/openai"  # another model: re-embed
+    assert evaluate.holdout_clip_embeddings(FakeClip(), ["c", "a"], [None, None], log)[0, 0] == 7.0
+    FakeClip.name = "tiny/seed=1"  # an id the cache lacks: re-embed
+    assert evaluate.holdout_clip_embeddings(FakeClip(), ["z"], [None], log)[0, 0] == 7.0

@@ -1,0 +1,130 @@
+"""sample stage: prompt file parsing, the grid, and the stage end to end on tiny-random Flux with a
+small random LoRA (built with peft here, saved with FluxPipeline.save_lora_weights)."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from stages import sample
+from stages.core import params
+
+PROMPTS = ["a harbour at dawn with fishing boats", "a bowl of pears on a table"]
+
+
+def make_adapter(p, out: Path) -> None:
+    """A rank-4 LoRA on the attention projections with random (non-zero) B matrices."""
+    import torch
+    from diffusers import FluxPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from stages.models import flux
+
+    transformer = flux.load_transformer(p.model)
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    gen = torch.Generator().manual_seed(0)
+    for name, prm in transformer.named_parameters():
+        if "lora_B" in name:
+            prm.data = torch.randn(prm.shape, generator=gen) * 0.5
+    FluxPipeline.save_lora_weights(str(out), transformer_lora_layers=get_peft_model_state_dict(transformer))
+
+
+def build_project(root: Path) -> Path:
+    """A scratch project: params.yaml (smoke, 2 prompts x 2 seeds x 3 scales, 2 steps), the prompt
+    file, and models/lora. The caller chdirs into it."""
+    raw = params.Params().model_dump()
+    raw["sample"].update(prompts="prompts.txt", seeds=[0, 1], steps=2, lora_scales=[0.0, 0.5, 1.0],
+                         batch_size=4)
+    raw["data"]["holdout"] = 0.2
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    (root / "prompts.txt").write_text("# test prompts\n\n" + "\n".join(PROMPTS) + "\n")
+    make_adapter(params.validate(raw), root / "models" / "lora")
+    return root
+
+
+@pytest.fixture(scope="session")
+def sampled(tmp_path_factory):
+    """The project after one run of the sample stage (shared with tests/test_evaluate.py)."""
+    root = build_project(tmp_path_factory.mktemp("evalproj"))
+    old, old_env = Path.cwd(), os.environ.get("FLUXIMP_MLFLOW")
+    os.environ["FLUXIMP_MLFLOW"] = "0"
+    os.chdir(root)
+    try:
+        sample.main()
+    finally:
+        os.chdir(old)
+        if old_env is None:
+            os.environ.pop("FLUXIMP_MLFLOW", None)
+        else:
+            os.environ["FLUXIMP_MLFLOW"] = old_env
+    return root
+
+
+def test_read_prompts(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("# comment\n a harbour \n\nsecond one\n")
+    assert sample.read_prompts(f) == ["a harbour", "second one"]
+    f.write_text("same\nsame\n")
+    with pytest.raises(SystemExit, match="duplicate"):
+        sample.read_prompts(f)
+    f.write_text("# only a comment\n")
+    with pytest.raises(SystemExit, match="no prompts"):
+        sample.read_prompts(f)
+    with pytest.raises(SystemExit, match="no such file"):
+        sample.read_prompts(tmp_path / "missing.txt")
+
+
+def test_prompt_files_in_conf():
+    smoke = sample.read_prompts(Path(params.ROOT) / "conf/prompts/smoke.txt")
+    real = sample.read_prompts(Path(params.ROOT) / "conf/prompts/flux-dev.txt")
+    assert len(smoke) >= 4 and len(real) >= 16
+    assert not any("impressionis" in p.lower() for p in real)  # content only, no style words
+
+
+def test_trigger_and_grid():
+    assert sample.with_trigger("a bowl", "impressionism style") == "a bowl, impressionism style"
+    assert sample.with_trigger("a bowl, impressionism style", "impressionism style") == \
+        "a bowl, impressionism style"
+    rows = [[Image.new("RGB", (64, 64), c) for c in ("red", "green", "blue")] for _ in range(2)]
+    g = sample.grid(rows, ["p one", "p two"], ["base", "LoRA 0.5", "LoRA 1"], "seed 0")
+    assert g.size == (180 + 3 * 128, 34 + 2 * 128)
+    assert g.getpixel((180 + 128 + 60, 34 + 128 + 60)) == (0, 128, 0)  # row 2, column 2 = green
+
+
+@pytest.mark.slow
+def test_sample_stage_end_to_end(sampled):
+    out = sampled / "reports" / "samples"
+    index = json.loads((out / "index.json").read_text())
+    assert index["prompts"] == PROMPTS and index["scales"] == [0.0, 0.5, 1.0]
+    assert index["trigger"] == "impressionism style" and len(index["adapter_sha256"]) == 64
+    assert len(index["images"]) == 2 * 2 * 3
+    for im in index["images"]:
+        assert (out / im["file"]).exists()
+        assert im["full_prompt"] == f"{im['prompt']}, impressionism style"  # base and LoRA alike
+        assert im["kind"] == ("base" if im["scale"] == 0 else "lora")
+    assert [g["file"] for g in index["grids"]] == ["grids/seed-0.png", "grids/seed-1.png"]
+    assert Image.open(out / "grids/seed-0.png").size == (180 + 3 * 128, 34 + 2 * 128)
+
+    def px(p, s, scale):
+        return np.asarray(Image.open(out / f"images/p{p:02d}-s{s}-l{scale:.2f}.png"), dtype=float)
+
+    assert px(0, 0, 0.0).shape == (64, 64, 3)
+    d_half = np.abs(px(0, 0, 0.5) - px(0, 0, 0.0)).mean()
+    d_full = np.abs(px(0, 0, 1.0) - px(0, 0, 0.0)).mean()
+    assert 0 < d_half < d_full  # the adapter acts, in proportion to its scale
+    assert np.abs(px(0, 1, 0.0) - px(0, 0, 0.0)).mean() > d_full  # seeds differ more than scales
+
+
+def test_missing_adapter_is_a_clear_error(tmp_path, monkeypatch):
+    raw = params.Params().model_dump()
+    raw["sample"]["prompts"] = "prompts.txt"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "prompts.txt").write_text("a bowl of pears\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="run the train stage"):
+        sample.main()
