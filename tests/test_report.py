@@ -1,0 +1,150 @@
+"""report.html renders, shows the numbers, and links only files that exist; plots from known data."""
+import csv
+import json
+import re
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from stages.core import params
+from stages.metrics import report, traits
+
+
+def metrics() -> dict:
+    m = {"n_holdout": 10, "n_base": 4, "n_lora": 4, "lora_scale": 1.0,
+         "style_centroid_holdout": 0.9, "style_centroid_base": 0.5, "style_centroid_lora": 0.7,
+         "style_centroid_delta": 0.2, "clip_score_base": 30.0, "clip_score_lora": 27.0,
+         "clip_score_ratio": 0.9, "kid_base": 0.04, "kid_lora": 0.01, "kid_delta": -0.03}
+    for i, t in enumerate(traits.NAMES):
+        m.update({f"trait_{t}_holdout": 2.0 + i, f"trait_{t}_base": 1.0 + i, f"trait_{t}_lora": None})
+    return m
+
+
+class Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links, self.tags, self.text = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.links += [v for k, v in attrs if k in ("src", "href")]
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def project(tmp_path: Path, with_optional: bool) -> Path:
+    (tmp_path / "reports/samples/grids").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "reports/samples/grids/seed-0.png")
+    (tmp_path / "reports/eval").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "reports/eval/traits.png")
+    if with_optional:
+        (tmp_path / "reports/eval/abtest").mkdir()
+        (tmp_path / "reports/eval/abtest/index.html").write_text("<html></html>")
+        Image.new("RGB", (8, 8)).save(tmp_path / "reports/eval/loss.png")
+        (tmp_path / "reports/mlflow_run.json").write_text(json.dumps({"run_id": "abc123runid"}))
+        (tmp_path / "reports/curation.json").write_text(json.dumps({"kept": 200, "precision": 0.97,
+                                                                    "nested": {"x": 1}}))
+        (tmp_path / "reports/human.json").write_text(json.dumps({"questions": {"style": {
+            "question": "Which looks more like an Impressionist painting?", "lora_wins": 8, "n": 10,
+            "lora_win_rate": 0.8, "ci95_low": 0.49, "ci95_high": 0.94}}}))
+    return tmp_path
+
+
+INDEX = {"prompts": ["a", "b"], "seeds": [0, 1], "steps": 4, "guidance": 3.5, "resolution": 64,
+         "trigger": "impressionism style", "adapter_sha256": "f" * 64,
+         "grids": [{"file": "grids/seed-0.png", "seed": 0}, {"file": "grids/seed-1.png", "seed": 1}]}
+
+
+@pytest.mark.parametrize("with_optional", [False, True])
+def test_report_renders_and_links_only_existing_files(tmp_path, with_optional):
+    root = project(tmp_path, with_optional)
+    out = report.write_report(Path("reports/report.html"), metrics(), ["FID omitted: too few"], INDEX,
+                              params.Params(), root=root)
+    parser = Collector()
+    parser.feed(out.read_text())
+    text = " ".join(parser.text)
+    assert parser.links, "the report links its images"
+    for link in parser.links:
+        assert (root / "reports" / link).exists(), link
+    assert "samples/grids/seed-0.png" in parser.links
+    assert "samples/grids/seed-1.png" not in parser.links  # listed in the index, but absent
+    for section in ("Metrics", "Impressionism traits", "Samples", "Blind A/B test", "Training",
+                    "Dataset", "Lineage"):
+        assert section in text
+    assert "FID omitted: too few" in text and "0.9" in text and "git commit" in text
+    assert "impressionism style" in text and "f" * 64 in text
+    if with_optional:
+        assert "abc123runid" in text and "eval/loss.png" in parser.links
+        assert "eval/abtest/index.html" in parser.links
+        assert "precision" in text and "0.97" in text and "LoRA win rate" in text
+    else:
+        assert "No training curve" in text
+
+
+def test_metrics_table_rows_and_directions():
+    table = report.metrics_table(metrics())
+    rows = re.findall(r"<tr>(.*?)</tr>", table)
+    labels = [re.findall(r"<td>(.*?)</td>", r)[0] for r in rows[1:]]
+    assert labels[0] == "style: cosine to held-out centroid"
+    assert "CLIP score (prompt fidelity) (LoRA / base)" in labels
+    assert not any(lab.startswith("FID") for lab in labels)  # absent metrics: no row
+    kid = next(r for r in rows if "KID" in r)
+    assert "lower" in kid and "-0.03" in kid
+    black = next(r for r in rows if "black share" in r)
+    assert "lower" in black and "&ndash;" in black  # missing LoRA value shown as a dash
+
+
+def test_trait_plot_csv_relative_to_holdout(tmp_path):
+    report.write_trait_plot(metrics(), tmp_path / "plots/traits.csv", tmp_path / "traits.png")
+    with open(tmp_path / "plots/traits.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 3 * len(traits.NAMES)
+    first = {r["set"]: r for r in rows if r["trait"] == traits.NAMES[0]}
+    assert float(first["holdout"]["relative_to_holdout"]) == 1.0
+    assert float(first["base"]["relative_to_holdout"]) == pytest.approx(0.5)
+    assert first["lora"]["relative_to_holdout"] == ""
+    assert Image.open(tmp_path / "traits.png").format == "PNG"
+
+
+def test_loss_plot(tmp_path):
+    tsv = tmp_path / "loss.tsv"
+    assert not report.write_loss_plot(tsv, tmp_path / "loss.png")
+    tsv.write_text("step\tloss\tlr\n1\t0.9\t1e-4\n2\t0.7\t1e-4\n3\t0.6\t1e-4\n")
+    assert report.write_loss_plot(tsv, tmp_path / "loss.png")
+    assert Image.open(tmp_path / "loss.png").size[0] > 300
+    tsv.write_text("epoch\tvalue\n1\t2\n")
+    assert not report.write_loss_plot(tsv, tmp_path / "other.png")
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
+                    reason="needs Debian chromium + chromium-driver")
+def test_report_in_headless_chromium(tmp_path):
+    """The page loads in a real browser and every image on it decodes."""
+    import os
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    root = project(tmp_path, True)
+    out = report.write_report(Path("reports/report.html"), metrics(), [], INDEX, params.Params(), root=root)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1600"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+    try:
+        driver.get(out.as_uri())
+        broken = driver.execute_script(
+            "return [...document.images].filter(i => !i.complete || i.naturalWidth === 0).map(i => i.src)")
+        assert broken == []
+        assert driver.execute_script("return document.images.length") == 3
+        if os.environ.get("FLUXIMP_SCREENSHOT_REPORT"):
+            driver.save_screenshot(os.environ["FLUXIMP_SCREENSHOT_REPORT"])
+    finally:
+        driver.quit()
