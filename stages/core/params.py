@@ -113,7 +113,7 @@ class Filter(Section):
 
 class Caption(Section):
     backend: Literal["template", "vlm", "combined"] = "template"
-    template: str = "{description}, {genre} by {artist}, in the style of {trigger}"
+    template: str = "{description}, a {genre} painting by {artist}, {trigger}"
     trigger: str = "impressionism style"
     model: Optional[str] = None     # image-to-text model: hub id or local path (vlm/combined)
     prompt: str = "Describe what is depicted in this picture."
