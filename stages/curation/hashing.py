@@ -17,6 +17,7 @@ applies the documented keep rule.
 """
 from __future__ import annotations
 
+import io
 import itertools
 from concurrent.futures import ProcessPoolExecutor
 from typing import Iterable, Optional, Sequence
@@ -42,21 +43,29 @@ def hash_image(img, hash_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
             _bits_to_bytes(imagehash.dhash(img, hash_size=hash_size)))
 
 
+def decode_small(data: bytes, min_side: int = 256):
+    """Decode for hashing: a JPEG is decoded at a reduced DCT scale (still >= ``min_side`` px, far
+    more than the 32 px pHash and 64 px detail signature use), several times faster on big files."""
+    from PIL import Image, ImageOps
+
+    img = Image.open(io.BytesIO(data))
+    if img.format == "JPEG":
+        img.draft("RGB", (min_side, min_side))
+    img = ImageOps.exif_transpose(img)
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
 def _hash_bytes(args: tuple[bytes, int]) -> Optional[tuple[np.ndarray, np.ndarray]]:
     data, hash_size = args
-    from stages.core.images import decode
-
     try:
-        return hash_image(decode(data), hash_size)
+        return hash_image(decode_small(data), hash_size)
     except Exception:  # unreadable image: the caller records a reject
         return None
 
 
 def _signature_bytes(data: bytes) -> Optional[np.ndarray]:
-    from stages.core.images import decode
-
     try:
-        return detail_signature(decode(data))
+        return detail_signature(decode_small(data))
     except Exception:
         return None
 
