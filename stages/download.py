@@ -17,7 +17,6 @@ import random
 import time
 from pathlib import Path
 
-import pyarrow as pa
 from tqdm import tqdm
 
 from stages.core import log as logmod
