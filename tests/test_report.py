@@ -47,7 +47,9 @@ def project(tmp_path: Path, with_optional: bool) -> Path:
         Image.new("RGB", (8, 8)).save(tmp_path / "reports/eval/loss.png")
         (tmp_path / "reports/mlflow_run.json").write_text(json.dumps({"run_id": "abc123runid"}))
         (tmp_path / "reports/curation.json").write_text(json.dumps({"kept": 200, "precision": 0.97,
-                                                                    "nested": {"x": 1}}))
+                                                                    "by_split": {"holdout": 21}}))
+        (tmp_path / "reports/plots").mkdir()
+        (tmp_path / "reports/plots/sweep.csv").write_text("scale,style_centroid,kid\n0.0,0.5,0.04\n1.0,0.7,\n")
         (tmp_path / "reports/human.json").write_text(json.dumps({"questions": {"style": {
             "question": "Which looks more like an Impressionist painting?", "lora_wins": 8, "n": 10,
             "lora_win_rate": 0.8, "ci95_low": 0.49, "ci95_high": 0.94}}}))
@@ -81,8 +83,9 @@ def test_report_renders_and_links_only_existing_files(tmp_path, with_optional):
         assert "abc123runid" in text and "eval/loss.png" in parser.links
         assert "eval/abtest/index.html" in parser.links
         assert "precision" in text and "0.97" in text and "LoRA win rate" in text
+        assert "by_split.holdout" in text and "LoRA-scale sweep" in text
     else:
-        assert "No training curve" in text
+        assert "No training curve" in text and "No dataset reports" in text
 
 
 def test_metrics_table_rows_and_directions():

@@ -30,8 +30,9 @@ FAMILIES = [
     ("diversity", "diversity (pairwise distance per prompt)", "higher"),
 ] + [(f"trait_{t}", f"trait: {t.replace('_', ' ')}", "higher" if traits.DIRECTION[t] > 0 else "lower")
      for t in traits.NAMES]
-DATASET_JSON = ["reports/data/download.json", "reports/curation.json", "reports/caption/stats.json",
-                "reports/dedupe/metrics.json"]
+DATASET_JSON = ["reports/data/download.json", "reports/dedupe/summary.json", "reports/curation.json",
+                "reports/caption/stats.json"]
+SWEEP_COLS = ["scale", "style_centroid", "style_nn", "clip_score", "kid", "aesthetic", "diversity"]
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -146,8 +147,12 @@ def _json_summary(path: Path) -> str:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return ""
-    flat = {k: v for k, v in data.items() if isinstance(v, (int, float, str, bool))} \
-        if isinstance(data, dict) else {}
+    flat = {}
+    for k, v in (data.items() if isinstance(data, dict) else []):  # scalars, and one level of dicts
+        if isinstance(v, dict):
+            flat.update({f"{k}.{k2}": v2 for k2, v2 in v.items() if isinstance(v2, (int, float, str, bool))})
+        elif isinstance(v, (int, float, str, bool)):
+            flat[k] = v
     if not flat:
         return ""
     return f"<h3>{html.escape(path.as_posix())}</h3>" + _table([[html.escape(k), _fmt(v)] for k, v in flat.items()],
@@ -176,6 +181,13 @@ def write_report(out: Path, metrics: dict, notes: list[str], index: dict, p, roo
 
     parts += ["<h2>Impressionism traits</h2>", img("reports/eval/traits.png", "trait plot"),
               f"<p>{link('reports/plots/traits.csv', 'traits.csv')} {link('reports/plots/sweep.csv', 'LoRA-scale sweep (CSV)')}</p>"]
+    sweep = root / "reports/plots/sweep.csv"
+    if sweep.exists():
+        with open(sweep) as fh:
+            rows = list(csv.DictReader(fh))
+        cols = [c for c in SWEEP_COLS if rows and c in rows[0]]
+        parts += ["<h3>LoRA-scale sweep (scale 0 = base)</h3>",
+                  _table([[_fmt(float(r[c])) if r[c] else "&ndash;" for c in cols] for r in rows], cols)]
     parts.append("<h2>Samples</h2>")
     for g in index.get("grids", []):
         parts.append(img(f"reports/samples/{g['file']}", f"grid seed {g.get('seed')}"))
@@ -196,7 +208,9 @@ def write_report(out: Path, metrics: dict, notes: list[str], index: dict, p, roo
     parts += ["<h2>Training</h2>", img("reports/eval/loss.png", "training loss") or
               "<p>No training curve (reports/train/loss.tsv absent).</p>"]
     parts.append("<h2>Dataset</h2>")
-    parts += [_json_summary(root / f) for f in DATASET_JSON if (root / f).exists()]
+    parts.append(f"<p>Held-out paintings used as the reference set: {_fmt(metrics.get('n_holdout'))}.</p>")
+    parts += [_json_summary(root / f) for f in DATASET_JSON if (root / f).exists()] or \
+        ["<p>No dataset reports found (reports/curation.json, ...).</p>"]
     run_file = root / "reports/mlflow_run.json"
     run_id = None
     if run_file.exists():
