@@ -18,8 +18,9 @@ $(VENV)/.installed: requirements.txt
 	$(PIP) install -q -r requirements.txt
 	touch $@
 
-$(VENV)/.test-installed: requirements-test.txt $(VENV)/.installed
+$(VENV)/.test-installed: requirements-test.txt requirements-gradio.txt $(VENV)/.installed
 	$(PIP) install -q -r requirements-test.txt
+	$(PIP) install -q --no-deps -r requirements-gradio.txt  # why --no-deps: see the file
 	touch $@
 
 install: $(VENV)/.installed
@@ -36,3 +37,10 @@ test-fast: install-test  ## skip tests marked slow
 
 params: install          ## regenerate conf/config.yaml from the schema and params.yaml from conf/
 	$(PY) -m stages.core.params --sync
+
+publish: install         ## assemble models/hub (adapter, samples, metrics, model card); PUSH=1 uploads it
+	$(PY) -m stages.publish $(if $(PUSH),--push) $(if $(REPO),--repo-id $(REPO))
+
+demo: install-test       ## the Gradio app on the smoke profile's tiny model + models/lora (after `make repro`)
+	GRADIO_ANALYTICS_ENABLED=False $(PY) app/app.py --base tiny-random --adapter models/lora --host 127.0.0.1 --port $(or $(PORT),7860)
+.PHONY: publish demo

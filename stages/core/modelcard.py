@@ -1,0 +1,313 @@
+"""The Hugging Face model card of the adapter, written from the pipeline's files.
+
+Every number on the card is read from a file the pipeline wrote: ``models/lora/adapter.json``
+(train), ``reports/samples/index.json`` (sample), ``reports/metrics.json`` (evaluate),
+``reports/mlflow_run.json`` (tracking), ``dvc.lock`` and the curated shards (caption). Nothing is
+typed in. :func:`collect` gathers them into :class:`Facts`; :func:`render` turns those into a
+``README.md`` with HF metadata (``base_model``, licence, tags, ``instance_prompt``, ``widget``).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+# Licence of each base as the Hub lists it (a LoRA of a base inherits the base's terms).
+BASE_LICENSES = {
+    "black-forest-labs/FLUX.1-dev": {
+        "license": "other", "license_name": "flux-1-dev-non-commercial-license",
+        "license_link": "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md"},
+    "black-forest-labs/FLUX.1-schnell": {"license": "apache-2.0"},
+}
+TAGS = ["flux", "lora", "diffusers", "text-to-image", "impressionism", "template:sd-lora"]
+# column of a metrics.json key = its last ``_`` part (stages/evaluate.py writes <stem>_<set>)
+COLUMNS = {"holdout": "held-out paintings", "base": "base", "lora": "base + LoRA", "delta": "Δ (LoRA − base)"}
+DESCRIBE = {  # what each metric family measures (docs/methodology.md has the definitions)
+    "style_centroid": "style: cosine to the held-out centroid",
+    "style_nn": "style: cosine to the nearest held-out painting",
+    "clip_score": "prompt fidelity: CLIP score vs the content prompt",
+    "kid": "KID vs held-out paintings (lower = closer)",
+    "fid": "FID vs held-out paintings (lower = closer)",
+    "aesthetic": "LAION aesthetic score",
+    "diversity": "diversity: mean pairwise distance across seeds",
+}
+
+
+class CardError(SystemExit):
+    """A file the card needs is missing or unreadable (exits with the message)."""
+
+
+@dataclass
+class Facts:
+    adapter: dict                   # models/lora/adapter.json
+    metrics: dict                   # reports/metrics.json (flat)
+    samples: dict                   # reports/samples/index.json
+    params: dict                    # the effective params.yaml
+    trigger: str
+    git_commit: Optional[str] = None
+    git_dirty: bool = False
+    mlflow: dict = field(default_factory=dict)   # reports/mlflow_run.json
+    dataset_md5: Optional[str] = None            # dvc.lock md5 of data/curated
+    data: dict = field(default_factory=dict)     # split counts, sources, licences
+
+
+def _read_json(path: Path, what: str, hint: str) -> dict:
+    if not path.exists():
+        raise CardError(f"{path} not found ({what}): {hint}")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CardError(f"{path} is not readable JSON ({what}): {err}") from None
+
+
+def _git(root: Path, *args: str) -> Optional[str]:
+    try:
+        r = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=20)
+        return r.stdout.strip() if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def data_summary(curated: Path) -> dict:
+    """Counts per split, sources and licences of the curated shards (reads only small columns)."""
+    import pyarrow.parquet as pq
+
+    out: dict[str, Any] = {}
+    for split in ("train", "holdout"):
+        files = sorted((curated / split).glob("part-*.parquet"))
+        if not files:
+            continue
+        cols = {"source": Counter(), "license": Counter(), "artist": Counter()}
+        n = 0
+        for f in files:
+            t = pq.read_table(f, columns=list(cols))
+            n += t.num_rows
+            for name, counter in cols.items():
+                counter.update("unknown" if v is None else v for v in t.column(name).to_pylist())
+        out[split] = {"images": n, **{k: dict(c.most_common(8)) for k, c in cols.items()}}
+    return out
+
+
+def collect(root: Path | str, params: dict, lora_dir: str = "models/lora",
+            reports: str = "reports") -> Facts:
+    """Read every file the card needs; a missing one is a :class:`CardError` naming the stage."""
+    root = Path(root)
+    adapter = _read_json(root / lora_dir / "adapter.json", "the adapter's description",
+                         "run the train stage first (dvc repro train)")
+    metrics = _read_json(root / reports / "metrics.json", "evaluation metrics",
+                         "run the evaluate stage first (dvc repro evaluate)")
+    samples = _read_json(root / reports / "samples" / "index.json", "sample images",
+                         "run the sample stage first (dvc repro sample)")
+    run_file = root / reports / "mlflow_run.json"
+    mlflow = json.loads(run_file.read_text()) if run_file.exists() else {}
+    from stages.core.tracking import dataset_hash
+
+    dirty = _git(root, "status", "--porcelain", "--untracked-files=no")
+    return Facts(
+        adapter=adapter, metrics=metrics, samples=samples, params=params,
+        trigger=samples.get("trigger") or params.get("caption", {}).get("trigger", ""),
+        git_commit=_git(root, "rev-parse", "HEAD"), git_dirty=bool(dirty),
+        mlflow={k: v for k, v in mlflow.items() if k in ("run_id", "experiment_id")},
+        dataset_md5=dataset_hash(root / "dvc.lock"), data=data_summary(root / "data" / "curated"))
+
+
+# ----------------------------------------------------------------------------- metadata
+def is_hub_id(base: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if "/" not in base or Path(base).expanduser().exists():
+        return False
+    try:
+        validate_repo_id(base)
+        return True
+    except HFValidationError:
+        return False
+
+
+def widget_images(samples: dict, limit: int = 6) -> list[dict]:
+    """The LoRA samples at the largest scale, first seed, one per prompt: the card's widget."""
+    images = samples.get("images", [])
+    top = max((float(im["scale"]) for im in images), default=0.0)
+    seed = samples.get("seeds", [None])[0]
+    picked = [im for im in images if float(im["scale"]) == top and im.get("seed") == seed]
+    return picked[:limit]
+
+
+def metadata(facts: Facts, widget: list[dict]) -> dict:
+    """HF model-card YAML: base model, its licence, tags, trigger as instance prompt, widget."""
+    base = facts.adapter.get("base", "")
+    meta: dict[str, Any] = {}
+    if is_hub_id(base):
+        meta["base_model"] = base
+        meta.update(BASE_LICENSES.get(base, {"license": "other", "license_name": "same-as-base-model",
+                                             "license_link": f"https://huggingface.co/{base}"}))
+    else:  # smoke / local base: no hub base to name; the LoRA still inherits FLUX.1-dev's terms
+        meta.update(BASE_LICENSES["black-forest-labs/FLUX.1-dev"])
+    meta.update(library_name="diffusers", pipeline_tag="text-to-image", tags=list(TAGS),
+                instance_prompt=facts.trigger)
+    meta["widget"] = [{"text": im.get("full_prompt") or im["prompt"], "output": {"url": im["hub_file"]}}
+                      for im in widget]
+    return meta
+
+
+# ----------------------------------------------------------------------------- body
+def fmt(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def metric_rows(metrics: dict) -> list[tuple[str, dict]]:
+    """metrics.json (flat ``<stem>_<set>``) -> [(stem, {set: value})] in the file's order."""
+    rows: dict[str, dict] = {}
+    for key, value in metrics.items():
+        stem, _, col = key.rpartition("_")
+        if col in COLUMNS and stem and stem != "n":
+            rows.setdefault(stem, {})[col] = value
+    return list(rows.items())
+
+
+def metrics_table(metrics: dict) -> str:
+    cols = [c for c in COLUMNS if any(c in vals for _, vals in metric_rows(metrics))]
+    lines = ["| metric | " + " | ".join(COLUMNS[c] for c in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for stem, vals in metric_rows(metrics):
+        label = DESCRIBE.get(stem, stem.replace("_", " "))
+        lines.append(f"| `{stem}` ({label}) | " + " | ".join(fmt(vals.get(c)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def _data_section(facts: Facts) -> str:
+    p, d = facts.params, facts.data
+    src = p.get("data", {}).get("source", "?")
+    if src == "wikiart":
+        w = p["data"]["wikiart"]
+        where = (f"[{w['dataset']}](https://huggingface.co/datasets/{w['dataset']})"
+                 f" (revision `{w.get('revision') or 'not pinned'}`), styles {', '.join(w['styles'])}")
+        licence = ("WikiArt images are listed on the Hub with licence *unknown*: many paintings are in the "
+                   "public domain, their photographs and the collection may not be. Use for research; check "
+                   "before commercial use.")
+    elif src == "synthetic":
+        where = "the project's seeded synthetic painting generator (smoke profile: a test adapter, not an artwork model)"
+        licence = "The synthetic images are generated by this project's code and carry no third-party rights."
+    else:
+        where = f"a local folder (`data.path` = `{p.get('data', {}).get('path')}`)"
+        licence = "Images from a local folder: their licence is the owner's; see the `license` column below."
+    lines = [f"- Source: {where}.", f"- Licence note: {licence}"]
+    for split, s in d.items():
+        lines.append(f"- `{split}` split: {s['images']} images; sources {s['source']}; licences {s['license']}")
+    if not d:
+        lines.append("- Curated shards (data/curated) were not present when this card was written: no counts.")
+    cap = p.get("caption", {})
+    lines.append(f"- Captions: `{cap.get('backend')}` backend"
+                 + (f" (`{cap.get('model')}`)" if cap.get("model") else "")
+                 + f", trigger `{facts.trigger}` in every caption.")
+    return "\n".join(lines)
+
+
+def _usage(facts: Facts, repo_id: str) -> str:
+    base = facts.adapter.get("base", "")
+    base_id = base if is_hub_id(base) else "black-forest-labs/FLUX.1-dev"
+    s = facts.samples
+    kohya = facts.adapter.get("files", {}).get("kohya", "lora_kohya.safetensors")
+    example = (s.get("prompts") or ["a harbour at dawn with fishing boats"])[0]
+    return f"""### diffusers
+
+```python
+import torch
+from diffusers import FluxPipeline
+
+pipe = FluxPipeline.from_pretrained("{base_id}", torch_dtype=torch.bfloat16).to("cuda")
+pipe.load_lora_weights("{repo_id}", weight_name="pytorch_lora_weights.safetensors", adapter_name="impressionism")
+image = pipe(
+    "{example}, in the style of {facts.trigger}",
+    num_inference_steps={s.get('steps', 28)}, guidance_scale={s.get('guidance', 3.5)},
+    joint_attention_kwargs={{"scale": 1.0}},  # lora_scale: 0 = base model, 0.5 = half strength
+    generator=torch.Generator("cuda").manual_seed(0),
+).images[0]
+```
+
+`pipe.set_adapters(["impressionism"], adapter_weights=[0.7])` sets the strength once for all calls;
+`pipe.fuse_lora(lora_scale=0.7)` bakes it in for speed. On 16 GB cards load the base with
+`enable_model_cpu_offload()` or a 4-bit transformer (see the project's docs/user-guide.md).
+
+### ComfyUI
+
+Copy `{kohya}` (kohya/ComfyUI `lora_unet_*` keys, every module with its `.alpha`, so the strength
+is right) into `ComfyUI/models/loras/`, then add a **LoraLoaderModelOnly** node between the FLUX.1-dev
+UNET loader and the sampler, `strength_model` 1.0 (0.5–0.8 for a lighter touch). Put `{facts.trigger}`
+in the prompt."""
+
+
+def render(facts: Facts, repo_id: str, widget: list[dict], grids: list[str]) -> str:
+    """The README.md (YAML front matter + body) as a string; parse it with ``ModelCard``."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    meta = metadata(facts, widget)
+    a, m, s, p = facts.adapter, facts.metrics, facts.samples, facts.params
+    t = p.get("train", {})
+    base_note = ("" if is_hub_id(a.get("base", "")) else
+                 f"\n> **Test adapter.** Trained on `{a.get('base')}` (the smoke profile's tiny random model), "
+                 "not on FLUX.1-dev: it only proves the pipeline runs end to end.\n")
+    grid_md = "\n".join(f"![{Path(g).stem}]({g})" for g in grids)
+    counts = ", ".join(f"{k[2:]} {v}" for k, v in m.items() if k.startswith("n_"))
+    ratio = m.get("clip_score_ratio")
+    commit = (facts.git_commit or "unknown") + (" (working tree had uncommitted changes)" if facts.git_dirty else "")
+    body = f"""
+# FLUX.1 Impressionism LoRA
+{base_note}
+A LoRA adapter for `{a.get('base')}` that paints in the manner of the French Impressionists: short
+visible strokes, broken colour, pure unmixed hues, coloured shadows instead of black, high-key light.
+Put the trigger **`{facts.trigger}`** in the prompt. Built by the flux-impressionism pipeline
+(curation → captions → LoRA → evaluation, versioned with DVC); `params.yaml` here is its full configuration.
+
+## Samples
+
+Prompts never seen in training, same seeds, LoRA scale {', '.join(fmt(x) for x in s.get('scales', []))}
+(0 = base model); {s.get('steps')} steps, guidance {s.get('guidance')}, {s.get('resolution')} px.
+
+{grid_md}
+
+## Use
+
+{_usage(facts, repo_id)}
+
+## Training data
+
+{_data_section(facts)}
+
+## Evaluation
+
+From `reports/metrics.json` (held-out paintings vs base vs base + LoRA at scale {fmt(m.get('lora_scale'))};
+images per set: {counts or 'not recorded'}). CLIP-score ratio LoRA / base: **{fmt(ratio)}** (1.0 = prompt
+fidelity kept).
+
+{metrics_table(m)}
+
+## Training
+
+| | |
+|---|---|
+| base | `{a.get('base')}` @ `{a.get('revision') or 'not pinned'}` ({a.get('quantization')} while training) |
+| LoRA | rank {a.get('rank')}, alpha {a.get('alpha')}, targets `{a.get('targets')}` ({len(a.get('target_modules', []))} module names), {a.get('lora_parameters')} parameters |
+| blocks | double {a.get('double_blocks') or 'all'}, single {a.get('single_blocks') or 'all'}, rank map {a.get('rank_map') or 'none'} |
+| steps | {a.get('steps')} at {a.get('resolution')} px, batch {t.get('batch_size')} × accumulation {t.get('grad_accum')}, lr {t.get('lr')} ({t.get('lr_scheduler')}), {t.get('optimizer')} |
+| flow matching | σ sampling `{t.get('sigma_sampling')}`, guidance {t.get('guidance')}, caption dropout {t.get('caption_dropout')} |
+
+## Lineage
+
+| | |
+|---|---|
+| profile | `{p.get('profile')}` (full parameters in `params.yaml`) |
+| data hash (encode cache) | `{a.get('data_hash')}` |
+| curated dataset (dvc.lock md5) | `{facts.dataset_md5 or 'not recorded'}` |
+| git commit | `{commit}` |
+| MLflow run | `{facts.mlflow.get('run_id') or 'not recorded'}` (experiment `{facts.mlflow.get('experiment_id') or '—'}`) |
+| seed | {a.get('seed')} |
+"""
+    return ModelCard(f"---\n{ModelCardData(**meta).to_yaml()}\n---\n{body}").content
