@@ -173,8 +173,8 @@ def test_stage_writes_curated_split_and_reports(tmp_path):
     caps = dict(zip(train["id"].to_pylist() + hold["id"].to_pylist(),
                     train["caption"].to_pylist() + hold["caption"].to_pylist()))
     assert caps[rows[0]["id"]] == "a sidecar caption, impressionism style"
-    assert caps[rows[2]["id"]] == "scene 2, in the style of impressionism style"  # no genre, no artist
-    assert caps[rows[3]["id"]] == "scene 3, landscape by Monet, in the style of impressionism style"
+    assert caps[rows[2]["id"]] == "scene 2, impressionism style"  # no genre, no artist
+    assert caps[rows[3]["id"]] == "scene 3, a landscape painting by Monet, impressionism style"
     assert all(c.endswith("impressionism style") for c in caps.values())
     split = pq.read_table(cur / "split.parquet").to_pydict()
     assert split["split"].count("holdout") == 3 and sorted(split["id"]) == sorted(caps)
@@ -186,7 +186,7 @@ def test_stage_writes_curated_split_and_reports(tmp_path):
     assert json.loads((rep / "stats.json").read_text())["by_split"] == {"train": 8, "holdout": 3}
     assert (rep / "lengths.png").stat().st_size > 1000
     preview = (rep / "preview.md").read_text()
-    assert preview.count("](thumbs/") == 11 and "scene 3, landscape by Monet" in preview
+    assert preview.count("](thumbs/") == 11 and "scene 3, a landscape painting by Monet" in preview
     assert len(list((rep / "thumbs").glob("*.jpg"))) == 11
     assert len((rep / "captions.csv").read_text().splitlines()) == 12
 
