@@ -3,7 +3,8 @@
 Reads the prompt suite (``sample.prompts``: one content prompt per line, ``#`` comments), the base
 model (``model.*``) and the adapter in ``models/lora``. For every prompt, seed and LoRA scale in
 ``sample.lora_scales`` (0 = the base: the adapter is disabled) it renders one image at
-``sample.resolution``, ``sample.steps`` and ``sample.guidance``; the latents of a (prompt, seed)
+``sample.resolution``, ``sample.steps`` and ``sample.guidance``, with T5 prompts of
+``train.max_sequence_length`` tokens as in training; the latents of a (prompt, seed)
 are the same for every scale (one CPU generator per image), so only the adapter differs.
 
 The trigger (``caption.trigger``) is appended to every prompt, for the base too
@@ -80,8 +81,9 @@ def grid(rows: list[list], row_labels: list[str], col_labels: list[str], title: 
     return sheet
 
 
-def render(pipe, prompts: list[str], seeds: list[int], sp) -> list:
-    """One image per (prompt, seed), in batches of ``sp.batch_size``; a CPU generator per image."""
+def render(pipe, prompts: list[str], seeds: list[int], sp, max_sequence_length: int) -> list:
+    """One image per (prompt, seed), in batches of ``sp.batch_size``; a CPU generator per image.
+    T5 prompts are padded to ``max_sequence_length`` tokens, the length the adapter was trained on."""
     from tqdm import tqdm
 
     jobs = [(pr, s) for pr in prompts for s in seeds]
@@ -91,7 +93,7 @@ def render(pipe, prompts: list[str], seeds: list[int], sp) -> list:
         gens = [torch.Generator("cpu").manual_seed(s) for _, s in batch]
         result = pipe(prompt=[pr for pr, _ in batch], num_inference_steps=sp.steps,
                       guidance_scale=sp.guidance, height=sp.resolution, width=sp.resolution,
-                      generator=gens, output_type="pil")
+                      generator=gens, max_sequence_length=max_sequence_length, output_type="pil")
         out.extend(result.images)
     return out
 
@@ -131,7 +133,7 @@ def main() -> None:
             else:
                 pipe.enable_lora()
                 pipe.set_adapters([ADAPTER], [scale])
-            imgs = render(pipe, full, list(sp.seeds), sp)
+            imgs = render(pipe, full, list(sp.seeds), sp, p.train.max_sequence_length)
             logger.info("%s: %d images in %.1f s", scale_label(scale), len(imgs), time.perf_counter() - t1)
             for (pi, seed), img in zip([(i, s) for i in range(len(prompts)) for s in sp.seeds], imgs):
                 name = f"images/p{pi:02d}-s{seed}-l{scale:.2f}.png"
