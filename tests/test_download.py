@@ -101,6 +101,17 @@ def test_first_frame_of_an_animation():
     assert r > 200 and g < 50 and b < 50
 
 
+def test_non_srgb_icc_profile_is_converted_and_dropped():
+    from PIL import ImageCms
+
+    img = Image.new("RGB", (64, 48), (120, 60, 30))
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    assert not _norm(_bytes(img, "JPEG", icc_profile=srgb)).reencoded  # sRGB-tagged: kept as is
+    xyz = ImageCms.ImageCmsProfile(ImageCms.createProfile("XYZ")).tobytes()
+    n = _norm(_bytes(img, "JPEG", icc_profile=xyz))
+    assert n.reencoded and "ICC" in n.note and "icc_profile" not in _decoded(n).info
+
+
 @pytest.mark.parametrize("case,reason", [
     ("empty", "empty"), ("text", "not_image"), ("truncated", "truncated"), ("small", "too_small"),
     ("bomb", "decompression_bomb"),

@@ -141,6 +141,7 @@ def normalize(data: bytes, min_side: int, max_pixels: int) -> Normalized:
         raise Reject("too_small", f"{out.width}x{out.height} < data.min_side = {min_side}")
     if not why:
         return Normalized(data, fmt, w, h, False)
+    out.info = {}  # converted pixels are sRGB now: drop the old ICC profile, EXIF and the rest
     return Normalized(encode_png(out), "PNG", out.width, out.height, True, ", ".join(why))
 
 

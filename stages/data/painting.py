@@ -204,9 +204,10 @@ def paint(scene: Scene, w: int, h: int, rng: np.random.Generator) -> Image.Image
     """Short visible strokes of pure colour over a high-key ground."""
     plan, regions = layout(scene, w, h, rng)
     hand = ARTISTS[scene.artist]
-    long_side = max(w, h)
-    length = max(3.0, hand["stroke"] * long_side)
-    width = max(1, int(round(hand["width"] * long_side)))
+    # strokes grow slower than the canvas (a brush has a size): large paintings get more of them
+    scale = 128 * (max(w, h) / 128) ** 0.75
+    length = max(3.0, hand["stroke"] * scale)
+    width = max(1, int(round(hand["width"] * scale)))
     ground = Image.fromarray((plan * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(length / 2))
     ground = np.asarray(ground, np.float32) / 255.0
     ground = ground + hand["key"] * (0.96 - ground)  # high key: lift toward a warm white
