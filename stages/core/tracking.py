@@ -173,9 +173,21 @@ def _check_server(uri: str) -> None:
 
 
 # ----------------------------------------------------------------------------- the run
-@_safe
 def start(stage: str, p, new: bool = False) -> str | None:
-    """Start (``new=True``) or resume the pipeline's run; return its id (None when tracking is off)."""
+    """Start (``new=True``) or resume the pipeline's run; return its id (None when tracking is off).
+
+    With ``new=True`` RUN_FILE is always written (a declared DVC output must exist), with
+    ``"run_id": null`` when tracking is off or failed."""
+    run_id = _start(stage, p, new)
+    if new and run_id is None:
+        from stages.core.io import write_json
+        write_json(RUN_FILE, {"run_id": None, "experiment_id": None, "tracking_uri": None,
+                              "note": "MLflow tracking was off or unreachable for this run"})
+    return run_id
+
+
+@_safe
+def _start(stage: str, p, new: bool) -> str | None:
     import mlflow
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
