@@ -141,3 +141,20 @@ def test_the_stage_on_local_wikiart_shards(fake_wikiart, tmp_path):
     rep = json.loads((tmp_path / "reports/data/download.json").read_text())
     assert rep["stored"] == 8 and rep["source"] == "wikiart"
     assert not (tmp_path / "data/raw/truth.parquet").exists()
+
+
+def test_offline_stage_exits_with_a_message_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    raw = params.Params().model_dump()
+    raw["data"]["source"] = "wikiart"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "stages.download"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "data.source=folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "data/raw").exists()
