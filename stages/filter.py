@@ -58,13 +58,13 @@ def score_images(ids: set[str], p, model, logger) -> tuple[list[dict], list[str]
         if row["id"] in seen:
             continue
         seen.add(row["id"])
-        try:
-            img = images.decode(row["image"])
+        try:  # a big JPEG decodes at a reduced scale, still >= analysis_side (and CLIP's input)
+            img, size = hashing.decode_small(row["image"], max(p.filter.analysis_side, 224), True)
         except Exception as err:  # recorded, never a crash
             logger.warning("%s does not decode: %s", row["id"], err)
             rows.append({"id": row["id"], "reasons": ["unreadable"]})
             continue
-        s = quality.heuristics(img, p.filter.analysis_side)
+        s = quality.heuristics(img, p.filter.analysis_side, size)
         rows.append({"id": row["id"], **s, "reasons": quality.reject_reasons(s, p.filter)})
         batch.append((row["id"], img))
         if len(batch) >= p.clip.batch_size:
@@ -192,12 +192,15 @@ def write_reports(table: pa.Table, cuts: dict, p) -> None:
     with io.atomic_dir(REPORTS / "figures") as fig_dir:
         fig, axes = plt.subplots(2, 4, figsize=(16, 7))
         for ax, name in zip(axes.ravel(), SCORES):
-            v = [x for x in table[name].to_pylist() if x is not None]
+            v = np.array([x for x in table[name].to_pylist() if x is not None], float)
+            cut = cutoffs.get(name)
+            if name == "blur":  # spans decades: log scale
+                v, cut = np.log10(1 + v), None if cut is None else np.log10(1 + cut)
             ax.hist(v, bins=20, color="tab:blue")
-            if cutoffs.get(name) is not None and np.isfinite(cutoffs[name]):
-                ax.axvline(cutoffs[name], color="tab:red", ls="--", label="threshold")
+            if cut is not None and np.isfinite(cut):
+                ax.axvline(cut, color="tab:red", ls="--", label="threshold")
                 ax.legend()
-            ax.set_title(name)
+            ax.set_title("log10(1 + blur)" if name == "blur" else name)
         axes.ravel()[-1].barh(list(reasons), list(reasons.values()), color="tab:red")
         axes.ravel()[-1].set_title("rejects by reason")
         fig.tight_layout()

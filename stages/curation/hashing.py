@@ -43,16 +43,21 @@ def hash_image(img, hash_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
             _bits_to_bytes(imagehash.dhash(img, hash_size=hash_size)))
 
 
-def decode_small(data: bytes, min_side: int = 256):
-    """Decode for hashing: a JPEG is decoded at a reduced DCT scale (still >= ``min_side`` px, far
-    more than the 32 px pHash and 64 px detail signature use), several times faster on big files."""
+def decode_small(data: bytes, min_side: int = 256, with_size: bool = False):
+    """Decode for measuring: a JPEG is decoded at a reduced DCT scale (both sides still >=
+    ``min_side`` px, far more than the 32 px pHash or a 64 px signature use), several times faster
+    on big files. ``with_size``: also return the full (width, height), EXIF rotation applied."""
     from PIL import Image, ImageOps
 
     img = Image.open(io.BytesIO(data))
+    size = img.size
+    if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that swap the sides
+        size = size[::-1]
     if img.format == "JPEG":
         img.draft("RGB", (min_side, min_side))
     img = ImageOps.exif_transpose(img)
-    return img.convert("RGB") if img.mode != "RGB" else img
+    img = img.convert("RGB") if img.mode != "RGB" else img
+    return (img, size) if with_size else img
 
 
 def _hash_bytes(args: tuple[bytes, int]) -> Optional[tuple[np.ndarray, np.ndarray]]:

@@ -78,13 +78,14 @@ def border_share(gray: np.ndarray, tol: float = 4.0) -> float:
     return float(max(bands))
 
 
-def heuristics(img, analysis_side: int = 512) -> dict:
-    """All weight-free scores of one PIL image (see the module docstring)."""
+def heuristics(img, analysis_side: int = 512, size: Optional[tuple[int, int]] = None) -> dict:
+    """All weight-free scores of one PIL image (see the module docstring). ``size``: the stored
+    image's (width, height) when ``img`` was decoded at a reduced scale."""
     gray = _gray(img, analysis_side)
     clipped = float(((gray <= 2) | (gray >= 253)).mean())
+    w, h = size or img.size
     return {
-        "width": img.width, "height": img.height, "min_side": min(img.size),
-        "aspect": img.width / max(1, img.height),
+        "width": w, "height": h, "min_side": min(w, h), "aspect": w / max(1, h),
         "blur": laplacian_variance(gray), "clipped": clipped,
         "entropy": entropy_bits(gray), "std": float(gray.std()), "border": border_share(gray),
     }
