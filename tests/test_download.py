@@ -152,7 +152,8 @@ def _make_folder(root):
         fh.write("Café Monet – été 1.jpg,Été,Claude Monet,Impressionism,a summer field\n")
         fh.write("gone.jpg,Lost,Nobody,,\n")
     with open(root / "sub dir" / "metadata.jsonl", "w", encoding="utf-8") as fh:
-        fh.write(json.dumps({"file_name": "b.png", "title": "Boats", "artist": "Berthe Morisot", "genre": "marina"}) + "\n")
+        row = {"file_name": "b.png", "title": "Boats", "artist": "Berthe Morisot", "genre": "marina"}
+        fh.write(json.dumps(row) + "\n")
 
 
 def _run_stage(workdir, data_overrides):

@@ -157,3 +157,12 @@ def test_impressionist_traits_against_the_photo_rendering():
 def test_plan_refuses_a_set_without_paintings():
     with pytest.raises(ValueError, match="no good painting"):
         synthetic.plan(10, 0.5, 0.5, seed=0)
+
+
+def test_same_set_whatever_the_number_of_workers():
+    from stages import download
+
+    d = params.Data(synthetic=params.SyntheticSource(count=16, size=64, near_duplicates=0.25, defects=0.2))
+    one = [(r["id"], r.get("_truth", {}).get("key")) for r in download._synthetic_results(d, 3, workers=1)]
+    two = [(r["id"], r.get("_truth", {}).get("key")) for r in download._synthetic_results(d, 3, workers=2)]
+    assert one == two and len(one) == 16

@@ -76,5 +76,6 @@ def scan(root: str | Path) -> tuple[list[dict], dict]:
             ignored.append(str(p.relative_to(root)))
     for msg in problems:
         log.warning("sidecar: %s", msg)
+    described = sum(1 for c in candidates if c.get("title") or c.get("artist") or c.get("caption"))
     return candidates, {"ignored_files": len(ignored), "ignored_examples": ignored[:10],
-                        "sidecar_problems": problems[:20], "with_sidecar_metadata": sum(1 for c in candidates if c.get("title") or c.get("artist") or c.get("caption"))}
+                        "sidecar_problems": problems[:20], "with_sidecar_metadata": described}

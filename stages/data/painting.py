@@ -97,7 +97,8 @@ def layout(scene: Scene, w: int, h: int, rng: np.random.Generator, photo: bool =
         base = _gradient(h, w, wall, np.array(wall) * 0.85 + 0.1)
         regions[:] = FOLIAGE if scene.genre == "portrait" else OBJECT
     else:
-        ground = _FIELDS[scene.season] if (e.get("field") or not e.get("water")) else ((0.55, 0.70, 0.86), (0.22, 0.42, 0.66))
+        river = ((0.55, 0.70, 0.86), (0.22, 0.42, 0.66))
+        ground = _FIELDS[scene.season] if (e.get("field") or not e.get("water")) else river
         base[hz:] = _gradient(h - hz, w, *ground)
         regions[hz:] = GROUND if ground is _FIELDS[scene.season] else WATER
     p = _Plan(base, regions, PHOTO_SHADOW if photo else SHADOW)
@@ -146,7 +147,8 @@ def layout(scene: Scene, w: int, h: int, rng: np.random.Generator, photo: bool =
     for i in range(int(e.get("boats") or 0)):
         bx, by = rng.uniform(0.1, 0.8) * w, hz + (h - hz) * rng.uniform(0.2, 0.6)
         hull = [(0.62, 0.26, 0.24), (0.26, 0.32, 0.66), (0.90, 0.62, 0.28)][i % 3]
-        p.polygon([(bx, by), (bx + s(0.16), by), (bx + s(0.13), by + s(0.03)), (bx + s(0.03), by + s(0.03))], hull, OBJECT)
+        p.polygon([(bx, by), (bx + s(0.16), by), (bx + s(0.13), by + s(0.03)), (bx + s(0.03), by + s(0.03))],
+                  hull, OBJECT)
         p.polygon([(bx + s(0.08), by - s(0.2)), (bx + s(0.08), by - s(0.01)), (bx + s(0.15), by - s(0.01))],
                   (0.98, 0.95, 0.88), OBJECT)
         p.rect((bx + s(0.02), by + s(0.035), bx + s(0.14), by + s(0.06)), p.shadow, WATER)  # reflection
@@ -160,7 +162,8 @@ def layout(scene: Scene, w: int, h: int, rng: np.random.Generator, photo: bool =
     if scene.genre == "portrait":
         cx = w * rng.uniform(0.4, 0.6)
         dress = (0.98, 0.96, 0.92) if scene.index % 2 else (0.34, 0.46, 0.86)
-        p.polygon([(cx - s(0.3), h), (cx + s(0.3), h), (cx + s(0.12), h * 0.45), (cx - s(0.12), h * 0.45)], dress, OBJECT)
+        p.polygon([(cx - s(0.3), h), (cx + s(0.3), h), (cx + s(0.12), h * 0.45), (cx - s(0.12), h * 0.45)],
+                  dress, OBJECT)
         p.polygon([(cx + s(0.05), h), (cx + s(0.3), h), (cx + s(0.12), h * 0.45)], p.shadow, OBJECT)
         p.ellipse((cx - s(0.1), h * 0.22, cx + s(0.1), h * 0.46), (0.97, 0.80, 0.68), OBJECT)
         p.ellipse((cx - s(0.13), h * 0.16, cx + s(0.13), h * 0.27), (0.70, 0.40, 0.30), OBJECT)  # hat
@@ -190,7 +193,8 @@ def _pigment_for(colours: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Replace each colour by one of its three nearest pure pigments, tinted to its value."""
     chroma = colours - (colours @ LUMA)[:, None]
     pig_chroma = PIGMENTS - (PIGMENTS @ LUMA)[:, None]
-    dist = ((chroma[:, None, :] - pig_chroma[None]) ** 2).sum(-1) + 0.15 * ((colours[:, None] - PIGMENTS[None]) ** 2).sum(-1)
+    dist = (((chroma[:, None, :] - pig_chroma[None]) ** 2).sum(-1)            # hue/chroma first,
+            + 0.15 * ((colours[:, None] - PIGMENTS[None]) ** 2).sum(-1))       # then value
     nearest = np.argsort(dist, axis=1)[:, :3]
     pick = nearest[np.arange(len(colours)), rng.choice(3, size=len(colours), p=[0.6, 0.28, 0.12])]
     pig = PIGMENTS[pick]
@@ -251,6 +255,7 @@ def photo(scene: Scene, w: int, h: int, rng: np.random.Generator) -> Image.Image
     plan, _ = layout(scene, w, h, rng, photo=True)
     grey = (plan @ LUMA)[..., None]
     plan = 0.65 * plan + 0.35 * grey
-    img = Image.fromarray((np.clip(plan, 0, 1) * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(max(w, h) / 150))
+    img = Image.fromarray((np.clip(plan, 0, 1) * 255).astype(np.uint8))
+    img = img.filter(ImageFilter.GaussianBlur(max(w, h) / 150))
     arr = np.asarray(img, np.float32) + rng.normal(0, 2.0, (h, w, 1))
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))

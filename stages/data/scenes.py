@@ -19,7 +19,8 @@ ARTISTS = {
     "Henri Bastide": dict(stroke=0.060, width=0.020, genres=["marina", "cityscape"], key=0.22, years=(1872, 1890)),
     "Louise Achard": dict(stroke=0.035, width=0.014, genres=["portrait", "still life"], key=0.35, years=(1875, 1894)),
     "Émile Garnier": dict(stroke=0.050, width=0.022, genres=["landscape", "cityscape"], key=0.25, years=(1868, 1882)),
-    "Jeanne Rivière": dict(stroke=0.040, width=0.016, genres=["still life", "landscape"], key=0.32, years=(1880, 1899)),
+    "Jeanne Rivière": dict(stroke=0.040, width=0.016, genres=["still life", "landscape"], key=0.32,
+                           years=(1880, 1899)),
     "Paul Duval-Sorel": dict(stroke=0.070, width=0.024, genres=["marina", "portrait"], key=0.20, years=(1877, 1895)),
 }
 GENRES = ["landscape", "marina", "cityscape", "portrait", "still life"]

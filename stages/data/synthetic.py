@@ -112,7 +112,8 @@ def _defect(item: Item, seed: int, size: int, min_side: int) -> tuple[Image.Imag
         k = short / min(w, h)
         return painting.paint(scene, max(short, round(w * k)), max(short, round(h * k)), rng), meta
     if item.defect in ("blank", "not_painting"):
-        meta.update(title="Untitled", description="a blank canvas" if item.defect == "blank" else "a page of printed text")
+        what = "a blank canvas" if item.defect == "blank" else "a page of printed text"
+        meta.update(title="Untitled", description=what)
         if item.defect == "not_painting":
             return _text_page(w, h, rng), meta
         colour = rng.uniform(60, 230, 3)
