@@ -44,3 +44,18 @@ publish: install         ## assemble models/hub (adapter, samples, metrics, mode
 demo: install-test       ## the Gradio app on the smoke profile's tiny model + models/lora (after `make repro`)
 	GRADIO_ANALYTICS_ENABLED=False $(PY) app/app.py --base tiny-random --adapter models/lora --host 127.0.0.1 --port $(or $(PORT),7860)
 .PHONY: publish demo
+
+MLFLOW_PORT ?= 5000
+SWEEP_PARAM ?= lora.rank
+SWEEP_VALUES ?= 8,16,32
+SWEEP_JOBS ?= 1
+mlflow-ui: install       ## browse the MLflow runs at http://127.0.0.1:$(MLFLOW_PORT) (the repo's mlflow.db; a team server has its own UI)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+sweep: install           ## queue SWEEP_PARAM=SWEEP_VALUES as experiments, run them (SWEEP_JOBS workers), summarise into reports/sweep/
+	dvc exp run --queue -S '$(SWEEP_PARAM)=$(SWEEP_VALUES)'
+	dvc queue start -j $(SWEEP_JOBS)
+	while dvc queue status | grep -qE '\b(Queued|Running)\b'; do sleep 10; done
+	dvc queue status
+	$(PY) -m stages.sweep --param $(SWEEP_PARAM)
+.PHONY: mlflow-ui sweep
