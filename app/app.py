@@ -65,10 +65,11 @@ def adapter_info(adapter: str | None) -> dict:
 
 
 def with_trigger(prompt: str, trigger: str) -> str:
+    """As the sample stage (and the training captions) put it: ``<prompt>, <trigger>``."""
     prompt = prompt.strip().rstrip(",.")
     if not trigger or trigger.lower() in prompt.lower():
         return prompt
-    return f"{prompt}, in the style of {trigger}"
+    return f"{prompt}, {trigger}"
 
 
 class Generator:
@@ -139,8 +140,8 @@ def build_demo(gen: Generator) -> gr.Blocks:
                 gr.Examples(EXAMPLES, inputs=prompt)
             with gr.Column(scale=3):
                 with gr.Row():
-                    lora_img = gr.Image(label="base + LoRA", type="pil", elem_id="lora-image")
-                    base_img = gr.Image(label="base (LoRA scale 0)", type="pil", elem_id="base-image")
+                    lora_img = gr.Image(label="base + LoRA", type="pil", height=360, elem_id="lora-image")
+                    base_img = gr.Image(label="base (LoRA scale 0)", type="pil", height=360, elem_id="base-image")
                 info = gr.Markdown(elem_id="info")
         button.click(_gpu(gen), [prompt, seed, steps, guidance, scale, add_trigger, compare, size],
                      [lora_img, base_img, info], api_name="generate")

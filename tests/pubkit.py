@@ -85,7 +85,7 @@ def make_samples(samples: Path, scales=(0.0, 0.5, 1.0), seeds=(0, 1)) -> dict:
                 name = f"images/p{pi:02d}-s{seed}-l{scale:.2f}.png"
                 Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(samples / name)
                 records.append({"file": name, "prompt_index": pi, "prompt": prompt,
-                                "full_prompt": f"{prompt}, in the style of {TRIGGER}", "seed": seed,
+                                "full_prompt": f"{prompt}, {TRIGGER}", "seed": seed,
                                 "scale": scale, "kind": "base" if scale == 0 else "lora"})
     grids = []
     for seed in seeds:

@@ -63,7 +63,7 @@ def test_client_gets_lora_and_base_images(server):
     client = Client(url, verbose=False)
     lora, base, note = client.predict(PROMPT, 3, 2, 3.5, 1.0, True, True, 64, api_name="/generate")
     assert Image.open(lora).size == (64, 64) and Image.open(base).size == (64, 64)
-    assert f"{PROMPT}, in the style of {gen.trigger}" in note
+    assert f"{PROMPT}, {gen.trigger}" in note
     assert np.abs(pixels(lora) - pixels(base)).mean() > 1.0, "the LoRA should change the image"
     # LoRA scale 0 without comparison: the base image again, same seed -> same pixels
     zero, none, _ = client.predict(PROMPT, 3, 2, 3.5, 0.0, True, False, 64, api_name="/generate")
@@ -71,12 +71,12 @@ def test_client_gets_lora_and_base_images(server):
     assert np.abs(pixels(zero) - pixels(base)).max() <= 1
     # no trigger toggle: the prompt is sent as typed
     _, _, note = client.predict(PROMPT, 3, 2, 3.5, 0.5, False, False, 64, api_name="/generate")
-    assert "in the style of" not in note
+    assert f"`{PROMPT}`" in note and gen.trigger not in note
 
 
 def test_with_trigger_does_not_repeat_it():
     app = load_app()
-    assert app.with_trigger("a pond.", "impressionism style") == "a pond, in the style of impressionism style"
+    assert app.with_trigger("a pond.", "impressionism style") == "a pond, impressionism style"
     assert app.with_trigger("a pond in impressionism style", "impressionism style") == "a pond in impressionism style"
 
 
@@ -116,7 +116,7 @@ def test_chromium_generates_and_screenshots(server, tmp_path):
         imgs = wait.until(lambda b: len(done(b)) == 2 and done(b))
         assert all(browser.execute_script("return arguments[0].naturalWidth", i) == 64 for i in imgs)
         info = browser.find_element(By.CSS_SELECTOR, "#info").text
-        assert "a city boulevard in the rain, in the style of" in info
+        assert "a city boulevard in the rain, impressionism style" in info
         time.sleep(0.5)  # let the fade-in finish before the screenshot
         shot = Path(os.environ.get("FLUXIMP_APP_SCREENSHOT") or tmp_path / "app.png")
         shot.parent.mkdir(parents=True, exist_ok=True)

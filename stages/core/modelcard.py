@@ -33,6 +33,14 @@ DESCRIBE = {  # what each metric family measures (docs/methodology.md has the de
     "fid": "FID vs held-out paintings (lower = closer)",
     "aesthetic": "LAION aesthetic score",
     "diversity": "diversity: mean pairwise distance across seeds",
+    "trait_hf_energy": "strokes: high-frequency share of L* power",
+    "trait_broken_colour": "broken colour: a*b* distance of neighbouring patches",
+    "trait_saturation": "pure colour: mean saturation",
+    "trait_pure_share": "pure colour: share of saturated pixels",
+    "trait_black_share": "black: share of near-black pixels (lower = more Impressionist)",
+    "trait_shadow_chroma": "coloured shadows: chroma of the darkest 20%",
+    "trait_light_key": "light: mean L* / 100",
+    "trait_highkey_share": "light: share of high-key pixels",
 }
 
 
@@ -215,7 +223,8 @@ def _usage(facts: Facts, repo_id: str) -> str:
     base_id = base if is_hub_id(base) else "black-forest-labs/FLUX.1-dev"
     s = facts.samples
     kohya = facts.adapter.get("files", {}).get("kohya", "lora_kohya.safetensors")
-    example = (s.get("prompts") or ["a harbour at dawn with fishing boats"])[0]
+    first = (s.get("images") or [{}])[0]
+    example = first.get("full_prompt") or f"a harbour at dawn with fishing boats, {facts.trigger}"
     return f"""### diffusers
 
 ```python
@@ -225,7 +234,7 @@ from diffusers import FluxPipeline
 pipe = FluxPipeline.from_pretrained("{base_id}", torch_dtype=torch.bfloat16).to("cuda")
 pipe.load_lora_weights("{repo_id}", weight_name="pytorch_lora_weights.safetensors", adapter_name="impressionism")
 image = pipe(
-    "{example}, in the style of {facts.trigger}",
+    "{example}",
     num_inference_steps={s.get('steps', 28)}, guidance_scale={s.get('guidance', 3.5)},
     joint_attention_kwargs={{"scale": 1.0}},  # lora_scale: 0 = base model, 0.5 = half strength
     generator=torch.Generator("cuda").manual_seed(0),
