@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from stages.core import log as logmod
-from stages.core import params
+from stages.core import params, preflight
 from stages.core.io import atomic_dir
 from stages.core.shards import write_shards, write_table
 from stages.data import folder, normalize, report, synthetic, wikiart
@@ -86,6 +86,7 @@ def _candidates(p, log):
 def main() -> None:
     p = params.load()
     log = logmod.setup("download")
+    preflight.check(p)  # first stage: fail in seconds if the profile needs what this machine lacks
     d, t0 = p.data, time.time()
     collector = Collector(p.seed)
     if d.source == "synthetic":

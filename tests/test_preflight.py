@@ -41,3 +41,22 @@ def test_skip_flag(monkeypatch):
     p.model.base = "/definitely/missing"
     monkeypatch.setenv("FLUXIMP_SKIP_PREFLIGHT", "1")
     preflight.check(p)
+
+
+def test_download_stage_runs_preflight_first(tmp_path, monkeypatch):
+    """`dvc exp run -S profile=flux-dev` offline stops at the first stage with the list."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    raw = params.validate(params.compose(["profile=flux-dev"])).model_dump()
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(params.ROOT), "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch")}
+    proc = subprocess.run([sys.executable, "-m", "stages.download"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "base model weights" in proc.stderr and "WikiArt dataset" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "data").exists()
