@@ -1,9 +1,10 @@
 """dedupe: one image per group of (near-)duplicates, every decision recorded.
 
 Reads ``data/raw/shards``; writes ``data/interim/dedupe.parquet`` (one row per raw id: ``id``,
-``phash``, ``dhash`` (hex), ``width``, ``height``, ``cluster_id`` (the id of the cluster's keeper),
-``cluster_size``, ``kept``, ``reason``) and ``reports/dedupe/`` (``summary.json`` with counts and the
-cluster-size histogram, ``cluster_sizes.csv``, ``largest_clusters.png``).
+``phash``, ``dhash`` (hex), ``width``, ``height``, ``bytes_per_pixel``, ``cluster_id`` (the id of
+the cluster's keeper), ``cluster_size``, ``phash_to_keeper``, ``kept``, ``reason``) and
+``reports/dedupe/`` (``summary.json``: counts, pairs left after each vote, the cluster-size
+histogram; ``cluster_sizes.csv``; ``largest_clusters.png``).
 
 - Exact duplicates: rows with the same content id (sha256 of the bytes); the first is kept.
 - Near duplicates: pHash Hamming distance <= ``dedupe.threshold``; with ``dedupe.second_vote`` a
@@ -34,7 +35,8 @@ REPORTS = "reports/dedupe"
 SCHEMA = pa.schema([
     ("id", pa.string()), ("phash", pa.string()), ("dhash", pa.string()),
     ("width", pa.int32()), ("height", pa.int32()), ("bytes_per_pixel", pa.float64()),
-    ("cluster_id", pa.string()), ("cluster_size", pa.int32()), ("kept", pa.bool_()),
+    ("cluster_id", pa.string()), ("cluster_size", pa.int32()), ("phash_to_keeper", pa.int32()),
+    ("kept", pa.bool_()),
     ("reason", pa.string()),
 ])
 
@@ -75,17 +77,19 @@ def raw_signatures(folder: str, workers: int):
     return fetch
 
 
-def decide(h: dict, cfg, signatures=None) -> tuple[list[dict], np.ndarray, np.ndarray]:
+def decide(h: dict, cfg, signatures=None) -> tuple[list[dict], dict]:
     """Cluster the readable hashes and apply the keep rule. ``signatures``: ids -> {id: detail
-    signature} (needed when ``cfg.verify``). Returns (rows, labels, index of readable images)."""
+    signature} (needed when ``cfg.verify``). Returns (rows, pair counts per step)."""
     ok = np.array([r is not None for r in h["hashes"]], bool)
     good = np.flatnonzero(ok)
     nbytes = (cfg.hash_size ** 2 + 7) // 8
     ph = np.stack([h["hashes"][i][0] for i in good]) if len(good) else np.zeros((0, nbytes), np.uint8)
     dh = np.stack([h["hashes"][i][1] for i in good]) if len(good) else np.zeros((0, nbytes), np.uint8)
     pairs = hashing.near_pairs(ph, cfg.threshold, workers=cfg.workers)
+    steps = {"phash": len(pairs)}
     if cfg.second_vote and len(pairs):
         pairs = pairs[hashing.hamming(dh[pairs[:, 0]], dh[pairs[:, 1]]) <= cfg.dhash_threshold]
+        steps["dhash_vote"] = len(pairs)
     ids = [h["ids"][i] for i in good]
     if cfg.verify and len(pairs):
         sig = signatures({ids[i] for i in np.unique(pairs)})
@@ -93,10 +97,11 @@ def decide(h: dict, cfg, signatures=None) -> tuple[list[dict], np.ndarray, np.nd
                         if sig.get(ids[a]) is not None and sig.get(ids[b]) is not None else -1.0
                         for a, b in pairs])
         pairs = pairs[sim >= cfg.verify_min]
+        steps["verified"] = len(pairs)
     labels = hashing.cluster(len(good), pairs)
     pixels = np.array([h["sizes"][i][0] * h["sizes"][i][1] for i in good], np.int64)
     keep = hashing.choose_keepers(labels, pixels, ids, np.array([h["bpp"][i] for i in good]))
-    keeper_of = {int(labels[i]): ids[i] for i in np.flatnonzero(keep)}
+    keeper_of = {int(labels[i]): i for i in np.flatnonzero(keep)}
     size_of = np.bincount(labels, minlength=len(good)) if len(good) else np.zeros(0, int)
     rows = []
     for k, i in enumerate(good):
@@ -104,7 +109,8 @@ def decide(h: dict, cfg, signatures=None) -> tuple[list[dict], np.ndarray, np.nd
         reason = ("unique" if size == 1 else "best_of_cluster") if keep[k] else "near_duplicate"
         rows.append(dict(id=ids[k], phash=hashing.to_hex(ph[k]), dhash=hashing.to_hex(dh[k]),
                          width=h["sizes"][i][0], height=h["sizes"][i][1], bytes_per_pixel=h["bpp"][i],
-                         cluster_id=keeper_of[int(labels[k])], cluster_size=size,
+                         cluster_id=ids[keeper_of[int(labels[k])]], cluster_size=size,
+                         phash_to_keeper=int(hashing.hamming(ph[k], ph[keeper_of[int(labels[k])]])),
                          kept=bool(keep[k]), reason=reason))
     for i in np.flatnonzero(~ok):
         rows.append(dict(id=h["ids"][i], width=h["sizes"][i][0], height=h["sizes"][i][1],
@@ -112,7 +118,7 @@ def decide(h: dict, cfg, signatures=None) -> tuple[list[dict], np.ndarray, np.nd
     by_id = {r["id"]: r for r in rows}
     for dup in h["exact"]:  # the same id again: recorded once more, never kept
         rows.append(dict(by_id[dup], kept=False, reason="exact_duplicate"))
-    return rows, labels, good
+    return rows, steps
 
 
 def largest_clusters_sheet(rows: list[dict], folder: str, n_clusters: int = 8, max_cols: int = 8):
@@ -162,9 +168,9 @@ def main() -> None:
     logger = log.setup("dedupe")
     cfg = p.dedupe
     h = hash_raw(RAW, cfg, logger)
-    rows, _, _ = decide(h, cfg, raw_signatures(RAW, cfg.workers))
+    rows, steps = decide(h, cfg, raw_signatures(RAW, cfg.workers))
     shards.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), OUT)
-    summary = summarize(rows)
+    summary = {**summarize(rows), "pairs": steps}
     logger.info("kept %d of %d; %s", summary["kept"], summary["rows"], summary["by_reason"])
     with io.atomic_dir(REPORTS) as tmp:
         io.write_json(tmp / "summary.json", summary)

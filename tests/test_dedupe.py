@@ -167,6 +167,8 @@ def test_stage_end_to_end(tmp_path, monkeypatch):
     s = json.loads((report / "summary.json").read_text())
     assert s["kept"] == 7 and s["near_duplicate_clusters"] == 2
     assert s["cluster_size_histogram"] == {"1": 5, "2": 2}
+    assert s["pairs"]["phash"] >= s["pairs"]["verified"] == 2
+    assert out[ids[0]]["phash_to_keeper"] == 0 and 0 <= out[ids[7]]["phash_to_keeper"] <= 10
     first = (tmp_path / "data/interim/dedupe.parquet").read_bytes()
     dedupe.main()  # deterministic: the same bytes again
     assert (tmp_path / "data/interim/dedupe.parquet").read_bytes() == first
