@@ -34,6 +34,8 @@ DEFAULT_BASE = "black-forest-labs/FLUX.1-dev"
 DEFAULT_TRIGGER = "impressionism style"
 WEIGHTS = "pytorch_lora_weights.safetensors"
 ADAPTER = "impressionism"
+# small outputs (the smoke model's 64 px) fill the frame instead of sitting in a corner
+CSS = "#lora-image img, #base-image img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}"
 EXAMPLES = ["a harbour at dawn with fishing boats", "a woman with a parasol on a hill",
             "a city boulevard in the rain", "a bowl of pears on a table"]
 
@@ -158,6 +160,11 @@ def _gpu(fn):
         return fn
 
 
+def launch(demo: gr.Blocks, **kwargs):
+    """``demo.launch`` with the app's CSS (gradio 6 takes it at launch)."""
+    return demo.launch(css=CSS, **kwargs)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     env = os.environ.get
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -174,7 +181,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     gen = Generator(args.base, args.adapter, args.trigger, args.device, args.offload)
-    build_demo(gen).queue(max_size=8).launch(server_name=args.host, server_port=args.port)
+    launch(build_demo(gen).queue(max_size=8), server_name=args.host, server_port=args.port)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def server(tmp_path_factory):
     gen = app.Generator("tiny-random", str(lora_dir), device="cpu")
     demo = app.build_demo(gen)
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/", gen, app
     demo.close()
 
