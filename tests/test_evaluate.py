@@ -134,3 +134,41 @@ def test_holdout_embeddings_reused_only_for_the_same_model(tmp_path, monkeypatch
     assert evaluate.holdout_clip_embeddings(FakeClip(), ["c", "a"], [None, None], log)[0, 0] == 7.0
     FakeClip.name = "tiny/seed=1"  # an id the cache lacks: re-embed
     assert evaluate.holdout_clip_embeddings(FakeClip(), ["z"], [None], log)[0, 0] == 7.0
+
+
+@pytest.mark.slow
+def test_csd_weights_switch_the_style_embeddings(evaluated, tmp_path):
+    """With eval.csd_weights the style metrics use the CSD encoder (here a tiny random one)."""
+    import torch
+
+    from stages.models import clip as clip_mod
+
+    oc = clip_mod._open_clip()
+    clip_mod._register_tiny(oc)
+    torch.manual_seed(3)
+    visual = oc.create_model(clip_mod.TINY_NAME, pretrained=None, force_quick_gelu=True).visual
+    state = {f"backbone.{k}": v for k, v in visual.state_dict().items() if k != "proj"}
+    state["last_layer_style"] = torch.randn(visual.proj.shape[0], 16)
+    torch.save({"model_state_dict": state}, tmp_path / "csd.pth")
+    before = json.loads((evaluated / "reports/metrics.json").read_text())
+    raw = yaml.safe_load((evaluated / "params.yaml").read_text())
+    saved = yaml.safe_dump(raw)
+    raw["eval"].update(csd_weights=str(tmp_path / "csd.pth"), csd_model="tiny")
+    (evaluated / "params.yaml").write_text(yaml.safe_dump(raw))
+    old = Path.cwd()
+    os.environ["FLUXIMP_MLFLOW"] = "0"
+    os.chdir(evaluated)
+    try:
+        evaluate.main()
+    finally:
+        os.chdir(old)
+        (evaluated / "params.yaml").write_text(saved)
+        os.environ.pop("FLUXIMP_MLFLOW", None)
+    after = json.loads((evaluated / "reports/metrics.json").read_text())
+    notes = json.loads((evaluated / "reports/eval/details.json").read_text())["notes"]
+    assert notes[0] == "style embeddings: csd/csd.pth"
+    assert after["style_centroid_lora"] != before["style_centroid_lora"]
+    assert after["kid_lora"] != before["kid_lora"]
+    # CLIP-based metrics do not depend on the style encoder
+    assert after["clip_score_lora"] == before["clip_score_lora"]
+    assert after["trait_hf_energy_lora"] == before["trait_hf_energy_lora"]

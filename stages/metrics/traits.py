@@ -1,6 +1,6 @@
 """Impressionism trait metrics: weight-free numbers computed from pixels alone.
 
-Every image is first resized (bicubic) to ``size`` x ``size`` so that images of different
+Every image is first resized (bicubic, aspect not kept) to ``size`` x ``size`` so images of different
 resolutions are measured at the same scale, then converted to CIE L*a*b* (sRGB, D65). One number
 per trait of the seed plan (docs: .agents/readme-eval.md, README "Evaluation"):
 
