@@ -125,9 +125,9 @@ PAGE = r"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Blind A/B: which is more Impressionist?</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>
-body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1100px;color:#222}
+body{font-family:system-ui,sans-serif;margin:.8em auto;max-width:1100px;color:#222}h1{font-size:1.4em;margin:.2em 0}p{margin:.4em 0}
 .pair{display:flex;gap:1em;justify-content:center}.pair figure{margin:0;text-align:center}
-.pair img{max-width:512px;width:42vw;border:4px solid transparent}.pair img.chosen{border-color:#2a7}
+.pair img{max-width:512px;width:min(42vw,50vh);border:4px solid transparent}.pair img.chosen{border-color:#2a7}
 .q{margin:1em 0}.q button{font-size:1.05em;margin:0 .3em;padding:.4em 1em}
 .q button.on{background:#2a7;color:#fff}#prompt{font-style:italic}#done{display:none}
 </style></head><body>
