@@ -42,42 +42,52 @@ METRICS = "reports/curation.json"
 SCORES = ("blur", "clipped", "entropy", "std", "border", "aesthetic", "zeroshot")
 
 
+def measure(row: dict, f) -> tuple[dict, object]:
+    """Decode one shard row (a big JPEG at a reduced scale, still >= analysis_side and CLIP's
+    input) and run the heuristics: (score row, image or None when it does not decode)."""
+    try:
+        img, size = hashing.decode_small(row["image"], max(f.analysis_side, 224), with_size=True)
+    except Exception as err:  # recorded, never a crash
+        return {"id": row["id"], "reasons": ["unreadable"], "error": f"{type(err).__name__}: {err}"}, None
+    s = quality.heuristics(img, f.analysis_side, size)
+    return {"id": row["id"], **s, "reasons": quality.reject_reasons(s, f)}, img
+
+
 def score_images(ids: set[str], p, model, logger) -> tuple[list[dict], list[str], np.ndarray]:
-    """Heuristics for every image, CLIP embeddings for the readable ones, in batches."""
-    rows, emb_ids, embs, batch = [], [], [], []
+    """Heuristics for every image (``filter.workers`` threads), CLIP embeddings for the readable
+    ones, one batch of ``clip.batch_size`` images in memory at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+    from itertools import islice
 
-    def flush():
-        if batch:
-            embs.append(model.embed_images([im for _, im in batch]))
-            emb_ids.extend(i for i, _ in batch)
-            batch.clear()
-
-    bar = tqdm(total=len(ids), desc="filter", unit="img", disable=log.progress_disabled())
     seen = set()
-    for row in shards.iter_rows(RAW, columns=["id", "image"], ids=ids):
-        if row["id"] in seen:
-            continue
-        seen.add(row["id"])
-        try:  # a big JPEG decodes at a reduced scale, still >= analysis_side (and CLIP's input)
-            img, size = hashing.decode_small(row["image"], max(p.filter.analysis_side, 224), True)
-        except Exception as err:  # recorded, never a crash
-            logger.warning("%s does not decode: %s", row["id"], err)
-            rows.append({"id": row["id"], "reasons": ["unreadable"]})
-            continue
-        s = quality.heuristics(img, p.filter.analysis_side, size)
-        rows.append({"id": row["id"], **s, "reasons": quality.reject_reasons(s, p.filter)})
-        batch.append((row["id"], img))
-        if len(batch) >= p.clip.batch_size:
-            flush()
-        bar.update(1)
-    flush()
+
+    def unique_rows():
+        for row in shards.iter_rows(RAW, columns=["id", "image"], ids=ids):
+            if row["id"] not in seen:
+                seen.add(row["id"])
+                yield row
+
+    rows, emb_ids, embs = [], [], []
+    bar = tqdm(total=len(ids), desc="filter", unit="img", disable=log.progress_disabled())
+    todo = unique_rows()
+    with ThreadPoolExecutor(max_workers=p.filter.workers) as pool:
+        while chunk := list(islice(todo, p.clip.batch_size)):
+            measured = list(pool.map(lambda r: measure(r, p.filter), chunk))
+            for r, img in measured:
+                if img is None:
+                    logger.warning("%s does not decode: %s", r["id"], r.pop("error"))
+            rows += [r for r, _ in measured]
+            readable = [(r["id"], img) for r, img in measured if img is not None]
+            if readable:
+                embs.append(model.embed_images([img for _, img in readable]))
+                emb_ids += [i for i, _ in readable]
+            bar.update(len(chunk))
     bar.close()
     missing = ids - seen
     if missing:
         raise SystemExit(f"{len(missing)} ids kept by dedupe are not in {RAW} (e.g. {sorted(missing)[0]}): "
                          "rerun dedupe")
-    dim = model.dim
-    return rows, emb_ids, np.concatenate(embs) if embs else np.zeros((0, dim), np.float32)
+    return rows, emb_ids, np.concatenate(embs) if embs else np.zeros((0, model.dim), np.float32)
 
 
 def clip_checks(rows: list[dict], emb_ids: list[str], emb: np.ndarray, p, model, logger) -> dict:

@@ -104,6 +104,7 @@ class Filter(Section):
     std_min: float = Field(12.0, ge=0)
     border_detect: bool = False
     border_max: float = Field(0.06, ge=0, le=1, description="max uniform band at an edge (share of the side)")
+    workers: int = Field(2, ge=1, description="threads that decode and measure images")
     # CLIP scores from random weights (smoke) mean nothing: "percentile" rejects the lowest
     # aesthetic/zeroshot.percentile % of the images that pass the heuristics instead of an absolute cut.
     threshold_mode: Literal["absolute", "percentile"] = "percentile"
