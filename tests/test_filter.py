@@ -1,7 +1,6 @@
 """filter: each heuristic on constructed images, percentile mode, the aesthetic head (shapes, loading
 from a local file), P/R scoring, and the stage end to end with the tiny CLIP."""
 import json
-import types
 
 import numpy as np
 import pyarrow as pa
