@@ -38,11 +38,18 @@ REPORT = Path("reports/report.html")
 PLOTS = Path("reports/plots")  # DVC plots (CSV); outside reports/eval, DVC outputs may not overlap
 
 
+HOLDOUT_SIDE = 512  # held-out paintings are kept in memory at most this large (CLIP sees 224 px)
+
+
 def load_holdout(logger) -> tuple[list[str], list[Image.Image]]:
+    """Decode the held-out paintings, each shrunk to HOLDOUT_SIDE on its long side (WikiArt scans
+    run to several megapixels; a thousand of them at full size would not fit in memory)."""
     ids, imgs = [], []
     for row in shards.iter_rows(HOLDOUT, columns=["id", "image"]):
         try:
-            imgs.append(core_images.decode(row["image"]))
+            img = core_images.decode(row["image"])
+            img.thumbnail((HOLDOUT_SIDE, HOLDOUT_SIDE), Image.LANCZOS)
+            imgs.append(img)
             ids.append(row["id"])
         except Exception as err:  # a broken held-out image is skipped, loudly
             logger.warning("held-out image %s unreadable (%s): skipped", row["id"], err)
