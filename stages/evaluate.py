@@ -109,6 +109,8 @@ def main() -> None:
     from stages.curation import quality
     from stages.models.clip import load_clip
 
+    if not (SAMPLES / "index.json").exists():
+        raise SystemExit(f"no {SAMPLES}/index.json: run the sample stage first (dvc repro sample)")
     index = read_json(SAMPLES / "index.json")
     scales = sorted({float(im["scale"]) for im in index["images"]})
     if 0.0 not in scales or len(scales) < 2:

@@ -172,3 +172,10 @@ def test_csd_weights_switch_the_style_embeddings(evaluated, tmp_path):
     # CLIP-based metrics do not depend on the style encoder
     assert after["clip_score_lora"] == before["clip_score_lora"]
     assert after["trait_hf_energy_lora"] == before["trait_hf_energy_lora"]
+
+
+def test_missing_samples_is_a_clear_error(tmp_path, monkeypatch):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.Params().model_dump()))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="run the sample stage first"):
+        evaluate.main()
