@@ -186,3 +186,15 @@ def test_missing_metrics_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="metrics.json not found.*evaluate"):
         publish.main([])
+
+
+def test_push_with_unreachable_hub_is_one_clear_line(project):
+    """A real connection failure (a closed port on 127.0.0.1 as the endpoint), not the offline flag."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: connection refused
+    r = run_cli(project["root"], "--push", "--repo-id", "someone/x", HF_TOKEN="hf_not_a_real_token",
+                HF_HUB_OFFLINE="0", HF_ENDPOINT=f"http://127.0.0.1:{port}")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("publish: cannot reach huggingface.co")
