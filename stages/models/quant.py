@@ -58,7 +58,7 @@ def _swap_nf4(module: nn.Module, device: torch.device, compute_dtype: torch.dtyp
         if isinstance(child, nn.Linear) and not isinstance(child, bnb.nn.Linear4bit):
             q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                   compute_dtype=compute_dtype, quant_type="nf4", device="meta")
-            weight = child.weight.data.to("cpu", compute_dtype)
+            weight = child.weight.data.to(dtype=compute_dtype)  # quantized on its way to ``device``
             q.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4").to(device)
             if child.bias is not None:
                 q.bias = nn.Parameter(child.bias.data.to(device, compute_dtype), requires_grad=False)

@@ -51,6 +51,9 @@ class Trainer:
         if train_params.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         if train_params.compile:
+            # one static graph per bucket shape (few shapes) rather than a slower dynamic one
+            torch._dynamo.config.automatic_dynamic_shapes = False
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
             transformer.compile_repeated_blocks(fullgraph=False)
         self.transformer = transformer
         self.model = transformer  # DDP-wrapped under accelerate

@@ -1,0 +1,129 @@
+"""LoRA targeting (presets, block-wise selection, per-block ranks), gradients, and the exports:
+diffusers keys load with FluxPipeline.load_lora_weights; kohya keys round-trip to identical tensors
+and load through diffusers' own kohya reader with the same effect."""
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from stages.core.params import Lora, Model
+from stages.models import export, flux, lora
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.set_num_threads(1)
+    return flux.build_tiny_random(tmp_path_factory.mktemp("tiny") / "flux")
+
+
+def transformer(tiny):
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel.from_pretrained(tiny, subfolder="transformer")
+
+
+def adapted(model) -> dict[str, int]:
+    return {n: m.r["default"] for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.r}
+
+
+def test_presets_target_the_intended_layers(tiny):
+    m = transformer(tiny)
+    att = set(lora.target_modules(m, Lora(targets="attention")))
+    ff = set(lora.target_modules(m, Lora(targets="attention+ff")))
+    every = set(lora.target_modules(m, Lora(targets="all")))
+    assert "transformer_blocks.0.attn.to_q" in att and "single_transformer_blocks.1.attn.to_v" in att
+    assert not any(".ff" in n or "proj_mlp" in n for n in att)
+    assert att < ff < every
+    assert "single_transformer_blocks.0.proj_mlp" in ff and "transformer_blocks.1.norm1.linear" in every
+    assert len(att) == 2 * 8 + 2 * 3
+
+
+def test_block_selection_and_rank_map_land_on_intended_modules(tiny):
+    m = transformer(tiny)
+    p = Lora(rank=4, targets="attention", double_blocks=[1], single_blocks=[0],
+             rank_map={"single_transformer_blocks.0": 8, r"transformer_blocks\.1\.attn\.to_(q|k)": 2})
+    params = lora.add_lora(m, p)
+    ranks = adapted(m)
+    assert set(ranks) == {f"transformer_blocks.1.attn.{s}" for s in
+                          ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]} | {
+        f"single_transformer_blocks.0.attn.to_{s}" for s in "qkv"}
+    assert ranks["transformer_blocks.1.attn.to_q"] == 2 and ranks["transformer_blocks.1.attn.to_k"] == 2
+    assert ranks["transformer_blocks.1.attn.to_v"] == 4
+    assert all(ranks[f"single_transformer_blocks.0.attn.to_{s}"] == 8 for s in "qkv")
+    # alpha follows rank when lora.alpha is None: every module has scale 1
+    assert all(mod.scaling["default"] == 1.0 for n, mod in m.named_modules() if hasattr(mod, "scaling") and "default" in mod.scaling)
+    # only the LoRA matrices are trainable, and only they get gradients
+    named = dict(m.named_parameters())
+    assert {id(p) for p in params} == {id(t) for n, t in named.items() if "lora_" in n}
+    assert all(t.dtype == torch.float32 for t in params)
+
+
+def test_bad_block_index_and_unused_rank_pattern_are_clear_errors(tiny):
+    m = transformer(tiny)
+    with pytest.raises(ValueError, match="lora.double_blocks.*out of range"):
+        lora.target_modules(m, Lora(double_blocks=[5]))
+    with pytest.raises(ValueError, match="rank_map patterns.*match no targeted module"):
+        lora.lora_config(m, Lora(rank_map={"transformer_blocks.9": 2}))
+
+
+def trained_like(model, seed=0):
+    """Give the adapter non-zero B matrices (as after training) so outputs change."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def test_kohya_round_trip_is_exact(tiny):
+    m = transformer(tiny)
+    lora.add_lora(m, Lora(rank=4, targets="all"))
+    trained_like(m)
+    state = lora.lora_state_dict(m)
+    cfg = dict(m.config)
+    kohya = export.to_kohya(state, cfg, {})
+    assert all(k.startswith("lora_unet_") for k in kohya)
+    assert "lora_unet_double_blocks_0_img_attn_qkv.alpha" in kohya
+    assert "lora_unet_single_blocks_1_linear1.lora_down.weight" in kohya
+    assert float(kohya["lora_unet_double_blocks_0_img_attn_qkv.alpha"]) == 12.0  # fused rank 3x4, scale 1
+    back, alphas = export.from_kohya(kohya, cfg)
+    assert back.keys() == state.keys()
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    assert all(a == 4.0 for a in alphas.values())
+
+
+def test_kohya_keeps_scale_when_alpha_differs(tiny):
+    m = transformer(tiny)
+    names = lora.target_modules(m, Lora(single_blocks=[]))
+    lora.add_lora(m, Lora(rank=4, alpha=2.0, targets="attention", single_blocks=[]))
+    trained_like(m)
+    state = lora.lora_state_dict(m)
+    kohya = export.to_kohya(state, dict(m.config), {n: 2.0 for n in names})
+    assert float(kohya["lora_unet_double_blocks_0_img_attn_qkv.alpha"]) == pytest.approx(6.0)  # 12 * 0.5
+    assert float(kohya["lora_unet_double_blocks_0_img_attn_proj.alpha"]) == pytest.approx(2.0)
+
+
+def image(pipe, seed=0):
+    out = pipe("a striped field", num_inference_steps=2, height=32, width=32, guidance_scale=3.5,
+               generator=torch.Generator().manual_seed(seed), max_sequence_length=16, output_type="np")
+    return out.images[0]
+
+
+def test_exports_load_in_diffusers_and_change_the_output(tiny, tmp_path):
+    p = Lora(rank=4, targets="attention", single_blocks=[])  # double blocks: diffusers' kohya reader covers them
+    m = transformer(tiny)
+    lora.add_lora(m, p)
+    trained_like(m)
+    lora.save_diffusers(m, tmp_path / "diffusers")
+    state = lora.lora_state_dict(m)
+    save_file(export.to_kohya(state, dict(m.config), {}), tmp_path / "kohya.safetensors")
+    assert all(k.startswith("transformer.") for k in load_file(tmp_path / "diffusers/pytorch_lora_weights.safetensors"))
+
+    pipe = flux.load_pipeline(Model(base=str(tiny)), device="cpu")
+    base = image(pipe)
+    pipe.load_lora_weights(tmp_path / "diffusers", adapter_name="d")
+    with_diffusers = image(pipe)
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(str(tmp_path / "kohya.safetensors"), adapter_name="k")
+    with_kohya = image(pipe)
+    assert abs(with_diffusers - base).mean() > 1e-3  # the LoRA changes the picture
+    assert abs(with_kohya - with_diffusers).max() < 1e-4  # ... and both formats the same way
