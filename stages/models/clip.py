@@ -16,8 +16,10 @@ metadata ``ids`` (JSON list, row order) and ``model``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,27 +77,46 @@ class ClipModel:
     def dim(self) -> int:
         return int(self.model.visual.output_dim)
 
+    def _autocast(self):
+        """fp16 autocast on CUDA (as OpenAI's CLIP runs there), plain fp32 on CPU."""
+        if str(self.device).startswith("cuda"):
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def _prep(self, img: Image.Image) -> torch.Tensor:
+        return self.preprocess(img.convert("RGB"))
+
     @torch.inference_mode()
     def embed_images(self, images: Sequence[Image.Image], batch_size: Optional[int] = None,
                      progress: bool = False) -> np.ndarray:
-        """PIL images -> (N, D) float32, L2-normalised; batched, on ``self.device``."""
+        """PIL images -> (N, D) float32, L2-normalised; batched on ``self.device``. Preprocessing
+        runs in threads; on a GPU the next batch is prepared while the current one computes."""
+        from concurrent.futures import ThreadPoolExecutor
+
         from tqdm import tqdm
 
         bs = batch_size or self.batch_size
-        out = []
-        starts = range(0, len(images), bs)
-        for i in tqdm(starts, desc="clip images", unit="batch",
-                      disable=not progress or progress_disabled()):
-            batch = torch.stack([self.preprocess(im.convert("RGB")) for im in images[i:i + bs]])
-            feats = self.model.encode_image(batch.to(self.device), normalize=True)
-            out.append(feats.float().cpu().numpy())
+        out, running = [], None
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            for i in tqdm(range(0, len(images), bs), desc="clip images", unit="batch",
+                          disable=not progress or progress_disabled()):
+                batch = torch.stack(list(pool.map(self._prep, images[i:i + bs])))
+                if running is not None:  # wait for the previous batch only now
+                    out.append(running.cpu().numpy())
+                with self._autocast():
+                    feats = self.model.encode_image(batch.to(self.device, non_blocking=True))
+                running = torch.nn.functional.normalize(feats.float(), dim=-1)
+        if running is not None:
+            out.append(running.cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Strings -> (N, D) float32, L2-normalised."""
         tokens = self.tokenizer(list(texts)).to(self.device)
-        return self.model.encode_text(tokens, normalize=True).float().cpu().numpy()
+        with self._autocast():
+            feats = self.model.encode_text(tokens)
+        return torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()
 
     def zero_shot(self, image_embeddings: np.ndarray, positive: Sequence[str],
                   negative: Sequence[str]) -> np.ndarray:
