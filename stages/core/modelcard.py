@@ -109,9 +109,10 @@ def collect(root: Path | str, params: dict, lora_dir: str = "models/lora",
                          "run the evaluate stage first (dvc repro evaluate)")
     samples = _read_json(root / reports / "samples" / "index.json", "sample images",
                          "run the sample stage first (dvc repro sample)")
-    run_file = root / reports / "mlflow_run.json"
+    from stages.core.tracking import RUN_FILE, dataset_hash
+
+    run_file = root / RUN_FILE  # the MLflow run id the stages logged to
     mlflow = json.loads(run_file.read_text()) if run_file.exists() else {}
-    from stages.core.tracking import dataset_hash
 
     dirty = _git(root, "status", "--porcelain", "--untracked-files=no")
     return Facts(
