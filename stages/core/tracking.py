@@ -35,6 +35,7 @@ import shutil
 import subprocess
 import tempfile
 import urllib.request
+from unittest import mock
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -369,7 +370,10 @@ def register_adapter(lora_dir: os.PathLike | str, p, name: str | None = None,
     base = str(base_model or p.model.base)
     with tempfile.TemporaryDirectory(prefix="mlflow-adapter-") as tmp:
         out = Path(tmp) / "adapter"
-        mlflow.diffusers.save_model(str(lora_dir), str(out), base_model=base)
+        # MLflow would ask the Hub for the *latest* commit of a hub id: record the pinned one instead
+        with mock.patch.object(mlflow.diffusers, "_resolve_base_model_revision",
+                               lambda _base: p.model.revision, create=True):
+            mlflow.diffusers.save_model(str(lora_dir), str(out), base_model=base)
         mlmodel = out / "MLmodel"
         spec = yaml.safe_load(mlmodel.read_text())
         flavor = spec["flavors"]["diffusers"]
