@@ -6,7 +6,8 @@
 Reads the experiments of the current commit (``dvc.api.exp_show``: the baseline plus its
 experiments) and writes ``reports/sweep/summary.csv``, ``summary.md`` (a table sorted by the param)
 and ``summary.png`` (each metric against the param). By default the metrics are the style and prompt
-fidelity ones (names starting with ``style`` / ``clip_score`` / ``prompt``), else every metric.
+fidelity ones (names starting with ``style`` / ``clip_score`` / ``prompt``; of those, the LoRA's
+own ``*_lora`` scores when there are any), else every metric.
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def collect(param: str, metrics: list[str] | None = None, repo: str = ".") -> tu
     if metrics is None:
         found = sorted({k for r in rows for k, v in r.items() if k not in META and k not in params_keys
                         and "/" not in k and "." not in k and _number(v) is not None})
-        metrics = [m for m in found if m.startswith(DEFAULT_PREFIXES)] or found
+        chosen = [m for m in found if m.startswith(DEFAULT_PREFIXES)] or found
+        metrics = [m for m in chosen if m.endswith("_lora")] or chosen  # the adapter's own scores
     out = []
     for r in rows:
         if r.get("rev") == "workspace" or _number(r.get(param)) is None:
@@ -71,16 +73,17 @@ def plot(rows: list[dict], param: str, metrics: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m in metrics:
-        pts = [(r[param], r[m]) for r in rows if r[m] is not None]
-        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=m)
-    if param.endswith("rank"):
-        ax.set_xscale("log", base=2)
-    ax.set_xlabel(param)
-    ax.set_ylabel("metric")
-    ax.set_title(f"sweep over {param} ({len(rows)} experiments)")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        pts = [(r[param], r[m], r["experiment"]) for r in rows if r[m] is not None]
+        ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], marker="o")
+        for x, y, name in pts:
+            ax.annotate(name, (x, y), fontsize=6, textcoords="offset points", xytext=(2, 3))
+        if param.endswith("rank"):
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(param)
+        ax.set_title(m, fontsize=9)
+    fig.suptitle(f"sweep over {param} ({len(rows)} experiments)", fontsize=10)
     fig.tight_layout()
     with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
