@@ -42,6 +42,7 @@ publish: install         ## assemble models/hub (adapter, samples, metrics, mode
 	$(PY) -m stages.publish $(if $(PUSH),--push) $(if $(REPO),--repo-id $(REPO))
 
 demo: install-test       ## the Gradio app on the smoke profile's tiny model + models/lora (after `make repro`)
+	@test -f models/lora/pytorch_lora_weights.safetensors || { echo "no adapter in models/lora: run 'make repro' first"; exit 1; }
 	GRADIO_ANALYTICS_ENABLED=False $(PY) app/app.py --base tiny-random --adapter models/lora --host 127.0.0.1 --port $(or $(PORT),7860)
 .PHONY: publish demo
 
