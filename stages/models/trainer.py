@@ -32,7 +32,8 @@ def make_optimizer(params, train_params):
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, lr=train_params.lr, weight_decay=train_params.weight_decay)
-    return torch.optim.AdamW(params, lr=train_params.lr, weight_decay=train_params.weight_decay)
+    fused = all(p.is_cuda for p in params)  # one kernel for the whole update on GPU
+    return torch.optim.AdamW(params, lr=train_params.lr, weight_decay=train_params.weight_decay, fused=fused)
 
 
 class Trainer:
@@ -46,7 +47,9 @@ class Trainer:
         self.rank = accelerator.process_index if accelerator else 0
         self.world = accelerator.num_processes if accelerator else 1
         self.base_dtype = next(p for p in transformer.parameters() if p.is_floating_point()).dtype
-        self.params = lora.add_lora(transformer, lora_params, torch.float32)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the adapter's initial A matrices depend on the seed only
+            self.params = lora.add_lora(transformer, lora_params, torch.float32)
         self.guidance = bool(transformer.config.guidance_embeds)
         if train_params.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()

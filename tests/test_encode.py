@@ -1,0 +1,76 @@
+"""encode stage: per-bucket latent/text caches with the right shapes, flip latents, rejects
+recorded, and a cache that LoRA/optimizer param changes reuse."""
+import json
+import os
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from stages.core import shards
+from stages.models.cache import Cache
+from tests import trainkit
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("encode")
+    trainkit.use_tiny_cache(tmp_path_factory.getbasetemp() / "tiny-cache")
+    trainkit.make_curated(root, n=9)
+    # one broken image: recorded as a reject, never a crash
+    rows = [{"id": "broken", "image": b"not an image", "format": "png", "width": 64, "height": 64,
+             "caption": "a broken file"}]
+    shards.write_shards(rows, root / "data/curated/extra", 8)
+    (root / "data/curated/extra/part-00000.parquet").rename(root / "data/curated/train/part-00099.parquet")
+    trainkit.write_params(root, train__flip=True)
+    cwd = os.getcwd()
+    os.chdir(root)
+    from stages import encode
+
+    encode.main()
+    yield root
+    os.chdir(cwd)
+
+
+def test_cache_layout_and_shapes(workdir):
+    index = json.loads((workdir / "data/cache/index.json").read_text())
+    assert index["count"] == 9 and index["flip"] is True
+    assert [r["id"] for r in index["rejects"]] == ["broken"] and "undecodable" in index["rejects"][0]["reason"]
+    sizes = {(b["width"], b["height"]) for b in index["buckets"]}
+    assert sizes == {(64, 64), (80, 48), (48, 80)}
+    for b in index["buckets"]:
+        t = load_file(workdir / "data/cache" / b["files"][0])
+        n = b["count"]
+        assert t["latents"].shape == (n, 4, b["height"] // 8, b["width"] // 8)
+        assert t["latents_flip"].shape == t["latents"].shape
+        assert not torch.equal(t["latents_flip"], t["latents"])
+        assert t["prompt_embeds"].shape == (n, 64, 32) and t["pooled"].shape == (n, 32)
+    c = Cache(workdir / "data/cache")
+    assert len(c) == 9 and c.empty[0].shape == (64, 32) and c.empty[1].shape == (32,)
+    prompts, embeds, pooled = c.validation()
+    assert len(prompts) == 2 and embeds.shape[0] == 2 and pooled.shape == (2, 32)
+    batch = c.batch(seed=0, index=0, batch_size=2, flip=True, generator=torch.Generator().manual_seed(0))
+    assert batch.latents.shape[0] == batch.prompt_embeds.shape[0] == len(batch.ids) >= 1
+
+
+def mtimes(folder):
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+
+def test_cache_reused_across_lora_change_rebuilt_on_resolution_change(workdir, caplog):
+    from stages import encode
+
+    before = mtimes(workdir / "data/cache")
+    trainkit.write_params(workdir, train__flip=True, lora__rank=16, lora__targets="all", train__lr=0.5)
+    encode.main()
+    assert mtimes(workdir / "data/cache") == before
+    # DVC reruns encode only for its own params: none of them is a LoRA or optimizer key
+    stage = yaml.safe_load(open(trainkit.params.ROOT / "dvc.yaml"))["stages"]["encode"]
+    assert not [k for k in stage["params"] if str(k).startswith(("lora", "train.lr", "train.steps"))]
+    trainkit.write_params(workdir, train__flip=False, train__resolution=48)
+    encode.main()
+    index = json.loads((workdir / "data/cache/index.json").read_text())
+    assert index["resolution"] == 48 and index["flip"] is False
+    assert (48, 48) in {(b["width"], b["height"]) for b in index["buckets"]}
