@@ -141,25 +141,24 @@ def test_one_run_per_pipeline_execution_in_the_main_repo_from_a_temp_copy(workdi
     run2 = client.get_run(second)
     assert same == second and run2.data.params["seed"] == "1234" and run2.data.tags["param.seed"] == "99"
 
-
-def test_failed_stage_marks_the_run_failed(workdir):
-    import mlflow
-
-    p = params.load()
-    with pytest.raises(RuntimeError):
-        with tracking.run("train", p, new=True) as run_id:
-            raise RuntimeError("boom")
-    assert mlflow.MlflowClient(tracking.tracking_uri()).get_run(run_id).info.status == "FAILED"
+    # a later stage with no recorded run logs to a run of its own and leaves train's output alone
+    Path(tracking.RUN_FILE).unlink()
+    with tracking.run("sample", p) as alone:
+        pass
+    assert alone not in (run_id, second) and not Path(tracking.RUN_FILE).exists()
 
 
-def test_tags_describe_the_code_and_data(workdir, monkeypatch):
+def test_tags_describe_the_code_and_data_and_a_failed_stage_fails_the_run(workdir, monkeypatch):
     import mlflow
 
     monkeypatch.setenv("DVC_EXP_NAME", "exp-tags")
     p = params.load()
-    with tracking.run("train", p, new=True) as run_id:
-        pass
-    tags = mlflow.MlflowClient(tracking.tracking_uri()).get_run(run_id).data.tags
+    with pytest.raises(RuntimeError):
+        with tracking.run("train", p, new=True) as run_id:
+            raise RuntimeError("boom")
+    run = mlflow.MlflowClient(tracking.tracking_uri()).get_run(run_id)
+    assert run.info.status == "FAILED"
+    tags = run.data.tags
     assert tags["git.commit"] == git(workdir, "rev-parse", "HEAD")
     assert tags["git.dirty"] == "false"
     assert tags["dataset.curated_md5"] == "0123abcd.dir"

@@ -13,8 +13,8 @@ A stage does::
   the stage in a copy (``dvc exp run --temp``, ``--queue`` run under ``.dvc/tmp/exps``): DVC passes
   it as ``DVC_ROOT``. A relative path there would land in the throw-away copy.
 - Which run: ``new=True`` starts a run and records its id in ``reports/mlflow_run.json`` (declare it
-  as a ``cache: false`` output of that stage); ``new=False`` resumes the recorded run (or starts one
-  when there is none). What a run gets: the whole params.yaml flattened, and tags (git commit, dirty
+  as a ``cache: false`` output of that stage); ``new=False`` resumes the recorded run (or, when there
+  is none, logs to a run of its own without touching the file). What a run gets: the whole params.yaml flattened, and tags (git commit, dirty
   flag, DVC experiment name, base model + revision, curated dataset hash from dvc.lock, profile).
 - Secrets: values of environment variables whose name looks like a token/secret/key/password are
   replaced by ``***`` in params, tags, metrics names and text artifacts; a binary artifact that
@@ -206,8 +206,11 @@ def _start(stage: str, p, new: bool) -> str | None:
         exp_id = _experiment_id(mlflow, p.mlflow.experiment, uri)
         name = os.environ.get("DVC_EXP_NAME") or None
         run_id = mlflow.start_run(experiment_id=exp_id, run_name=name).info.run_id
-        from stages.core.io import write_json
-        write_json(RUN_FILE, {"run_id": run_id, "experiment_id": exp_id, "tracking_uri": scrub(uri)})
+        if new:  # only the owner writes RUN_FILE: it is that stage's DVC output, nobody else's
+            from stages.core.io import write_json
+            write_json(RUN_FILE, {"run_id": run_id, "experiment_id": exp_id, "tracking_uri": scrub(uri)})
+        else:
+            log.warning("MLflow: no run recorded in %s; logging %s to a run of its own", RUN_FILE, stage)
         log.info("MLflow: new run %s in experiment %r (%s)", run_id, p.mlflow.experiment, uri)
     _state["run_id"] = run_id
     set_tags({**run_tags(p, stage), f"stage.{stage}": "ran"})
