@@ -38,6 +38,7 @@ def _fresh_state(monkeypatch):
     yield
     tracking.end()
     tracking.reset()
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri() exports it: don't leak it
 
 
 def git(cwd, *args):

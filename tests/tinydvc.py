@@ -68,6 +68,8 @@ DVC_YAML = {
 def env(**extra: str) -> dict[str, str]:
     """Environment for dvc/stage commands: this venv first, this repo importable (stages.core)."""
     e = dict(os.environ)
+    for leaked in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "FLUXIMP_MLFLOW"):
+        e.pop(leaked, None)  # e.g. mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI in-process
     e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
     e["PYTHONPATH"] = f"{REPO}{os.pathsep}{e.get('PYTHONPATH', '')}".rstrip(os.pathsep)
     e.update({"DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
