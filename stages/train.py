@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from stages.core import compat, log as logs, params
-from stages.core.io import atomic_dir
+from stages.core.io import atomic_dir, write_json
 from stages.models import checkpoint as ckpt
 from stages.models.cache import Cache
 from stages.models.trainer import Trainer, step_seed
@@ -61,8 +62,8 @@ def launch_distributed(p) -> int:
     """Re-run this stage under ``accelerate launch`` with ``train.num_processes`` processes."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(p.train.num_processes),
            "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no"]
-    cmd += ["--multi_gpu"] if torch.cuda.device_count() >= p.train.num_processes else ["--cpu"]
-    cmd += ["-m", "stages.train"]
+    # --multi_gpu = torchrun-style workers; without CUDA each worker's Accelerator(cpu=True) uses gloo
+    cmd += ["--multi_gpu", "-m", "stages.train"]
     log.info("launching %d processes: %s", p.train.num_processes, " ".join(cmd))
     return subprocess.call(cmd, env={**os.environ, "FLUXIMP_TRAIN_CHILD": "1"})
 
@@ -97,7 +98,6 @@ def validate(trainer: Trainer, cache: Cache, p, step: int, vae, out_dir: Path) -
 def export(trainer: Trainer, cache: Cache, p, steps: int) -> None:
     from safetensors.torch import save_file
 
-    from stages.core.io import write_json
     from stages.models import export as kohya, lora
 
     state = lora.lora_state_dict(trainer.transformer)
@@ -140,6 +140,10 @@ def train(p, accelerator=None) -> dict:
         log.info("resuming from %s at step %d of %d", found, start, p.train.steps)
     sinks = [LossLog(REPORTS / "loss.tsv", start)] + CALLBACKS if main_proc else []
     val_dir, vae = REPORTS / "validation", None
+    if main_proc and start == 0:
+        shutil.rmtree(val_dir, ignore_errors=True)  # images of an earlier run
+    if main_proc:
+        val_dir.mkdir(parents=True, exist_ok=True)
     if main_proc and p.train.validate_every:
         from diffusers import AutoencoderKL
 
@@ -147,6 +151,8 @@ def train(p, accelerator=None) -> dict:
         vae = AutoencoderKL.from_pretrained(flux.resolve_base(p.model), subfolder="vae",
                                             revision=p.model.revision, dtype=trainer.base_dtype).to(device)
     rank, world = trainer.rank, trainer.world
+    if world > 1:
+        log.info("process %d of %d on %s", rank, world, device)
     metrics: dict = {}
     bar = tqdm(range(start, p.train.steps), initial=start, total=p.train.steps, desc="train",
                disable=logs.progress_disabled() or not main_proc)
@@ -171,6 +177,9 @@ def train(p, accelerator=None) -> dict:
                 accelerator.wait_for_everyone()
     if main_proc:
         export(trainer, cache, p, p.train.steps)
+        prompts = cache.validation()[0] if vae is not None else []
+        write_json(val_dir / "index.json", {"prompts": prompts, "every": p.train.validate_every,
+                                            "images": sorted(x.name for x in val_dir.glob("*.png"))})
     return metrics
 
 

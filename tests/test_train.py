@@ -132,3 +132,34 @@ def test_changed_lora_params_do_not_resume_stale_checkpoints(workdir):
     assert [int(r["step"]) for r in log] == [1, 2, 3]
     state = load_file(workdir / "models/lora/pytorch_lora_weights.safetensors")
     assert {t.shape[0] for k, t in state.items() if "lora_A" in k} == {2}
+
+
+def test_validation_images_every_n_steps(workdir):
+    run_train(workdir, train__steps=2, train__validate_every=1, train__validation_steps=2, train__checkpoint_every=2)
+    val = workdir / "reports/train/validation"
+    index = json.loads((val / "index.json").read_text())
+    assert len(index["prompts"]) == 2
+    assert index["images"] == [f"step-{s:06d}-{k}.png" for s in (1, 2) for k in (0, 1)]
+    from PIL import Image
+
+    assert Image.open(val / index["images"][0]).size == (32, 32)
+
+
+@pytest.mark.slow
+def test_two_processes_with_accelerate_on_cpu(workdir):
+    """train.num_processes=2: the stage re-launches itself under `accelerate launch` (gloo on CPU)."""
+    import subprocess
+    import sys
+
+    trainkit.write_params(workdir, **{**FAST, "train__steps": 3, "train__checkpoint_every": 3,
+                                      "train__num_processes": 2, "train__batch_size": 2})
+    env = {**os.environ, "FLUXIMP_MLFLOW": "0", "PYTHONPATH": str(trainkit.params.ROOT),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "stages.train"], cwd=workdir, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "process 1 of 2" in proc.stderr and "process 0 of 2" in proc.stderr
+    rows = (workdir / "reports/train/loss.tsv").read_text().splitlines()[1:]
+    assert [int(r.split("\t")[0]) for r in rows] == [1, 2, 3]
+    assert (workdir / "models/lora/pytorch_lora_weights.safetensors").exists()
+    assert (workdir / "models/checkpoints/step-000003").is_dir()
