@@ -142,3 +142,31 @@ def test_real_repo_is_ready_for_queued_experiments():
                 missing.append(f"{stage}: {dep}")
     assert not missing, f"dependencies a queued experiment would not see (not git-tracked): {missing}"
     assert {"conf/config.yaml", "params.yaml", "dvc.yaml"} <= tracked
+
+
+def test_sweep_summary_picks_the_lora_scores_and_sorts_by_the_param(tmp_path, monkeypatch):
+    import dvc.api
+
+    from stages import sweep
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"lora": {"rank": 4}, "seed": 1}))
+    rows = [
+        {"Experiment": None, "rev": "workspace", "lora.rank": 4.0, "style_nn_lora": 0.9, "clip_score_lora": 1.0},
+        {"Experiment": None, "rev": "main", "lora.rank": 4.0, "style_nn_lora": 0.5, "style_nn_base": 0.4,
+         "clip_score_lora": 1.2, "n_lora": 8, "seed": 1.0},
+        {"Experiment": "big", "rev": "abc1234", "lora.rank": 32.0, "style_nn_lora": 0.7, "clip_score_lora": 1.1},
+        {"Experiment": "small", "rev": "def5678", "lora.rank": 2.0, "style_nn_lora": 0.4, "clip_score_lora": None},
+        {"Experiment": "failed", "rev": "0000000", "lora.rank": 8.0},  # no metrics: left out
+    ]
+    monkeypatch.setattr(dvc.api, "exp_show", lambda repo=None: rows)
+    got, metrics = sweep.collect("lora.rank", repo=str(tmp_path))
+    assert metrics == ["clip_score_lora", "style_nn_lora"]
+    assert [(r["experiment"], r["lora.rank"]) for r in got] == [("small", 2.0), ("main", 4.0), ("big", 32.0)]
+    assert got[0]["clip_score_lora"] is None
+
+    monkeypatch.chdir(tmp_path)
+    sweep.main(["--param", "lora.rank", "--repo", str(tmp_path), "--out", str(tmp_path / "out")])
+    table = (tmp_path / "out" / "summary.md").read_text().splitlines()
+    assert table[0] == "| experiment | rev | lora.rank | clip_score_lora | style_nn_lora |"
+    assert table[2] == "| small | def5678 | 2 |  | 0.4 |" and len(table) == 5
+    assert (tmp_path / "out" / "summary.png").stat().st_size > 1000
