@@ -112,3 +112,12 @@ def test_compat_is_a_noop_when_ops_exist():
     out = subprocess.run([sys.executable, "-c", code], cwd=params.ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False"
+
+
+def test_model_modules_work_when_imported_first_in_a_fresh_process():
+    """Regression: load_pipeline in a fresh process used to import diffusers before the shim."""
+    code = ("from stages.models import flux; from stages.core import params; "
+            "print(type(flux.load_pipeline(params.Params().model)).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=params.ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("FluxPipeline")
