@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import logging
 from collections import defaultdict
 from pathlib import Path
 
@@ -72,6 +73,8 @@ class Encoder:
         from stages.models import flux
 
         self.pipe = flux.load_encoders(p.model, device=device, dtype=dtype)
+        # one "input was truncated" warning per batch is noise: the caption stage reports lengths
+        logging.getLogger("diffusers.pipelines.flux.pipeline_flux").setLevel(logging.ERROR)
         self.device, self.dtype, self.seq = device, dtype, p.train.max_sequence_length
         self.gen = torch.Generator(device).manual_seed(p.seed)
         vae = self.pipe.vae.config

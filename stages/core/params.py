@@ -154,10 +154,10 @@ class Train(Section):
     flip: bool = False
     batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
-    steps: int = Field(60, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    steps: int = Field(150, ge=1)
+    lr: float = Field(1e-2, gt=0)  # smoke: tiny model, loss must visibly fall; flux-dev: 1e-4
     lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
-    warmup_steps: int = Field(5, ge=0)
+    warmup_steps: int = Field(10, ge=0)
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     weight_decay: float = Field(1e-4, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
@@ -168,7 +168,7 @@ class Train(Section):
     guidance: float = Field(1.0, ge=0)
     caption_dropout: float = Field(0.05, ge=0, le=1)
     gradient_checkpointing: bool = False
-    checkpoint_every: int = Field(20, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     validate_every: int = Field(0, ge=0, description="0 = no validation images")
     validation_steps: int = Field(4, ge=1, description="sampling steps of a validation image")
