@@ -60,6 +60,10 @@ class LossLog:
 
 def launch_distributed(p) -> int:
     """Re-run this stage under ``accelerate launch`` with ``train.num_processes`` processes."""
+    gpus = torch.cuda.device_count()
+    if 0 < gpus < p.train.num_processes:
+        raise SystemExit(f"train.num_processes={p.train.num_processes} but this machine has {gpus} GPU(s): "
+                         "one process per GPU (set CUDA_VISIBLE_DEVICES or lower train.num_processes)")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(p.train.num_processes),
            "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no"]
     # --multi_gpu = torchrun-style workers; without CUDA each worker's Accelerator(cpu=True) uses gloo
