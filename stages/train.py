@@ -66,8 +66,10 @@ def launch_distributed(p) -> int:
                          "one process per GPU (set CUDA_VISIBLE_DEVICES or lower train.num_processes)")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(p.train.num_processes),
            "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no"]
+    config = os.environ.get("FLUXIMP_ACCELERATE_CONFIG")  # an `accelerate config` file: FSDP, DeepSpeed
     # --multi_gpu = torchrun-style workers; without CUDA each worker's Accelerator(cpu=True) uses gloo
-    cmd += ["--multi_gpu", "-m", "stages.train"]
+    cmd += ["--config_file", config] if config else ["--multi_gpu"]
+    cmd += ["-m", "stages.train"]
     log.info("launching %d processes: %s", p.train.num_processes, " ".join(cmd))
     return subprocess.call(cmd, env={**os.environ, "FLUXIMP_TRAIN_CHILD": "1"})
 
