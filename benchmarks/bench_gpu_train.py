@@ -70,6 +70,22 @@ def batch(res: int, cfg, device: str, dtype) -> Batch:
                  pooled=torch.randn(1, cfg.pooled_projection_dim, device=device, dtype=dtype), ids=["x"])
 
 
+def profile(trainer, b, step: int) -> None:
+    """GPU busy time vs wall time of 3 steps, and the ops that take it (is the step GPU- or CPU-bound?)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.time()
+        for k in range(3):
+            trainer.step([b], step + k)
+        wall = (time.time() - t0) / 3
+    events = prof.key_averages()
+    gpu = sum(e.self_device_time_total for e in events) / 1e6 / 3
+    print(f"# profile: wall {wall:.3f} s/step, GPU busy {gpu:.3f} s/step", flush=True)
+    print(events.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60), flush=True)
+    print(events.table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=60), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", default="none", choices=quant.MODES)
@@ -83,6 +99,7 @@ def main() -> None:
     ap.add_argument("--optimizer", default="adamw")
     ap.add_argument("--image-attention-only", action="store_true",
                     help="LoRA on to_q/k/v/out.0 only, as the bare reference loop (for comparison)")
+    ap.add_argument("--profile", action="store_true", help="print the top kernels/ops of 3 extra steps")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="a tiny config (CPU dry run of this script)")
@@ -127,6 +144,9 @@ def main() -> None:
             torch.cuda.empty_cache()
         except Exception as err:  # report and go on with the next resolution
             row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+        if args.profile and "error" not in row:
+            profile(trainer, b, step)
+            step += 3
         line = json.dumps(row)
         print(line, flush=True)
         if args.out:
