@@ -17,7 +17,6 @@ from tests import trainkit
 def workdir(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("encode")
-    trainkit.use_tiny_cache(tmp_path_factory.getbasetemp() / "tiny-cache")
     trainkit.make_curated(root, n=9)
     # one broken image: recorded as a reject, never a crash
     rows = [{"id": "broken", "image": b"not an image", "format": "png", "width": 64, "height": 64,
@@ -27,10 +26,11 @@ def workdir(tmp_path_factory):
     trainkit.write_params(root, train__flip=True)
     cwd = os.getcwd()
     os.chdir(root)
-    from stages import encode
+    with trainkit.tiny_cache(tmp_path_factory.getbasetemp() / "tiny-cache"):
+        from stages import encode
 
-    encode.main()
-    yield root
+        encode.main()
+        yield root
     os.chdir(cwd)
 
 

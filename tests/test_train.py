@@ -19,26 +19,26 @@ FAST = dict(train__resolution=32, train__buckets=False, train__batch_size=4, tra
 def encoded(tmp_path_factory):
     """A tmp work dir with data/cache encoded once (copied into each test's own dir)."""
     torch.set_num_threads(1)
-    os.environ["FLUXIMP_MLFLOW"] = "0"
-    trainkit.use_tiny_cache(tmp_path_factory.getbasetemp() / "tiny-cache")
     root = tmp_path_factory.mktemp("encoded")
     trainkit.make_curated(root, n=12, sizes=((32, 32),))
     trainkit.write_params(root, **FAST)
     cwd = os.getcwd()
     os.chdir(root)
-    try:
-        from stages import encode
+    with trainkit.tiny_cache(tmp_path_factory.getbasetemp() / "tiny-cache"):
+        try:
+            from stages import encode
 
-        encode.main()
-    finally:
-        os.chdir(cwd)
-    return root
+            encode.main()
+        finally:
+            os.chdir(cwd)
+        yield root
 
 
 @pytest.fixture
 def workdir(encoded, tmp_path, monkeypatch):
     shutil.copytree(encoded / "data/cache", tmp_path / "data/cache")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FLUXIMP_MLFLOW", "0")  # tracking has its own tests
     return tmp_path
 
 

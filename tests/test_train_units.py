@@ -71,3 +71,15 @@ def test_epoch_plan_is_seeded_bucket_pure_and_covers_everything():
     seen = sorted((b, r) for b, rows in plan for r in rows)
     assert seen == [(0, i) for i in range(5)] + [(1, i) for i in range(3)]
     assert len(c.epoch_plan(seed=1, epoch=0, batch_size=2, world=2)) % 2 == 0
+
+
+def test_fp8_refused_without_a_capable_gpu_and_unknown_modes():
+    from stages.models import quant
+
+    if not torch.cuda.is_available():
+        with pytest.raises(quant.QuantizationError, match="fp8 needs a CUDA GPU"):
+            quant.check_supported("fp8", torch.device("cpu"))
+    with pytest.raises(quant.QuantizationError, match="allowed"):
+        quant.check_supported("int3", torch.device("cpu"))
+    quant.check_supported("nf4", torch.device("cpu"))  # nf4 and int8 run on CPU (module swap / torchao)
+    quant.check_supported("int8", torch.device("cpu"))

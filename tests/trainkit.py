@@ -1,6 +1,7 @@
 """Shared fixtures for the encode/train tests: a tiny curated set and params files in a temp dir."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -49,5 +50,15 @@ def write_params(root: Path, **overrides) -> params.Params:
     return p
 
 
-def use_tiny_cache(tmp_root: Path) -> None:
+@contextlib.contextmanager
+def tiny_cache(tmp_root: Path):
+    """Build/reuse the tiny random Flux under ``tmp_root`` (not the repo's .cache) while active."""
+    old = os.environ.get("FLUXIMP_CACHE")
     os.environ["FLUXIMP_CACHE"] = str(tmp_root)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("FLUXIMP_CACHE", None)
+        else:
+            os.environ["FLUXIMP_CACHE"] = old
