@@ -79,9 +79,10 @@ def test_loss_falls_and_exports_work(workdir):
     assert abs(tuned - base).mean() > 1e-3
 
 
-@pytest.mark.parametrize("quantization", ["nf4", "int8"])
-def test_quantized_bases_train(workdir, quantization):
-    log = run_train(workdir, model__quantization=quantization, train__steps=4, train__checkpoint_every=4)
+@pytest.mark.parametrize("quantization,optimizer", [("nf4", "adamw8bit"), ("int8", "adamw")])
+def test_quantized_bases_train(workdir, quantization, optimizer):
+    log = run_train(workdir, model__quantization=quantization, train__optimizer=optimizer, train__steps=4,
+                    train__checkpoint_every=4)
     assert len(log) == 4 and all(r["loss"] == r["loss"] and r["grad_norm"] > 0 for r in log)
     state = load_file(workdir / "models/lora/pytorch_lora_weights.safetensors")
     assert any(t.abs().sum() > 0 for k, t in state.items() if "lora_B" in k)  # B moved off its zero init
