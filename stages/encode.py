@@ -107,8 +107,10 @@ def load_pixels(rows: list[dict], size, rejects: list[dict]) -> list[dict]:
 
 def encode_bucket(enc: Encoder, rows: list[dict], size, flip: bool) -> dict[str, torch.Tensor]:
     out = defaultdict(list)
-    for i in range(0, len(rows), BATCH):
-        chunk = rows[i:i + BATCH]
+    # the VAE encoder's activations grow with the pixels: 8 images at 64-256 px, 1 at 1024 px
+    batch = max(1, min(BATCH, (1024 * 1024) // (size[0] * size[1])))
+    for i in range(0, len(rows), batch):
+        chunk = rows[i:i + batch]
         pix = torch.stack([r["pixels"] for r in chunk])
         out["latents"].append(enc.images(pix))
         if flip:
