@@ -58,8 +58,13 @@ def repo(tmp_path_factory):
 
 def test_repro_builds_every_declared_output(repo):
     out = run("dvc repro", repo)
+    # A clone has dvc.lock and the small reports (git) but none of the cached data: every stage with a
+    # cached output must run. sample/evaluate may be skipped when the retrained adapter is
+    # byte-identical to the committed run's (training is deterministic on CPU); then their committed
+    # outputs are already the right ones.
     for stage in ("download", "dedupe", "filter", "caption", "encode", "train", "sample", "evaluate"):
-        assert f"Running stage '{stage}'" in out
+        assert f"Running stage '{stage}'" in out or (
+            stage in ("sample", "evaluate") and f"Stage '{stage}' didn't change" in out), out[-3000:]
     missing = [str(p.relative_to(repo)) for p in declared_outputs(repo) if not p.exists()]
     assert not missing, f"declared outputs not written: {missing}"
     assert (repo / "models/lora/pytorch_lora_weights.safetensors").stat().st_size > 0
