@@ -18,7 +18,7 @@ import io
 import json
 import logging
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -3,7 +3,6 @@ import subprocess
 import sys
 import time
 
-import pyarrow as pa
 import pytest
 import yaml
 

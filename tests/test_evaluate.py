@@ -2,7 +2,6 @@
 held-out set of constructed stroke paintings), plus the embedding-cache reuse rule."""
 import csv
 import json
-import os
 import re
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from PIL import Image, ImageDraw
 from stages import evaluate
 from stages.core import images, params, shards
 from stages.metrics import traits
-from tests.test_sample import PROMPTS, sampled  # noqa: F401  (session fixture)
+from tests.test_sample import PROMPTS, run_stage, sampled  # noqa: F401  (session fixture)
 
 ROOT = Path(params.ROOT)
 SETS = ("holdout", "base", "lora")
@@ -46,14 +45,7 @@ def write_holdout(root: Path, n: int = 10) -> list[str]:
 @pytest.fixture(scope="module")
 def evaluated(sampled):  # noqa: F811
     write_holdout(sampled)
-    old, old_env = Path.cwd(), os.environ.get("FLUXIMP_MLFLOW")
-    os.environ["FLUXIMP_MLFLOW"] = "0"
-    os.chdir(sampled)
-    try:
-        evaluate.main()
-    finally:
-        os.chdir(old)
-        os.environ.pop("FLUXIMP_MLFLOW", None) if old_env is None else os.environ.update(FLUXIMP_MLFLOW=old_env)
+    run_stage(evaluate.main, sampled)
     return sampled
 
 
@@ -155,15 +147,10 @@ def test_csd_weights_switch_the_style_embeddings(evaluated, tmp_path):
     saved = yaml.safe_dump(raw)
     raw["eval"].update(csd_weights=str(tmp_path / "csd.pth"), csd_model="tiny")
     (evaluated / "params.yaml").write_text(yaml.safe_dump(raw))
-    old = Path.cwd()
-    os.environ["FLUXIMP_MLFLOW"] = "0"
-    os.chdir(evaluated)
     try:
-        evaluate.main()
+        run_stage(evaluate.main, evaluated)
     finally:
-        os.chdir(old)
         (evaluated / "params.yaml").write_text(saved)
-        os.environ.pop("FLUXIMP_MLFLOW", None)
     after = json.loads((evaluated / "reports/metrics.json").read_text())
     notes = json.loads((evaluated / "reports/eval/details.json").read_text())["notes"]
     assert notes[0] == "style embeddings: csd/csd.pth"

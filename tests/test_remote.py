@@ -3,17 +3,12 @@ standalone S3 server on 127.0.0.1 through dvc-s3), a fresh `git clone` + `dvc pu
 every output byte for byte with `dvc status` clean and nothing for `dvc repro` to do, and
 `dvc exp push`/`pull` of an experiment with its outputs through a bare git repo on disk."""
 import hashlib
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.servers import free_port, serve
 from tests.tinydvc import commit_all, dvc, make_project, sh
 
 OFF = {"FLUXIMP_MLFLOW": "0"}  # these tests are about storage: keep the stages fast
@@ -53,38 +48,14 @@ def test_local_directory_remote_push_then_fresh_clone_pull(tmp_path):
     fresh_clone_and_pull(root, tmp_path / "clone", expected)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def s3_server(tmp_path):
     """moto's standalone S3 server on 127.0.0.1 (a free port, bounded start), killed at the end."""
     port = free_port()
-    log = open(tmp_path / "moto.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    try:
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/moto-api/", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto server did not start: " + (tmp_path / "moto.log").read_text()[-2000:])
-                time.sleep(0.3)
+    cmd = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    with serve(cmd, url + "/moto-api/", tmp_path / "moto.log", timeout=90):
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 @pytest.mark.slow

@@ -47,21 +47,26 @@ def build_project(root: Path) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def sampled(tmp_path_factory):
-    """The project after one run of the sample stage (shared with tests/test_evaluate.py)."""
-    root = build_project(tmp_path_factory.mktemp("evalproj"))
+def run_stage(main, root: Path) -> None:
+    """Run a stage's main() inside the project folder ``root`` with MLflow off, restoring cwd/env."""
     old, old_env = Path.cwd(), os.environ.get("FLUXIMP_MLFLOW")
     os.environ["FLUXIMP_MLFLOW"] = "0"
     os.chdir(root)
     try:
-        sample.main()
+        main()
     finally:
         os.chdir(old)
         if old_env is None:
             os.environ.pop("FLUXIMP_MLFLOW", None)
         else:
             os.environ["FLUXIMP_MLFLOW"] = old_env
+
+
+@pytest.fixture(scope="session")
+def sampled(tmp_path_factory):
+    """The project after one run of the sample stage (shared with tests/test_evaluate.py)."""
+    root = build_project(tmp_path_factory.mktemp("evalproj"))
+    run_stage(sample.main, root)
     return root
 
 

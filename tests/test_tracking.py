@@ -5,28 +5,20 @@ import json
 import logging
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
 from stages.core import params, tracking
+from tests.servers import free_port, serve
 
 REPO = Path(__file__).resolve().parents[1]
 SECRETS = {"HF_TOKEN": "hf_TESTtokenValue0123456789", "AWS_SECRET_ACCESS_KEY": "awsSecretKeyValue/xyz987",
            "MY_SERVICE_PASSWORD": "pw-horse-battery-staple", "OPENAI_API_KEY": "sk-testkey-4242424242"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)
@@ -207,29 +199,9 @@ def mlflow_server(tmp_path_factory):
     cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1", "--backend-store-uri", f"sqlite:///{d}/db.sqlite",
            "--artifacts-destination", str(d / "artifacts")]
-    logf = open(d / "server.log", "w")
-    proc = subprocess.Popen(cmd, cwd=d, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    try:
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not come up: {(d / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+    with serve(cmd, url + "/health", d / "server.log", timeout=240, cwd=d):
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        logf.close()
 
 
 def make_lora(transformer_dir: Path, out: Path) -> Path:

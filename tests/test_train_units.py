@@ -1,5 +1,4 @@
 """Flow-matching maths, σ samplers, aspect buckets and the seeded batch plan."""
-import math
 
 import pytest
 import torch
