@@ -120,3 +120,17 @@ def test_model_modules_work_when_imported_first_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", code], cwd=params.ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("FluxPipeline")
+
+
+@pytest.mark.parametrize("stage", ["download", "dedupe", "filter", "caption", "encode", "train", "sample",
+                                   "evaluate"])
+def test_every_stage_validates_params_before_doing_anything(stage, tmp_path):
+    raw = params.Params().model_dump()
+    raw["model"]["quantization"] = "int3"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=tmp_path, capture_output=True,
+                          text=True, env={"PYTHONPATH": str(params.ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert proc.returncode != 0
+    assert "model.quantization = 'int3'" in proc.stderr and "'none', 'nf4', 'int8' or 'fp8'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
