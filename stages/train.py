@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from stages.core import compat, log as logs, params
+from stages.core import compat, log as logs, params, tracking
 from stages.core.io import atomic_dir, write_json
 from stages.models import checkpoint as ckpt
 from stages.models.cache import Cache
@@ -200,12 +200,8 @@ def main() -> None:
         from accelerate import Accelerator
 
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    try:
-        from stages.core import tracking
-    except ImportError:  # tracking is optional
-        tracking = None
     main_proc = accelerator is None or accelerator.is_main_process
-    if tracking is None or not main_proc:
+    if not main_proc:  # rank 0 alone talks to MLflow
         train(p, accelerator)
         return
     with tracking.run("train", p, new=True):
