@@ -81,6 +81,10 @@ def test_second_repro_is_a_noop(repo):
     assert "Running stage" not in out
     status = run("dvc status", repo)
     assert "up to date" in status
+    # bytecode is not code: a new .pyc (another Python, a test run) must not invalidate the stages
+    (repo / "stages/core/__pycache__").mkdir(exist_ok=True)
+    (repo / "stages/core/__pycache__/stray.cpython-399.pyc").write_bytes(b"\0")
+    assert "up to date" in run("dvc status", repo)
 
 
 def test_experiment_reruns_only_train_sample_evaluate(repo):
