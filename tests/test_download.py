@@ -13,6 +13,7 @@ from PIL import Image
 from stages.core import params, shards
 from stages.data import normalize
 from stages.data.normalize import Reject
+from tests.stagerun import run_stage
 
 
 def _rgb(w=80, h=60, seed=0):
@@ -163,12 +164,7 @@ def _run_stage(workdir, data_overrides):
     raw["data"].update(data_overrides)
     workdir.mkdir(exist_ok=True)
     (workdir / "params.yaml").write_text(yaml.safe_dump(raw))
-    cwd = os.getcwd()
-    os.chdir(workdir)
-    try:
-        download.main()
-    finally:
-        os.chdir(cwd)
+    run_stage(download.main, workdir)
     return workdir
 
 

@@ -13,7 +13,8 @@ from PIL import Image, ImageDraw
 from stages import evaluate
 from stages.core import images, params, shards
 from stages.metrics import traits
-from tests.test_sample import PROMPTS, run_stage, sampled  # noqa: F401  (session fixture)
+from tests.stagerun import run_stage
+from tests.test_sample import PROMPTS, sampled  # noqa: F401  (session fixture)
 
 ROOT = Path(params.ROOT)
 SETS = ("holdout", "base", "lora")

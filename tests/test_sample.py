@@ -1,7 +1,6 @@
 """sample stage: prompt file parsing, the grid, and the stage end to end on tiny-random Flux with a
 small random LoRA (built with peft here, saved with FluxPipeline.save_lora_weights)."""
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ import yaml
 from PIL import Image
 
 from stages import sample
+from tests.stagerun import run_stage
 from stages.core import params
 
 PROMPTS = ["a harbour at dawn with fishing boats", "a bowl of pears on a table"]
@@ -45,21 +45,6 @@ def build_project(root: Path) -> Path:
     (root / "prompts.txt").write_text("# test prompts\n\n" + "\n".join(PROMPTS) + "\n")
     make_adapter(params.validate(raw), root / "models" / "lora")
     return root
-
-
-def run_stage(main, root: Path) -> None:
-    """Run a stage's main() inside the project folder ``root`` with MLflow off, restoring cwd/env."""
-    old, old_env = Path.cwd(), os.environ.get("FLUXIMP_MLFLOW")
-    os.environ["FLUXIMP_MLFLOW"] = "0"
-    os.chdir(root)
-    try:
-        main()
-    finally:
-        os.chdir(old)
-        if old_env is None:
-            os.environ.pop("FLUXIMP_MLFLOW", None)
-        else:
-            os.environ["FLUXIMP_MLFLOW"] = old_env
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from PIL import Image
 
 from stages.core import params, shards
 from stages.data import painting, scenes, synthetic
+from tests.stagerun import run_stage
 
 
 def _gray(data: bytes) -> np.ndarray:
@@ -54,7 +55,6 @@ EXPECTED = {"tiny": "min_side", "blurred": "blur", "blank": "blank", "overexpose
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory):
     """The download stage on a small synthetic set (the smoke code path, fewer images)."""
-    import os
 
     from stages import download
 
@@ -62,12 +62,7 @@ def synthetic_run(tmp_path_factory):
     raw = params.Params().model_dump()
     raw["data"]["synthetic"].update(count=72, size=128, near_duplicates=0.17, defects=0.17, contrast=4)
     (tmp / "params.yaml").write_text(yaml.safe_dump(raw))
-    cwd = os.getcwd()
-    os.chdir(tmp)
-    try:
-        download.main()
-    finally:
-        os.chdir(cwd)
+    run_stage(download.main, tmp)
     return tmp
 
 
