@@ -9,7 +9,6 @@ typed in. :func:`collect` gathers them into :class:`Facts`; :func:`render` turns
 from __future__ import annotations
 
 import json
-import subprocess
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,14 +70,6 @@ def _read_json(path: Path, what: str, hint: str) -> dict:
         raise CardError(f"{path} is not readable JSON ({what}): {err}") from None
 
 
-def _git(root: Path, *args: str) -> Optional[str]:
-    try:
-        r = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=20)
-        return r.stdout.strip() if r.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def data_summary(curated: Path) -> dict:
     """Counts per split, sources and licences of the curated shards (reads only small columns)."""
     import pyarrow.parquet as pq
@@ -109,16 +100,16 @@ def collect(root: Path | str, params: dict, lora_dir: str = "models/lora",
                          "run the evaluate stage first (dvc repro evaluate)")
     samples = _read_json(root / reports / "samples" / "index.json", "sample images",
                          "run the sample stage first (dvc repro sample)")
-    from stages.core.tracking import RUN_FILE, dataset_hash
+    from stages.core.tracking import RUN_FILE, dataset_hash, git_state
 
     run_file = root / RUN_FILE  # the MLflow run id the stages logged to
     mlflow = json.loads(run_file.read_text()) if run_file.exists() else {}
 
-    dirty = _git(root, "status", "--porcelain", "--untracked-files=no")
+    commit, dirty = git_state(root)
     return Facts(
         adapter=adapter, metrics=metrics, samples=samples, params=params,
         trigger=samples.get("trigger") or params.get("caption", {}).get("trigger", ""),
-        git_commit=_git(root, "rev-parse", "HEAD"), git_dirty=bool(dirty),
+        git_commit=commit, git_dirty=bool(dirty),
         mlflow={k: v for k, v in mlflow.items() if k in ("run_id", "experiment_id")},
         dataset_md5=dataset_hash(root / "dvc.lock"), data=data_summary(root / "data" / "curated"))
 

@@ -109,12 +109,18 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _git(*args: str) -> str | None:
+def _git(*args: str, cwd=None) -> str | None:
     try:
-        r = subprocess.run(["git", *args], capture_output=True, text=True, timeout=20)
+        r = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=20)
         return r.stdout.strip() if r.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def git_state(cwd=None) -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the checkout at ``cwd``; (None, None) outside git. Untracked files don't count."""
+    dirty = _git("status", "--porcelain", "--untracked-files=no", cwd=cwd)
+    return _git("rev-parse", "HEAD", cwd=cwd), None if dirty is None else bool(dirty)
 
 
 def dataset_hash(lock: os.PathLike | str = "dvc.lock", path: str = CURATED) -> str | None:
@@ -131,10 +137,10 @@ def dataset_hash(lock: os.PathLike | str = "dvc.lock", path: str = CURATED) -> s
 
 
 def run_tags(p, stage: str) -> dict[str, str]:
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    commit, dirty = git_state()
     tags = {
-        "git.commit": _git("rev-parse", "HEAD"),
-        "git.dirty": None if dirty is None else str(bool(dirty)).lower(),
+        "git.commit": commit,
+        "git.dirty": None if dirty is None else str(dirty).lower(),
         "dvc.exp_name": os.environ.get("DVC_EXP_NAME"),
         "dvc.exp_baseline": os.environ.get("DVC_EXP_BASELINE_REV"),
         "model.base": p.model.base,
