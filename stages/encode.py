@@ -1,7 +1,9 @@
 """encode: curated images + captions -> cached VAE latents and text embeddings (``data/cache/``).
 
 Training then needs only the transformer: the text encoders (T5 ~9 GB for FLUX.1-dev) and the
-VAE are loaded here, used once, and freed. The cache layout is documented in
+VAE are loaded here, used once, and freed. One model is on the device at a time: pass 1 runs
+every caption through CLIP + T5 (nf4 T5 on 8 GiB cards, ``model.vram_gb``; the cache key records
+it, since its embeddings differ slightly), frees them, and pass 2 runs the VAE over the images. The cache layout is documented in
 ``stages/models/cache.py``. It depends only on the curated data, the base model and the
 resolution/bucket/flip/text-length params, never on LoRA or optimizer params, so
 ``dvc exp run -S lora.rank=32`` reuses it (DVC does not rerun this stage; run by hand with the
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from stages.core import compat, log as logs, params
@@ -36,9 +38,10 @@ SHARD_ROWS = 256
 N_VALIDATION = 2
 
 
-def cache_key(p, data_hash: str) -> str:
+def cache_key(p, data_hash: str, text_quantization: str = "none") -> str:
     t = p.train
     blob = json.dumps({"v": VERSION, "seed": p.seed, "base": p.model.base, "revision": p.model.revision,
+                       **({"t5": text_quantization} if text_quantization != "none" else {}),
                        "resolution": t.resolution, "buckets": t.buckets, "flip": t.flip,
                        "max_sequence_length": t.max_sequence_length, "data": data_hash}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -68,28 +71,52 @@ def to_tensor(img: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 
-class Encoder:
+class TextEncoder:
+    """CLIP + T5 (T5 quantized on small cards, stages.models.memory), alone on the device."""
+
+    def __init__(self, p, device, dtype, plan):
+        from stages.models import flux
+
+        self.pipe = flux.load_text_encoders(p.model, device=device, dtype=dtype,
+                                            text_quantization=plan.text_encoder_quantization)
+        # one "input was truncated" warning per batch is noise: the caption stage reports lengths
+        logging.getLogger("diffusers.pipelines.flux.pipeline_flux").setLevel(logging.ERROR)
+        self.device, self.seq, self.batch = device, p.train.max_sequence_length, plan.text_batch
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, pooled = [], []
+        for i in range(0, len(prompts), self.batch):
+            chunk = prompts[i:i + self.batch]
+            e, pl, _ = self.pipe.encode_prompt(prompt=chunk, prompt_2=chunk, device=self.device,
+                                               max_sequence_length=self.seq)
+            embeds.append(e.cpu())
+            pooled.append(pl.cpu())
+        return torch.cat(embeds), torch.cat(pooled)
+
+
+class ImageEncoder:
+    """The VAE alone on the device: images -> latents, shift and scale applied."""
+
     def __init__(self, p, device, dtype):
         from stages.models import flux
 
-        self.pipe = flux.load_encoders(p.model, device=device, dtype=dtype)
-        # one "input was truncated" warning per batch is noise: the caption stage reports lengths
-        logging.getLogger("diffusers.pipelines.flux.pipeline_flux").setLevel(logging.ERROR)
-        self.device, self.dtype, self.seq = device, dtype, p.train.max_sequence_length
+        self.vae = flux.load_vae(p.model, device=device, dtype=dtype)
+        self.device, self.dtype = device, dtype
         self.gen = torch.Generator(device).manual_seed(p.seed)
-        vae = self.pipe.vae.config
-        self.shift, self.scale = vae.shift_factor or 0.0, vae.scaling_factor
+        self.shift, self.scale = self.vae.config.shift_factor or 0.0, self.vae.config.scaling_factor
 
     @torch.no_grad()
-    def text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        embeds, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=prompts, device=self.device,
-                                                    max_sequence_length=self.seq)
-        return embeds.cpu(), pooled.cpu()
-
-    @torch.no_grad()
-    def images(self, pixels: torch.Tensor) -> torch.Tensor:
-        dist = self.pipe.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
         return ((dist.sample(generator=self.gen) - self.shift) * self.scale).cpu()
+
+
+def free() -> None:
+    """Return the memory of a dropped model before the next one loads (one large model at a time)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def load_pixels(rows: list[dict], size, rejects: list[dict]) -> list[dict]:
@@ -105,20 +132,26 @@ def load_pixels(rows: list[dict], size, rejects: list[dict]) -> list[dict]:
     return out
 
 
-def encode_bucket(enc: Encoder, rows: list[dict], size, flip: bool) -> dict[str, torch.Tensor]:
+def encode_images(enc: ImageEncoder, rows: list[dict], size, flip: bool) -> dict[str, torch.Tensor]:
     out = defaultdict(list)
     # the VAE encoder's activations grow with the pixels: 8 images at 64-256 px, 1 at 1024 px
     batch = max(1, min(BATCH, (1024 * 1024) // (size[0] * size[1])))
     for i in range(0, len(rows), batch):
-        chunk = rows[i:i + batch]
-        pix = torch.stack([r["pixels"] for r in chunk])
-        out["latents"].append(enc.images(pix))
+        pix = torch.stack([r["pixels"] for r in rows[i:i + batch]])
+        out["latents"].append(enc(pix))
         if flip:
-            out["latents_flip"].append(enc.images(pix.flip(-1)))
-        embeds, pooled = enc.text([r["caption"] for r in chunk])
-        out["prompt_embeds"].append(embeds)
-        out["pooled"].append(pooled)
+            out["latents_flip"].append(enc(pix.flip(-1)))
     return {k: torch.cat(v).contiguous() for k, v in out.items()}
+
+
+def plan_shards(by_bucket: dict) -> list[tuple[tuple[int, int], int, list[dict]]]:
+    """(bucket, shard number, rows) for every shard the cache will hold."""
+    return [((w, h), k // SHARD_ROWS, items[k:k + SHARD_ROWS])
+            for (w, h), items in sorted(by_bucket.items()) for k in range(0, len(items), SHARD_ROWS)]
+
+
+def shard_name(size, k: int) -> str:
+    return f"bucket-{size[0]}x{size[1]}-{k:03d}.safetensors"
 
 
 def main() -> None:
@@ -128,17 +161,19 @@ def main() -> None:
     rows = read_captions("train")
     if not rows:
         raise SystemExit(f"{CURATED}/train holds no images: run the caption stage first")
-    dhash = data_hash(rows)
-    key = cache_key(p, dhash)
-    if (OUT / "index.json").exists() and read_json(OUT / "index.json").get("key") == key:
-        log.info("cache %s is up to date (key %s): nothing to do", OUT, key)
-        return
-    from stages.models import flux
+    from stages.models import flux, memory
 
     device = flux.default_device()
     dtype = flux.default_dtype(device)
+    plan = memory.plan(p.model, device)
+    dhash = data_hash(rows)
+    key = cache_key(p, dhash, plan.text_encoder_quantization)
+    if (OUT / "index.json").exists() and read_json(OUT / "index.json").get("key") == key:
+        log.info("cache %s is up to date (key %s): nothing to do", OUT, key)
+        return
+    log.info("memory plan: %s", plan.describe())
+    flux.preflight("encode", p, device, plan)
     sizes = cache_lib.buckets(p.train.resolution, p.train.buckets)
-    enc = Encoder(p, device, dtype)
     # assign buckets from the recorded sizes first; decode images bucket by bucket (bounded memory)
     by_bucket, rejects = defaultdict(list), []
     for row in iter_rows(CURATED / "train", columns=["id", "caption", "width", "height"]):
@@ -154,36 +189,46 @@ def main() -> None:
              "resolution": p.train.resolution, "flip": p.train.flip, "data_hash": dhash,
              "max_sequence_length": p.train.max_sequence_length, "dtype": str(dtype).replace("torch.", ""),
              "count": 0, "rejects": rejects, "buckets": []}
+    shards = plan_shards(by_bucket)
     with atomic_dir(OUT) as tmp:
-        for (w, h), items in tqdm(sorted(by_bucket.items()), desc="encode buckets", disable=logs.progress_disabled()):
-            files, count = [], 0
-            for k in range(0, len(items), SHARD_ROWS):
-                part = load_pixels(items[k:k + SHARD_ROWS], (w, h), rejects)
-                if not part:
-                    continue
-                tensors = encode_bucket(enc, part, (w, h), p.train.flip)
-                name = f"bucket-{w}x{h}-{k // SHARD_ROWS:03d}.safetensors"
-                save_file(tensors, tmp / name, metadata={"ids": json.dumps([r["id"] for r in part]),
-                                                          "captions": json.dumps([r["caption"] for r in part])})
-                files.append(name)
-                count += len(part)
-            if files:
-                index["buckets"].append({"width": w, "height": h, "count": count, "files": files})
-                index["count"] += count
-                log.info("bucket %dx%d: %d images", w, h, count)
-
-        for r in rejects:
-            log.warning("skipped %s: %s", r["id"], r["reason"])
-        e, pooled = enc.text([""])
+        # pass 1: every caption through the text encoders, then free them (T5-XXL is 8.9 GiB)
+        text = TextEncoder(p, device, dtype, plan)
+        for size, k, part in tqdm(shards, desc="encode captions", disable=logs.progress_disabled()):
+            e, pooled = text([r["caption"] for r in part])
+            save_file({"prompt_embeds": e, "pooled": pooled}, tmp / f"text-{shard_name(size, k)}")
+        e, pooled = text([""])
         save_file({"prompt_embeds": e[0], "pooled": pooled[0]}, tmp / "empty.safetensors")
-        e, pooled = enc.text(val_prompts)
+        e, pooled = text(val_prompts)
         save_file({"prompt_embeds": e, "pooled": pooled}, tmp / "validation.safetensors",
                   metadata={"prompts": json.dumps(val_prompts)})
+        del text
+        free()
+        # pass 2: the VAE alone; each shard = its latents + the rows' text embeddings from pass 1
+        images, files = ImageEncoder(p, device, dtype), defaultdict(list)
+        for size, k, part in tqdm(shards, desc="encode images", disable=logs.progress_disabled()):
+            texts = load_file(tmp / f"text-{shard_name(size, k)}")
+            (tmp / f"text-{shard_name(size, k)}").unlink()
+            decoded = load_pixels(part, size, rejects)
+            if not decoded:
+                continue
+            ok = {d["id"] for d in decoded}
+            keep = torch.tensor([i for i, r in enumerate(part) if r["id"] in ok])
+            tensors = encode_images(images, decoded, size, p.train.flip)
+            tensors.update({n: t[keep].contiguous() for n, t in texts.items()})
+            save_file(tensors, tmp / shard_name(size, k),
+                      metadata={"ids": json.dumps([r["id"] for r in decoded]),
+                                "captions": json.dumps([r["caption"] for r in decoded])})
+            files[size].append((shard_name(size, k), len(decoded)))
+        del images
+        free()
+        for (w, h), entries in sorted(files.items()):
+            count = sum(n for _, n in entries)
+            index["buckets"].append({"width": w, "height": h, "count": count, "files": [f for f, _ in entries]})
+            index["count"] += count
+            log.info("bucket %dx%d: %d images", w, h, count)
+        for r in rejects:
+            log.warning("skipped %s: %s", r["id"], r["reason"])
         write_json(tmp / "index.json", index)
-    del enc  # free the text encoders and the VAE before anything else runs
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     log.info("cached %d images in %d buckets (%d rejected) -> %s", index["count"], len(index["buckets"]),
              len(rejects), OUT)
 

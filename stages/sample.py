@@ -81,23 +81,6 @@ def grid(rows: list[list], row_labels: list[str], col_labels: list[str], title: 
     return sheet
 
 
-def render(pipe, prompts: list[str], seeds: list[int], sp, max_sequence_length: int) -> list:
-    """One image per (prompt, seed), in batches of ``sp.batch_size``; a CPU generator per image.
-    T5 prompts are padded to ``max_sequence_length`` tokens, the length the adapter was trained on."""
-    from tqdm import tqdm
-
-    jobs = [(pr, s) for pr in prompts for s in seeds]
-    out = []
-    for i in tqdm(range(0, len(jobs), sp.batch_size), desc="batches", disable=progress_disabled()):
-        batch = jobs[i:i + sp.batch_size]
-        gens = [torch.Generator("cpu").manual_seed(s) for _, s in batch]
-        result = pipe(prompt=[pr for pr, _ in batch], num_inference_steps=sp.steps,
-                      guidance_scale=sp.guidance, height=sp.resolution, width=sp.resolution,
-                      generator=gens, max_sequence_length=max_sequence_length, output_type="pil")
-        out.extend(result.images)
-    return out
-
-
 def main() -> None:
     p = params.load()
     logger = log.setup("sample")
@@ -112,30 +95,52 @@ def main() -> None:
                 len(sp.seeds), scales, sp.resolution, sp.steps, sp.guidance)
 
     compat.ensure_torchvision()  # before diffusers (see stages/core/compat.py)
-    from stages.models import flux
+    from stages.models import flux, memory, render
 
     t0 = time.perf_counter()
-    pipe = flux.load_pipeline(p.model)
-    pipe.set_progress_bar_config(disable=True)
+    device = flux.default_device()
+    plan = memory.plan(p.model, device)
+    flux.preflight("sample", p, device, plan)
+    jobs = [(pi, seed) for pi in range(len(prompts)) for seed in sp.seeds]
+    # 1. prompt embeddings, with the text encoders alone on the device
+    embeds, pooled = render.embed_prompts(p.model, full, p.train.max_sequence_length, plan, device=device)
+    rows = torch.tensor([pi for pi, _ in jobs])
+    embeds, pooled = embeds[rows], pooled[rows]
+    logger.info("prompt embeddings in %.1f s (%s)", time.perf_counter() - t0, plan.describe())
+    # 2. latents for every scale, with the transformer (+ adapter) alone on the device
+    pipe = render.transformer_pipeline(p.model, flux.load_transformer(p.model, device=device))
     if any(s > 0 for s in scales):
         pipe.load_lora_weights(str(LORA_DIR), weight_name=LORA_FILE, adapter_name=ADAPTER)
-    logger.info("pipeline ready in %.1f s", time.perf_counter() - t0)
+    logger.info("transformer ready in %.1f s", time.perf_counter() - t0)
+    latents = {}
+    from tqdm import tqdm
 
+    bar = tqdm(total=len(scales) * len(jobs), desc="sample images", disable=progress_disabled())
+    for scale in scales:
+        t1 = time.perf_counter()
+        if scale == 0:
+            if any(s > 0 for s in scales):
+                pipe.disable_lora()
+        else:
+            pipe.enable_lora()
+            pipe.set_adapters([ADAPTER], [scale])
+        done = len(latents) * len(jobs)
+        latents[scale] = render.denoise(pipe, embeds, pooled, [s for _, s in jobs], steps=sp.steps,
+                                        guidance=sp.guidance, height=sp.resolution, width=sp.resolution,
+                                        batch_size=sp.batch_size, progress=lambda n: bar.update(done + n - bar.n))
+        logger.info("%s: %d images in %.1f s", scale_label(scale), len(jobs), time.perf_counter() - t1)
+    bar.close()
+    del pipe
+    render.free_memory()
+    # 3. images, with the VAE alone on the device
+    vae = flux.load_vae(p.model, device=device)
     records, by_scale = [], {}
     with atomic_dir(OUT) as tmp:
         (tmp / "images").mkdir()
         (tmp / "grids").mkdir()
         for scale in scales:
-            t1 = time.perf_counter()
-            if scale == 0:
-                if any(s > 0 for s in scales):
-                    pipe.disable_lora()
-            else:
-                pipe.enable_lora()
-                pipe.set_adapters([ADAPTER], [scale])
-            imgs = render(pipe, full, list(sp.seeds), sp, p.train.max_sequence_length)
-            logger.info("%s: %d images in %.1f s", scale_label(scale), len(imgs), time.perf_counter() - t1)
-            for (pi, seed), img in zip([(i, s) for i in range(len(prompts)) for s in sp.seeds], imgs):
+            imgs = render.decode(vae, latents[scale], sp.resolution, sp.resolution)
+            for (pi, seed), img in zip(jobs, imgs):
                 name = f"images/p{pi:02d}-s{seed}-l{scale:.2f}.png"
                 img.save(tmp / name)
                 by_scale[(pi, seed, scale)] = img

@@ -132,9 +132,16 @@ def train(p, accelerator=None) -> dict:
     main_proc = accelerator is None or accelerator.is_main_process
     device = accelerator.device if accelerator else flux.default_device()
     cache = Cache(CACHE)
+    from stages.models import memory, offload
+
+    plan = memory.plan(p.model, device)
+    if main_proc:
+        log.info("memory plan: %s", plan.describe())
+        flux.preflight("train", p, device, plan)
     transformer = flux.load_transformer(p.model, device=device)
     trainer = Trainer(transformer, p.lora, p.train, seed=p.seed, device=device, accelerator=accelerator,
-                      empty_prompt=cache.empty)
+                      empty_prompt=cache.empty,
+                      offloader=offload.Offloader() if plan.offload_activations else None)
     fp = ckpt.fingerprint(p, cache.index["key"])
     start = 0
     found = ckpt.latest(CKPT_DIR, fp, p.train.steps) if main_proc else None

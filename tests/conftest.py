@@ -11,3 +11,14 @@ os.environ.setdefault("FLUXIMP_PROGRESS", "0")
 from stages.core import compat  # noqa: E402
 
 compat.ensure_torchvision()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quant_cache(tmp_path_factory):
+    """The quantize-once and prompt-embedding caches (stages.models.quant_cache) live in the
+    session's temp dir, never in the user's ~/.cache."""
+    os.environ["FLUXIMP_QUANT_CACHE"] = str(tmp_path_factory.mktemp("quant-cache"))
+    yield

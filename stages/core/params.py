@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -128,6 +128,8 @@ class Model(Section):
     base: str = "tiny-random"       # hub id, local diffusers folder, or "tiny-random"
     revision: Optional[str] = None
     quantization: Literal["none", "nf4", "int8", "fp8"] = "none"
+    vram_gb: Union[Literal["auto"], Literal[8, 12, 16, 24]] = Field(
+        "auto", description="the GPU's memory class: picks the memory-saving settings (stages/models/memory.py)")
 
 
 class Lora(Section):

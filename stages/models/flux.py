@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import string
 from pathlib import Path
 from typing import Optional
@@ -31,8 +32,7 @@ log = logging.getLogger(__name__)
 TINY = "tiny-random"
 TINY_VERSION = 1  # bump when the tiny architecture changes: a new cache folder is built
 ROOT = Path(__file__).resolve().parents[2]
-# bytes of a quantized transformer relative to its bf16 checkpoint on disk
-QUANT_FACTOR = {"nf4": 0.29, "int8": 0.52, "fp8": 0.52}
+T5_BLOCKS = ("encoder.block",)
 
 
 class ModelLoadError(SystemExit):
@@ -198,15 +198,18 @@ def available_bytes(device: torch.device) -> int:
 
 
 def check_memory(source: str, revision: Optional[str], components: list[str], quantization: str,
-                 device: torch.device, dtype: torch.dtype, margin: float = 1.15) -> int:
+                 device: torch.device, dtype: torch.dtype, margin: float = 1.15,
+                 text_quantization: str = "none") -> int:
     """Estimate the bytes the chosen components need on ``device``; fail before loading if the
     device has less free memory. Returns the estimate."""
+    from stages.models.memory import QUANT_FACTOR
+
     sizes = component_bytes(source, revision, components)
     scale = torch.finfo(dtype).bits / 16  # checkpoints are stored in bf16
     need = 0
     for comp, size in sizes.items():
-        quantized = comp == "transformer" and quantization != "none"
-        need += int(size * (QUANT_FACTOR[quantization] if quantized else scale))
+        mode = quantization if comp == "transformer" else text_quantization if comp == "text_encoder_2" else "none"
+        need += int(size * (QUANT_FACTOR[mode] if mode != "none" else scale))
     need = int(need * margin)
     free = available_bytes(device)
     if need > free:
@@ -234,7 +237,9 @@ def setup_backends() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
 
 
-def _prepare(model_params, device, dtype, components):
+def _prepare(model_params, device, dtype, components, text_quantization: str = "none"):
+    from stages.models import memory
+
     compat.ensure_torchvision()
     setup_backends()
     source = resolve_base(model_params)
@@ -242,57 +247,109 @@ def _prepare(model_params, device, dtype, components):
         check_access(source, model_params.revision)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
-    check_memory(source, model_params.revision, components, model_params.quantization, device, dtype)
+    memory.configure_allocator(device)
+    check_memory(source, model_params.revision, components, model_params.quantization, device, dtype,
+                 text_quantization=text_quantization)
     return source, device, dtype
 
 
-def load_pipeline(model_params, *, device=None, dtype=None, quantize: bool = True, lora: Optional[str] = None):
-    """The whole FluxPipeline (text encoders, VAE, transformer) on ``device``.
+def local_folder(source: str, revision: Optional[str], subfolder: str) -> Path:
+    """The folder holding ``subfolder``'s files: inside a local base, or its hub snapshot
+    (downloaded once into the Hugging Face cache, read from there offline)."""
+    if Path(source).exists():
+        return Path(source) / subfolder
+    from huggingface_hub import snapshot_download
 
-    With ``quantize`` the transformer is quantized per ``model.quantization`` (stages.models.quant)
-    before it moves to the device. ``lora`` (a folder or file) is loaded with ``load_lora_weights``.
-    """
+    return Path(snapshot_download(source, revision=revision, allow_patterns=[f"{subfolder}/*"])) / subfolder
+
+
+def _cache_name(source: str, subfolder: str) -> str:
+    return (re.sub(r"[^A-Za-z0-9._-]+", "_", source).strip("_")[-80:] or "model") + "-" + subfolder
+
+
+def load_transformer(model_params, *, device=None, dtype=None):
+    """Only the transformer (what training and sampling need once embeddings exist), its blocks
+    quantized per ``model.quantization`` while loading (stages.models.streaming: never the whole
+    bf16 model on the host); nf4 blocks come from the quantize-once cache after the first run
+    (stages.models.quant_cache). Frozen, on ``device``."""
+    from diffusers import FluxTransformer2DModel
+
+    from stages.models import quant, quant_cache
+
+    source, device, dtype = _prepare(model_params, device, dtype, ["transformer"])
+    log.info("loading transformer from %s (revision %s, quantization %s)", source, model_params.revision,
+             model_params.quantization)
+    folder = local_folder(source, model_params.revision, "transformer")
+    return quant_cache.load(FluxTransformer2DModel, folder, _cache_name(source, "transformer"),
+                            mode=model_params.quantization, device=device, dtype=dtype,
+                            block_lists=quant.BLOCK_LISTS)
+
+
+def load_text_encoders(model_params, *, device=None, dtype=None, text_quantization: str = "none"):
+    """A FluxPipeline holding only the tokenizers and text encoders (CLIP, T5), for
+    ``encode_prompt``. ``text_quantization="nf4"`` quantizes T5's blocks while loading (small
+    cards, stages.models.memory); nf4 T5 blocks are cached like the transformer's."""
+    from diffusers import FluxPipeline
+    from transformers import T5EncoderModel
+
+    from stages.models import quant_cache
+
+    source, device, dtype = _prepare(model_params, device, dtype, ["text_encoder", "text_encoder_2"],
+                                     text_quantization=text_quantization)
+    log.info("loading text encoders from %s (revision %s, T5 %s)", source, model_params.revision,
+             text_quantization)
+    folder = local_folder(source, model_params.revision, "text_encoder_2")
+    t5 = quant_cache.load(T5EncoderModel, folder, _cache_name(source, "text_encoder_2"), mode=text_quantization,
+                          device=device, dtype=dtype, block_lists=T5_BLOCKS)
+    pipe = FluxPipeline.from_pretrained(source, revision=model_params.revision, dtype=dtype, transformer=None,
+                                        vae=None, text_encoder_2=t5)
+    return pipe.to(device)
+
+
+def load_vae(model_params, *, device=None, dtype=None):
+    from diffusers import AutoencoderKL
+
+    source, device, dtype = _prepare(model_params, device, dtype, ["vae"])
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", revision=model_params.revision, dtype=dtype)
+    return vae.requires_grad_(False).eval().to(device)
+
+
+def load_pipeline(model_params, *, device=None, dtype=None, lora: Optional[str] = None):
+    """The whole FluxPipeline (text encoders, VAE, transformer) on ``device``, for interactive use
+    (the app, notebooks) on cards that hold it all; the stages load one model at a time instead.
+    The transformer comes from :func:`load_transformer` (quantized while loading)."""
     from diffusers import FluxPipeline
 
-    comps = ["transformer", "text_encoder", "text_encoder_2", "vae"]
-    source, device, dtype = _prepare(model_params, device, dtype, comps)
+    transformer = load_transformer(model_params, device=device, dtype=dtype)
+    source, device, dtype = _prepare(model_params, device, dtype, ["text_encoder", "text_encoder_2", "vae"])
     log.info("loading FluxPipeline from %s (revision %s, %s, %s)", source, model_params.revision, device, dtype)
-    pipe = FluxPipeline.from_pretrained(source, revision=model_params.revision, dtype=dtype)
-    if quantize and model_params.quantization != "none":
-        from stages.models import quant
-
-        pipe.transformer = quant.quantize(pipe.transformer, model_params.quantization, device)
+    pipe = FluxPipeline.from_pretrained(source, revision=model_params.revision, dtype=dtype,
+                                        transformer=transformer)
     pipe.to(device)
     if lora:
         pipe.load_lora_weights(lora)
     return pipe
 
 
-def load_transformer(model_params, *, device=None, dtype=None):
-    """Only the transformer (what training needs once latents and embeddings are cached),
-    quantized per ``model.quantization`` and moved to ``device``; frozen."""
-    from diffusers import FluxTransformer2DModel
+def preflight(stage: str, p, device, plan) -> None:
+    """Estimate ``stage``'s peak GPU memory and host RAM from the base's file sizes and stop
+    before loading anything when they do not fit (the message names ``model.vram_gb``)."""
+    import json
 
-    source, device, dtype = _prepare(model_params, device, dtype, ["transformer"])
-    log.info("loading transformer from %s (revision %s, quantization %s)", source, model_params.revision,
-             model_params.quantization)
-    model = FluxTransformer2DModel.from_pretrained(source, subfolder="transformer",
-                                                   revision=model_params.revision, dtype=dtype)
-    model.requires_grad_(False)
-    if model_params.quantization != "none":
-        from stages.models import quant
+    from stages.models import memory
 
-        model = quant.quantize(model, model_params.quantization, device)
-    return model.to(device)
-
-
-def load_encoders(model_params, *, device=None, dtype=None):
-    """The pipeline without its transformer (text encoders + VAE), for the encode stage."""
-    from diffusers import FluxPipeline
-
-    comps = ["text_encoder", "text_encoder_2", "vae"]
-    source, device, dtype = _prepare(model_params, device, dtype, comps)
-    log.info("loading text encoders and VAE from %s (revision %s)", source, model_params.revision)
-    pipe = FluxPipeline.from_pretrained(source, revision=model_params.revision, dtype=dtype,
-                                        transformer=None)
-    return pipe.to(device)
+    source = resolve_base(p.model)
+    comps = ["transformer", "text_encoder", "text_encoder_2", "vae"]
+    try:
+        sizes = component_bytes(source, p.model.revision, comps)
+    except Exception as err:  # no network for the hub's file list: the loaders check again
+        log.debug("memory preflight skipped: %s", err)
+        return
+    config = Path(source) / "transformer" / "config.json"
+    cfg = json.loads(config.read_text()) if config.exists() else {}
+    hidden = cfg.get("num_attention_heads", 24) * cfg.get("attention_head_dim", 128)
+    blocks = cfg.get("num_layers", 19) + cfg.get("num_single_layers", 38)
+    need = memory.estimate(stage, sizes, hidden, blocks, p, plan)
+    log.info("%s needs about %.1f GiB of GPU memory and %.1f GiB of host RAM (%s)", stage,
+             need.vram / memory.GIB, need.host / memory.GIB, plan.describe())
+    memory.check(need, stage, plan, torch.device(device))

@@ -50,14 +50,23 @@ def check_supported(mode: str, device: torch.device) -> None:
             raise QuantizationError(f"model.quantization={mode} needs torchao ({err})") from None
 
 
+def _nf4_linear(child: nn.Linear, compute_dtype: torch.dtype):
+    import bitsandbytes as bnb
+
+    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                          compute_dtype=compute_dtype, quant_type="nf4", device="meta")
+    if child.in_features % 64:  # bitsandbytes' CPU inference repacking needs whole 64-wide blocks
+        q.support_avx512bf16_for_cpu = False
+    return q
+
+
 def _swap_nf4(module: nn.Module, device: torch.device, compute_dtype: torch.dtype) -> int:
     import bitsandbytes as bnb
 
     count = 0
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear) and not isinstance(child, bnb.nn.Linear4bit):
-            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                  compute_dtype=compute_dtype, quant_type="nf4", device="meta")
+            q = _nf4_linear(child, compute_dtype)
             weight = child.weight.data.to(dtype=compute_dtype)  # quantized on its way to ``device``
             q.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4").to(device)
             if child.bias is not None:
@@ -69,36 +78,69 @@ def _swap_nf4(module: nn.Module, device: torch.device, compute_dtype: torch.dtyp
     return count
 
 
+def empty_nf4(module: nn.Module, compute_dtype: torch.dtype) -> int:
+    """Replace every ``nn.Linear`` below ``module`` by an empty (meta) nf4 ``Linear4bit``: the shell
+    that a saved quantized state (stages.models.quant_cache) is loaded into."""
+    import bitsandbytes as bnb
+
+    count = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear) and not isinstance(child, bnb.nn.Linear4bit):
+            setattr(module, name, _nf4_linear(child, compute_dtype))
+            count += 1
+        else:
+            count += empty_nf4(child, compute_dtype)
+    return count
+
+
 def _torchao_config(mode: str):
     import torchao.quantization as tq
 
     return tq.Int8WeightOnlyConfig() if mode == "int8" else tq.Float8WeightOnlyConfig()
 
 
-def quantize(model: nn.Module, mode: str, device=None) -> nn.Module:
-    """Quantize the transformer's blocks in place per ``mode`` and move them to ``device``
-    (the model's current device by default). The rest of the model is left where it is."""
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    return dtype if dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
+
+
+def quantize_block(block: nn.Module, mode: str, device: torch.device, compute: torch.dtype) -> int:
+    """Quantize one block's linear layers per ``mode`` and move the block to ``device``; returns how
+    many layers were quantized. Peak memory: the quantized model so far plus this one block."""
+    if mode == "nf4":
+        count = _swap_nf4(block, device, compute)
+        block.to(device)
+    else:
+        from torchao.quantization import quantize_
+
+        block.to(device)
+        quantize_(block, _torchao_config(mode), filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+        count = sum(isinstance(m, nn.Linear) for m in block.modules())
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return count
+
+
+def blocks(model: nn.Module, block_lists=BLOCK_LISTS) -> list[nn.Module]:
+    """The repeated blocks whose linears are quantized (``a.b`` paths name nested lists)."""
+    out = []
+    for path in block_lists:
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        out += list(obj or [])
+    return out
+
+
+def quantize(model: nn.Module, mode: str, device=None, block_lists=BLOCK_LISTS) -> nn.Module:
+    """Quantize the model's blocks in place per ``mode`` and move them to ``device`` (the model's
+    current device by default). The rest of the model is left where it is."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     check_supported(mode, device)
     if mode == "none":
         return model
-    dtype = next(model.parameters()).dtype
-    compute = dtype if dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
-    config = None if mode == "nf4" else _torchao_config(mode)
-    count = 0
-    for list_name in BLOCK_LISTS:
-        for block in getattr(model, list_name):
-            if mode == "nf4":
-                count += _swap_nf4(block, device, compute)
-                block.to(device)
-            else:
-                from torchao.quantization import quantize_
-
-                block.to(device)
-                quantize_(block, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
-                count += sum(isinstance(m, nn.Linear) for m in block.modules())
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    compute = compute_dtype(model)
+    count = sum(quantize_block(b, mode, device, compute) for b in blocks(model, block_lists))
     model.requires_grad_(False)
     log.info("quantized %d linear layers to %s on %s", count, mode, device)
     return model

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from stages.models import flow, lora
+from stages.models import offload as offload_lib
 from stages.models.cache import Batch
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,8 @@ def make_optimizer(params, train_params):
 
 class Trainer:
     def __init__(self, transformer, lora_params, train_params, *, seed: int, device=None,
-                 accelerator=None, empty_prompt: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+                 accelerator=None, empty_prompt: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                 offloader=None):
         from diffusers.optimization import get_scheduler
 
         self.device = torch.device(device) if device is not None else next(transformer.parameters()).device
@@ -67,6 +69,7 @@ class Trainer:
         if accelerator is not None and accelerator.num_processes > 1:
             self.model = accelerator.prepare_model(transformer)
         self.empty = empty_prompt
+        self.offloader = offloader  # stages.models.offload: saved activations in host memory
         self.autocast = self.device.type == "cuda" and self.base_dtype != torch.float32
 
     # ------------------------------------------------------------------ one micro-batch
@@ -94,7 +97,8 @@ class Trainer:
             img_ids=flow.image_ids(h, w, self.device), txt_ids=flow.text_ids(prompt.shape[1], self.device),
             guidance=torch.full((b,), tp.guidance, device=self.device) if self.guidance else None,
             return_dict=False)
-        with torch.autocast(self.device.type, dtype=dtype, enabled=self.autocast):
+        offload = offload_lib.activations(self.offloader) if self.offloader else contextlib.nullcontext()
+        with offload, torch.autocast(self.device.type, dtype=dtype, enabled=self.autocast):
             pred = self.model(**kwargs)[0]
         return flow.flow_loss(pred, target)
 

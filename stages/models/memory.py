@@ -1,0 +1,176 @@
+"""What fits on the user's card: one knob, ``model.vram_gb``, picks the memory-saving settings.
+
+``model.vram_gb`` is ``auto`` (the GPU's total memory, rounded down to a card class) or one of
+the classes 8 / 12 / 16 / 24. Each class is a :class:`Plan`, measured at real size on FLUX.1-dev's
+shapes (benchmarks/bench_real_path.py, reports/bench/real_path.md):
+
+| class | T5-XXL in encode/sample | train: checkpointed block inputs | text batch |
+|---|---|---|---|
+| 8  | nf4, quantized while loading (2.8 GiB instead of 8.9) | offloaded to pinned host memory | 4 |
+| 12 | bf16 | on the GPU | 4 |
+| 16 | bf16 | on the GPU | 16 |
+| 24 | bf16 | on the GPU | 32 |
+
+Independent of the class, every stage keeps one large model on the GPU at a time (encode: text
+encoders, then the VAE; sample: text encoders, then the transformer, then the VAE), the
+transformer is quantized while loading (never materialised in bf16 on the host) and, for nf4,
+read from the quantize-once cache after the first run (stages.models.quant_cache).
+
+On a machine without CUDA, ``auto`` is the unconstrained plan (nothing quantized or offloaded
+beyond ``model.quantization``); a class given explicitly applies there too, which is how the
+tests exercise the low-memory paths on CPU.
+
+:func:`preflight` estimates a stage's peak GPU memory and host RAM from the base's file sizes
+before anything is loaded and stops with the knob to change when they do not fit.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+GIB = 2 ** 30
+CARDS = (8, 12, 16, 24)
+# bytes of a quantized weight relative to its bf16 checkpoint (nf4: 4 bits + absmax; torchao: 8 bits)
+QUANT_FACTOR = {"none": 1.0, "nf4": 0.27, "int8": 0.52, "fp8": 0.52}
+
+
+class MemoryError_(SystemExit):
+    """A stage that will not fit (clear message naming the knob, clean exit)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    card_gib: Optional[int]          # the class planned for; None = unconstrained (CPU, auto)
+    text_encoder_quantization: str   # "none" | "nf4": T5 in encode and sample
+    offload_activations: bool        # train: checkpointed block inputs in pinned host memory
+    text_batch: int                  # prompts per T5 call
+
+    def describe(self) -> str:
+        card = f"{self.card_gib} GiB card" if self.card_gib else "no memory limit"
+        return (f"{card}: T5 {self.text_encoder_quantization if self.text_encoder_quantization != 'none' else 'as stored'}, "
+                f"activation offload {'on' if self.offload_activations else 'off'}, text batch {self.text_batch}")
+
+
+PLANS = {
+    8: Plan(8, "nf4", True, 4),
+    12: Plan(12, "none", False, 4),
+    16: Plan(16, "none", False, 16),
+    24: Plan(24, "none", False, 32),
+}
+UNCONSTRAINED = Plan(None, "none", False, 32)
+
+
+def card_class(total_bytes: int) -> int:
+    """The largest class a card of ``total_bytes`` holds (a "12 GB" card reports ~11.6 GiB)."""
+    gib = total_bytes / GIB + 0.6
+    fits = [c for c in CARDS if c <= gib]
+    return fits[-1] if fits else CARDS[0]
+
+
+def plan(model_params, device: Optional[torch.device] = None) -> Plan:
+    setting = getattr(model_params, "vram_gb", "auto")
+    if setting != "auto":
+        return PLANS[int(setting)]
+    device = torch.device(device) if device is not None else None
+    if device is None or device.type != "cuda" or not torch.cuda.is_available():
+        return UNCONSTRAINED
+    total = torch.cuda.get_device_properties(device).total_memory
+    if os.environ.get("FLUXIMP_VRAM_LIMIT_GIB"):  # an emulated smaller card (benchmarks)
+        total = min(total, float(os.environ["FLUXIMP_VRAM_LIMIT_GIB"]) * GIB)
+    return PLANS[card_class(int(total))]
+
+
+def configure_allocator(device: torch.device) -> None:
+    """Expandable segments: reserved memory follows allocated memory instead of keeping
+    fragmented blocks (what decides whether a stage fits an 8 GiB card)."""
+    if device.type == "cuda" and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+        try:
+            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+        except (AttributeError, RuntimeError) as err:  # older torch: keep the default allocator
+            log.debug("expandable segments unavailable: %s", err)
+
+
+# ----------------------------------------------------------------------------- estimates
+@dataclass
+class Need:
+    vram: int
+    host: int
+    what: str
+
+
+def _tokens(resolution: int, seq: int) -> int:
+    return (resolution // 16) ** 2 + seq
+
+
+def estimate(stage: str, sizes: dict[str, int], hidden: int, n_blocks: int, p, pl: Plan) -> Need:
+    """Peak GPU memory and host RAM of ``stage`` from the components' bf16 file sizes
+    (``sizes``), the transformer's hidden size and block count, and the params. Calibrated on
+    the real-size bench (reports/bench/real_path.md); deliberately a little pessimistic."""
+    q = p.model.quantization
+    tr = sizes.get("transformer", 0) * QUANT_FACTOR[q]
+    t5 = sizes.get("text_encoder_2", 0) * QUANT_FACTOR[pl.text_encoder_quantization]
+    clip, vae = sizes.get("text_encoder", 0), sizes.get("vae", 0)
+    host_base = 3 * GIB  # torch + CUDA libraries + one streamed block
+    res = p.train.resolution
+    pixels = res * res
+    vae_act = 1400 * pixels  # VAE encode/decode working set at bf16, bytes per pixel (measured)
+    text_act = pl.text_batch * p.train.max_sequence_length * 4096 * 2 * 12
+    if stage == "encode":
+        return Need(int(max(t5 + clip + text_act, vae + vae_act)), host_base, "T5 + CLIP, then the VAE")
+    if stage == "train":
+        tokens = _tokens(res, p.train.max_sequence_length) * p.train.batch_size
+        # what autograd keeps between forward and backward (block inputs and the like), and one
+        # checkpointed block's recompute + backward: 2.9 and 1.0 GiB for FLUX.1-dev at 1024²
+        saved = 0 if pl.offload_activations else 2 * n_blocks * tokens * hidden * 2
+        work = 36 * tokens * hidden * 2
+        lora_state = 16 * 20e6 * max(1, p.lora.rank / 16)
+        return Need(int(tr + saved + work + lora_state), host_base + 2 * n_blocks * tokens * hidden * 2,
+                    "the quantized transformer + training activations")
+    if stage == "sample":
+        sres = p.sample.resolution
+        tokens = _tokens(sres, p.train.max_sequence_length) * p.sample.batch_size
+        return Need(int(max(t5 + clip + text_act, tr + 24 * tokens * hidden * 2, vae + 1400 * sres * sres)),
+                    host_base, "T5 + CLIP, then the transformer, then the VAE")
+    return Need(2 * GIB, host_base, "CLIP for the metrics")
+
+
+def host_available() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check(need: Need, stage: str, pl: Plan, device: torch.device, vram_free: Optional[int] = None,
+          host_free: Optional[int] = None) -> None:
+    """Stop before loading when ``need`` does not fit, naming the knob that would make it fit."""
+    host_free = host_available() if host_free is None else host_free
+    if need.host > host_free:
+        raise MemoryError_(
+            f"{stage} needs about {need.host / GIB:.1f} GiB of host RAM ({need.what}); "
+            f"{host_free / GIB:.1f} GiB is available: close other programs, or lower train.resolution / "
+            "train.batch_size")
+    if device.type != "cuda":
+        return
+    if vram_free is None:
+        vram_free = torch.cuda.mem_get_info(device)[0]
+        if os.environ.get("FLUXIMP_VRAM_LIMIT_GIB"):
+            vram_free = min(vram_free, int(float(os.environ["FLUXIMP_VRAM_LIMIT_GIB"]) * GIB))
+    if need.vram > vram_free:
+        smaller = [c for c in CARDS if c < (pl.card_gib or 10 ** 6)]
+        hint = (f"set model.vram_gb={smaller[-1] if smaller else CARDS[0]} (or auto) to trade speed for memory"
+                if pl.card_gib != CARDS[0] else
+                "lower train.resolution / sample.resolution or train.batch_size; model.quantization=nf4 is the "
+                "smallest base")
+        raise MemoryError_(
+            f"{stage} needs about {need.vram / GIB:.1f} GiB of GPU memory with model.vram_gb="
+            f"{pl.card_gib or 'auto'} ({need.what}); {vram_free / GIB:.1f} GiB is free: {hint}")

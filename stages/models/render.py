@@ -1,0 +1,134 @@
+"""Images from prompts with one large model on the device at a time.
+
+``FluxPipeline(prompt=...)`` keeps T5-XXL (8.9 GiB in bf16), CLIP, the VAE and the transformer on
+the GPU together: 17.6 GiB peak for one 1024² image with an nf4 transformer. Rendering here runs
+the pipeline's three parts one after the other, each alone on the device:
+
+1. :func:`embed_prompts`: the text encoders (T5 in nf4 on small cards) turn every prompt into
+   embeddings, then are freed; the embeddings are cached, so a rerun (another LoRA, another
+   experiment) loads no text encoder at all;
+2. :func:`denoise`: the transformer (with its adapter) turns embeddings + seeded noise into
+   latents, through FluxPipeline's own loop (``output_type="latent"``); the caller frees it;
+3. :func:`decode`: the VAE turns the latents into images, exactly as the pipeline would.
+
+The images are the pipeline's: same embeddings, same noise (one CPU generator per image), same
+scheduler and same decoding; tests/test_render.py compares them with ``FluxPipeline(prompt=...)``.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def prompt_cache_file(model_params, prompts: list[str], max_sequence_length: int, plan, device) -> Path:
+    """Where the embeddings of ``prompts`` are kept between runs: keyed by both text encoders'
+    files (stages.models.quant_cache.key), T5's quantization, the dtype, the length and the text."""
+    from stages.models import flux, quant_cache
+
+    source = flux.resolve_base(model_params)
+    dtype = flux.default_dtype(torch.device(device))
+    keys = [quant_cache.key(flux.local_folder(source, model_params.revision, sub), mode, dtype)
+            for sub, mode in (("text_encoder", "none"), ("text_encoder_2", plan.text_encoder_quantization))]
+    blob = json.dumps([keys, max_sequence_length, prompts])
+    return quant_cache.root() / "prompt-embeddings" / f"{hashlib.sha256(blob.encode()).hexdigest()[:24]}.safetensors"
+
+
+@torch.no_grad()
+def embed_prompts(model_params, prompts: list[str], max_sequence_length: int, plan, *,
+                  device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5 embeddings (N, L, D) and CLIP pooled embeddings (N, P) of ``prompts``, on the CPU. The
+    text encoders are loaded for this and freed before returning; embeddings computed once are
+    read back from the cache (:func:`prompt_cache_file`), so a rerun loads no text encoder."""
+    from safetensors.torch import load_file, save_file
+
+    from stages.core.io import atomic_file
+    from stages.models import flux
+
+    device = torch.device(device) if device is not None else flux.default_device()
+    cached = prompt_cache_file(model_params, prompts, max_sequence_length, plan, device)
+    if cached.exists():
+        t = load_file(cached)
+        log.info("prompt embeddings from %s (no text encoder loaded)", cached)
+        return t["prompt_embeds"], t["pooled"]
+    pipe = flux.load_text_encoders(model_params, device=device, text_quantization=plan.text_encoder_quantization)
+    logging.getLogger("diffusers.pipelines.flux.pipeline_flux").setLevel(logging.ERROR)  # truncation notes
+    embeds, pooled = [], []
+    for i in range(0, len(prompts), plan.text_batch):
+        chunk = prompts[i:i + plan.text_batch]
+        e, pl, _ = pipe.encode_prompt(prompt=chunk, prompt_2=chunk, device=device,
+                                      max_sequence_length=max_sequence_length)
+        embeds.append(e.cpu())
+        pooled.append(pl.cpu())
+    del pipe
+    free_memory()
+    embeds, pooled = torch.cat(embeds), torch.cat(pooled)
+    try:
+        with atomic_file(cached, suffix=".safetensors") as tmp:
+            save_file({"prompt_embeds": embeds.contiguous(), "pooled": pooled.contiguous()}, tmp)
+    except OSError as err:  # a cache: a full disk must not stop the stage
+        log.warning("could not cache prompt embeddings in %s: %s", cached, err)
+    return embeds, pooled
+
+
+def transformer_pipeline(model_params, transformer):
+    """A FluxPipeline around ``transformer`` alone (scheduler from the base; no VAE, no text
+    encoders): what :func:`denoise` runs, and what LoRA adapters are loaded into."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    from stages.models import flux
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
+        flux.resolve_base(model_params), subfolder="scheduler", revision=model_params.revision)
+    pipe = FluxPipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def denoise(pipe, embeds: torch.Tensor, pooled: torch.Tensor, seeds: list[int], *, steps: int,
+            guidance: float, height: int, width: int, batch_size: int = 1,
+            progress: Optional[callable] = None) -> list[torch.Tensor]:
+    """Packed latents (1, seq, C) for every (embedding row, seed) pair ``embeds[k], seeds[k]``."""
+    device, dtype = pipe.transformer.device, pipe.transformer.dtype
+    out = []
+    for i in range(0, len(seeds), batch_size):
+        sl = slice(i, i + batch_size)
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[sl]]
+        latents = pipe(prompt_embeds=embeds[sl].to(device, dtype), pooled_prompt_embeds=pooled[sl].to(device, dtype),
+                       num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+                       generator=gens, output_type="latent", return_dict=False)[0]
+        out += [x[None].cpu() for x in latents]
+        if progress is not None:
+            progress(len(out))
+    return out
+
+
+@torch.no_grad()
+def decode(vae, latents: list[torch.Tensor], height: int, width: int) -> list:
+    """PIL images from packed latents, as FluxPipeline decodes them."""
+    from diffusers import FluxPipeline
+    from diffusers.image_processor import VaeImageProcessor
+
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    processor = VaeImageProcessor(vae_scale_factor=factor * 2)
+    images = []
+    for packed in latents:
+        x = FluxPipeline._unpack_latents(packed.to(vae.device, vae.dtype), height, width, factor)
+        x = x / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        images += processor.postprocess(vae.decode(x, return_dict=False)[0], output_type="pil")
+    return images

@@ -1,0 +1,189 @@
+"""The small-card path (issue 13) on the tiny model: streamed and cached quantized loads give the
+weights of the plain path, the cache is reused and invalidated correctly, rendering one model at a
+time gives FluxPipeline's images, sample loads no text encoder once embeddings exist, activation
+offload trains the same adapter, and the memory preflight names the knob."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from stages.core import params
+from stages.core.params import Model
+from stages.models import flux, memory, quant, quant_cache, render, streaming
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return flux.build_tiny_random(tmp_path_factory.mktemp("tiny") / "flux")
+
+
+@pytest.fixture
+def cache_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLUXIMP_QUANT_CACHE", str(tmp_path / "qcache"))
+    return tmp_path / "qcache"
+
+
+def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_streamed_load_equals_from_pretrained(tiny):
+    from diffusers import FluxTransformer2DModel
+    from transformers import T5EncoderModel
+
+    ref = FluxTransformer2DModel.from_pretrained(tiny, subfolder="transformer")
+    assert same_state(flux.load_transformer(Model(base=str(tiny)), device="cpu"), ref)
+    old_nf4 = quant.quantize(FluxTransformer2DModel.from_pretrained(tiny, subfolder="transformer"), "nf4", "cpu")
+    streamed = streaming.load(FluxTransformer2DModel, tiny / "transformer", mode="nf4", device="cpu",
+                              dtype=torch.float32, block_lists=quant.BLOCK_LISTS)
+    assert quant.quantized_linears(streamed) == quant.quantized_linears(old_nf4) > 0
+    assert same_state(streamed, old_nf4)
+    t5 = T5EncoderModel.from_pretrained(tiny, subfolder="text_encoder_2")
+    assert same_state(flux.load_text_encoders(Model(base=str(tiny)), device="cpu").text_encoder_2, t5)
+
+
+def test_streamed_load_names_missing_tensors(tiny, tmp_path):
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "transformer"
+    shutil.copytree(tiny / "transformer", folder)
+    f = next(folder.glob("*.safetensors"))
+    t = load_file(f)
+    save_file({k: v for k, v in t.items() if not k.startswith("proj_out")}, f)
+    with pytest.raises(streaming.WeightsError, match="lacks .*proj_out"):
+        streaming.load(FluxTransformer2DModel, folder, mode="none", device="cpu", dtype=torch.float32,
+                       block_lists=quant.BLOCK_LISTS)
+
+
+def test_quantize_once_cache_is_reused_and_invalidated(tiny, tmp_path, cache_root, monkeypatch):
+    base = tmp_path / "base"
+    shutil.copytree(tiny, base)
+    m = Model(base=str(base), quantization="nf4")
+    first = flux.load_transformer(m, device="cpu")
+    entries = sorted(p.name for p in cache_root.iterdir())
+    assert len(entries) == 1 and (cache_root / entries[0] / "meta.json").exists()
+
+    calls = []
+    real = streaming.read
+    monkeypatch.setattr(streaming, "read", lambda names, *a, **k: calls.append(list(names)) or real(names, *a, **k))
+    second = flux.load_transformer(m, device="cpu")
+    assert same_state(first, second)
+    assert not any(n.startswith("transformer_blocks.") for c in calls for n in c), "blocks re-read from bf16"
+
+    # another quantization is another key (int8 is not cached: the nf4 entry stays untouched)
+    assert quant_cache.key(base / "transformer", "nf4", torch.float32) != \
+        quant_cache.key(base / "transformer", "int8", torch.float32)
+    # the base's weights change (a new revision downloaded, a retrained base): a new entry replaces the old
+    f = next((base / "transformer").glob("*.safetensors"))
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10 ** 9))
+    calls.clear()
+    flux.load_transformer(m, device="cpu")
+    assert any(n.startswith("transformer_blocks.") for c in calls for n in c)
+    after = sorted(p.name for p in cache_root.iterdir())
+    assert len(after) == 1 and after != entries
+    # another base folder gets its own entry
+    other = tmp_path / "other"
+    shutil.copytree(tiny, other)
+    flux.load_transformer(Model(base=str(other), quantization="nf4"), device="cpu")
+    assert len(list(cache_root.iterdir())) == 2
+
+
+def test_cache_write_failure_does_not_stop_the_load(tiny, cache_root, monkeypatch):
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(quant_cache, "save_block", full_disk)
+    model = flux.load_transformer(Model(base=str(tiny), quantization="nf4"), device="cpu")
+    assert quant.quantized_linears(model) > 0
+    assert not any(cache_root.glob("*/meta.json"))
+
+
+def test_render_in_phases_gives_the_pipeline_images(tiny):
+    m = Model(base=str(tiny))
+    prompts, seeds = ["a harbour at dawn", "pears on a table"], [3, 4]
+    pipe = flux.load_pipeline(m, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(prompt=prompts, num_inference_steps=2, guidance_scale=3.5, height=64, width=64,
+               generator=[torch.Generator().manual_seed(s) for s in seeds], max_sequence_length=32).images
+    embeds, pooled = render.embed_prompts(m, prompts, 32, memory.UNCONSTRAINED, device="cpu")
+    tpipe = render.transformer_pipeline(m, flux.load_transformer(m, device="cpu"))
+    latents = render.denoise(tpipe, embeds, pooled, seeds, steps=2, guidance=3.5, height=64, width=64, batch_size=2)
+    images = render.decode(flux.load_vae(m, device="cpu"), latents, 64, 64)
+    for a, b in zip(ref, images):
+        diff = np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int))
+        assert diff.max() <= 1, diff.max()
+
+
+def test_prompt_embeddings_are_computed_once(tiny, cache_root, monkeypatch):
+    m = Model(base=str(tiny))
+    first = render.embed_prompts(m, ["a field of poppies"], 16, memory.UNCONSTRAINED, device="cpu")
+
+    def no_text_encoders(*a, **k):
+        raise AssertionError("the text encoders were loaded although the embeddings are cached")
+
+    monkeypatch.setattr(flux, "load_text_encoders", no_text_encoders)
+    again = render.embed_prompts(m, ["a field of poppies"], 16, memory.UNCONSTRAINED, device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    with pytest.raises(AssertionError, match="were loaded"):  # another prompt is another key
+        render.embed_prompts(m, ["a field of tulips"], 16, memory.UNCONSTRAINED, device="cpu")
+    with pytest.raises(AssertionError, match="were loaded"):  # nf4 T5 gives other embeddings
+        render.embed_prompts(m, ["a field of poppies"], 16, memory.PLANS[8], device="cpu")
+
+
+def test_activation_offload_trains_the_same_adapter(tiny):
+    from stages.models import lora, offload
+    from stages.models.cache import Batch
+    from stages.models.trainer import Trainer
+
+    p = params.Params()
+    p.train.gradient_checkpointing = True
+    gen = torch.Generator().manual_seed(0)
+    batch = Batch(torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 16, 32, generator=gen),
+                  torch.randn(2, 32, generator=gen), ["a", "b"])
+    adapters = []
+    for off in (None, offload.Offloader(min_bytes=0)):
+        t = Trainer(flux.load_transformer(Model(base=str(tiny)), device="cpu"), p.lora, p.train, seed=1,
+                    device="cpu", offloader=off)
+        for step in range(3):
+            t.step([batch], step)
+        adapters.append(lora.lora_state_dict(t.transformer))
+    assert off.packed > 0, "the offload hooks never saw a tensor"
+    a, b = adapters
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_card_classes_and_plans():
+    gib = memory.GIB
+    assert memory.card_class(int(11.6 * gib)) == 12  # a "12 GB" card
+    assert memory.card_class(int(7.8 * gib)) == 8
+    assert memory.card_class(int(23.6 * gib)) == 24 and memory.card_class(80 * gib) == 24
+    assert memory.plan(Model(), torch.device("cpu")) == memory.UNCONSTRAINED  # auto on CPU
+    small = memory.plan(Model(vram_gb=8))
+    assert small.text_encoder_quantization == "nf4" and small.offload_activations
+    assert not memory.plan(Model(vram_gb=16)).offload_activations
+    with pytest.raises(SystemExit, match="vram_gb"):
+        params.validate({**params.Params().model_dump(), "model": {"vram_gb": 10}})
+
+
+def test_preflight_names_the_knob():
+    p = params.Params()
+    p.model.quantization, p.train.resolution, p.train.max_sequence_length = "nf4", 1024, 512
+    p.train.batch_size = 1
+    sizes = {"transformer": int(22.2 * memory.GIB), "text_encoder_2": int(8.9 * memory.GIB),
+             "text_encoder": int(0.23 * memory.GIB), "vae": int(0.16 * memory.GIB)}
+    need = memory.estimate("train", sizes, 3072, 57, p, memory.PLANS[16])
+    cuda = torch.device("cuda")
+    with pytest.raises(SystemExit, match=r"model.vram_gb=12"):
+        memory.check(need, "train", memory.PLANS[16], cuda, vram_free=int(9 * memory.GIB), host_free=64 * memory.GIB)
+    small = memory.estimate("train", sizes, 3072, 57, p, memory.PLANS[8])
+    assert small.vram < 8 * memory.GIB < need.vram
+    memory.check(small, "train", memory.PLANS[8], cuda, vram_free=8 * memory.GIB, host_free=64 * memory.GIB)
+    encode16 = memory.estimate("encode", sizes, 3072, 57, p, memory.PLANS[16])
+    encode8 = memory.estimate("encode", sizes, 3072, 57, p, memory.PLANS[8])
+    assert encode8.vram < 8 * memory.GIB < encode16.vram
+    with pytest.raises(SystemExit, match="host RAM"):
+        memory.check(small, "train", memory.PLANS[8], cuda, vram_free=8 * memory.GIB, host_free=memory.GIB)
