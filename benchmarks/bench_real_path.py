@@ -1,0 +1,342 @@
+"""The real FLUX.1-dev path at real size on emulated 8 / 12 / 16 / 24 GiB cards (needs a CUDA GPU).
+
+Builds once per machine a FLUX.1-dev-shaped pipeline folder with random weights from the real
+configs (transformer 11.9B with guidance embeds, T5 v1.1 XXL encoder, CLIP ViT-L/14 text model,
+the Flux VAE with 16 latent channels, FLUX.1-dev's scheduler; offline tokenizers), then runs the
+stages' own ``main()`` (encode, train, sample, evaluate) on a small curated set (8 + 2 synthetic
+1024² images), each stage in its own process, with the card emulated by
+``torch.cuda.set_per_process_memory_fraction`` and ``model.vram_gb`` set to the card. Memory and
+speed depend on shapes, not on weights. Tracking is off (``FLUXIMP_MLFLOW=0``); dvc is not needed.
+
+In the same run: the transformer load through the project (cold: quantized while loading; cached:
+read from the quantize-once cache) beside diffusers' documented low-memory recipe
+(``BitsAndBytesConfig`` nf4 while loading; sampling with 8-bit T5, with and without
+``enable_model_cpu_offload``), the anchor ANCHORS.md names.
+
+    python benchmarks/bench_real_path.py run --base /tmp/flux-dev-shaped --cards 8,12,16,24 --out reports/bench
+
+writes ``real_path.jsonl`` (one JSON object per stage and card: stage, card_gib, vram_peak_gib,
+vram_reserved_gib, host_rss_gib, seconds, ok, and per-stage timings) and ``real_path.md``.
+``--phases`` limits a run to some of ``load,peer,stages`` (a lease is short: the jsonl is appended,
+so runs can be split; ``report`` rewrites the table from the jsonl).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+GIB = 2 ** 30
+STAGES = ("encode", "train", "sample", "evaluate")
+
+
+def rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+# ----------------------------------------------------------------------------- the folder
+def build(path: Path) -> dict:
+    """FLUX.1-dev-shaped FluxPipeline with random bf16 weights, saved like the hub folder."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from stages.core import compat
+    from stages.models.flux import _tiny_tokenizers
+
+    compat.ensure_torchvision()
+    clip_tok, t5_tok = _tiny_tokenizers()
+    t0 = time.time()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        transformer = FluxTransformer2DModel(guidance_embeds=True)  # FLUX.1-dev's defaults
+        t5 = T5EncoderModel(T5Config(  # google/t5-v1_1-xxl
+            vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+            relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+            pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id))
+        clip = CLIPTextModel(CLIPTextConfig(  # openai/clip-vit-large-patch14 text tower
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+            bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
+            pad_token_id=clip_tok.pad_token_id))
+        vae = AutoencoderKL(  # FLUX.1-dev's VAE
+            in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+            up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+            latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=0.3611,
+            shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    torch.set_default_dtype(torch.float32)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5,
+                        tokenizer_2=t5_tok, transformer=transformer)
+    built = time.time() - t0
+    t0 = time.time()
+    pipe.save_pretrained(path, safe_serialization=True)
+    sizes = {c: round(sum(f.stat().st_size for f in (path / c).iterdir()) / GIB, 2)
+             for c in ("transformer", "text_encoder", "text_encoder_2", "vae")}
+    return {"phase": "build", "built_s": round(built, 1), "saved_s": round(time.time() - t0, 1), "GiB": sizes}
+
+
+# ----------------------------------------------------------------------------- a project
+def project(root: Path, base: Path, card: int, steps: int) -> Path:
+    """A scratch project for one card: params.yaml (flux-dev settings at 1024², nf4, rank 16,
+    batch 1; model.vram_gb = the card), a one-prompt file and 8 + 2 curated 1024² images."""
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    from stages.core import params, shards
+
+    root.mkdir(parents=True, exist_ok=True)
+    raw = params.Params().model_dump()
+    raw["model"].update(base=str(base), quantization="nf4", vram_gb=card)
+    raw["lora"].update(rank=16)
+    raw["train"].update(resolution=1024, batch_size=1, steps=steps, lr=1e-4, warmup_steps=0, buckets=False,
+                        max_sequence_length=512, gradient_checkpointing=True, checkpoint_every=steps,
+                        validate_every=0)
+    raw["sample"].update(prompts="prompts.txt", seeds=[0, 1], steps=4, guidance=3.5, lora_scales=[0.0, 1.0],
+                         resolution=1024, batch_size=1)
+    raw["clip"].update(model="ViT-L-14", pretrained=None, batch_size=16)
+    raw["eval"].update(trait_size=256, kid_subset_size=2)
+    (root / "params.yaml").write_text(yaml.safe_dump(params.validate(raw).model_dump()))
+    (root / "prompts.txt").write_text("a harbour at dawn with fishing boats\n")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("holdout", 2)):
+        rows = []
+        for i in range(n):
+            yy, xx = np.mgrid[0:1024, 0:1024]
+            base_col = rng.uniform(60, 220, 3)
+            arr = base_col + 30 * np.sin(xx[..., None] / rng.uniform(5, 40) + rng.uniform(0, 6, 3)) \
+                + rng.normal(0, 12, (1024, 1024, 3))
+            buf = io.BytesIO()
+            Image.fromarray(np.clip(arr, 0, 255).astype("uint8")).save(buf, "PNG")
+            data = buf.getvalue()
+            rows.append({"id": hashlib.sha256(data).hexdigest(), "image": data, "format": "png", "width": 1024,
+                         "height": 1024, "caption": f"a painting of a harbour number {i}, impressionism style"})
+        shards.write_shards(rows, root / "data" / "curated" / split, shard_rows=64)
+    return root
+
+
+# ----------------------------------------------------------------------------- one stage
+def stage(name: str, root: Path, card: int) -> dict:
+    """Run ``stages.<name>.main()`` in this process (cwd = the project) under a ``card`` GiB limit."""
+    import torch
+
+    cuda = torch.cuda.is_available()  # without one: a dry run of the driver on the tiny model
+    os.environ["FLUXIMP_VRAM_LIMIT_GIB"] = str(card)  # what the memory preflight sees as free
+    if cuda:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, card * GIB / torch.cuda.get_device_properties(0).total_memory))
+    os.chdir(root)
+    from stages.models import flux, render
+
+    timings: dict = {}
+
+    def timed(mod, attr, key):
+        real = getattr(mod, attr)
+
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            out = real(*a, **k)
+            if cuda:
+                torch.cuda.synchronize()
+            timings[key] = round(timings.get(key, 0) + time.perf_counter() - t0, 2)
+            return out
+        setattr(mod, attr, wrapper)
+
+    timed(flux, "load_transformer", "transformer_load_s")
+    timed(flux, "load_text_encoders", "text_encoders_load_s")
+    timed(render, "denoise", "denoise_s")
+    module = __import__(f"stages.{name}", fromlist=["main"])
+    out = {"stage": name, "card_gib": card}
+    t0 = time.perf_counter()
+    try:
+        module.main()
+        out["ok"] = True
+    except BaseException as err:  # an OOM is a result, not a crash of the bench
+        out["ok"], out["error"] = False, f"{type(err).__name__}: {str(err)[-300:]}"
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    out.update(timings)
+    if cuda:
+        out["vram_peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
+        out["vram_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 2)
+    out["host_rss_gib"] = round(rss_gib(), 2)
+    if name == "train" and out["ok"]:
+        rows = [ln.split("\t") for ln in Path("reports/train/loss.tsv").read_text().splitlines()]
+        col = rows[0].index("step_time")
+        times = [float(r[col]) for r in rows[1:]][2:]  # after two warm-up steps
+        out["s_per_step"] = round(statistics.median(times), 3)
+    if name == "sample" and out["ok"]:
+        images = len(json.loads(Path("reports/samples/index.json").read_text())["images"])
+        out["s_per_image"] = round(timings.get("denoise_s", 0) / images, 2)
+    return out
+
+
+# ----------------------------------------------------------------------------- loads and the recipe
+def load(kind: str, base: Path) -> dict:
+    """The project's transformer load: ``cold`` (quantize while loading, cache emptied first) or
+    ``cached`` (the quantize-once cache)."""
+    import shutil
+
+    import torch
+
+    from stages.core.params import Model
+    from stages.models import flux, quant_cache
+
+    if kind == "cold":
+        shutil.rmtree(quant_cache.root(), ignore_errors=True)
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    flux.load_transformer(Model(base=str(base), quantization="nf4"), device="cuda")
+    torch.cuda.synchronize()
+    return {"stage": f"load-{kind}", "card_gib": None, "ok": True, "seconds": round(time.perf_counter() - t0, 1),
+            "vram_peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 2),
+            "vram_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 2), "host_rss_gib": round(rss_gib(), 2)}
+
+
+def peer(kind: str, base: Path) -> dict:
+    """diffusers' documented low-memory recipe on the same folder (what a user would pick instead)."""
+    import torch
+    from diffusers import BitsAndBytesConfig as DiffusersBnb, FluxPipeline, FluxTransformer2DModel
+    from transformers import BitsAndBytesConfig as TransformersBnb, T5EncoderModel
+
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    nf4 = DiffusersBnb(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    transformer = FluxTransformer2DModel.from_pretrained(base, subfolder="transformer", torch_dtype=torch.bfloat16,
+                                                         quantization_config=nf4)
+    out = {"stage": f"recipe-{kind}", "card_gib": None, "ok": True, "load_s": round(time.perf_counter() - t0, 1)}
+    if kind != "load":
+        t5 = T5EncoderModel.from_pretrained(base, subfolder="text_encoder_2", dtype=torch.bfloat16,
+                                            quantization_config=TransformersBnb(load_in_8bit=True))
+        pipe = FluxPipeline.from_pretrained(base, transformer=transformer, text_encoder_2=t5, dtype=torch.bfloat16)
+        if kind == "sample-offload":
+            pipe.enable_model_cpu_offload()
+        else:
+            pipe.to("cuda")
+        pipe.set_progress_bar_config(disable=True)
+        out["load_s"] = round(time.perf_counter() - t0, 1)
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            pipe(prompt=["a harbour at dawn"], num_inference_steps=4, guidance_scale=3.5, height=1024, width=1024,
+                 max_sequence_length=512, generator=torch.Generator("cpu").manual_seed(0))
+        torch.cuda.synchronize()
+        out["s_per_image"] = round(time.perf_counter() - t1, 2)
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    out["vram_peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
+    out["vram_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 2)
+    out["host_rss_gib"] = round(rss_gib(), 2)
+    return out
+
+
+# ----------------------------------------------------------------------------- driver and report
+def child(args: list[str], env: dict) -> dict:
+    """One phase in a fresh process (peak RSS and VRAM are per process); its last line is JSON."""
+    proc = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if lines:
+        return json.loads(lines[-1])
+    return {"stage": args[1], "ok": False, "error": (proc.stderr or proc.stdout)[-600:], "card_gib": None}
+
+
+def report(rows: list[dict], path: Path, command: str) -> None:
+    def g(r, k, fmt="{}"):
+        return fmt.format(r[k]) if r.get(k) is not None else "—"
+
+    lines = ["# The real path at real size (FLUX.1-dev shapes, random weights)", "",
+             f"Command: `{command}`", "",
+             "Each row is one process. Cards are emulated with `torch.cuda.set_per_process_memory_fraction`; "
+             "`model.vram_gb` = the card. 1024², nf4, rank 16, batch 1, 512 T5 tokens.", "",
+             "| stage | card GiB | ok | VRAM peak alloc GiB | VRAM peak reserved GiB | host RSS peak GiB | seconds | "
+             "transformer load s | s/step | s/image | note |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if r.get("phase") == "build":
+            continue
+        lines.append(f"| {r['stage']} | {g(r, 'card_gib')} | {'yes' if r.get('ok') else '**no**'} | "
+                     f"{g(r, 'vram_peak_gib')} | {g(r, 'vram_reserved_gib')} | {g(r, 'host_rss_gib')} | "
+                     f"{g(r, 'seconds')} | {g(r, 'transformer_load_s') if 'transformer_load_s' in r else g(r, 'load_s')} | "
+                     f"{g(r, 's_per_step')} | {g(r, 's_per_image')} | {r.get('error', '')[:120]} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--base", type=Path, default=Path("/tmp/flux-dev-shaped"))
+    r.add_argument("--work", type=Path, default=Path("/tmp/real-path"))
+    r.add_argument("--cards", default="8,12,16,24")
+    r.add_argument("--steps", type=int, default=8)
+    r.add_argument("--phases", default="load,peer,stages")
+    r.add_argument("--out", type=Path, default=REPO / "reports" / "bench")
+    sub.add_parser("build").add_argument("dir", type=Path)
+    s = sub.add_parser("stage")
+    s.add_argument("name", choices=STAGES)
+    s.add_argument("root", type=Path)
+    s.add_argument("card", type=int)
+    for n in ("load", "peer"):
+        x = sub.add_parser(n)
+        x.add_argument("kind")
+        x.add_argument("base", type=Path)
+    rep = sub.add_parser("report")
+    rep.add_argument("--out", type=Path, default=REPO / "reports" / "bench")
+    a = ap.parse_args()
+
+    if a.cmd == "build":
+        print(json.dumps(build(a.dir)), flush=True)
+    elif a.cmd == "stage":
+        print(json.dumps(stage(a.name, a.root, a.card)), flush=True)
+    elif a.cmd == "load":
+        print(json.dumps(load(a.kind, a.base)), flush=True)
+    elif a.cmd == "peer":
+        print(json.dumps(peer(a.kind, a.base)), flush=True)
+    elif a.cmd == "report":
+        rows = [json.loads(ln) for ln in (a.out / "real_path.jsonl").read_text().splitlines() if ln.strip()]
+        report(rows, a.out / "real_path.md", "python benchmarks/bench_real_path.py run (see the jsonl)")
+    else:
+        a.out.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               "FLUXIMP_MLFLOW": "0", "FLUXIMP_PROGRESS": "0", "HF_HUB_OFFLINE": "1",
+               "FLUXIMP_QUANT_CACHE": str(a.work / "qcache"), "FLUXIMP_CACHE": str(a.work / "cache")}
+        jsonl = a.out / "real_path.jsonl"
+
+        def emit(row):
+            print(json.dumps(row), flush=True)
+            with open(jsonl, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+        if not (a.base / "model_index.json").exists():
+            emit(child(["build", str(a.base)], env))
+        phases = a.phases.split(",")
+        if "load" in phases:
+            for kind in ("cold", "cached"):
+                emit(child(["load", kind, str(a.base)], env))
+        if "peer" in phases:
+            for kind in ("load", "sample", "sample-offload"):
+                emit(child(["peer", kind, str(a.base)], env))
+        if "stages" in phases:
+            import shutil
+
+            for card in [int(c) for c in a.cards.split(",")]:
+                root = project(a.work / f"card-{card}", a.base, card, a.steps)
+                for name in STAGES:
+                    if name == "sample":  # worst case: the prompt embeddings are not cached yet
+                        shutil.rmtree(a.work / "qcache" / "prompt-embeddings", ignore_errors=True)
+                    emit(child(["stage", name, str(root), str(card)], env))
+        rows = [json.loads(ln) for ln in jsonl.read_text().splitlines() if ln.strip()]
+        report(rows, a.out / "real_path.md", "python benchmarks/bench_real_path.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
