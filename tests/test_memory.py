@@ -187,3 +187,29 @@ def test_preflight_names_the_knob():
     assert encode8.vram < 8 * memory.GIB < encode16.vram
     with pytest.raises(SystemExit, match="host RAM"):
         memory.check(small, "train", memory.PLANS[8], cuda, vram_free=8 * memory.GIB, host_free=memory.GIB)
+
+
+def test_block_swap_trains_the_same_adapter_and_moves_only_frozen_weights(tiny):
+    from stages.models import lora, offload
+    from stages.models.cache import Batch
+    from stages.models.trainer import Trainer
+
+    p = params.Params()
+    p.model.quantization = "nf4"
+    gen = torch.Generator().manual_seed(0)
+    batch = Batch(torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 16, 32, generator=gen),
+                  torch.randn(2, 32, generator=gen), ["a", "b"])
+    adapters = []
+    for swap in (0, 2):
+        t = Trainer(flux.load_transformer(Model(base=str(tiny), quantization="nf4"), device="cpu"), p.lora,
+                    p.train, seed=1, device="cpu")
+        if swap:
+            s = offload.BlockSwap(list(t.transformer.single_transformer_blocks), "cpu")
+            assert s.swapped == 2
+            trainable = {n for n, prm in t.transformer.named_parameters() if prm.requires_grad}
+            assert trainable and all("lora" in n for n in trainable)
+        for step in range(2):
+            t.step([batch], step)
+        adapters.append(lora.lora_state_dict(t.transformer))
+    a, b = adapters
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
