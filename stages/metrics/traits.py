@@ -64,6 +64,14 @@ DIAGNOSTICS = ("pure_colour",)
 DIRECTION = {"stroke_isotropy": 1, "broken_colour": 1, "cool_shadows": 1, "dark_share": -1,
              "light_key": 1, COMPOSITE: 1, "pure_colour": 1}
 
+# One line each, for tables (report, model card): what the number measures.
+LABELS = {"stroke_isotropy": "short strokes: structure-tensor isotropy of the textured pixels",
+          "broken_colour": "broken colour: hue change over value change between stroke-sized patches",
+          "cool_shadows": "coloured shadows: share of the darkest 20% that is cool and chromatic",
+          "dark_share": "no black: share of dark pixels (OKLab L < 0.35; lower = more Impressionist)",
+          "light_key": "light: mean minus spread of OKLab lightness",
+          COMPOSITE: "Impressionism score: frozen logistic composite of the five traits"}
+
 # Frozen composite (fitted by `python benchmarks/bench_traits_realart.py --fit` at size 256 on the
 # realart corpus; see docs/evaluation.md). Per trait: (mean, sd, weight).
 COMPOSITE_WEIGHTS = {
@@ -164,6 +172,17 @@ def trait_table(images: Iterable[Image.Image | np.ndarray], size: int = 64) -> d
     """Per-trait arrays over ``images`` (one value per image, in order)."""
     rows = [image_traits(im, size) for im in images]
     return {k: np.array([r[k] for r in rows], dtype=np.float64) for k in NAMES}
+
+
+def distance(table: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per trait: |mean of ``table`` - mean of ``ref``| in standard deviations of ``ref`` (raw units
+    where ``ref`` does not vary): how far a set of images is from the reference paintings."""
+    out = {}
+    for k in NAMES:
+        sd = float(np.std(ref[k])) if len(ref[k]) > 1 else 0.0
+        gap = abs(float(np.mean(table[k])) - float(np.mean(ref[k])))
+        out[k] = gap / sd if sd > 1e-9 else gap
+    return out
 
 
 def mean_traits(images: Iterable[Image.Image | np.ndarray], size: int = 64) -> dict[str, float]:
