@@ -8,9 +8,10 @@ of the side spans several pixels). Measured on 126 real paintings (docs/evaluati
 reports/bench/traits_realart.md: ``benchmarks/bench_traits_realart.py``):
 
 ``stroke_isotropy`` (short visible strokes, +1)
-    1 - the mean structure-tensor coherence of the textured pixels (OKLab L gradient above
-    ``TEXTURE_GRAD`` per image side), the tensor averaged over a Gaussian window of
-    ``STROKE_SIGMA`` of the side (a window about 2 % of the side across). Dabs and short strokes laid
+    1 - the mean coherence of the colour structure tensor (Di Zenzo: the gradient tensors of OKLab
+    L, a and b summed) over the textured pixels (gradient above ``TEXTURE_GRAD`` per image side),
+    the tensor averaged over a Gaussian window of ``STROKE_SIGMA`` of the side (a window about 2 %
+    of the side across). Dabs and short strokes laid
     in many directions are locally isotropic (high); long straight edges, lines, hatching and
     smooth gradients are locally coherent (low).
 ``broken_colour`` (colour laid side by side rather than modelled in value, +1)
@@ -75,13 +76,13 @@ LABELS = {"stroke_isotropy": "short strokes: structure-tensor isotropy of the te
 # Frozen composite (fitted by `python benchmarks/bench_traits_realart.py --fit` at size 256 on the
 # realart corpus; see docs/evaluation.md). Per trait: (mean, sd, weight).
 COMPOSITE_WEIGHTS = {
-    "stroke_isotropy": (0.334915, 0.0893876, 0.53042),
-    "broken_colour": (0.213941, 0.0917991, 0.181689),
-    "cool_shadows": (0.0611442, 0.141903, 0.150195),
-    "dark_share": (0.245838, 0.227465, -0.454285),
-    "light_key": (0.363953, 0.136037, 0.412667),
+    "stroke_isotropy": (0.350735, 0.0945783, 0.576194),
+    "broken_colour": (0.213941, 0.0917991, 0.166255),
+    "cool_shadows": (0.0611442, 0.141903, 0.150716),
+    "dark_share": (0.245838, 0.227465, -0.45314),
+    "light_key": (0.363953, 0.136037, 0.404247),
 }
-COMPOSITE_BIAS = -0.153742
+COMPOSITE_BIAS = -0.150293
 
 
 def to_rgb_array(img: Image.Image | np.ndarray, size: int) -> np.ndarray:
@@ -108,13 +109,17 @@ def srgb_to_oklab(rgb: np.ndarray) -> np.ndarray:
                                     [0.0259040371, 0.7827717662, -0.8086757660]]).T
 
 
-def stroke_isotropy(L: np.ndarray) -> float:
-    """1 - mean structure-tensor coherence over the textured pixels of ``L`` (n, n); 0 when none."""
-    n = L.shape[0]
-    g = ndimage.gaussian_filter(L, 0.5)
-    gx, gy = ndimage.sobel(g, 1) / 8.0, ndimage.sobel(g, 0) / 8.0
+def stroke_isotropy(lab: np.ndarray) -> float:
+    """1 - mean coherence of the colour structure tensor over the textured pixels of ``lab`` (n, n, 3);
+    0 when nothing is textured (a flat picture or a smooth gradient)."""
+    n = lab.shape[0]
+    jxx = jyy = jxy = 0.0
+    for c in range(3):  # Di Zenzo: the tensors of L, a and b summed (a hue edge is an edge too)
+        g = ndimage.gaussian_filter(lab[..., c], 0.5)
+        gx, gy = ndimage.sobel(g, 1) / 8.0, ndimage.sobel(g, 0) / 8.0
+        jxx, jyy, jxy = jxx + gx * gx, jyy + gy * gy, jxy + gx * gy
     sigma = max(STROKE_SIGMA * n, 0.7)
-    jxx, jyy, jxy = (ndimage.gaussian_filter(x, sigma) for x in (gx * gx, gy * gy, gx * gy))
+    jxx, jyy, jxy = (ndimage.gaussian_filter(x, sigma) for x in (jxx, jyy, jxy))
     trace = jxx + jyy
     textured = np.sqrt(trace) > TEXTURE_GRAD / n
     if not textured.any():
@@ -156,7 +161,7 @@ def image_traits(img: Image.Image | np.ndarray, size: int = 64, diagnostics: boo
     """All of NAMES for one image (and DIAGNOSTICS when asked; see the module docstring)."""
     lab = srgb_to_oklab(to_rgb_array(img, size))
     L = lab[..., 0]
-    out = {"stroke_isotropy": stroke_isotropy(L),
+    out = {"stroke_isotropy": stroke_isotropy(lab),
            "broken_colour": broken_colour(lab),
            "cool_shadows": cool_shadows(lab),
            "dark_share": float((L < DARK_L).mean()),
