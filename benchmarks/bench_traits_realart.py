@@ -1,10 +1,11 @@
 """Do the Impressionism traits hold on real paintings? AUC, bootstrap intervals and scan noise.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.bench_traits_realart [--corpus ../shared/realart] [--size 256 64]
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.bench_traits_realart --fit   # refit the composite, print the constants
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.bench_traits_realart --fit  # refit, print the constants
 
 Reads ``labels.csv`` of the corpus (file, artist, era old/c19/modern, impressionist 1/0, role
-corpus/dupe, dup_of). For each trait of ``traits.NAMES`` (and ``traits.DIAGNOSTICS``), at each size:
+corpus/dupe, dup_of). For each trait of ``traits.NAMES`` (what evaluate reports) and of
+``traits.DIAGNOSTICS`` (measured, not reported), at each size:
 the group means; the AUC of "Impressionist vs all others" in the direction ``traits.DIRECTION``
 claims (0.5 = no signal, < 0.5 = the wrong way), with a stratified bootstrap 95 % interval, for all
 others / old masters only / modern only; and the scan noise: |trait(dupe) - trait(original)| over the
@@ -104,17 +105,19 @@ def report(rows, values, size: int, rng) -> list[str]:
         means = [X[y == 1, j].mean()] + [X[(y == 0) & (era == e), j].mean() for e in ("old", "c19", "modern")]
         cells, ok = [], True
         goal_all = 0.90 if k == traits.COMPOSITE else 0.75
-        for sel, goal in ((y >= 0, goal_all), ((y == 1) | (era == "old"), 0.0), ((y == 1) | (era == "modern"), 0.70)):
+        groups = ((y >= 0, goal_all), ((y == 1) | (era == "old"), 0.0), ((y == 1) | (era == "modern"), 0.70))
+        for sel, goal in groups:
             a, lo, hi = boot_auc(y[sel], s[sel], rng)
             ok &= a >= goal
             cells.append(f"{a:.2f} [{lo:.2f}, {hi:.2f}]")
         gap = abs(X[y == 1, j].mean() - X[y == 0, j].mean())
         noise = np.array([abs(values[a][k] - values[b][k]) for a, b in pairs]) / gap
         ok &= float(np.median(noise)) < 0.25
-        label = k + (" (diagnostic, not reported)" if k in traits.DIAGNOSTICS else "")
-        out.append(f"| {label} | {traits.DIRECTION[k]:+d} | " + " | ".join(f"{m:.4g}" for m in means) + " | " +
-                   " | ".join(cells) + f" | {np.median(noise):.2f} / {noise.max():.2f} | {'yes' if ok else 'NO'} |")
-    Xt, yt, erat, artist = corpus_arrays(rows, values, traits.TRAITS)
+        label = k + (" (composite component, not reported)" if k in traits.DIAGNOSTICS and k in traits.COMPONENTS
+                     else " (diagnostic, not reported)" if k in traits.DIAGNOSTICS else "")
+        out.append(f"| {label} | {traits.DIRECTION[k]:+d} | " + " | ".join(f"{m:.4g}" for m in means) + " | "
+                   + " | ".join(cells) + f" | {np.median(noise):.2f} / {noise.max():.2f} | {'yes' if ok else 'NO'} |")
+    Xt, yt, erat, artist = corpus_arrays(rows, values, traits.COMPONENTS)
     mean_cv, lo_cv, hi_cv, modern_cv = cross_validated_auc(Xt, yt, erat, artist)
     out += ["", f"Composite, cross-validated ({FOLDS}-fold artist-grouped, {REPEATS} repeats, refit each fold): "
             f"AUC all **{mean_cv:.3f}** (repeats {lo_cv:.3f}-{hi_cv:.3f}), vs modern {modern_cv:.3f}. "
@@ -132,10 +135,10 @@ def main() -> None:
     for size in args.size:
         rows, values = load(args.corpus, size)
         if args.fit:
-            X, y, _, _ = corpus_arrays(rows, values, traits.TRAITS)
+            X, y, _, _ = corpus_arrays(rows, values, traits.COMPONENTS)
             mu, sd, w, b = fit(X, y)
             print("COMPOSITE_WEIGHTS = {")
-            for k, m, s, wk in zip(traits.TRAITS, mu, sd, w):
+            for k, m, s, wk in zip(traits.COMPONENTS, mu, sd, w):
                 print(f'    "{k}": ({m:.6g}, {s:.6g}, {wk:.6g}),')
             print(f"}}\nCOMPOSITE_BIAS = {b:.6g}")
             return

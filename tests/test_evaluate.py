@@ -77,7 +77,7 @@ def test_metrics_json_has_every_family_for_every_set(evaluated):
     assert all(v is None or np.isfinite(v) for v in m.values())
     # the constructed held-out strokes (short dabs on a light ground) vs tiny-random's samples
     assert m["trait_stroke_isotropy_holdout"] > m["trait_stroke_isotropy_base"]
-    assert m["trait_light_key_holdout"] > m["trait_light_key_base"]
+    assert m["trait_impressionism_holdout"] > m["trait_impressionism_base"]
     assert -1 <= m["style_centroid_base"] <= 1
     details = json.loads((evaluated / "reports/eval/details.json").read_text())
     assert any(n.startswith("FID omitted") for n in details["notes"])

@@ -10,6 +10,11 @@ S = 64
 BIG = 256  # the real profile's eval.trait_size: strokes of 1-3 % of the side span pixels
 
 
+def measure(img, size=S) -> dict:
+    """Every trait, the reported ones and the diagnostics (the composite's other components)."""
+    return traits.image_traits(img, size, diagnostics=True)
+
+
 def gradient(c0=(0.2, 0.4, 0.8), c1=(0.9, 0.8, 0.3), n=S) -> np.ndarray:
     t = np.linspace(0, 1, n)[None, :, None]
     return np.broadcast_to(np.array(c0) * (1 - t) + np.array(c1) * t, (n, n, 3)).copy()
@@ -72,11 +77,11 @@ def test_stroke_isotropy_dabs_versus_lines_gradients_and_flat():
 def test_broken_colour_hue_changes_versus_tonal_modelling():
     # Two hues of equal OKLab lightness side by side, vs one hue light/dark (same a*b* step).
     blue, orange = np.array([0.1, 0.3, 0.9]), np.array([0.95, 0.55, 0.1])
-    iso = traits.image_traits(board((0.56, 0.47, 0.62), (0.45, 0.55, 0.36)), S)["broken_colour"]
-    tonal = traits.image_traits(board((0.2, 0.2, 0.2), (0.9, 0.9, 0.9)), S)["broken_colour"]
-    juxtaposed = traits.image_traits(board(blue, orange), S)["broken_colour"]
-    blended = traits.image_traits(gradient(), S)["broken_colour"]
-    assert traits.image_traits(flat((0.5, 0.4, 0.45)), S)["broken_colour"] == pytest.approx(0.0, abs=1e-9)
+    iso = measure(board((0.56, 0.47, 0.62), (0.45, 0.55, 0.36)))["broken_colour"]
+    tonal = measure(board((0.2, 0.2, 0.2), (0.9, 0.9, 0.9)))["broken_colour"]
+    juxtaposed = measure(board(blue, orange))["broken_colour"]
+    blended = measure(gradient())["broken_colour"]
+    assert measure(flat((0.5, 0.4, 0.45)))["broken_colour"] == pytest.approx(0.0, abs=1e-9)
     assert tonal < 0.01  # value contrast without hue change is not broken colour
     assert blended < 0.2
     # isoluminant neighbours: every cell boundary (1/4 of the pairs at 4-px cells) scores |d ab| / eps
@@ -88,9 +93,9 @@ def test_broken_colour_hue_changes_versus_tonal_modelling():
 
 
 def test_coloured_shadows_and_dark_share():
-    black = traits.image_traits(shadowed((0.02, 0.02, 0.02)), S)
-    violet = traits.image_traits(shadowed((0.3, 0.25, 0.6)), S)
-    brown = traits.image_traits(shadowed((0.35, 0.2, 0.1)), S)
+    black = measure(shadowed((0.02, 0.02, 0.02)))
+    violet = measure(shadowed((0.3, 0.25, 0.6)))
+    brown = measure(shadowed((0.35, 0.2, 0.1)))
     assert black["dark_share"] == pytest.approx(0.3, abs=0.02)
     assert violet["dark_share"] == 0.0
     assert black["cool_shadows"] == 0.0 and brown["cool_shadows"] == 0.0  # black / warm earth shadows
@@ -98,13 +103,13 @@ def test_coloured_shadows_and_dark_share():
 
 
 def test_light_key_is_key_minus_spread():
-    assert traits.image_traits(flat((1, 1, 1)), S)["light_key"] == pytest.approx(1.0, abs=1e-3)
-    assert traits.image_traits(flat((0, 0, 0)), S)["light_key"] == pytest.approx(0.0, abs=1e-3)
+    assert measure(flat((1, 1, 1)))["light_key"] == pytest.approx(1.0, abs=1e-3)
+    assert measure(flat((0, 0, 0)))["light_key"] == pytest.approx(0.0, abs=1e-3)
     half = flat((1.0, 1.0, 1.0))
     half[:, : S // 2] = 0.0
-    assert traits.image_traits(half, S)["light_key"] == pytest.approx(0.0, abs=1e-3)  # mean .5, sd .5
-    light = traits.image_traits(shadowed((0.3, 0.25, 0.6)), S)["light_key"]
-    assert light > traits.image_traits(shadowed((0.02, 0.02, 0.02)), S)["light_key"] + 0.2
+    assert measure(half)["light_key"] == pytest.approx(0.0, abs=1e-3)  # mean .5, sd .5
+    light = measure(shadowed((0.3, 0.25, 0.6)))["light_key"]
+    assert light > measure(shadowed((0.02, 0.02, 0.02)))["light_key"] + 0.2
 
 
 def test_composite_follows_each_trait_in_its_direction():
@@ -122,8 +127,8 @@ def test_synthetic_paintings_show_the_traits_against_their_photo_rendering():
     for size in (S, BIG):
         for i in range(3):
             scene = scenes.make_scene(i, np.random.default_rng([1, i]))
-            paint = traits.image_traits(painting.paint(scene, 128, 96, np.random.default_rng([1, i])), size)
-            photo = traits.image_traits(painting.photo(scene, 128, 96, np.random.default_rng([1, i])), size)
+            paint = measure(painting.paint(scene, 128, 96, np.random.default_rng([1, i])), size)
+            photo = measure(painting.photo(scene, 128, 96, np.random.default_rng([1, i])), size)
             for k in ("stroke_isotropy", "broken_colour", "light_key", "impressionism"):
                 assert paint[k] > photo[k], (size, i, k)
             assert paint["dark_share"] <= photo["dark_share"]
@@ -132,17 +137,25 @@ def test_synthetic_paintings_show_the_traits_against_their_photo_rendering():
 
 def test_interface_resizing_and_mean_traits():
     assert traits.NAMES[-1] == traits.COMPOSITE and set(traits.NAMES) <= set(traits.DIRECTION)
-    assert all(traits.DIRECTION[k] in (1, -1) for k in traits.NAMES)
+    assert all(traits.DIRECTION[k] in (1, -1) for k in traits.NAMES + traits.DIAGNOSTICS)
+    assert set(traits.COMPONENTS) <= set(traits.NAMES) | set(traits.DIAGNOSTICS)
+    assert set(traits.LABELS) >= set(traits.NAMES) | set(traits.COMPONENTS)
     big = Image.fromarray((gradient() * 255).astype(np.uint8)).resize((200, 120))
     assert set(traits.image_traits(big, S)) == set(traits.NAMES)
-    diag = traits.image_traits(flat((1.0, 0.0, 0.0)), S, diagnostics=True)
+    diag = measure(flat((1.0, 0.0, 0.0)))
     assert set(diag) == set(traits.NAMES) | set(traits.DIAGNOSTICS)
     assert diag["pure_colour"] == 1.0  # pure red: OKLab C 0.26 at L 0.63
-    assert traits.image_traits(flat((0.6, 0.5, 0.45)), S, diagnostics=True)["pure_colour"] == 0.0
-    m = traits.mean_traits([flat((1, 1, 1)), flat((0, 0, 0))], S)
-    assert m["light_key"] == pytest.approx(0.5, abs=0.01)
-    table = traits.trait_table([flat((1, 1, 1)), flat((0, 0, 0))], S)
-    np.testing.assert_allclose(table["dark_share"], [0.0, 1.0])
+    assert measure(flat((0.6, 0.5, 0.45)))["pure_colour"] == 0.0
+    strokes_img, flat_img = strokes([(230, 60, 40), (40, 90, 220)], n=6000, side=BIG), flat((0.5, 0.5, 0.5), BIG)
+    table = traits.trait_table([strokes_img, flat_img], BIG)
+    assert set(table) == set(traits.NAMES) and table["stroke_isotropy"][1] == 0.0
+    m = traits.mean_traits([strokes_img, flat_img], BIG)
+    assert m["stroke_isotropy"] == pytest.approx(table["stroke_isotropy"].mean())
+    # distance to a reference set in its standard deviations; raw units where it does not vary
+    ref = {k: np.array([0.0, 2.0]) for k in traits.NAMES}
+    assert traits.distance({k: np.array([4.0]) for k in traits.NAMES}, ref) == {k: 3.0 for k in traits.NAMES}
+    still = {k: np.array([1.0, 1.0]) for k in traits.NAMES}
+    assert traits.distance({k: np.array([0.5]) for k in traits.NAMES}, still)["impressionism"] == 0.5
     assert all(np.isnan(v) for v in traits.mean_traits([], S).values())
     with pytest.raises(ValueError):
         traits.broken_colour(np.zeros((1, 1, 3)))

@@ -123,8 +123,8 @@ def test_trait_rows_are_distances_to_the_holdout_set():
     assert set(rows) == {t.replace("_", " ") for t in traits.NAMES}
     stroke = rows["stroke isotropy"]
     assert stroke["change"] == pytest.approx(-0.5) and stroke["verdict"] == "closer"
-    dark = rows["dark share"]
-    assert dark["direction"] == "lower" and dark["verdict"] == "" and dark["values"][2] is None
+    score = rows["impressionism"]
+    assert score["direction"] == "higher" and score["verdict"] == "" and score["values"][2] is None
 
 
 def test_report_escapes_what_it_shows(tmp_path):

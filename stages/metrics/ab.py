@@ -3,9 +3,9 @@
 The page shows, for each (prompt, seed), the base image and the LoRA image side by side in a random
 left/right order, under neutral file names (``img/pair-003-a.jpg``), and asks "Which looks more like
 an Impressionist painting?" and, optionally, "Which follows the prompt better?". Answers are kept
-in the browser (localStorage) and downloaded as JSON with one click (page: templates/abtest.html.j2). The key that says which side
-is the LoRA stays out of the page folder (``key.json`` next to it is NOT shared with raters); the
-scorer joins answers with the key and turns them into LoRA win rates with 95% Wilson intervals.
+in the browser (localStorage) and downloaded as JSON with one click (page: templates/abtest.html.j2).
+The key that says which side is the LoRA stays out of the page folder (``key.json`` next to it is
+NOT shared with raters); the scorer joins answers with the key and turns them into LoRA win rates with 95% Wilson intervals.
 """
 from __future__ import annotations
 
