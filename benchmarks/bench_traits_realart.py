@@ -109,12 +109,13 @@ def report(rows, values, size: int, rng) -> list[str]:
         for sel, goal in groups:
             a, lo, hi = boot_auc(y[sel], s[sel], rng)
             ok &= a >= goal
-            cells.append(f"{a:.2f} [{lo:.2f}, {hi:.2f}]")
+            cells.append(f"{a:.3f} [{lo:.2f}, {hi:.2f}]")
         gap = abs(X[y == 1, j].mean() - X[y == 0, j].mean())
         noise = np.array([abs(values[a][k] - values[b][k]) for a, b in pairs]) / gap
         ok &= float(np.median(noise)) < 0.25
         label = k + (" (composite component, not reported)" if k in traits.DIAGNOSTICS and k in traits.COMPONENTS
-                     else " (diagnostic, not reported)" if k in traits.DIAGNOSTICS else "")
+                     else " (diagnostic, not reported)" if k in traits.DIAGNOSTICS
+                     else " (frozen weights: training AUC)" if k == traits.COMPOSITE else "")
         out.append(f"| {label} | {traits.DIRECTION[k]:+d} | " + " | ".join(f"{m:.4g}" for m in means) + " | "
                    + " | ".join(cells) + f" | {np.median(noise):.2f} / {noise.max():.2f} | {'yes' if ok else 'NO'} |")
     Xt, yt, erat, artist = corpus_arrays(rows, values, traits.COMPONENTS)
