@@ -3,17 +3,18 @@
 Every image is resized (bicubic, aspect not kept) to ``size`` x ``size`` so images of different
 resolutions are measured at the same scale, then converted to OKLab (sRGB, D65; L in [0, 1],
 chroma C = sqrt(a² + b²) about 0..0.32, hue h = atan2(b, a)). Scales are fractions of the image side,
-so a trait means the same at 64 and at 256 px (it is most faithful at 256, where a stroke of 1-3 %
-of the side spans several pixels). Measured on 126 real paintings (docs/evaluation.md,
-reports/bench/traits_realart.md: ``benchmarks/bench_traits_realart.py``):
+but pixels still matter: use ``size`` 256 (the flux-dev profile's eval.trait_size). There a stroke of
+1-3 % of the side spans several pixels; at 64 it is under one and ``stroke_isotropy`` carries no signal
+on real paintings, at 128 and 512 it separates less (measured). Measured on 126 real paintings
+(docs/evaluation.md, reports/bench/traits_realart.md: ``benchmarks/bench_traits_realart.py``):
 
 ``stroke_isotropy`` (short visible strokes, +1)
     1 - the mean coherence of the colour structure tensor (Di Zenzo: the gradient tensors of OKLab
     L, a and b summed) over the textured pixels (gradient above ``TEXTURE_GRAD`` per image side),
     the tensor averaged over a Gaussian window of ``STROKE_SIGMA`` of the side (a window about 2 %
-    of the side across). Dabs and short strokes laid
-    in many directions are locally isotropic (high); long straight edges, lines, hatching and
-    smooth gradients are locally coherent (low).
+    of the side across). Dabs and short strokes laid in many directions are locally isotropic
+    (high); long straight edges, lines and hatching are locally coherent (low); a flat picture or a
+    smooth gradient has no textured pixel (0).
 ``broken_colour`` (colour laid side by side rather than modelled in value, +1)
     The image is cut into stroke-sized patches (``PATCH`` of the side); for every pair of
     4-neighbouring patches, the change of mean colour (a, b) divided by the change of mean
@@ -29,9 +30,10 @@ reports/bench/traits_realart.md: ``benchmarks/bench_traits_realart.py``):
     values, low for a dark or a strongly contrasted one.
 ``impressionism`` (composite, +1)
     A logistic score in [0, 1]: sigmoid(``COMPOSITE_BIAS`` + sum_i w_i (t_i - mean_i) / sd_i) over the
-    five traits above, with means, spreads and weights fitted once on the realart corpus (L2
-    logistic regression, artist-grouped cross-validation) and FROZEN below; the cross-validated AUC
-    is in docs/evaluation.md. It is a fixed function of the pixels, not a model trained per run.
+    five traits above, with means, spreads and weights fitted once on the whole realart corpus (L2
+    logistic regression, C = 0.1) and FROZEN below; the benchmark reports the AUC of that procedure
+    under artist-grouped cross-validation (docs/evaluation.md). It is a fixed function of the
+    pixels, not a model trained per run.
 
 Evaluate reports ``NAMES``: ``stroke_isotropy`` and the composite. The other four components are
 ``DIAGNOSTICS`` (``image_traits(..., diagnostics=True)``, the benchmark): each separates Impressionism
@@ -80,7 +82,7 @@ LABELS = {"stroke_isotropy": "short strokes: structure-tensor isotropy of the te
           "light_key": "light: mean minus spread of OKLab lightness",
           COMPOSITE: "Impressionism score: frozen logistic composite of the five traits"}
 
-# Frozen composite (fitted by `python benchmarks/bench_traits_realart.py --fit` at size 256 on the
+# Frozen composite (fitted by `python -m benchmarks.bench_traits_realart --fit` at size 256 on the
 # realart corpus; see docs/evaluation.md). Per trait: (mean, sd, weight).
 COMPOSITE_WEIGHTS = {
     "stroke_isotropy": (0.350735, 0.0945783, 0.576194),
