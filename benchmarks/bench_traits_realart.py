@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,9 @@ from scipy.stats import rankdata
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold
 
-from stages.metrics import traits
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stages.metrics import traits  # noqa: E402
 
 C = 0.1          # L2 strength of the composite's logistic regression (fixed a priori: 126 images)
 FOLDS, REPEATS, BOOT = 5, 20, 2000
