@@ -242,7 +242,8 @@ def write_report(out: Path, metrics: dict, notes: list[str], index: dict, p, roo
     page = html.render(
         "report.html.j2", profile=p.profile, base_model=p.model.base, index=index,
         n_prompts=len(index.get("prompts", [])), n_seeds=len(index.get("seeds", [])),
-        metrics_rows=metrics_rows(metrics), lora_scale=metrics.get("lora_scale"), notes=notes,
+        metrics_rows=metrics_rows(metrics), lora_scale=metrics.get("lora_scale"),
+        notes_rows=[[n] for n in notes],
         trait_rows=trait_rows(metrics), trait_plot=existing("reports/eval/traits.png"),
         traits_csv=existing("reports/plots/traits.csv"), sweep_csv=existing(SWEEP_CSV), sweep=sweep,
         grids=[{"src": existing(f"reports/samples/{g['file']}"), "seed": g.get("seed")}
