@@ -19,7 +19,7 @@ from typing import Iterable
 from PIL import Image
 
 from stages.core.io import write_json, write_text
-from stages.metrics import html
+from stages.metrics import pages
 
 QUESTIONS = {
     "style": "Which looks more like an Impressionist painting?",
@@ -76,7 +76,7 @@ def build_page(samples_dir: Path | str, out_dir: Path | str, key_path: Path | st
     questions = {"style": QUESTIONS["style"]}
     if prompt_question:
         questions["prompt"] = QUESTIONS["prompt"]
-    page = html.render("abtest.html.j2", data={"page": page_id, "pairs": shown, "questions": questions})
+    page = pages.render("abtest.html.j2", data={"page": page_id, "pairs": shown, "questions": questions})
     write_text(out_dir / "index.html", page)
     key = {"page": page_id, "lora_scale": pairs[0]["scale"], "pairs": pairs}
     write_json(key_path, key)

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from stages.core.io import atomic_file, write_text
-from stages.metrics import html, traits
+from stages.metrics import pages, traits
 
 SETS = ("holdout", "base", "lora")
 # metric families shown in the table: (key stem, label, which way is better / more Impressionist)
@@ -156,7 +156,7 @@ def trait_rows(metrics: dict) -> list[dict]:
 
 def metrics_table(metrics: dict) -> str:
     """The headline metrics table alone (HTML), as the report shows it."""
-    return html.render("metrics_table.html.j2", rows=metrics_rows(metrics), lora_scale=metrics.get("lora_scale"))
+    return pages.render("metrics_table.html.j2", rows=metrics_rows(metrics), lora_scale=metrics.get("lora_scale"))
 
 
 def json_tables(data) -> list[dict]:
@@ -239,7 +239,7 @@ def write_report(out: Path, metrics: dict, notes: list[str], index: dict, p, roo
                ["curated data md5 (dvc.lock)", tags.get("dataset.curated_md5")],
                ["MLflow run id", run_id], ["DVC experiment", tags.get("dvc.exp_name")],
                ["adapter sha256", index.get("adapter_sha256")]]
-    page = html.render(
+    page = pages.render(
         "report.html.j2", profile=p.profile, base_model=p.model.base, index=index,
         n_prompts=len(index.get("prompts", [])), n_seeds=len(index.get("seeds", [])),
         metrics_rows=metrics_rows(metrics), lora_scale=metrics.get("lora_scale"),
