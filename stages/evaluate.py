@@ -11,7 +11,10 @@ Metrics (flat keys, so ``dvc exp show`` columns read well; the meaning of each i
 - ``kid_base|lora`` vs held-out (torchmetrics, on the style embeddings); ``fid_*`` only when both
   sets have >= ``eval.fid_min_samples`` images (else omitted, with a note in details.json);
 - ``aesthetic_*`` (the filter stage's LAION head); ``diversity_*`` (mean pairwise cosine distance
-  of one prompt's seeds); ``trait_<name>_*`` (stages.metrics.traits); ``*_delta`` = LoRA - base.
+  of one prompt's seeds); ``trait_<name>_*`` (stages.metrics.traits: the set's mean) and
+  ``trait_<name>_dist_base|lora``: distance of that mean to the held-out mean in held-out standard
+  deviations (closer is better: a trait that overshoots the held-out paintings is not "more
+  Impressionist"); ``*_delta`` = LoRA - base (for traits only of the distance: negative = LoRA closer).
 
 Also writes reports/eval/ (details.json, traits.png, loss.png, the blind A/B page and its key),
 reports/plots/{traits,sweep}.csv (DVC plots) and reports/report.html.
@@ -73,14 +76,18 @@ def holdout_clip_embeddings(clip, ids, imgs, logger) -> np.ndarray:
 
 
 def set_metrics(name: str, emb: np.ndarray, ref: np.ndarray, imgs: list, aest: np.ndarray,
-                groups, size: int) -> dict:
+                groups, size: int, ref_traits: dict[str, np.ndarray] | None = None) -> dict:
+    """One set's metrics; ``ref_traits`` (held-out per-image traits) adds the trait distances."""
     is_ref = name == "holdout"
     out = {f"style_centroid_{name}": style.centroid_cosine(emb, ref, leave_one_out=is_ref),
            f"style_nn_{name}": style.nn_cosine(emb, ref, leave_one_out=is_ref),
            f"aesthetic_{name}": float(np.mean(aest)),
            f"diversity_{name}": style.diversity(emb, groups)}
-    out.update({f"trait_{k}_{name}": v for k, v in traits.mean_traits(imgs, size).items()})
-    return out
+    table = traits.trait_table(imgs, size)
+    out.update({f"trait_{k}_{name}": float(v.mean()) for k, v in table.items()})
+    if ref_traits is not None:
+        out.update({f"trait_{k}_dist_{name}": d for k, d in traits.distance(table, ref_traits).items()})
+    return out, table
 
 
 def ordered(metrics: dict) -> dict:
@@ -129,8 +136,9 @@ def main() -> None:
     hold_clip = holdout_clip_embeddings(clip, hold_ids, hold_imgs, logger)
     hold_style = csd.embed_images(hold_imgs) if csd else hold_clip
     metrics = {"n_holdout": len(hold_imgs), "lora_scale": lora_scale}
-    metrics.update(set_metrics("holdout", hold_style, hold_style, hold_imgs, head.score(hold_clip),
-                               None, p.eval.trait_size))
+    hold_metrics, hold_traits = set_metrics("holdout", hold_style, hold_style, hold_imgs,
+                                            head.score(hold_clip), None, p.eval.trait_size)
+    metrics.update(hold_metrics)
     sweep, per_image = [], []
     for scale in scales:
         recs = [im for im in index["images"] if float(im["scale"]) == scale]
@@ -140,8 +148,8 @@ def main() -> None:
         txt = clip.embed_texts([r["prompt"] for r in recs])
         aest = head.score(img_clip)
         name = "base" if scale == 0 else "lora" if scale == lora_scale else f"scale{scale:g}"
-        m = set_metrics(name, sty, hold_style, imgs, aest, [r["prompt_index"] for r in recs],
-                        p.eval.trait_size)
+        m, _ = set_metrics(name, sty, hold_style, imgs, aest, [r["prompt_index"] for r in recs],
+                           p.eval.trait_size, hold_traits)
         m[f"clip_score_{name}"] = fidelity.clip_score(img_clip, txt)
         m[f"kid_{name}"], kid_std, kid_n = fidelity.kid(hold_style, sty, p.eval.kid_subset_size, seed=p.seed)
         if min(len(sty), len(hold_style)) >= p.eval.fid_min_samples:
@@ -158,7 +166,8 @@ def main() -> None:
                      f"set (held-out {len(hold_imgs)}, samples {metrics['n_lora']} per scale)")
     for key in [k for k in metrics if k.endswith("_lora")]:
         stem = key[: -len("_lora")]
-        if stem + "_base" in metrics and stem not in ("clip_score", "n"):
+        raw_trait = stem.startswith("trait_") and not stem.endswith("_dist")  # only distances compare
+        if stem + "_base" in metrics and stem != "n" and not raw_trait:
             metrics[stem + "_delta"] = metrics[key] - metrics[stem + "_base"]
     metrics["clip_score_ratio"] = metrics["clip_score_lora"] / metrics["clip_score_base"] \
         if metrics["clip_score_base"] else float("nan")

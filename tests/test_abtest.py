@@ -68,6 +68,17 @@ def test_page_is_blind_and_scoring_joins_the_key(tmp_path):
         ab.score(key, [{"page": "other", "answers": []}])
 
 
+def test_page_embeds_prompts_safely(tmp_path):
+    """A prompt that looks like markup stays data: the page's script block is not closed early."""
+    samples = fake_samples(tmp_path / "s", prompts=("a </script><b>bold</b> harbour & 'dawn'", "pears"))
+    ab.build_page(samples, tmp_path / "page", tmp_path / "key.json", seed=1)
+    page = (tmp_path / "page" / "index.html").read_text()
+    assert page.count("</script>") == 1 and "<b>bold" not in page
+    data = page.split("const DATA = ", 1)[1].split(";\n", 1)[0]
+    prompts = {p["prompt"] for p in json.loads(data)["pairs"]}
+    assert prompts == {"a </script><b>bold</b> harbour & 'dawn'", "pears"}
+
+
 def test_wilson_interval_known_values():
     lo, hi = ab.wilson(8, 10)
     assert (lo, hi) == (pytest.approx(0.4902, abs=1e-3), pytest.approx(0.9433, abs=1e-3))

@@ -54,11 +54,19 @@ def evaluated(sampled):  # noqa: F811
 def test_metrics_json_has_every_family_for_every_set(evaluated):
     m = json.loads((evaluated / "reports/metrics.json").read_text())
     assert (m["n_holdout"], m["n_base"], m["n_lora"], m["lora_scale"]) == (10, 4, 4, 1.0)
-    stems = ["style_centroid", "style_nn", "aesthetic", "diversity"] + [f"trait_{t}" for t in traits.NAMES]
+    stems = ["style_centroid", "style_nn", "aesthetic", "diversity"]
     for stem in stems:
         for s in SETS + ("delta",):
             assert isinstance(m[f"{stem}_{s}"], float), f"{stem}_{s}"
         assert m[f"{stem}_delta"] == pytest.approx(m[f"{stem}_lora"] - m[f"{stem}_base"], abs=2e-6)
+    for t in traits.NAMES:  # traits: set means, and distances to the held-out set (closer is better)
+        assert all(isinstance(m[f"trait_{t}_{s}"], float) for s in SETS)
+        assert f"trait_{t}_delta" not in m  # a raw trait difference would reward overshooting
+        for s in ("base", "lora"):
+            assert m[f"trait_{t}_dist_{s}"] >= 0.0
+        assert m[f"trait_{t}_dist_delta"] == pytest.approx(
+            m[f"trait_{t}_dist_lora"] - m[f"trait_{t}_dist_base"], abs=2e-6)
+    assert m["clip_score_delta"] == pytest.approx(m["clip_score_lora"] - m["clip_score_base"], abs=2e-6)
     for stem in ("clip_score", "kid"):
         assert isinstance(m[f"{stem}_base"], float) and isinstance(m[f"{stem}_lora"], float)
     if m["clip_score_base"] > 0:  # a random CLIP can score 0 (cosines clamp at 0): ratio is then null
@@ -67,8 +75,9 @@ def test_metrics_json_has_every_family_for_every_set(evaluated):
         assert m["clip_score_ratio"] is None
     assert not any(k.startswith("fid_") for k in m)  # too few images: omitted, with a note
     assert all(v is None or np.isfinite(v) for v in m.values())
-    # the constructed held-out strokes carry more stroke energy than tiny-random's samples
-    assert m["trait_hf_energy_holdout"] > m["trait_hf_energy_base"]
+    # the constructed held-out strokes (short dabs on a light ground) vs tiny-random's samples
+    assert m["trait_stroke_isotropy_holdout"] > m["trait_stroke_isotropy_base"]
+    assert m["trait_impressionism_holdout"] > m["trait_impressionism_base"]
     assert -1 <= m["style_centroid_base"] <= 1
     details = json.loads((evaluated / "reports/eval/details.json").read_text())
     assert any(n.startswith("FID omitted") for n in details["notes"])
@@ -159,7 +168,7 @@ def test_csd_weights_switch_the_style_embeddings(evaluated, tmp_path):
     assert after["kid_lora"] != before["kid_lora"]
     # CLIP-based metrics do not depend on the style encoder
     assert after["clip_score_lora"] == before["clip_score_lora"]
-    assert after["trait_hf_energy_lora"] == before["trait_hf_energy_lora"]
+    assert after["trait_impressionism_lora"] == before["trait_impressionism_lora"]
 
 
 def test_missing_samples_is_a_clear_error(tmp_path, monkeypatch):

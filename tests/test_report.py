@@ -20,6 +20,9 @@ def metrics() -> dict:
          "clip_score_ratio": 0.9, "kid_base": 0.04, "kid_lora": 0.01, "kid_delta": -0.03}
     for i, t in enumerate(traits.NAMES):
         m.update({f"trait_{t}_holdout": 2.0 + i, f"trait_{t}_base": 1.0 + i, f"trait_{t}_lora": None})
+    # stroke isotropy: the LoRA overshoots the held-out value (3.5 vs 2.0) yet ends closer than base
+    m.update({"trait_stroke_isotropy_lora": 3.5, "trait_stroke_isotropy_dist_base": 2.0,
+              "trait_stroke_isotropy_dist_lora": 1.5, "trait_stroke_isotropy_dist_delta": -0.5})
     return m
 
 
@@ -46,8 +49,14 @@ def project(tmp_path: Path, with_optional: bool) -> Path:
         (tmp_path / "reports/eval/abtest/index.html").write_text("<html></html>")
         Image.new("RGB", (8, 8)).save(tmp_path / "reports/eval/loss.png")
         (tmp_path / "reports/mlflow_run.json").write_text(json.dumps({"run_id": "abc123runid"}))
-        (tmp_path / "reports/curation.json").write_text(json.dumps({"kept": 200, "precision": 0.97,
-                                                                    "by_split": {"holdout": 21}}))
+        (tmp_path / "reports/curation.json").write_text(json.dumps({
+            "kept": 200, "precision": 0.97, "by_split": {"holdout": 21},
+            "filter": {"recall": 1.0, "recall_by_defect": {"blank": 1.0}},
+            "per_stage": {"dedupe": {"in": 240, "out": 216}, "filter": {"in": 216, "out": 189}}}))
+        for fig in ("reports/data/figures/counts.png", "reports/filter/figures/scores.png",
+                    "reports/dedupe/largest_clusters.png"):
+            (tmp_path / fig).parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / fig)
         (tmp_path / "reports/plots").mkdir()
         (tmp_path / "reports/plots/sweep.csv").write_text("scale,style_centroid,kid\n0.0,0.5,0.04\n1.0,0.7,\n")
         (tmp_path / "reports/human.json").write_text(json.dumps({"questions": {"style": {
@@ -83,22 +92,59 @@ def test_report_renders_and_links_only_existing_files(tmp_path, with_optional):
         assert "abc123runid" in text and "eval/loss.png" in parser.links
         assert "eval/abtest/index.html" in parser.links
         assert "precision" in text and "0.97" in text and "LoRA win rate" in text
-        assert "by_split.holdout" in text and "LoRA-scale sweep" in text
+        assert "LoRA-scale sweep" in text
+        for fig in ("data/figures/counts.png", "filter/figures/scores.png", "dedupe/largest_clusters.png"):
+            assert fig in parser.links  # the curation figures are embedded
+        assert "by_split.holdout" not in text  # the dataset JSON is tables, not flattened keys
     else:
         assert "No training curve" in text and "No dataset reports" in text
 
 
+def cells(html: str) -> list[list[str]]:
+    return [re.findall(r"<t[dh]>(.*?)</t[dh]>", r) for r in re.findall(r"<tr>(.*?)</tr>", html, re.S)]
+
+
 def test_metrics_table_rows_and_directions():
-    table = report.metrics_table(metrics())
-    rows = re.findall(r"<tr>(.*?)</tr>", table)
-    labels = [re.findall(r"<td>(.*?)</td>", r)[0] for r in rows[1:]]
+    rows = cells(report.metrics_table(metrics()))
+    labels = [r[0] for r in rows[1:]]
     assert labels[0] == "style: cosine to held-out centroid"
-    assert "CLIP score (prompt fidelity) (LoRA / base)" in labels
     assert not any(lab.startswith("FID") for lab in labels)  # absent metrics: no row
-    kid = next(r for r in rows if "KID" in r)
-    assert "lower" in kid and "-0.03" in kid
-    black = next(r for r in rows if "black share" in r)
-    assert "lower" in black and "&ndash;" in black  # missing LoRA value shown as a dash
+    assert not any(lab.startswith("trait") for lab in labels)  # traits have their own table
+    kid = next(r for r in rows if r[0].startswith("KID"))
+    assert kid[-1] == "lower" and kid[-2] == "-0.03"
+    clip = next(r for r in rows if r[0] == "CLIP score (prompt fidelity)")
+    assert clip[-2] == "-3"  # LoRA - base, never the ratio
+    ratio = next(r for r in rows if r[0] == "CLIP score ratio (LoRA / base)")
+    assert ratio[1:4] == ["\u2013", "\u2013", "0.9"] and ratio[4] == "\u2013"
+
+
+def test_trait_rows_are_distances_to_the_holdout_set():
+    rows = {r["label"]: r for r in report.trait_rows(metrics())}
+    assert set(rows) == {t.replace("_", " ") for t in traits.NAMES}
+    stroke = rows["stroke isotropy"]
+    assert stroke["change"] == pytest.approx(-0.5) and stroke["verdict"] == "closer"
+    score = rows["impressionism"]
+    assert score["direction"] == "higher" and score["verdict"] == "" and score["values"][2] is None
+
+
+def test_report_escapes_what_it_shows(tmp_path):
+    root = project(tmp_path, False)
+    out = report.write_report(Path("reports/report.html"), metrics(), ["<script>alert(1)</script>"], INDEX,
+                              params.Params(), root=root)
+    page = out.read_text()
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_json_tables_keep_structure():
+    tables = report.json_tables({"kept": 3, "rejects": {"blank": 1, "tiny": 2},
+                                 "per_stage": {"dedupe": {"in": 4, "out": 3}, "filter": {"in": 3}},
+                                 "items": [{"id": "a", "n": 1}, {"id": "b"}]})
+    by_title = {t["title"]: t for t in tables}
+    assert by_title[""]["rows"] == [["kept", 3]]
+    assert by_title["rejects"]["rows"] == [["blank", 1], ["tiny", 2]]
+    assert by_title["per_stage"]["columns"] == ["", "in", "out"]
+    assert by_title["per_stage"]["rows"] == [["dedupe", 4, 3], ["filter", 3, None]]
+    assert by_title["items"]["rows"] == [["a", 1], ["b", None]]
 
 
 def test_trait_plot_csv_relative_to_holdout(tmp_path):
@@ -109,7 +155,11 @@ def test_trait_plot_csv_relative_to_holdout(tmp_path):
     first = {r["set"]: r for r in rows if r["trait"] == traits.NAMES[0]}
     assert float(first["holdout"]["relative_to_holdout"]) == 1.0
     assert float(first["base"]["relative_to_holdout"]) == pytest.approx(0.5)
-    assert first["lora"]["relative_to_holdout"] == ""
+    assert float(first["lora"]["relative_to_holdout"]) == pytest.approx(1.75)
+    assert float(first["holdout"]["distance_to_holdout"]) == 0.0
+    assert float(first["lora"]["distance_to_holdout"]) == pytest.approx(1.5)
+    second = {r["set"]: r for r in rows if r["trait"] == traits.NAMES[1]}
+    assert second["lora"]["relative_to_holdout"] == ""
     assert Image.open(tmp_path / "traits.png").format == "PNG"
 
 
@@ -146,7 +196,7 @@ def test_report_in_headless_chromium(tmp_path):
         broken = driver.execute_script(
             "return [...document.images].filter(i => !i.complete || i.naturalWidth === 0).map(i => i.src)")
         assert broken == []
-        assert driver.execute_script("return document.images.length") == 3
+        assert driver.execute_script("return document.images.length") == 6  # + 3 curation figures
         if os.environ.get("FLUXIMP_SCREENSHOT_REPORT"):
             driver.save_screenshot(os.environ["FLUXIMP_SCREENSHOT_REPORT"])
     finally:

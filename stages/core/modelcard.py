@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from stages.metrics import traits
+
 # Licence of each base as the Hub lists it (a LoRA of a base inherits the base's terms).
 BASE_LICENSES = {
     "black-forest-labs/FLUX.1-dev": {
@@ -32,14 +34,8 @@ DESCRIBE = {  # what each metric family measures (docs/methodology.md has the de
     "fid": "FID vs held-out paintings (lower = closer)",
     "aesthetic": "LAION aesthetic score",
     "diversity": "diversity: mean pairwise distance across seeds",
-    "trait_hf_energy": "strokes: high-frequency share of L* power",
-    "trait_broken_colour": "broken colour: a*b* distance of neighbouring patches",
-    "trait_saturation": "pure colour: mean saturation",
-    "trait_pure_share": "pure colour: share of saturated pixels",
-    "trait_black_share": "black: share of near-black pixels (lower = more Impressionist)",
-    "trait_shadow_chroma": "coloured shadows: chroma of the darkest 20%",
-    "trait_light_key": "light: mean L* / 100",
-    "trait_highkey_share": "light: share of high-key pixels",
+    **{f"trait_{k}": f"trait: {v}" for k, v in traits.LABELS.items()},
+    **{f"trait_{k}_dist": f"trait distance to held-out (lower = closer): {v}" for k, v in traits.LABELS.items()},
 }
 
 

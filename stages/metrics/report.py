@@ -1,22 +1,22 @@
 """The evaluation outputs people read: trait plot (CSV for DVC + PNG), loss curve, report.html.
 
-``write_report`` builds a single static page (``reports/report.html``) with relative links: the
-metrics table (held-out | base | LoRA | LoRA - base), notes, the sample grids, the trait plot, the
-training curve, the dataset summary, the A/B page and the human scores when present, and the
-lineage (params, curated-data md5 from dvc.lock, git commit, MLflow run id). A link or image is
-written only when its file exists, so the page never points at nothing.
+``write_report`` renders a single static page (``reports/report.html``, template
+``templates/report.html.j2``) with relative links, every section a table or a figure: the metrics
+table (held-out | base | LoRA | LoRA - base), notes, the trait table (set means and distance to the
+held-out paintings: closer is better) with the trait plot and the LoRA-scale sweep, the sample grids,
+the A/B page and the human scores when present, the training curve, the dataset reports (each JSON as
+tables) with the curation figures, and the lineage (git commit, curated-data md5 from dvc.lock, MLflow
+run id, params). A link or image is written only when its file exists, so the page never points at
+nothing.
 """
 from __future__ import annotations
 
 import csv
-import html
 import json
 from pathlib import Path
 
-import yaml
-
 from stages.core.io import atomic_file, write_text
-from stages.metrics import traits
+from stages.metrics import pages, traits
 
 SETS = ("holdout", "base", "lora")
 # metric families shown in the table: (key stem, label, which way is better / more Impressionist)
@@ -28,11 +28,15 @@ FAMILIES = [
     ("clip_score", "CLIP score (prompt fidelity)", "higher"),
     ("aesthetic", "aesthetic score", "higher"),
     ("diversity", "diversity (pairwise distance per prompt)", "higher"),
-] + [(f"trait_{t}", f"trait: {t.replace('_', ' ')}", "higher" if traits.DIRECTION[t] > 0 else "lower")
-     for t in traits.NAMES]
+]
 DATASET_JSON = ["reports/data/download.json", "reports/dedupe/summary.json", "reports/curation.json",
                 "reports/caption/stats.json"]
-SWEEP_COLS = ["scale", "style_centroid", "style_nn", "clip_score", "kid", "aesthetic", "diversity"]
+SWEEP_COLS = ["scale", "style_centroid", "style_nn", "clip_score", "kid", "aesthetic", "diversity",
+              f"trait_{traits.COMPOSITE}", f"trait_{traits.COMPOSITE}_dist"]
+SWEEP_CSV = "reports/plots/sweep.csv"
+HUMAN = "reports/human.json"
+# figures the curation stages write (download, dedupe, filter), shown in the Dataset section
+CURATION_FIGURES = ["reports/data/figures/*.png", "reports/dedupe/*.png", "reports/filter/figures/*.png"]
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -45,8 +49,9 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def write_trait_plot(metrics: dict, csv_path: Path, png_path: Path) -> None:
-    """traits.csv: one row per (trait, set) with the raw value and the value relative to the
-    held-out set (held-out = 1), which puts all traits on one axis; traits.png: grouped bars."""
+    """traits.csv: one row per (trait, set) with the raw value, the value relative to the held-out
+    set (held-out = 1), which puts all traits on one axis, and the distance to the held-out mean in
+    held-out standard deviations (closer is better); traits.png: grouped bars of the relative value."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,8 +63,10 @@ def write_trait_plot(metrics: dict, csv_path: Path, png_path: Path) -> None:
         for s in SETS:
             v = metrics.get(f"trait_{t}_{s}")
             rel = v / ref if v is not None and ref else None
+            dist = 0.0 if s == "holdout" else metrics.get(f"trait_{t}_dist_{s}")
             rows.append({"trait": t, "set": s, "label": f"{t} / {s}", "value": v,
-                         "relative_to_holdout": None if rel is None else round(rel, 6)})
+                         "relative_to_holdout": None if rel is None else round(rel, 6),
+                         "distance_to_holdout": dist})
     write_csv(csv_path, rows)
     fig, ax = plt.subplots(figsize=(9, 4.5))
     width = 0.27
@@ -107,130 +114,143 @@ def write_loss_plot(tsv: Path, png_path: Path) -> bool:
     return True
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return "&ndash;"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return html.escape(str(v))
-
-
-def _table(rows: list[list[str]], head: list[str]) -> str:
-    out = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
-    out += ["<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows]
-    return "\n".join(out) + "</table>"
-
-
 def _rel(path: Path, base: Path) -> str:
     import os
 
     return Path(os.path.relpath(path, base)).as_posix()
 
 
-def metrics_table(metrics: dict) -> str:
+def metrics_rows(metrics: dict) -> list[dict]:
+    """The headline table: one row per metric family present (traits have their own table)."""
     rows = []
     for stem, label, better in FAMILIES:
         vals = [metrics.get(f"{stem}_{s}") for s in SETS]
         if all(v is None for v in vals):
             continue
         delta = metrics.get(f"{stem}_delta")
-        if stem == "clip_score":
-            delta = metrics.get("clip_score_ratio")
-            label += " (LoRA / base)"
-        rows.append([html.escape(label)] + [_fmt(v) for v in vals] + [_fmt(delta), better])
-    return _table(rows, ["metric", "held-out", "base", f"LoRA {_fmt(metrics.get('lora_scale'))}",
-                         "LoRA &minus; base", "better"])
+        if delta is None and None not in vals[1:]:
+            delta = vals[2] - vals[1]
+        rows.append({"label": label, "values": vals, "delta": delta, "better": better})
+        if stem == "clip_score" and metrics.get("clip_score_ratio") is not None:
+            rows.append({"label": "CLIP score ratio (LoRA / base)", "values": [None, None,
+                         metrics["clip_score_ratio"]], "delta": None, "better": "higher"})
+    return rows
 
 
-def _json_summary(path: Path) -> str:
+def trait_rows(metrics: dict) -> list[dict]:
+    """Per trait: the three set means, base and LoRA distance to the held-out mean (in held-out
+    standard deviations) and whether the LoRA moved the samples closer."""
+    rows = []
+    for t in traits.NAMES:
+        vals = [metrics.get(f"trait_{t}_{s}") for s in SETS]
+        if all(v is None for v in vals):
+            continue
+        d_base, d_lora = metrics.get(f"trait_{t}_dist_base"), metrics.get(f"trait_{t}_dist_lora")
+        change = None if None in (d_base, d_lora) else d_lora - d_base
+        rows.append({"label": t.replace("_", " "), "direction": "higher" if traits.DIRECTION[t] > 0 else "lower",
+                     "values": vals, "dist_base": d_base, "dist_lora": d_lora, "change": change,
+                     "verdict": "" if change is None else "closer" if change < 0 else
+                     "further" if change > 0 else "same"})
+    return rows
+
+
+def metrics_table(metrics: dict) -> str:
+    """The headline metrics table alone (HTML), as the report shows it."""
+    return pages.render("metrics_table.html.j2", rows=metrics_rows(metrics), lora_scale=metrics.get("lora_scale"))
+
+
+def json_tables(data) -> list[dict]:
+    """A report JSON as tables: its scalars as one key/value table, each dict of scalars as a
+    key/value table, each dict of dicts as a table with one row per key, each list of dicts as a
+    table with one row per item; anything deeper shows as compact JSON in its cell."""
+    def cell(v):
+        return v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v, sort_keys=True)
+
+    if not isinstance(data, dict):
+        return [{"title": "", "columns": ["value"], "rows": [[cell(data)]]}]
+    scalars = [[k, cell(v)] for k, v in data.items() if not isinstance(v, (dict, list))]
+    tables = [{"title": "", "columns": ["key", "value"], "rows": scalars}] if scalars else []
+    for k, v in data.items():
+        if isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values()):
+            cols = list(dict.fromkeys(c for x in v.values() for c in x))
+            tables.append({"title": k, "columns": [""] + cols,
+                           "rows": [[name] + [cell(x.get(c)) for c in cols] for name, x in v.items()]})
+        elif isinstance(v, dict):
+            sub = json_tables(v)
+            for t in sub:
+                t["title"] = f"{k}: {t['title']}" if t["title"] else k
+            tables += sub
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            cols = list(dict.fromkeys(c for x in v for c in x))
+            tables.append({"title": k, "columns": cols, "rows": [[cell(x.get(c)) for c in cols] for x in v]})
+        elif isinstance(v, list):
+            tables.append({"title": k, "columns": ["value"], "rows": [[cell(x)] for x in v]})
+    return tables
+
+
+def _read_json(path: Path):
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
-        return ""
-    flat = {}
-    for k, v in (data.items() if isinstance(data, dict) else []):  # scalars, and one level of dicts
-        if isinstance(v, dict):
-            flat.update({f"{k}.{k2}": v2 for k2, v2 in v.items() if isinstance(v2, (int, float, str, bool))})
-        elif isinstance(v, (int, float, str, bool)):
-            flat[k] = v
-    if not flat:
-        return ""
-    return f"<h3>{html.escape(path.as_posix())}</h3>" + _table([[html.escape(k), _fmt(v)] for k, v in flat.items()],
-                                                              ["key", "value"])
+        return None
+
+
+def _flat_params(d: dict, prefix: str = "") -> list[list]:
+    rows = []
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            rows += _flat_params(v, f"{prefix}{k}.")
+        else:
+            rows.append([f"{prefix}{k}", json.dumps(v) if isinstance(v, (list, dict)) else v])
+    return rows
 
 
 def write_report(out: Path, metrics: dict, notes: list[str], index: dict, p, root: Path = Path(".")) -> Path:
-    """Write the report page at ``out``; paths are resolved against ``root`` (the repo root)."""
+    """Write the report page at ``out`` from templates/report.html.j2; paths are resolved against
+    ``root`` (the repo root); a figure or link appears only when its file exists."""
     from stages.core import tracking
 
     base = (root / out).parent
-    parts = [f"<h1>flux-impressionism: evaluation ({html.escape(p.profile)} profile)</h1>",
-             f"<p>Base <code>{html.escape(p.model.base)}</code>, {len(index.get('prompts', []))} prompts "
-             f"&times; {len(index.get('seeds', []))} seeds, {index.get('steps')} steps, guidance "
-             f"{index.get('guidance')}, {index.get('resolution')} px; prompts end with the trigger "
-             f"&ldquo;{html.escape(str(index.get('trigger')))}&rdquo; for base and LoRA alike.</p>",
-             "<h2>Metrics</h2>", metrics_table(metrics),
-             "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"]
 
-    def img(rel: str, alt: str) -> str:
-        return f'<p><img src="{_rel(root / rel, base)}" alt="{html.escape(alt)}"></p>' \
-            if (root / rel).exists() else ""
+    def existing(rel: str) -> str | None:
+        return _rel(root / rel, base) if (root / rel).exists() else None
 
-    def link(rel: str, text: str) -> str:
-        return f'<a href="{_rel(root / rel, base)}">{html.escape(text)}</a>' if (root / rel).exists() else ""
-
-    parts += ["<h2>Impressionism traits</h2>", img("reports/eval/traits.png", "trait plot"),
-              f"<p>{link('reports/plots/traits.csv', 'traits.csv')} {link('reports/plots/sweep.csv', 'LoRA-scale sweep (CSV)')}</p>"]
-    sweep = root / "reports/plots/sweep.csv"
-    if sweep.exists():
-        with open(sweep) as fh:
+    sweep = None
+    if (root / SWEEP_CSV).exists():
+        with open(root / SWEEP_CSV) as fh:
             rows = list(csv.DictReader(fh))
         cols = [c for c in SWEEP_COLS if rows and c in rows[0]]
-        parts += ["<h3>LoRA-scale sweep (scale 0 = base)</h3>",
-                  _table([[_fmt(float(r[c])) if r[c] else "&ndash;" for c in cols] for r in rows], cols)]
-    parts.append("<h2>Samples</h2>")
-    for g in index.get("grids", []):
-        parts.append(img(f"reports/samples/{g['file']}", f"grid seed {g.get('seed')}"))
-    parts.append("<h2>Blind A/B test</h2>")
-    ab_link = link("reports/eval/abtest/index.html", "the A/B page")
-    parts.append(f"<p>Send {ab_link or 'the A/B page'} (folder <code>reports/eval/abtest/</code>) to raters; "
-                 "score their answers with <code>python -m stages.abtest score answers*.json</code>.</p>")
-    human = root / "reports/human.json"
-    if human.exists():
+        sweep = {"columns": cols, "rows": [[float(r[c]) if r[c] else None for c in cols] for r in rows]}
+    human = None
+    if (root / HUMAN).exists():
+        data = _read_json(root / HUMAN)
         try:
-            h = json.loads(human.read_text())
-            parts.append(_table([[html.escape(q["question"]), str(q["lora_wins"]), str(q["n"]),
-                                  _fmt(q["lora_win_rate"]), f"{_fmt(q['ci95_low'])}&ndash;{_fmt(q['ci95_high'])}"]
-                                 for q in h["questions"].values()],
-                                ["question", "LoRA wins", "decided pairs", "LoRA win rate", "95% CI"]))
-        except (ValueError, KeyError):
-            parts.append("<p>reports/human.json is unreadable.</p>")
-    parts += ["<h2>Training</h2>", img("reports/eval/loss.png", "training loss") or
-              "<p>No training curve (reports/train/loss.tsv absent).</p>"]
-    parts.append("<h2>Dataset</h2>")
-    parts.append(f"<p>Held-out paintings used as the reference set: {_fmt(metrics.get('n_holdout'))}.</p>")
-    parts += [_json_summary(root / f) for f in DATASET_JSON if (root / f).exists()] or \
-        ["<p>No dataset reports found (reports/curation.json, ...).</p>"]
-    run_file = root / "reports/mlflow_run.json"
-    run_id = None
-    if run_file.exists():
-        try:
-            run_id = json.loads(run_file.read_text()).get("run_id")
-        except ValueError:
-            pass
+            human = [{"question": q["question"], "wins": q["lora_wins"], "n": q["n"], "rate": q["lora_win_rate"],
+                      "low": q["ci95_low"], "high": q["ci95_high"]} for q in data["questions"].values()]
+        except (TypeError, KeyError):
+            human = "unreadable"
+    dataset = [{"file": f, "tables": json_tables(_read_json(root / f))} for f in DATASET_JSON
+               if (root / f).exists() and _read_json(root / f) is not None]
+    curation_figures = [{"src": _rel(f, base), "caption": f.relative_to(root).as_posix()}
+                        for pattern in CURATION_FIGURES for f in sorted(root.glob(pattern))]
+    run_id = (_read_json(root / "reports/mlflow_run.json") or {}).get("run_id")
     tags = tracking.run_tags(p, "evaluate")
-    lineage = [["git commit", _fmt(tags.get("git.commit"))], ["git dirty", _fmt(tags.get("git.dirty"))],
-               ["curated data md5 (dvc.lock)", _fmt(tags.get("dataset.curated_md5"))],
-               ["MLflow run id", _fmt(run_id)], ["DVC experiment", _fmt(tags.get("dvc.exp_name"))],
-               ["adapter sha256", _fmt(index.get("adapter_sha256"))]]
-    parts += ["<h2>Lineage</h2>", _table(lineage, ["what", "value"]),
-              "<details><summary>params</summary><pre>" +
-              html.escape(yaml.safe_dump(p.model_dump(), sort_keys=False)) + "</pre></details>"]
-    page = ("<!doctype html><html lang='en'><head><meta charset='utf-8'><title>flux-impressionism report"
-            "</title><style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:1.5em auto;"
-            "color:#222}table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;"
-            "padding:.25em .6em;text-align:right}td:first-child,th:first-child{text-align:left}"
-            "img{max-width:100%}</style></head><body>\n" + "\n".join(x for x in parts if x) +
-            "\n</body></html>\n")
+    lineage = [["git commit", tags.get("git.commit")], ["git dirty", tags.get("git.dirty")],
+               ["curated data md5 (dvc.lock)", tags.get("dataset.curated_md5")],
+               ["MLflow run id", run_id], ["DVC experiment", tags.get("dvc.exp_name")],
+               ["adapter sha256", index.get("adapter_sha256")]]
+    page = pages.render(
+        "report.html.j2", profile=p.profile, base_model=p.model.base, index=index,
+        n_prompts=len(index.get("prompts", [])), n_seeds=len(index.get("seeds", [])),
+        metrics_rows=metrics_rows(metrics), lora_scale=metrics.get("lora_scale"),
+        notes_rows=[[n] for n in notes],
+        trait_rows=trait_rows(metrics), trait_plot=existing("reports/eval/traits.png"),
+        traits_csv=existing("reports/plots/traits.csv"), sweep_csv=existing(SWEEP_CSV), sweep=sweep,
+        grids=[{"src": existing(f"reports/samples/{g['file']}"), "seed": g.get("seed")}
+               for g in index.get("grids", []) if existing(f"reports/samples/{g['file']}")],
+        ab_page=existing("reports/eval/abtest/index.html"), human=human,
+        loss_plot=existing("reports/eval/loss.png"), n_holdout=metrics.get("n_holdout"),
+        dataset=dataset, curation_figures=curation_figures, lineage=lineage,
+        params=_flat_params(p.model_dump()))
     write_text(root / out, page)
     return root / out

@@ -1,28 +1,46 @@
-"""Impressionism trait metrics: weight-free numbers computed from pixels alone.
+"""Impressionism trait metrics: weight-free numbers computed from pixels alone, plus one composite.
 
-Every image is first resized (bicubic, aspect not kept) to ``size`` x ``size`` so images of different
-resolutions are measured at the same scale, then converted to CIE L*a*b* (sRGB, D65). One number
-per trait of the seed plan (docs: .agents/readme-eval.md, README "Evaluation"):
+Every image is resized (bicubic, aspect not kept) to ``size`` x ``size`` so images of different
+resolutions are measured at the same scale, then converted to OKLab (sRGB, D65; L in [0, 1],
+chroma C = sqrt(a² + b²) about 0..0.32, hue h = atan2(b, a)). Scales are fractions of the image side,
+but pixels still matter: use ``size`` 256 (the flux-dev profile's eval.trait_size). There a stroke of
+1-3 % of the side spans several pixels; at 64 it is under one and ``stroke_isotropy`` carries no signal
+on real paintings, at 128 and 512 it separates less (measured). Measured on 126 real paintings
+(docs/evaluation.md, reports/bench/traits_realart.md: ``benchmarks/bench_traits_realart.py``):
 
-``hf_energy`` (visible short strokes)
-    Share of the non-DC spectral power of the luminance L* (Hann-windowed 2-D FFT) at radial
-    frequencies of at least ``HF_CYCLES`` cycles per image side, i.e. structures smaller than 1/8
-    of the picture: brush strokes, not the composition. 0 for a flat or a smooth-gradient image,
-    about 0.5 or more for a stroke texture, up to ~0.95 for white noise.
-``broken_colour`` (colour laid side by side, not blended)
-    The image is cut into a ``PATCHES`` x ``PATCHES`` grid; each patch's mean chroma (a*, b*) is
-    taken; the metric is the mean Euclidean a*b* distance between 4-neighbouring patches (Lab
-    units). 0 for one flat colour, small for a smooth gradient, large for juxtaposed dabs of
-    different hues. Luminance-only texture (grey strokes) scores 0.
-``saturation`` / ``pure_share`` (pure, unmixed colours)
-    HSV saturation of the pixels that are not dark (V >= ``DARK_V``): its mean, and the share of
-    those pixels with saturation >= ``PURE_S`` (mixed, muddy colours are desaturated).
-``black_share`` / ``shadow_chroma`` (avoidance of black)
-    Share of near-black pixels (L* < ``BLACK_L``), and the mean chroma C*ab = sqrt(a*² + b*²) of
-    the shadows (the darkest ``SHADOW_Q`` of pixels by L*): coloured shadows score high, black or
-    grey shadows near 0.
-``light_key`` / ``highkey_share`` (emphasis on light)
-    Mean L* / 100 (the luminance key), and the share of pixels with L* >= ``HIGHKEY_L``.
+``stroke_isotropy`` (short visible strokes, +1)
+    1 - the mean coherence of the colour structure tensor (Di Zenzo: the gradient tensors of OKLab
+    L, a and b summed) over the textured pixels (gradient above ``TEXTURE_GRAD`` per image side),
+    the tensor averaged over a Gaussian window of ``STROKE_SIGMA`` of the side (a window about 2 %
+    of the side across). Dabs and short strokes laid in many directions are locally isotropic
+    (high); long straight edges, lines and hatching are locally coherent (low); a flat picture or a
+    smooth gradient has no textured pixel (0).
+``broken_colour`` (colour laid side by side rather than modelled in value, +1)
+    The image is cut into stroke-sized patches (``PATCH`` of the side); for every pair of
+    4-neighbouring patches, the change of mean colour (a, b) divided by the change of mean
+    lightness (+ ``BROKEN_EPS``), averaged. High when neighbouring dabs differ in hue at similar
+    value; low for tonal modelling (light/dark of one hue) and for flat colour.
+``cool_shadows`` (coloured, not black, shadows, +1)
+    Of the darkest ``SHADOW_Q`` of pixels by L, the share that is chromatic (C >= ``SHADOW_C``)
+    with a cool hue (``COOL_HUE`` degrees: green-blue-violet).
+``dark_share`` (no black, -1)
+    Share of pixels darker than OKLab L = ``DARK_L`` (about CIE L* 25: black, umber, deep shade).
+``light_key`` (light, high key, +1)
+    Mean L minus the standard deviation of L: high for a light picture held in a narrow band of
+    values, low for a dark or a strongly contrasted one.
+``impressionism`` (composite, +1)
+    A logistic score in [0, 1]: sigmoid(``COMPOSITE_BIAS`` + sum_i w_i (t_i - mean_i) / sd_i) over the
+    five traits above, with means, spreads and weights fitted once on the whole realart corpus (L2
+    logistic regression, C = 0.1) and FROZEN below; the benchmark reports the AUC of that procedure
+    under artist-grouped cross-validation (docs/evaluation.md). It is a fixed function of the
+    pixels, not a model trained per run.
+
+Evaluate reports ``NAMES``: ``stroke_isotropy`` and the composite. The other four components are
+``DIAGNOSTICS`` (``image_traits(..., diagnostics=True)``, the benchmark): each separates Impressionism
+from the old masters (AUC 0.79-0.89) but not from modern art (0.61-0.66 < 0.70), so on its own it
+would rank a modern-looking sample as Impressionist; inside the composite they still count. Also
+diagnostic: ``pure_colour`` (share of pixels with C >= ``PURE_C`` at ``PURE_L`` lightness), which modern
+art has more of than Impressionism (AUC 0.37 vs modern). Numbers: docs/evaluation.md.
 """
 from __future__ import annotations
 
@@ -30,21 +48,50 @@ from typing import Iterable
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
-HF_CYCLES = 8.0      # cycles per image side from which power counts as "high frequency"
-PATCHES = 16         # broken colour: patch grid per side
-DARK_V = 0.2         # HSV value under which saturation is ignored (unstable in the dark)
-PURE_S = 0.6         # saturation from which a colour counts as pure
-BLACK_L = 10.0       # L* under which a pixel is near-black
-SHADOW_Q = 0.2       # the darkest 20% of pixels are the shadows
-HIGHKEY_L = 70.0     # L* from which a pixel is high-key
+STROKE_SIGMA = 0.005   # structure tensor window (Gaussian sigma), fraction of the side
+TEXTURE_GRAD = 2.56    # |grad L| (L units per image side) from which a pixel counts as textured
+PATCH = 0.01           # broken colour: patch side, fraction of the image side
+BROKEN_EPS = 0.02      # lightness step (OKLab L) added to the denominator of broken colour
+SHADOW_Q = 0.2         # the darkest 20% of pixels are the shadows
+SHADOW_C = 0.05        # chroma from which a shadow pixel counts as coloured
+COOL_HUE = (140.0, 320.0)  # OKLab hue range (degrees) of cool colours: green, blue, violet
+DARK_L = 0.35          # OKLab L under which a pixel is dark
+PURE_C = 0.1           # diagnostic pure colour: chroma ...
+PURE_L = (0.6, 0.9)    # ... at mid-high lightness
 
-NAMES = ("hf_energy", "broken_colour", "saturation", "pure_share", "black_share", "shadow_chroma",
-         "light_key", "highkey_share")
+COMPONENTS = ("stroke_isotropy", "broken_colour", "cool_shadows", "dark_share", "light_key")
+COMPOSITE = "impressionism"
+# Every number evaluate reports: the traits that separate Impressionism from old masters AND from
+# modern art on realart (AUC >= 0.75 / >= 0.70 vs modern, scan noise < 1/4 of the gap), and the composite.
+NAMES = ("stroke_isotropy", COMPOSITE)
+# Measured (image_traits(..., diagnostics=True), the benchmark) but not reported: the composite's other
+# components, which separate Impressionism from old masters but not from modern art, and pure colour.
+DIAGNOSTICS = tuple(k for k in COMPONENTS if k not in NAMES) + ("pure_colour",)
 
-# Which way is "more Impressionist" for each trait (+1 higher, -1 lower): used by the report.
-DIRECTION = {"hf_energy": 1, "broken_colour": 1, "saturation": 1, "pure_share": 1,
-             "black_share": -1, "shadow_chroma": 1, "light_key": 1, "highkey_share": 1}
+# Which way is "more Impressionist" for each trait (+1 higher, -1 lower).
+DIRECTION = {"stroke_isotropy": 1, "broken_colour": 1, "cool_shadows": 1, "dark_share": -1,
+             "light_key": 1, COMPOSITE: 1, "pure_colour": 1}
+
+# One line each, for tables (report, model card): what the number measures.
+LABELS = {"stroke_isotropy": "short strokes: structure-tensor isotropy of the textured pixels",
+          "broken_colour": "broken colour: hue change over value change between stroke-sized patches",
+          "cool_shadows": "coloured shadows: share of the darkest 20% that is cool and chromatic",
+          "dark_share": "no black: share of dark pixels (OKLab L < 0.35; lower = more Impressionist)",
+          "light_key": "light: mean minus spread of OKLab lightness",
+          COMPOSITE: "Impressionism score: frozen logistic composite of the five traits"}
+
+# Frozen composite (fitted by `python -m benchmarks.bench_traits_realart --fit` at size 256 on the
+# realart corpus; see docs/evaluation.md). Per trait: (mean, sd, weight).
+COMPOSITE_WEIGHTS = {
+    "stroke_isotropy": (0.350735, 0.0945783, 0.576194),
+    "broken_colour": (0.213941, 0.0917991, 0.166255),
+    "cool_shadows": (0.0611442, 0.141903, 0.150716),
+    "dark_share": (0.245838, 0.227465, -0.45314),
+    "light_key": (0.363953, 0.136037, 0.404247),
+}
+COMPOSITE_BIAS = -0.150293
 
 
 def to_rgb_array(img: Image.Image | np.ndarray, size: int) -> np.ndarray:
@@ -60,78 +107,100 @@ def to_rgb_array(img: Image.Image | np.ndarray, size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.float64) / 255.0
 
 
-def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
-    """sRGB in [0, 1] (..., 3) -> CIE L*a*b* (D65): L in [0, 100], a/b roughly [-128, 127]."""
+def srgb_to_oklab(rgb: np.ndarray) -> np.ndarray:
+    """sRGB in [0, 1] (..., 3) -> OKLab (Ottosson 2020): L in [0, 1], a/b roughly [-0.3, 0.3]."""
     lin = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
-    m = np.array([[0.4124564, 0.3575761, 0.1804375],
-                  [0.2126729, 0.7151522, 0.0721750],
-                  [0.0193339, 0.1191920, 0.9503041]])
-    xyz = lin @ m.T / np.array([0.95047, 1.0, 1.08883])
-    eps, kappa = 216 / 24389, 24389 / 27
-    f = np.where(xyz > eps, np.cbrt(xyz), (kappa * xyz + 16) / 116)
-    L = 116 * f[..., 1] - 16
-    a = 500 * (f[..., 0] - f[..., 1])
-    b = 200 * (f[..., 1] - f[..., 2])
-    return np.stack([L, a, b], axis=-1)
+    lms = lin @ np.array([[0.4122214708, 0.5363325363, 0.0514459929],
+                          [0.2119034982, 0.6806995451, 0.1073969566],
+                          [0.0883024619, 0.2817188376, 0.6299787005]]).T
+    return np.cbrt(lms) @ np.array([[0.2104542553, 0.7936177850, -0.0040720468],
+                                    [1.9779984951, -2.4285922050, 0.4505937099],
+                                    [0.0259040371, 0.7827717662, -0.8086757660]]).T
 
 
-def hf_energy(L: np.ndarray) -> float:
-    """Share of non-DC power of ``L`` (H, W) at >= HF_CYCLES cycles per image side."""
-    h, w = L.shape
-    x = (L - L.mean()) * np.outer(np.hanning(h), np.hanning(w))
-    power = np.abs(np.fft.fft2(x)) ** 2
-    fy = np.fft.fftfreq(h) * h  # cycles per image side
-    fx = np.fft.fftfreq(w) * w
-    radius = np.hypot(*np.meshgrid(fy, fx, indexing="ij"))
-    power[0, 0] = 0.0
-    total = power.sum()
-    return float(power[radius >= HF_CYCLES].sum() / total) if total > 1e-12 else 0.0
+def stroke_isotropy(lab: np.ndarray) -> float:
+    """1 - mean coherence of the colour structure tensor over the textured pixels of ``lab`` (n, n, 3);
+    0 when nothing is textured (a flat picture or a smooth gradient)."""
+    n = lab.shape[0]
+    jxx = jyy = jxy = 0.0
+    for c in range(3):  # Di Zenzo: the tensors of L, a and b summed (a hue edge is an edge too)
+        g = ndimage.gaussian_filter(lab[..., c], 0.5)
+        gx, gy = ndimage.sobel(g, 1) / 8.0, ndimage.sobel(g, 0) / 8.0
+        jxx, jyy, jxy = jxx + gx * gx, jyy + gy * gy, jxy + gx * gy
+    sigma = max(STROKE_SIGMA * n, 0.7)
+    jxx, jyy, jxy = (ndimage.gaussian_filter(x, sigma) for x in (jxx, jyy, jxy))
+    trace = jxx + jyy
+    textured = np.sqrt(trace) > TEXTURE_GRAD / n
+    if not textured.any():
+        return 0.0
+    coherence = np.sqrt((jxx - jyy) ** 2 + 4 * jxy ** 2)[textured] / trace[textured]
+    return float(1.0 - coherence.mean())
 
 
-def broken_colour(lab: np.ndarray, patches: int = PATCHES) -> float:
-    """Mean a*b* distance between 4-neighbouring patch means on a ``patches`` grid."""
-    h, w, _ = lab.shape
-    ph, pw = h // patches, w // patches
-    if ph < 1 or pw < 1:
-        raise ValueError(f"image {h}x{w} too small for a {patches}x{patches} patch grid")
-    ab = lab[: ph * patches, : pw * patches, 1:]
-    means = ab.reshape(patches, ph, patches, pw, 2).mean(axis=(1, 3))
-    horiz = np.linalg.norm(means[:, 1:] - means[:, :-1], axis=-1)
-    vert = np.linalg.norm(means[1:] - means[:-1], axis=-1)
-    return float(np.concatenate([horiz.ravel(), vert.ravel()]).mean())
+def broken_colour(lab: np.ndarray, patch: float = PATCH) -> float:
+    """Mean over 4-neighbouring patch pairs of |delta ab| / (|delta L| + BROKEN_EPS)."""
+    n = lab.shape[0]
+    p = max(1, int(round(patch * n)))
+    m = n // p
+    if m < 2:
+        raise ValueError(f"image {n}x{n} too small for patches of {p} px")
+    means = lab[: m * p, : m * p].reshape(m, p, m, p, 3).mean(axis=(1, 3))
+    ratios = []
+    for d in (np.diff(means, axis=0), np.diff(means, axis=1)):
+        ratios.append(np.hypot(d[..., 1], d[..., 2]) / (np.abs(d[..., 0]) + BROKEN_EPS))
+    return float(np.concatenate([r.ravel() for r in ratios]).mean())
 
 
-def _hsv_sv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    v = rgb.max(axis=-1)
-    s = np.where(v > 0, (v - rgb.min(axis=-1)) / np.maximum(v, 1e-12), 0.0)
-    return s, v
-
-
-def image_traits(img: Image.Image | np.ndarray, size: int = 64) -> dict[str, float]:
-    """All trait metrics of one image (see the module docstring for the definitions)."""
-    rgb = to_rgb_array(img, size)
-    lab = srgb_to_lab(rgb)
-    L = lab[..., 0]
-    s, v = _hsv_sv(rgb)
-    lit = v >= DARK_V
-    sat = s[lit]
-    chroma = np.hypot(lab[..., 1], lab[..., 2])
+def cool_shadows(lab: np.ndarray) -> float:
+    """Share of the darkest SHADOW_Q pixels that are chromatic and of a cool hue."""
+    L, a, b = lab[..., 0], lab[..., 1], lab[..., 2]
     shadows = L <= np.quantile(L, SHADOW_Q)
-    return {
-        "hf_energy": hf_energy(L),
-        "broken_colour": broken_colour(lab, min(PATCHES, size)),
-        "saturation": float(sat.mean()) if sat.size else 0.0,
-        "pure_share": float((sat >= PURE_S).mean()) if sat.size else 0.0,
-        "black_share": float((L < BLACK_L).mean()),
-        "shadow_chroma": float(chroma[shadows].mean()),
-        "light_key": float(L.mean() / 100.0),
-        "highkey_share": float((L >= HIGHKEY_L).mean()),
-    }
+    hue = np.degrees(np.arctan2(b, a)) % 360.0
+    cool = (np.hypot(a, b) >= SHADOW_C) & (hue > COOL_HUE[0]) & (hue < COOL_HUE[1])
+    return float((cool & shadows).sum() / shadows.sum())
+
+
+def composite(values: dict[str, float]) -> float:
+    """The frozen Impressionism score in [0, 1] from the five COMPONENTS' values."""
+    z = COMPOSITE_BIAS + sum(w * (values[k] - mu) / sd for k, (mu, sd, w) in COMPOSITE_WEIGHTS.items())
+    return float(1.0 / (1.0 + np.exp(-z)))
+
+
+def image_traits(img: Image.Image | np.ndarray, size: int = 64, diagnostics: bool = False) -> dict[str, float]:
+    """NAMES for one image, and DIAGNOSTICS too when asked (see the module docstring)."""
+    lab = srgb_to_oklab(to_rgb_array(img, size))
+    L = lab[..., 0]
+    out = {"stroke_isotropy": stroke_isotropy(lab),
+           "broken_colour": broken_colour(lab),
+           "cool_shadows": cool_shadows(lab),
+           "dark_share": float((L < DARK_L).mean()),
+           "light_key": float(L.mean() - L.std())}
+    out[COMPOSITE] = composite(out)
+    if not diagnostics:
+        return {k: out[k] for k in NAMES}
+    chroma = np.hypot(lab[..., 1], lab[..., 2])
+    out["pure_colour"] = float(((chroma >= PURE_C) & (L >= PURE_L[0]) & (L <= PURE_L[1])).mean())
+    return out
+
+
+def trait_table(images: Iterable[Image.Image | np.ndarray], size: int = 64) -> dict[str, np.ndarray]:
+    """Per-trait arrays over ``images`` (one value per image, in order)."""
+    rows = [image_traits(im, size) for im in images]
+    return {k: np.array([r[k] for r in rows], dtype=np.float64) for k in NAMES}
+
+
+def distance(table: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per trait: |mean of ``table`` - mean of ``ref``| in standard deviations of ``ref`` (raw units
+    where ``ref`` does not vary): how far a set of images is from the reference paintings."""
+    out = {}
+    for k in NAMES:
+        sd = float(np.std(ref[k])) if len(ref[k]) > 1 else 0.0
+        gap = abs(float(np.mean(table[k])) - float(np.mean(ref[k])))
+        out[k] = gap / sd if sd > 1e-9 else gap
+    return out
 
 
 def mean_traits(images: Iterable[Image.Image | np.ndarray], size: int = 64) -> dict[str, float]:
     """Per-trait mean over ``images`` (NaN for an empty set, so a missing set is visible)."""
-    rows = [image_traits(im, size) for im in images]
-    if not rows:
-        return {k: float("nan") for k in NAMES}
-    return {k: float(np.mean([r[k] for r in rows])) for k in NAMES}
+    table = trait_table(images, size)
+    return {k: float(v.mean()) if v.size else float("nan") for k, v in table.items()}
