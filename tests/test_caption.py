@@ -252,3 +252,21 @@ def test_bundled_clip_bpe_counts_equal_open_clips_tokenizer():
                                             genre="marina", artist="jeanne-riviere"), "impressionism style")]
     reference = [len(SimpleTokenizer().encode(t)) + 2 for t in texts]  # + start/end tokens
     assert captions.TokenCounter().count(texts)[0] == reference
+
+
+def test_user_captions_keep_their_words_get_the_trigger_once_and_repeats_carry_over(tmp_path):
+    """What the folder source hands over (caption files, kohya repeats) survives the caption stage."""
+    p, paths, rows = _fixture(tmp_path, n=6, holdout=0.0)
+    rows[2].update(caption="a haystack at dusk", repeats=10)
+    rows[3].update(caption="poplars, Impressionism Style", repeats=3)
+    shards.write_shards(rows, paths["raw"], shard_rows=5)
+    stage.run(p, **paths)
+    out = {r["id"]: r for r in shards.read_table(paths["out_dir"] / "train").to_pylist()}
+    assert out[rows[2]["id"]]["caption"] == "a haystack at dusk, impressionism style"
+    assert out[rows[3]["id"]]["caption"] == "poplars, Impressionism Style"  # already there: not twice
+    assert out[rows[4]["id"]]["caption"].startswith("scene 4")  # no user caption: the template
+    assert (out[rows[2]["id"]]["repeats"], out[rows[3]["id"]]["repeats"], out[rows[4]["id"]]["repeats"]) == (10, 3, None)
+    p2 = params.validate({**p.model_dump(), "caption": {**p.caption.model_dump(), "keep_existing": False}})
+    stage.run(p2, **paths)
+    out = {r["id"]: r for r in shards.read_table(paths["out_dir"] / "train").to_pylist()}
+    assert out[rows[2]["id"]]["caption"].startswith("scene 2")  # configured: templates win

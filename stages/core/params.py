@@ -42,6 +42,23 @@ class WikiartSource(Section):
     genres: list[str] = []
 
 
+class FolderSource(Section):
+    """``data.source=folder``: trainer-convention caption files and kohya repeat folders (stages/data/folder.py)."""
+    caption_extensions: list[str] = Field([".txt", ".caption"], description="caption file = image name with "
+                                          "one of these extensions (the first found wins); [] = none")
+    caption_max_bytes: int = Field(16384, ge=1, description="a larger caption file is rejected (bad_caption)")
+    repeats: bool = Field(True, description="honour kohya `N_name` folders: their images are seen N times "
+                                            "per epoch; false = a folder name is just a name")
+
+    @field_validator("caption_extensions")
+    @classmethod
+    def _dotted(cls, v):
+        bad = [e for e in v if not e.startswith(".") or len(e) < 2]
+        if bad:
+            raise ValueError(f"extensions start with a dot, e.g. '.txt' (got {bad})")
+        return v
+
+
 class Data(Section):
     source: Literal["synthetic", "wikiart", "folder"] = "synthetic"
     path: Optional[str] = None
@@ -53,6 +70,7 @@ class Data(Section):
     workers: int = Field(2, ge=1)
     synthetic: SyntheticSource = SyntheticSource()
     wikiart: WikiartSource = WikiartSource()
+    folder: FolderSource = FolderSource()
 
     @model_validator(mode="after")
     def _folder_needs_path(self):
