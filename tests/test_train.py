@@ -223,12 +223,15 @@ def test_ema_adapter_is_its_own_loadable_adapter(workdir):
     pipe.load_lora_weights(str(out / "ema"))
 
 
-def test_ema_survives_an_interrupted_run(workdir, tmp_path_factory):
+def test_prodigy_and_ema_survive_an_interrupted_run(workdir, tmp_path_factory):
+    """Prodigy's step-size estimate and the EMA live in the checkpoint: resuming gives the same adapters."""
     from stages import train
 
-    params = dict(train__steps=6, train__checkpoint_every=3, train__ema_decay=0.8)
+    params = dict(train__steps=6, train__checkpoint_every=3, train__ema_decay=0.8, train__optimizer="prodigy",
+                  train__lr=1.0)
     run_train(workdir, **params)
-    reference = load_file(workdir / "models/lora/ema/pytorch_lora_weights.safetensors")
+    reference = {name: load_file(workdir / "models/lora" / name / "pytorch_lora_weights.safetensors")
+                 for name in ("", "ema")}
     other = tmp_path_factory.mktemp("ema-resumed")
     shutil.copytree(workdir / "data/cache", other / "data/cache")
     os.chdir(other)
@@ -244,8 +247,9 @@ def test_ema_survives_an_interrupted_run(workdir, tmp_path_factory):
     finally:
         train.CALLBACKS.remove(crash)
     run_train(other, **params)
-    resumed = load_file(other / "models/lora/ema/pytorch_lora_weights.safetensors")
-    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    for name, ref in reference.items():
+        resumed = load_file(other / "models/lora" / name / "pytorch_lora_weights.safetensors")
+        assert all(torch.equal(resumed[k], ref[k]) for k in ref), name
 
 
 def test_snapshots_every_n_steps_keep_the_last_k_and_load(workdir):
