@@ -274,6 +274,7 @@ def test_bad_caption_files_are_recorded_rejects(trainer_folder):
     assert rep["caption_files"] == 6 and rep["bad_caption_files"] == 3
     assert rep["ignored_files"] == 1 and "caption file without an image" in rep["ignored_examples"][0]
     assert rep["repeat_folders"] == {"images": 2, "max_repeats": 10}
+    assert rep["with_sidecar_metadata"] == 1  # 0003.png; caption files are counted apart
 
 
 def test_folder_conventions_are_configurable(trainer_folder, tmp_path):

@@ -106,6 +106,24 @@ def _caption_file(image: Path, extensions: list[str]) -> Path | None:
     return None
 
 
+def _candidate(p: Path, root: Path, fields: dict, opts) -> dict:
+    """One image file as a candidate: sidecar fields, then its caption file and repeats."""
+    rel = p.relative_to(root)
+    cand = {"path": rel.as_posix(), "file": str(p), "source": "folder", **fields,
+            "provenance": fields.get("provenance") or f"folder:{rel}"}
+    cap_file = _caption_file(p, opts.caption_extensions)
+    if cap_file is not None:
+        cand["_caption_file"] = cap_file
+        text, why = read_caption(cap_file, opts.caption_max_bytes)
+        if why:
+            cand["reject"] = ("bad_caption", why)
+        else:
+            cand["caption"] = text  # the caption file wins over a sidecar's caption
+    if opts.repeats and (n := repeats_of(rel)) is not None:
+        cand["repeats"] = n
+    return cand
+
+
 def scan(root: str | Path, opts=None) -> tuple[list[dict], dict]:
     """Candidates sorted by path (``path`` relative to ``root``, as recorded; ``file`` to read;
     sidecar metadata; ``caption`` from a caption file; ``repeats``; ``reject`` = (reason, detail)
@@ -117,41 +135,20 @@ def scan(root: str | Path, opts=None) -> tuple[list[dict], dict]:
     if not root.is_dir():
         raise SystemExit(f"data.path = {str(root)!r} is not a directory (data.source=folder needs one)")
     meta, problems = load_metadata(root)
-    candidates, ignored, used_captions = [], [], set()
-    files = sorted(root.rglob("*"))
+    files = sorted(p for p in root.rglob("*") if p.name not in SIDECARS and (p.is_symlink() or not p.is_dir()))
+    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    candidates = [_candidate(p, root, meta.get(str(p.resolve()), {}), opts) for p in images]
+    used = {c.pop("_caption_file") for c in candidates if c.get("_caption_file")}
     exts = {e.lower() for e in opts.caption_extensions}
-    for p in files:
-        if p.name in SIDECARS or p.is_dir() and not p.is_symlink():
-            continue
-        if p.suffix.lower() not in IMAGE_EXTENSIONS:
-            continue
-        rel = p.relative_to(root)
-        fields = dict(meta.get(str(p.resolve()), {}))
-        cand = {"path": rel.as_posix(), "file": str(p), "source": "folder", **fields,
-                "provenance": fields.get("provenance") or f"folder:{rel}"}
-        cap_file = _caption_file(p, opts.caption_extensions)
-        if cap_file is not None:
-            used_captions.add(cap_file)
-            text, why = read_caption(cap_file, opts.caption_max_bytes)
-            if why:
-                cand["reject"] = ("bad_caption", why)
-            else:
-                cand["caption"] = text
-        if opts.repeats and (n := repeats_of(rel)) is not None:
-            cand["repeats"] = n
-        candidates.append(cand)
-    for p in files:
-        if p.name in SIDECARS or p.is_dir() and not p.is_symlink() or p.suffix.lower() in IMAGE_EXTENSIONS:
-            continue
-        if p not in used_captions:
-            ignored.append(str(p.relative_to(root)) + (" (caption file without an image)"
-                                                      if p.suffix.lower() in exts else ""))
+    ignored = [str(p.relative_to(root)) + (" (caption file without an image)" if p.suffix.lower() in exts else "")
+               for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS and p not in used]
     for msg in problems:
         log.warning("sidecar: %s", msg)
-    described = sum(1 for c in candidates if c.get("title") or c.get("artist") or c.get("caption"))
+    described = sum(1 for c in candidates if any(meta.get(str(Path(c["file"]).resolve()), {}).get(k)
+                                                  for k in ("title", "artist", "caption")))
     repeated = [c["repeats"] for c in candidates if c.get("repeats")]
     return candidates, {"ignored_files": len(ignored), "ignored_examples": ignored[:10],
                         "sidecar_problems": problems[:20], "with_sidecar_metadata": described,
-                        "caption_files": len(used_captions),
+                        "caption_files": len(used),
                         "bad_caption_files": sum(1 for c in candidates if "reject" in c),
                         "repeat_folders": {"images": len(repeated), "max_repeats": max(repeated, default=0)}}
