@@ -29,6 +29,9 @@ from stages.core import params, shards
 from stages.core.images import decode
 from stages.core.io import atomic_dir, write_json, write_text
 from stages.curation import captions
+from stages.data.holdout import split_holdout
+from stages.models import tokens
+from stages.models.captioner import Captioner
 
 RAW = Path("data/raw/shards")
 FILTER = Path("data/interim/filter.parquet")
@@ -114,8 +117,8 @@ def write_reports(out: Path, records: list[dict], thumbs: list, stats: dict) -> 
         writer.writerows(records)
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, key, limit in ((axes[0], "clip_tokens", captions.CLIP_MAX_TOKENS),
-                           (axes[1], "t5_tokens", captions.T5_MAX_TOKENS)):
+    for ax, key, limit in ((axes[0], "clip_tokens", tokens.CLIP_MAX_TOKENS),
+                           (axes[1], "t5_tokens", tokens.T5_MAX_TOKENS)):
         values = [r[key] for r in records]
         ax.hist(values, bins=30, color="#4c72b0")
         ax.axvline(limit, color="#c44e52", linestyle="--", label=f"limit {limit}")
@@ -161,7 +164,7 @@ def run(p: params.Params, raw: Path = RAW, filter_path: Path = FILTER, out_dir: 
                          "data/raw and data/interim are out of step; rerun dedupe and filter")
     if not found:
         raise SystemExit(f"filter kept no images ({filter_path}): nothing to caption")
-    split = captions.split_holdout(meta["id"].to_pylist(), meta["artist"].to_pylist(), p.data.holdout, p.seed)
+    split = split_holdout(meta["id"].to_pylist(), meta["artist"].to_pylist(), p.data.holdout, p.seed)
     log.info("%d images: %d train, %d held out (data.holdout=%s, seed %d)", len(split),
              sum(s == "train" for s in split.values()), sum(s == "holdout" for s in split.values()),
              p.data.holdout, p.seed)
@@ -169,7 +172,7 @@ def run(p: params.Params, raw: Path = RAW, filter_path: Path = FILTER, out_dir: 
     if describe is None and cfg.backend != "template":
         if not cfg.model:
             raise SystemExit(f"caption.backend={cfg.backend} needs caption.model (a hub id or local folder)")
-        describe = captions.Captioner(cfg.model, cfg.prompt, cfg.max_new_tokens, cfg.batch_size)
+        describe = Captioner(cfg.model, cfg.prompt, cfg.max_new_tokens, cfg.batch_size)
 
     records: list[dict] = []
     thumbs: list = []
@@ -183,7 +186,7 @@ def run(p: params.Params, raw: Path = RAW, filter_path: Path = FILTER, out_dir: 
         if cfg.export_imagefolder:
             log.info("imagefolder export: %d images", export_imagefolder(tmp, tmp / "imagefolder"))
 
-    counter = captions.TokenCounter(p.model.base, p.model.revision)
+    counter = tokens.TokenCounter(p.model.base, p.model.revision)
     clip_n, t5_n = counter.count([r["caption"] for r in records])
     for r, c, t in zip(records, clip_n, t5_n):
         r.update(words=len(r["caption"].split()), clip_tokens=c, t5_tokens=t)
@@ -193,9 +196,9 @@ def run(p: params.Params, raw: Path = RAW, filter_path: Path = FILTER, out_dir: 
              "empty_captions": sum(not r["caption"] for r in records),
              "holdout_artists": len({r["artist"] for r in records if r["split"] == "holdout"}),
              "token_method": counter.method,
-             **captions.truncation_counts(clip_n, t5_n)}
+             **tokens.truncation_counts(clip_n, t5_n)}
     if stats["t5_truncated"]:
-        log.warning("%d captions exceed T5's %d tokens and will be cut", stats["t5_truncated"], captions.T5_MAX_TOKENS)
+        log.warning("%d captions exceed T5's %d tokens and will be cut", stats["t5_truncated"], tokens.T5_MAX_TOKENS)
     log.info("captions by origin %s; over CLIP's 77 tokens: %d; over T5's 512: %d",
              stats["by_origin"], stats["clip_truncated"], stats["t5_truncated"])
     with atomic_dir(report_dir) as tmp:

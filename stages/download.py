@@ -70,7 +70,7 @@ def _candidates(p, log):
     """The chosen source's candidates (dicts with ``path``, maybe ``data``, metadata) and report extras."""
     d = p.data
     if d.source == "folder":
-        cands, extra = folder.scan(d.path)
+        cands, extra = folder.scan(d.path, d.folder)
         if d.limit and len(cands) > d.limit:
             keep = sorted(random.Random(p.seed).sample(range(len(cands)), d.limit))
             cands = [cands[i] for i in keep]

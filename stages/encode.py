@@ -51,13 +51,14 @@ def read_captions(split: str) -> list[dict]:
     folder = CURATED / split
     if not folder.exists():
         return []
-    return list(iter_rows(folder, columns=["id", "caption"]))
+    return list(iter_rows(folder, columns=["id", "caption", "repeats"]))
 
 
 def data_hash(rows: list[dict]) -> str:
     h = hashlib.sha256()
     for r in sorted(rows, key=lambda r: r["id"]):
-        h.update(f"{r['id']}\t{r['caption']}\n".encode())
+        rep = r.get("repeats") or 1  # kohya repeats change what is trained on (1 = none: the old hash)
+        h.update((f"{r['id']}\t{r['caption']}" + (f"\t{rep}" if rep != 1 else "") + "\n").encode())
     return h.hexdigest()[:16]
 
 
@@ -176,7 +177,7 @@ def main() -> None:
     sizes = cache_lib.buckets(p.train.resolution, p.train.buckets)
     # assign buckets from the recorded sizes first; decode images bucket by bucket (bounded memory)
     by_bucket, rejects = defaultdict(list), []
-    for row in iter_rows(CURATED / "train", columns=["id", "caption", "width", "height"]):
+    for row in iter_rows(CURATED / "train", columns=["id", "caption", "width", "height", "repeats"]):
         if not (row["caption"] or "").strip():
             rejects.append({"id": row["id"], "reason": "empty_caption"})
         elif not row["width"] or not row["height"]:
@@ -217,7 +218,8 @@ def main() -> None:
             tensors.update({n: t[keep].contiguous() for n, t in texts.items()})
             save_file(tensors, tmp / shard_name(size, k),
                       metadata={"ids": json.dumps([r["id"] for r in decoded]),
-                                "captions": json.dumps([r["caption"] for r in decoded])})
+                                "captions": json.dumps([r["caption"] for r in decoded]),
+                                "repeats": json.dumps([r.get("repeats") or 1 for r in decoded])})
             files[size].append((shard_name(size, k), len(decoded)))
         del images
         free()

@@ -26,30 +26,13 @@ from stages.core import compat
 from stages.core import log, params, tracking
 from stages.core.io import atomic_dir, write_json
 from stages.core.log import progress_disabled
+from stages.core.prompts import read_prompts, with_trigger  # noqa: F401 - sample.read_prompts is public
+from stages.models import snapshots
 
 OUT = Path("reports/samples")
 LORA_DIR = Path("models/lora")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 ADAPTER = "style"
-
-
-def read_prompts(path: Path | str) -> list[str]:
-    """Non-empty lines of the prompt file, ``#`` comments skipped; duplicates are an error."""
-    path = Path(path)
-    if not path.exists():
-        raise SystemExit(f"sample.prompts = {str(path)!r}: no such file")
-    prompts = [ln.strip() for ln in path.read_text().splitlines()]
-    prompts = [ln for ln in prompts if ln and not ln.startswith("#")]
-    if not prompts:
-        raise SystemExit(f"{path}: no prompts in the file")
-    dupes = {p for p in prompts if prompts.count(p) > 1}
-    if dupes:
-        raise SystemExit(f"{path}: duplicate prompts {sorted(dupes)}")
-    return prompts
-
-
-def with_trigger(prompt: str, trigger: str) -> str:
-    return f"{prompt}, {trigger}" if trigger and trigger not in prompt else prompt
 
 
 def scale_label(scale: float) -> str:
@@ -87,7 +70,8 @@ def main() -> None:
     sp = p.sample
     prompts = read_prompts(sp.prompts)
     scales = sorted({float(s) for s in sp.lora_scales})
-    adapter = LORA_DIR / LORA_FILE
+    lora_dir = snapshots.resolve(sp.adapter_step, LORA_DIR)  # sample.adapter_step: a train.save_every snapshot
+    adapter = lora_dir / LORA_FILE
     if any(s > 0 for s in scales) and not adapter.exists():
         raise SystemExit(f"no adapter at {adapter}: run the train stage first (dvc repro train)")
     full = [with_trigger(pr, p.caption.trigger) for pr in prompts]
@@ -110,7 +94,7 @@ def main() -> None:
     # 2. latents for every scale, with the transformer (+ adapter) alone on the device
     pipe = render.transformer_pipeline(p.model, flux.load_transformer(p.model, device=device))
     if any(s > 0 for s in scales):
-        pipe.load_lora_weights(str(LORA_DIR), weight_name=LORA_FILE, adapter_name=ADAPTER)
+        pipe.load_lora_weights(str(lora_dir), weight_name=LORA_FILE, adapter_name=ADAPTER)
     logger.info("transformer ready in %.1f s", time.perf_counter() - t0)
     latents = {}
     from tqdm import tqdm
@@ -156,7 +140,7 @@ def main() -> None:
         write_json(tmp / "index.json", {
             "prompts": prompts, "trigger": p.caption.trigger, "seeds": list(sp.seeds), "scales": scales,
             "steps": sp.steps, "guidance": sp.guidance, "resolution": sp.resolution,
-            "model": p.model.base, "revision": p.model.revision,
+            "model": p.model.base, "revision": p.model.revision, "adapter_step": sp.adapter_step,
             "adapter_sha256": hashlib.sha256(adapter.read_bytes()).hexdigest() if adapter.exists() else None,
             "images": records, "grids": grids})
     logger.info("wrote %d images and %d grids to %s in %.1f s", len(records), len(grids), OUT,

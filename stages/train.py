@@ -8,11 +8,15 @@
 - Logs loss, lr, grad norm, step time, samples/s and peak GPU memory per step to
   ``reports/train/loss.tsv`` (a DVC plot), to MLflow (stages.core.tracking) and to any callback
   in :data:`CALLBACKS`; a tqdm bar shows the ETA.
-- Validation images every ``train.validate_every`` steps from prompts cached by encode.
+- Validation images every ``train.validate_every`` steps (stages.models.validation: the user's prompts,
+  seeds, guidance and resolution; embedded before the transformer loads), also logged to MLflow.
+- ``train.save_every``: a loadable adapter every N steps in ``models/snapshots/step-<N>/`` (the last
+  ``train.keep_last``; stages.models.snapshots), logged to MLflow; not a DVC output.
 - ``train.num_processes > 1``: re-launches itself with ``accelerate launch`` (DDP, one process per
   GPU; gloo on CPU). A single process never needs accelerate's launcher.
-- Exports (stages.models.export): diffusers ``pytorch_lora_weights.safetensors``, a kohya/ComfyUI
-  copy ``lora_kohya.safetensors`` and ``adapter.json``.
+- Exports (stages.models.snapshots): diffusers ``pytorch_lora_weights.safetensors``, a kohya/ComfyUI
+  copy ``lora_kohya.safetensors`` and ``adapter.json``; with ``train.ema_decay`` the EMA of the LoRA
+  weights as its own adapter in ``models/lora/ema/``.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from tqdm import tqdm
 
 from stages.core import compat, log as logs, params, tracking
 from stages.core.io import atomic_dir, write_json
-from stages.models import checkpoint as ckpt
+from stages.models import checkpoint as ckpt, snapshots, validation
 from stages.models.cache import Cache
 from stages.models.trainer import Trainer, step_seed
 
@@ -74,55 +78,23 @@ def launch_distributed(p) -> int:
     return subprocess.call(cmd, env={**os.environ, "FLUXIMP_TRAIN_CHILD": "1"})
 
 
-def validate(trainer: Trainer, cache: Cache, p, step: int, vae, out_dir: Path) -> list[Path]:
-    """Images for the cached validation prompts with the adapter being trained (fixed seeds)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-
-    from stages.models import flux
-
-    prompts, embeds, pooled = cache.validation()
-    sched = FlowMatchEulerDiscreteScheduler.from_pretrained(flux.resolve_base(p.model), subfolder="scheduler",
-                                                            revision=p.model.revision)
-    pipe = FluxPipeline(scheduler=sched, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                        tokenizer_2=None, transformer=trainer.transformer)
-    side = (p.train.resolution // 16) * 16
-    paths = []
-    trainer.transformer.eval()
-    for k in range(len(prompts)):
-        dtype = trainer.base_dtype
-        with torch.no_grad(), torch.autocast(trainer.device.type, dtype=dtype, enabled=trainer.autocast):
-            img = pipe(prompt_embeds=embeds[k:k + 1].to(trainer.device, dtype),
-                       pooled_prompt_embeds=pooled[k:k + 1].to(trainer.device, dtype),
-                       num_inference_steps=p.train.validation_steps, height=side, width=side, guidance_scale=3.5,
-                       generator=torch.Generator().manual_seed(k)).images[0]
-        path = out_dir / f"step-{step:06d}-{k}.png"
-        img.save(path)
-        paths.append(path)
-    return paths
-
-
 def export(trainer: Trainer, cache: Cache, p, steps: int) -> None:
-    from safetensors.torch import save_file
-
-    from stages.models import export as kohya, lora
-
-    state = lora.lora_state_dict(trainer.transformer)
-    cfg = lora.adapter_config(trainer.transformer)
-    alphas = {n: float(cfg["alpha_pattern"].get(n, cfg["lora_alpha"])) for n in cfg["target_modules"]}
+    """The final adapter in ``models/lora/`` (and its EMA in ``models/lora/ema/`` with train.ema_decay)."""
+    info = snapshots.adapter_info(p, trainer, steps, cache.index["data_hash"], cache.index["key"])
     with atomic_dir(LORA_DIR) as tmp:
-        lora.save_diffusers(trainer.transformer, tmp)
-        save_file(kohya.to_kohya(state, dict(trainer.transformer.config), alphas), tmp / "lora_kohya.safetensors",
-                  metadata={"ss_network_module": "networks.lora_flux", "ss_base_model_version": "flux1"})
-        write_json(tmp / "adapter.json", {
-            "base": p.model.base, "revision": p.model.revision, "quantization": p.model.quantization,
-            "rank": p.lora.rank, "alpha": p.lora.alpha if p.lora.alpha is not None else p.lora.rank,
-            "rank_map": p.lora.rank_map, "targets": p.lora.targets, "double_blocks": p.lora.double_blocks,
-            "single_blocks": p.lora.single_blocks, "target_modules": cfg["target_modules"],
-            "dropout": p.lora.dropout, "steps": steps, "data_hash": cache.index["data_hash"],
-            "cache_key": cache.index["key"], "resolution": p.train.resolution, "seed": p.seed,
-            "lora_parameters": sum(t.numel() for t in state.values()),
-            "files": {"diffusers": "pytorch_lora_weights.safetensors", "kohya": "lora_kohya.safetensors"}})
+        snapshots.write_adapter(trainer.transformer, tmp, info)
+        if trainer.ema is not None:
+            with trainer.ema_weights():
+                snapshots.write_adapter(trainer.transformer, tmp / "ema", {**info, "ema": True})
     log.info("adapter exported to %s", LORA_DIR)
+
+
+def save_snapshot(trainer: Trainer, cache: Cache, p, step: int) -> None:
+    """``train.save_every``: a loadable adapter in models/snapshots/step-<N>/, logged to MLflow."""
+    info = snapshots.adapter_info(p, trainer, step, cache.index["data_hash"], cache.index["key"])
+    folder = snapshots.save_snapshot(trainer.transformer, step, info, p.train.keep_last)
+    tracking.log_artifacts([folder], artifact_path="snapshots")
+    tracking.log_metrics({"snapshot_step": step}, step=step, prefix="train/")
 
 
 def train(p, accelerator=None) -> dict:
@@ -138,6 +110,8 @@ def train(p, accelerator=None) -> dict:
     if main_proc:
         log.info("memory plan: %s", plan.describe())
         flux.preflight("train", p, device, plan)
+    # validation prompts are embedded (and the text encoders freed) before the transformer loads
+    validator = validation.prepare(p, device, plan) if main_proc and p.train.validate_every else None
     transformer = flux.load_transformer(p.model, device=device)
     trainer = Trainer(transformer, p.lora, p.train, seed=p.seed, device=device, accelerator=accelerator,
                       empty_prompt=cache.empty,
@@ -154,17 +128,12 @@ def train(p, accelerator=None) -> dict:
         start = ckpt.load(found, trainer)
         log.info("resuming from %s at step %d of %d", found, start, p.train.steps)
     sinks = [LossLog(REPORTS / "loss.tsv", start)] + CALLBACKS if main_proc else []
-    val_dir, vae = REPORTS / "validation", None
+    val_dir = REPORTS / "validation"
     if main_proc and start == 0:
         shutil.rmtree(val_dir, ignore_errors=True)  # images of an earlier run
     if main_proc:
         val_dir.mkdir(parents=True, exist_ok=True)
-    if main_proc and p.train.validate_every:
-        from diffusers import AutoencoderKL
-
-        val_dir.mkdir(parents=True, exist_ok=True)
-        vae = AutoencoderKL.from_pretrained(flux.resolve_base(p.model), subfolder="vae",
-                                            revision=p.model.revision, dtype=trainer.base_dtype).to(device)
+        snapshots.discard_after(start)  # snapshots of an earlier run, or of steps to be redone
     rank, world = trainer.rank, trainer.world
     if world > 1:
         log.info("process %d of %d on %s", rank, world, device)
@@ -183,8 +152,10 @@ def train(p, accelerator=None) -> dict:
             sink(metrics, done)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
         log.debug("step %d %s", done, metrics)
-        if main_proc and vae is not None and (done % p.train.validate_every == 0 or done == p.train.steps):
-            validate(trainer, cache, p, done, vae, val_dir)
+        if validator is not None and validator.due(done):
+            validator.render(trainer, done, val_dir)
+        if main_proc and p.train.save_every and done % p.train.save_every == 0:
+            save_snapshot(trainer, cache, p, done)
         if done % p.train.checkpoint_every == 0 or done == p.train.steps:
             if main_proc:
                 ckpt.save(CKPT_DIR, trainer, done, fp, p.train.keep_checkpoints)
@@ -192,8 +163,7 @@ def train(p, accelerator=None) -> dict:
                 accelerator.wait_for_everyone()
     if main_proc:
         export(trainer, cache, p, p.train.steps)
-        prompts = cache.validation()[0] if vae is not None else []
-        write_json(val_dir / "index.json", {"prompts": prompts, "every": p.train.validate_every,
+        write_json(val_dir / "index.json", {**(validator.index() if validator else {"prompts": []}),
                                             "images": sorted(x.name for x in val_dir.glob("*.png"))})
     return metrics
 

@@ -8,7 +8,7 @@ from PIL import Image
 from stages import caption as stage
 from stages.core import params, shards
 from stages.core.images import encode_png
-from stages.curation import captions
+from stages.models.captioner import Captioner
 
 WORDS = "a the of river boat tree sky sun field bridge picture painting with and in on".split()
 
@@ -98,7 +98,7 @@ def _images(n):
 
 
 def test_captioner_batches_and_returns_one_string_per_image(tiny_blip):
-    cap = captions.Captioner(str(tiny_blip), prompt="a picture of", max_new_tokens=6, batch_size=2)
+    cap = Captioner(str(tiny_blip), prompt="a picture of", max_new_tokens=6, batch_size=2)
     assert cap.device == "cpu" and not cap.chat
     seen = []
     generate = cap.model.generate
@@ -117,14 +117,14 @@ def test_captioner_batches_and_returns_one_string_per_image(tiny_blip):
     assert all(not t.lower().startswith("a picture of") for t in texts)  # the prompt is stripped
     assert all(set(t.split()) <= set(WORDS) for t in texts)  # decoded from the tiny vocabulary
 
-    plain = captions.Captioner(str(tiny_blip), prompt="", max_new_tokens=4, batch_size=8)
+    plain = Captioner(str(tiny_blip), prompt="", max_new_tokens=4, batch_size=8)
     assert len(plain(_images(3))) == 3
 
 
 @pytest.mark.parametrize("kind,prompt,chat", [("tiny_git", "a picture of", False),
                                               ("tiny_llava", "describe what is depicted", True)])
 def test_decoder_only_captioner_drops_the_echoed_prompt(request, kind, prompt, chat):
-    cap = captions.Captioner(str(request.getfixturevalue(kind)), prompt=prompt, max_new_tokens=4, batch_size=2)
+    cap = Captioner(str(request.getfixturevalue(kind)), prompt=prompt, max_new_tokens=4, batch_size=2)
     assert not cap.model.config.is_encoder_decoder and cap.chat == chat
     decoded_lengths = []
     decode = cap.processor.batch_decode

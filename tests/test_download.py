@@ -220,3 +220,83 @@ def test_folder_limit_is_a_seeded_sample(folder_run, tmp_path):
 def test_missing_folder_fails_with_a_message(tmp_path):
     with pytest.raises(SystemExit, match="not a directory"):
         _run_stage(tmp_path / "w", {"source": "folder", "path": str(tmp_path / "nope")})
+
+
+# --- trainer conventions: caption files, kohya repeat folders, bad caption files ----------------------
+
+def _make_trainer_folder(root):
+    (root / "10_monet" / "nested").mkdir(parents=True)
+    (root / "bad").mkdir()
+    _rgb(90, 90, 11).save(root / "10_monet" / "0001.png")
+    (root / "10_monet" / "0001.txt").write_text("a haystack at dusk\n", encoding="utf-8")
+    _rgb(90, 90, 12).save(root / "10_monet" / "nested" / "0002.png")
+    (root / "10_monet" / "nested" / "0002.caption").write_text("  a row of poplars,\n  impressionism style ")
+    _rgb(90, 90, 13).save(root / "0003.png")
+    (root / "0003.txt").write_bytes("\ufeffles coquelicots".encode("utf-8"))  # a BOM is fine
+    with open(root / "metadata.csv", "w", encoding="utf-8") as fh:
+        fh.write("file_name,title,caption\n0003.png,Poppies,a sidecar caption\n")
+    _rgb(90, 90, 14).save(root / "0004.png")  # no caption file: templates later
+    for k, (name, data) in enumerate((("empty", b" \n\t "), ("latin", "café".encode("latin-1")), ("huge", b"x" * 40000))):
+        _rgb(90, 90, 20 + k).save(root / "bad" / f"{name}.png")
+        (root / "bad" / f"{name}.txt").write_bytes(data)
+    (root / "orphan.txt").write_text("a caption without its image")
+
+
+@pytest.fixture(scope="module")
+def trainer_folder(tmp_path_factory):
+    src = tmp_path_factory.mktemp("trainer-images")
+    _make_trainer_folder(src)
+    return src, _run_stage(tmp_path_factory.mktemp("trainer-work"), {"source": "folder", "path": str(src)})
+
+
+def test_caption_files_and_repeat_folders_are_read(trainer_folder):
+    _, work = trainer_folder
+    rows = {r["path"]: r for r in shards.read_table(work / "data/raw/shards").to_pylist()}
+    assert set(rows) == {"10_monet/0001.png", "10_monet/nested/0002.png", "0003.png", "0004.png"}
+    assert rows["10_monet/0001.png"]["caption"] == "a haystack at dusk"
+    assert rows["10_monet/nested/0002.png"]["caption"] == "a row of poplars, impressionism style"
+    assert rows["0003.png"]["caption"] == "les coquelicots"  # the caption file wins over the sidecar
+    assert rows["0003.png"]["title"] == "Poppies"  # the sidecar's other fields stay
+    assert rows["0004.png"]["caption"] is None
+    assert {p: r["repeats"] for p, r in rows.items()} == {"10_monet/0001.png": 10, "10_monet/nested/0002.png": 10,
+                                                           "0003.png": None, "0004.png": None}
+
+
+def test_bad_caption_files_are_recorded_rejects(trainer_folder):
+    _, work = trainer_folder
+    rejects = {r["path"]: r for r in pq.read_table(work / "data/raw/rejects.parquet").to_pylist()}
+    assert {p: r["reason"] for p, r in rejects.items()} == {f"bad/{n}.png": "bad_caption" for n in ("empty", "latin", "huge")}
+    assert "empty" in rejects["bad/empty.png"]["detail"]
+    assert "not UTF-8" in rejects["bad/latin.png"]["detail"]
+    assert "40000 bytes > data.folder.caption_max_bytes" in rejects["bad/huge.png"]["detail"]
+    rep = json.loads((work / "reports/data/download.json").read_text())
+    assert rep["candidates"] == 7 and rep["rejects_by_reason"]["bad_caption"] == 3
+    assert rep["caption_files"] == 6 and rep["bad_caption_files"] == 3
+    assert rep["ignored_files"] == 1 and "caption file without an image" in rep["ignored_examples"][0]
+    assert rep["repeat_folders"] == {"images": 2, "max_repeats": 10}
+    assert rep["with_sidecar_metadata"] == 1  # 0003.png; caption files are counted apart
+
+
+def test_folder_conventions_are_configurable(trainer_folder, tmp_path):
+    src, _ = trainer_folder
+    work = _run_stage(tmp_path / "w", {"source": "folder", "path": str(src),
+                                       "folder": {"caption_extensions": [".caption"], "repeats": False,
+                                                  "caption_max_bytes": 100000}})
+    rows = {r["path"]: r for r in shards.read_table(work / "data/raw/shards").to_pylist()}
+    assert rows["10_monet/0001.png"]["caption"] is None and rows["10_monet/0001.png"]["repeats"] is None
+    assert rows["10_monet/nested/0002.png"]["caption"] == "a row of poplars, impressionism style"
+    assert rows["0003.png"]["caption"] == "a sidecar caption"  # no .txt reading: the sidecar's caption
+    assert "bad/huge.png" in rows  # .txt files are not captions now
+    with pytest.raises(params.ParamsError, match="start with a dot"):
+        params.validate({"data": {"folder": {"caption_extensions": ["txt"]}}})
+
+
+def test_repeats_of_nearest_kohya_folder():
+    from pathlib import Path
+
+    from stages.data.folder import repeats_of
+
+    assert repeats_of(Path("10_monet/a.png")) == 10
+    assert repeats_of(Path("3_outer/5_inner/a.png")) == 5
+    assert repeats_of(Path("0_zero/a.png")) is None and repeats_of(Path("monet_10/a.png")) is None
+    assert repeats_of(Path("a.png")) is None

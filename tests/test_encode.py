@@ -74,3 +74,25 @@ def test_cache_reused_across_lora_change_rebuilt_on_resolution_change(workdir, c
     index = json.loads((workdir / "data/cache/index.json").read_text())
     assert index["resolution"] == 48 and index["flip"] is False
     assert (48, 48) in {(b["width"], b["height"]) for b in index["buckets"]}
+
+
+def test_kohya_repeats_reach_the_sampler_and_the_data_hash(tmp_path, monkeypatch):
+    from stages import encode
+
+    root = tmp_path / "rep"
+    trainkit.make_curated(root, n=4, sizes=((32, 32),))
+    plain = encode.data_hash(list(shards.iter_rows(root / "data/curated/train", columns=["id", "caption", "repeats"])))
+    rows = list(shards.iter_rows(root / "data/curated/train"))
+    rows[0]["repeats"] = 5
+    shards.write_shards(rows, root / "data/curated/train", 8)
+    trainkit.write_params(root, train__resolution=32, train__buckets=False)
+    monkeypatch.chdir(root)
+    with trainkit.tiny_cache(tmp_path / "tiny-cache"):
+        encode.main()
+    index = json.loads((root / "data/cache/index.json").read_text())
+    assert index["data_hash"] != plain  # repeats change what is trained on
+    cache = Cache(root / "data/cache")
+    reps = dict(zip(cache.buckets[0]["ids"], cache.buckets[0]["repeats"]))
+    assert reps[rows[0]["id"]] == 5 and sorted(reps.values()) == [1, 1, 1, 5]
+    seen = [r for _, rr in cache.epoch_plan(seed=0, epoch=0, batch_size=1) for r in rr]
+    assert seen.count(cache.buckets[0]["ids"].index(rows[0]["id"])) == 5 and len(seen) == 8

@@ -208,3 +208,15 @@ def test_push_with_unreachable_hub_is_one_clear_line(project):
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("publish: cannot reach huggingface.co")
+
+
+def test_card_names_the_optimizer_and_its_settings(dry_run):
+    from stages.core import params
+    from stages.core.modelcard import optimizer_text
+
+    _, hub = dry_run
+    assert "| optimizer | `adamw`, weight decay 0.0001 |" in (hub / "README.md").read_text()
+    prodigy = params.Params(train={"optimizer": "prodigy", "lr": 1.0, "ema_decay": 0.999}).train.model_dump()
+    text = optimizer_text(prodigy)
+    assert text.startswith("`prodigy` (d_coef 1.0, use_bias_correction True, safeguard_warmup True")
+    assert "EMA of the weights 0.999" in text

@@ -118,3 +118,30 @@ def test_missing_adapter_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="run the train stage"):
         sample.main()
+
+
+def test_adapter_step_renders_a_snapshot_and_names_the_saved_steps(tmp_path, monkeypatch):
+    import hashlib
+
+    from stages.models import snapshots
+
+    raw = params.Params().model_dump()
+    raw["sample"].update(prompts="prompts.txt", seeds=[0], steps=1, lora_scales=[1.0], adapter_step=4)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "prompts.txt").write_text("a bowl of pears\n")
+    monkeypatch.chdir(tmp_path)
+    p = params.validate(raw)
+    make_adapter(p, tmp_path / "models/lora")
+    with pytest.raises(SystemExit, match=r"adapter_step=4.*saved steps: none"):
+        sample.main()
+    snap = tmp_path / "models/snapshots/step-000004"
+    make_adapter(p, snap)
+    (snap / "adapter.json").write_text("{}")
+    run_stage(sample.main, tmp_path)
+    index = json.loads((tmp_path / "reports/samples/index.json").read_text())
+    assert index["adapter_step"] == 4
+    assert index["adapter_sha256"] == hashlib.sha256((snap / sample.LORA_FILE).read_bytes()).hexdigest()
+    raw["sample"]["adapter_step"] = 2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(SystemExit, match=r"saved steps: \[4\]"):
+        sample.main()

@@ -4,11 +4,13 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from stages.core.params import Model
+from stages.core.prompts import read_prompts
 from tests import trainkit
 
 FAST = dict(train__resolution=32, train__buckets=False, train__batch_size=4, train__warmup_steps=0,
@@ -135,15 +137,175 @@ def test_changed_lora_params_do_not_resume_stale_checkpoints(workdir):
     assert {t.shape[0] for k, t in state.items() if "lora_A" in k} == {2}
 
 
-def test_validation_images_every_n_steps(workdir):
-    run_train(workdir, train__steps=2, train__validate_every=1, train__validation_steps=2, train__checkpoint_every=2)
+def test_validation_prompts_seeds_and_resolution_from_config(workdir):
+    prompts = workdir / "val.txt"
+    prompts.write_text("# mine\na harbour\na bowl of pears\n")
+    run_train(workdir, train__steps=4, train__validate_every=2, train__validation_steps=2, train__checkpoint_every=4,
+              train__validation_prompts=str(prompts), train__validation_seeds=[3, 5], train__validation_resolution=48,
+              train__validation_guidance=2.0)
     val = workdir / "reports/train/validation"
     index = json.loads((val / "index.json").read_text())
-    assert len(index["prompts"]) == 2
-    assert index["images"] == [f"step-{s:06d}-{k}.png" for s in (1, 2) for k in (0, 1)]
+    assert index["prompts"] == ["a harbour, impressionism style", "a bowl of pears, impressionism style"]
+    assert (index["seeds"], index["resolution"], index["guidance"], index["every"]) == ([3, 5], 48, 2.0, 2)
+    assert index["images"] == sorted(f"step-{s:06d}-p{k}-s{seed}.png" for s in (2, 4) for k in (0, 1) for seed in (3, 5))
     from PIL import Image
 
-    assert Image.open(val / index["images"][0]).size == (32, 32)
+    assert Image.open(val / index["images"][0]).size == (48, 48)
+    a, b = (np.asarray(Image.open(val / f"step-000004-p0-s{seed}.png")) for seed in (3, 5))
+    assert np.abs(a.astype(int) - b).mean() > 0  # the seeds differ
+
+
+def test_validation_defaults_to_the_sample_prompt_file(workdir):
+    smoke = trainkit.params.ROOT / "conf/prompts/smoke.txt"
+    run_train(workdir, train__steps=1, train__validate_every=1, train__validation_steps=1, train__checkpoint_every=1,
+              sample__prompts=str(smoke))
+    index = json.loads((workdir / "reports/train/validation/index.json").read_text())
+    assert len(index["prompts"]) == len([ln for ln in smoke.read_text().splitlines() if ln.strip()])
+    assert len(index["images"]) == len(index["prompts"])  # one seed by default
+
+
+def test_validation_embeds_prompts_before_the_transformer_loads(workdir, monkeypatch):
+    from stages.models import flux, render
+
+    order = []
+    for module, name in ((render, "embed_prompts"), (flux, "load_text_encoders"), (flux, "load_transformer")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: order.append(_name) or _real(*a, **k))
+    monkeypatch.setenv("FLUXIMP_QUANT_CACHE", str(workdir / "fresh-cache"))  # no cached prompt embeddings
+    smoke = trainkit.params.ROOT / "conf/prompts/smoke.txt"
+    run_train(workdir, train__steps=1, train__validate_every=1, train__validation_steps=1, train__checkpoint_every=1,
+              sample__prompts=str(smoke))
+    assert order == ["embed_prompts", "load_text_encoders", "load_transformer"]
+
+
+@pytest.mark.parametrize("optimizer,steps,settings", [
+    # Prodigy grows its step size from d0 = 1e-6: on the tiny model the loss starts falling after ~50 steps
+    ("prodigy", 100, dict(train__lr=1.0, train__weight_decay=0.01)),
+    ("adafactor", 40, dict(train__lr=1e-2)),
+])
+def test_prodigy_and_adafactor_train_the_tiny_model(workdir, optimizer, steps, settings):
+    log = run_train(workdir, train__optimizer=optimizer, train__steps=steps, lora__targets="all", lora__rank=8,
+                    train__checkpoint_every=steps, **settings)
+    first, last = (sum(r["loss"] for r in part) / 10 for part in (log[:10], log[-10:]))
+    assert last < 0.85 * first, (optimizer, first, last)
+    meta = json.loads((workdir / "models/lora/adapter.json").read_text())
+    assert meta["optimizer"]["name"] == optimizer
+    assert meta["optimizer"]["lr"] == settings["train__lr"]
+    if optimizer == "prodigy":
+        assert meta["optimizer"]["prodigy"] == {"d_coef": 1.0, "use_bias_correction": True, "safeguard_warmup": True,
+                                                "decouple": True, "betas": [0.9, 0.99]}
+
+
+def test_optimizer_params_are_validated():
+    from stages.core import params as prm
+
+    base = prm.Params().model_dump()
+    with pytest.raises(prm.ParamsError, match="prodigy.*train.lr=1.0"):
+        prm.validate({**base, "train": {**base["train"], "optimizer": "prodigy", "lr": 1e-4}})
+    with pytest.raises(prm.ParamsError, match="warmup_init needs"):
+        prm.validate({**base, "train": {**base["train"], "optimizer": "adafactor",
+                                        "adafactor": {"warmup_init": True}}})
+    ok = prm.validate({**base, "train": {**base["train"], "optimizer": "prodigy", "lr": 1.0}})
+    assert ok.train.prodigy.safeguard_warmup and ok.train.prodigy.use_bias_correction
+
+
+def test_ema_adapter_is_its_own_loadable_adapter(workdir):
+    run_train(workdir, train__steps=8, train__checkpoint_every=8, train__ema_decay=0.9)
+    out = workdir / "models/lora"
+    main, ema = (load_file(d / "pytorch_lora_weights.safetensors") for d in (out, out / "ema"))
+    assert main.keys() == ema.keys()
+    assert any(not torch.equal(main[k], ema[k]) for k in main)
+    assert (out / "ema/lora_kohya.safetensors").exists()
+    assert json.loads((out / "ema/adapter.json").read_text())["ema"] is True
+    from stages.models import flux
+
+    pipe = flux.load_pipeline(Model(base="tiny-random"), device="cpu")
+    pipe.load_lora_weights(str(out / "ema"))
+
+
+def test_prodigy_and_ema_survive_an_interrupted_run(workdir, tmp_path_factory):
+    """Prodigy's step-size estimate and the EMA live in the checkpoint: resuming gives the same adapters."""
+    from stages import train
+
+    params = dict(train__steps=6, train__checkpoint_every=3, train__ema_decay=0.8, train__optimizer="prodigy",
+                  train__lr=1.0)
+    run_train(workdir, **params)
+    reference = {name: load_file(workdir / "models/lora" / name / "pytorch_lora_weights.safetensors")
+                 for name in ("", "ema")}
+    other = tmp_path_factory.mktemp("ema-resumed")
+    shutil.copytree(workdir / "data/cache", other / "data/cache")
+    os.chdir(other)
+
+    def crash(metrics, step):
+        if step == 5:
+            raise Interrupt
+
+    train.CALLBACKS.append(crash)
+    try:
+        with pytest.raises(Interrupt):
+            run_train(other, **params)
+    finally:
+        train.CALLBACKS.remove(crash)
+    run_train(other, **params)
+    for name, ref in reference.items():
+        resumed = load_file(other / "models/lora" / name / "pytorch_lora_weights.safetensors")
+        assert all(torch.equal(resumed[k], ref[k]) for k in ref), name
+
+
+def test_snapshots_every_n_steps_keep_the_last_k_and_load(workdir):
+    from stages.models import export as kohya, snapshots
+
+    run_train(workdir, train__steps=6, train__checkpoint_every=6, train__save_every=2, train__keep_last=2)
+    root = workdir / "models/snapshots"
+    assert snapshots.steps_saved(root) == [4, 6]
+    for step in (4, 6):
+        folder = root / f"step-{step:06d}"
+        assert json.loads((folder / "adapter.json").read_text())["steps"] == step
+        assert not list(folder.glob("*.pt"))  # no optimizer state in a snapshot
+    final = load_file(workdir / "models/lora/pytorch_lora_weights.safetensors")
+    last = load_file(root / "step-000006/pytorch_lora_weights.safetensors")
+    earlier = load_file(root / "step-000004/pytorch_lora_weights.safetensors")
+    assert all(torch.equal(final[k], last[k]) for k in final)
+    assert any(not torch.equal(final[k], earlier[k]) for k in final)
+    from stages.models import flux
+
+    pipe = flux.load_pipeline(Model(base="tiny-random"), device="cpu")
+    state, _ = kohya.from_kohya(load_file(root / "step-000004/lora_kohya.safetensors"), dict(pipe.transformer.config))
+    assert all(torch.allclose(state[k], earlier["transformer." + k]) for k in state) and len(state) == len(earlier)
+    pipe.load_lora_weights(str(root / "step-000004"))
+
+    run_train(workdir, train__steps=3, train__checkpoint_every=3, train__save_every=2, lora__rank=2)
+    assert snapshots.steps_saved(root) == [2]  # a new run starts with no snapshots of the old one
+
+
+def test_snapshots_and_validation_images_are_logged_to_mlflow_with_their_step(workdir, monkeypatch):
+    import mlflow
+
+    from stages.core import tracking
+
+    monkeypatch.setenv("FLUXIMP_MLFLOW", "1")
+    monkeypatch.setenv("FLUXIMP_MLFLOW_STRICT", "1")
+    monkeypatch.setenv("DVC_ROOT", str(workdir))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
+    tracking.reset()
+    try:
+        smoke = trainkit.params.ROOT / "conf/prompts/smoke.txt"
+        run_train(workdir, train__steps=2, train__checkpoint_every=2, train__save_every=1, train__keep_last=0,
+                  train__validate_every=2, train__validation_steps=1, sample__prompts=str(smoke),
+                  train__optimizer="prodigy", train__lr=1.0)
+        run_id = json.loads((workdir / "reports/mlflow_run.json").read_text())["run_id"]
+        client = mlflow.MlflowClient()
+        assert [m.step for m in client.get_metric_history(run_id, "train/snapshot_step")] == [1, 2]
+        assert {a.path for a in client.list_artifacts(run_id, "snapshots")} == {"snapshots/step-000001",
+                                                                                 "snapshots/step-000002"}
+        assert client.get_run(run_id).data.params["train.optimizer"] == "prodigy"
+        images = [a.path for a in client.list_artifacts(run_id, "images")]
+        # mlflow.log_image names a file <key>+step+<step>+...: one per prompt (1 seed) at step 2
+        assert sum(p.startswith("images/validation~p") and "+step+2+" in p and p.endswith(".png") for p in images) \
+            == len(read_prompts(smoke)), images
+    finally:
+        tracking.reset()
+        os.environ.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri() exports it
 
 
 @pytest.mark.slow

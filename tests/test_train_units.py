@@ -82,3 +82,10 @@ def test_fp8_refused_without_a_capable_gpu_and_unknown_modes():
         quant.check_supported("int3", torch.device("cpu"))
     quant.check_supported("nf4", torch.device("cpu"))  # nf4 and int8 run on CPU (module swap / torchao)
     quant.check_supported("int8", torch.device("cpu"))
+
+
+def test_epoch_plan_honours_repeats():
+    c = cache.Cache.__new__(cache.Cache)
+    c.buckets = [{"ids": ["a", "b", "c"], "repeats": [1, 3, 1]}]
+    plan = c.epoch_plan(seed=1, epoch=0, batch_size=1)
+    assert sorted(r for _, rows in plan for r in rows) == [0, 1, 1, 1, 2]

@@ -241,6 +241,15 @@ UNET loader and the sampler, `strength_model` 1.0 (0.5–0.8 for a lighter touch
 in the prompt."""
 
 
+def optimizer_text(train: dict) -> str:
+    """``prodigy (d_coef 1.0, ...), weight decay 0.01, EMA 0.999`` from the train params."""
+    name = train.get("optimizer")
+    extra = train.get(name) if isinstance(train.get(name), dict) else {}
+    settings = f" ({', '.join(f'{k} {v}' for k, v in extra.items())})" if extra else ""
+    ema = f", EMA of the weights {train['ema_decay']} (adapter in `ema/`)" if train.get("ema_decay") else ""
+    return f"`{name}`{settings}, weight decay {train.get('weight_decay')}{ema}"
+
+
 def render(facts: Facts, repo_id: str, widget: list[dict], grids: list[str]) -> str:
     """The README.md (YAML front matter + body) as a string; parse it with ``ModelCard``."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -294,6 +303,7 @@ fidelity kept).
 | LoRA | rank {a.get('rank')}, alpha {a.get('alpha')}, targets `{a.get('targets')}` ({len(a.get('target_modules', []))} module names), {a.get('lora_parameters')} parameters |
 | blocks | double {a.get('double_blocks') or 'all'}, single {a.get('single_blocks') or 'all'}, rank map {a.get('rank_map') or 'none'} |
 | steps | {a.get('steps')} at {a.get('resolution')} px, batch {t.get('batch_size')} × accumulation {t.get('grad_accum')}, lr {t.get('lr')} ({t.get('lr_scheduler')}), {t.get('optimizer')} |
+| optimizer | {optimizer_text(t)} |
 | flow matching | σ sampling `{t.get('sigma_sampling')}`, guidance {t.get('guidance')}, caption dropout {t.get('caption_dropout')} |
 
 ## Lineage

@@ -42,6 +42,23 @@ class WikiartSource(Section):
     genres: list[str] = []
 
 
+class FolderSource(Section):
+    """``data.source=folder``: trainer-convention caption files and kohya repeat folders (stages/data/folder.py)."""
+    caption_extensions: list[str] = Field([".txt", ".caption"], description="caption file = image name with "
+                                          "one of these extensions (the first found wins); [] = none")
+    caption_max_bytes: int = Field(16384, ge=1, description="a larger caption file is rejected (bad_caption)")
+    repeats: bool = Field(True, description="honour kohya `N_name` folders: their images are seen N times "
+                                            "per epoch; false = a folder name is just a name")
+
+    @field_validator("caption_extensions")
+    @classmethod
+    def _dotted(cls, v):
+        bad = [e for e in v if not e.startswith(".") or len(e) < 2]
+        if bad:
+            raise ValueError(f"extensions start with a dot, e.g. '.txt' (got {bad})")
+        return v
+
+
 class Data(Section):
     source: Literal["synthetic", "wikiart", "folder"] = "synthetic"
     path: Optional[str] = None
@@ -53,6 +70,7 @@ class Data(Section):
     workers: int = Field(2, ge=1)
     synthetic: SyntheticSource = SyntheticSource()
     wikiart: WikiartSource = WikiartSource()
+    folder: FolderSource = FolderSource()
 
     @model_validator(mode="after")
     def _folder_needs_path(self):
@@ -150,6 +168,25 @@ class Lora(Section):
         return v
 
 
+# --- trainer block (issue 17): optimizers, EMA, snapshots, validation prompts -------------------
+class ProdigyOpts(Section):
+    """Prodigy (``prodigyopt``) as the style-LoRA community runs it: ``train.lr`` 1.0 (a multiplier of the
+    step size Prodigy estimates itself), bias correction and safeguarded warm-up on."""
+    d_coef: float = Field(1.0, gt=0, description="scales the estimated step size (0.5 = gentler, 2 = bolder)")
+    use_bias_correction: bool = True
+    safeguard_warmup: bool = True
+    decouple: bool = Field(True, description="AdamW-style decoupled weight decay (train.weight_decay)")
+    betas: list[float] = Field([0.9, 0.99], min_length=2, max_length=2)
+
+
+class AdafactorOpts(Section):
+    """transformers' Adafactor with a fixed ``train.lr`` (kohya's LoRA recipe: no relative step, no
+    parameter scaling); ``relative_step: true`` lets Adafactor pick the lr itself (``train.lr`` unused)."""
+    relative_step: bool = False
+    scale_parameter: bool = False
+    warmup_init: bool = False
+
+
 class Train(Section):
     resolution: int = Field(64, ge=16)
     buckets: bool = True
@@ -160,8 +197,12 @@ class Train(Section):
     lr: float = Field(1e-2, gt=0)  # smoke: tiny model, loss must visibly fall; flux-dev: 1e-4
     lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: int = Field(10, ge=0)
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor"] = "adamw"
     weight_decay: float = Field(1e-4, ge=0)
+    prodigy: ProdigyOpts = ProdigyOpts()
+    adafactor: AdafactorOpts = AdafactorOpts()
+    ema_decay: Optional[float] = Field(None, gt=0, lt=1, description="EMA of the LoRA weights, saved as "
+                                       "models/lora/ema/ (e.g. 0.999); None = no EMA")
     max_grad_norm: float = Field(1.0, gt=0)
     sigma_sampling: Literal["uniform", "logit_normal", "shift"] = "logit_normal"
     logit_mean: float = 0.0
@@ -174,9 +215,30 @@ class Train(Section):
     keep_checkpoints: int = Field(2, ge=1)
     validate_every: int = Field(0, ge=0, description="0 = no validation images")
     validation_steps: int = Field(4, ge=1, description="sampling steps of a validation image")
+    validation_prompts: Optional[str] = Field(None, description="prompt file (sample.prompts format); "
+                                              "None = sample.prompts")
+    validation_seeds: list[int] = Field([0], min_length=1)
+    validation_guidance: float = Field(3.5, ge=0)
+    validation_resolution: Optional[int] = Field(None, ge=16, description="None = train.resolution")
+    save_every: int = Field(0, ge=0, description="a loadable adapter in models/snapshots/ every N steps; 0 = none")
+    keep_last: int = Field(3, ge=0, description="snapshots kept (the newest); 0 = all")
     max_sequence_length: int = Field(64, ge=8, le=512, description="T5 tokens per caption (FLUX.1-dev: 512)")
     num_processes: int = Field(1, ge=1)
     compile: bool = False
+
+    @model_validator(mode="after")
+    def _optimizer_settings(self):
+        if self.optimizer == "prodigy" and not 0.1 <= self.lr <= 10:
+            raise ValueError(f"train.optimizer=prodigy estimates the step size itself and train.lr multiplies "
+                             f"it: use train.lr=1.0 (got {self.lr:g}; tune train.prodigy.d_coef instead)")
+        if self.optimizer == "prodigy" and self.lr != 1.0:
+            import logging
+
+            logging.getLogger(__name__).warning("train.optimizer=prodigy with train.lr=%g: the community "
+                                                "setting is 1.0 (tune train.prodigy.d_coef)", self.lr)
+        if self.adafactor.warmup_init and not self.adafactor.relative_step:
+            raise ValueError("train.adafactor.warmup_init needs train.adafactor.relative_step=true")
+        return self
 
 
 class Sample(Section):
@@ -187,6 +249,8 @@ class Sample(Section):
     lora_scales: list[float] = [0.0, 0.5, 1.0]
     resolution: int = Field(64, ge=16)
     batch_size: int = Field(8, ge=1, description="images per pipeline call")
+    adapter_step: Optional[int] = Field(None, ge=1, description="render models/snapshots/step-<N> "
+                                        "(train.save_every) instead of the final adapter; None = final")
 
 
 class Eval(Section):

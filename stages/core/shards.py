@@ -35,6 +35,7 @@ IMAGE_SCHEMA = pa.schema(
         ("caption", pa.string()),
         ("license", pa.string()),
         ("provenance", pa.string()),
+        ("repeats", pa.int32()),  # kohya N_name folders (data.source=folder): seen N times per epoch; null = 1
     ]
 )
 

@@ -345,6 +345,15 @@ def log_artifacts(paths: Iterable[os.PathLike | str], artifact_path: str | None 
         mlflow.log_artifacts(tmp, artifact_path=artifact_path)
 
 
+@_safe
+def log_image(image, key: str, step: int | None = None) -> None:
+    """One PIL image under ``key`` at ``step`` (MLflow's image series: a step slider in the UI)."""
+    import mlflow
+
+    if _active():
+        mlflow.log_image(image, key=key, step=step)
+
+
 def _scrub_file(path: Path, secrets: list[bytes]) -> None:
     data = path.read_bytes()
     found = [s for s in secrets if s in data]

@@ -32,6 +32,7 @@ REASONS = {
     "decode_error": "any other failure while opening or converting",
     "too_small": "shorter side under data.min_side (after EXIF rotation)",
     "duplicate_bytes": "byte-identical to an image already stored (same id): stored once",
+    "bad_caption": "its caption file (data.source=folder) is empty, not UTF-8 or over data.folder.caption_max_bytes",
 }
 __doc__ += "\n".join(f"- ``{k}``: {v}" for k, v in REASONS.items()) + "\n"
 
@@ -158,13 +159,15 @@ def process(candidate: dict, min_side: int, max_pixels: int) -> dict:
     data = candidate.get("data")
     path = str(candidate.get("path"))
     try:
+        if candidate.get("reject"):  # the source already found a reason (e.g. a bad caption file)
+            raise Reject(*candidate["reject"])
         if data is None:
             data = read_bytes(candidate.get("file") or path)
         norm = normalize(data, min_side, max_pixels)
     except Reject as rej:
         return {"ok": False, "path": path, "id": content_id(data) if data else None,
                 "reason": rej.reason, "detail": rej.detail[:500]}
-    row = {k: v for k, v in candidate.items() if k not in ("data", "file")}
+    row = {k: v for k, v in candidate.items() if k not in ("data", "file", "reject")}
     row.update(ok=True, id=content_id(norm.data), image=norm.data, format=norm.format,
                width=norm.width, height=norm.height, path=path, reencoded=norm.reencoded, note=norm.note)
     return row

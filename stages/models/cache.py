@@ -8,7 +8,7 @@ Layout::
         latents_flip   (N, C, H/8, W/8)   the horizontally flipped image's latents (train.flip)
         prompt_embeds  (N, L, D)          T5 last hidden states
         pooled         (N, P)             CLIP pooled output
-        metadata: ids (JSON list), captions (JSON list)
+        metadata: ids (JSON list), captions (JSON list), repeats (JSON list: kohya N_name folders)
     data/cache/empty.safetensors          prompt_embeds/pooled of "" (caption dropout)
     data/cache/validation.safetensors     embeddings of the validation prompts (metadata: prompts)
 
@@ -17,7 +17,8 @@ time: flipping latents is not the same as encoding a flipped image, and the extr
 cheaper than keeping the VAE around while training.
 
 Batches are a pure function of (seed, step): every epoch is a seeded shuffle of bucket-pure
-batches, so a resumed run sees exactly the batches an uninterrupted one would.
+batches, so a resumed run sees exactly the batches an uninterrupted one would. An image with
+``repeats`` N (kohya's ``N_name`` folders, stages/data/folder.py) appears N times per epoch.
 """
 from __future__ import annotations
 
@@ -79,13 +80,17 @@ class Cache:
         for b in self.index["buckets"]:
             tensors: dict[str, list] = {}
             ids: list[str] = []
+            repeats: list[int] = []
             for name in b["files"]:
                 path = self.folder / name
                 with safe_open(path, "pt") as fh:
-                    ids += json.loads(fh.metadata()["ids"])
+                    meta = fh.metadata()
+                    part = json.loads(meta["ids"])
+                    ids += part
+                    repeats += json.loads(meta["repeats"]) if "repeats" in meta else [1] * len(part)
                 for k, v in load_file(path).items():
                     tensors.setdefault(k, []).append(v)
-            self.buckets.append({"size": (b["width"], b["height"]), "ids": ids,
+            self.buckets.append({"size": (b["width"], b["height"]), "ids": ids, "repeats": repeats,
                                  **{k: torch.cat(v) for k, v in tensors.items()}})
         empty = load_file(self.folder / "empty.safetensors")
         self.empty = (empty["prompt_embeds"], empty["pooled"])
@@ -106,7 +111,7 @@ class Cache:
         rng = random.Random(f"{seed}/{epoch}")
         plan = []
         for b, bucket in enumerate(self.buckets):
-            rows = list(range(len(bucket["ids"])))
+            rows = [r for r, n in enumerate(bucket.get("repeats") or [1] * len(bucket["ids"])) for _ in range(n)]
             rng.shuffle(rows)
             plan += [(b, rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
         rng.shuffle(plan)

@@ -26,7 +26,9 @@ from stages.core.io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
 # train params that do not change what is learned (so changing them keeps checkpoints valid)
-NEUTRAL = {"checkpoint_every", "keep_checkpoints", "validate_every", "compile"}
+NEUTRAL = {"checkpoint_every", "keep_checkpoints", "validate_every", "compile",
+           "save_every", "keep_last", "validation_steps", "validation_prompts", "validation_seeds",
+           "validation_guidance", "validation_resolution"}
 
 
 def fingerprint(p, data_key: str) -> str:

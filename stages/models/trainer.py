@@ -29,12 +29,39 @@ def step_seed(seed: int, step: int, rank: int = 0, micro: int = 0) -> int:
 
 
 def make_optimizer(params, train_params):
-    if train_params.optimizer == "adamw8bit":
+    """The optimizer ``train.optimizer`` names, with its ``train.<optimizer>`` settings:
+    ``adamw`` (torch, fused on GPU), ``adamw8bit`` (bitsandbytes), ``prodigy`` (prodigyopt: lr 1.0,
+    bias correction, safeguarded warm-up) or ``adafactor`` (transformers, fixed lr by default)."""
+    tp = train_params
+    if tp.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, lr=train_params.lr, weight_decay=train_params.weight_decay)
+        return bnb.optim.AdamW8bit(params, lr=tp.lr, weight_decay=tp.weight_decay)
+    if tp.optimizer == "prodigy":
+        from prodigyopt import Prodigy
+
+        o = tp.prodigy
+        return Prodigy(params, lr=tp.lr, betas=tuple(o.betas), weight_decay=tp.weight_decay, decouple=o.decouple,
+                       use_bias_correction=o.use_bias_correction, safeguard_warmup=o.safeguard_warmup,
+                       d_coef=o.d_coef)
+    if tp.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        o = tp.adafactor
+        return Adafactor(params, lr=None if o.relative_step else tp.lr, weight_decay=tp.weight_decay,
+                         relative_step=o.relative_step, scale_parameter=o.scale_parameter,
+                         warmup_init=o.warmup_init)
     fused = all(p.is_cuda for p in params)  # one kernel for the whole update on GPU
-    return torch.optim.AdamW(params, lr=train_params.lr, weight_decay=train_params.weight_decay, fused=fused)
+    return torch.optim.AdamW(params, lr=tp.lr, weight_decay=tp.weight_decay, fused=fused)
+
+
+def make_ema(params, train_params):
+    """diffusers' EMAModel over the LoRA parameters when ``train.ema_decay`` is set (else None)."""
+    if train_params.ema_decay is None:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(params, decay=train_params.ema_decay, foreach=True)
 
 
 class Trainer:
@@ -63,6 +90,7 @@ class Trainer:
         self.transformer = transformer
         self.model = transformer  # DDP-wrapped under accelerate
         self.optimizer = make_optimizer(self.params, train_params)
+        self.ema = make_ema(self.params, train_params)
         self.scheduler = get_scheduler(SCHEDULERS[train_params.lr_scheduler], self.optimizer,
                                        num_warmup_steps=train_params.warmup_steps,
                                        num_training_steps=train_params.steps)
@@ -125,6 +153,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.params)
         if self.world > 1:
             total_t = torch.tensor([total], device=self.device)
             torch.distributed.all_reduce(total_t)
@@ -141,10 +171,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict:
-        return {"lora": lora.lora_state_dict(self.transformer), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict()}
+        state = {"lora": lora.lora_state_dict(self.transformer), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict()}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         lora.set_lora_state_dict(self.transformer, state["lora"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """The transformer's LoRA holds the EMA weights inside the block (for exporting them)."""
+        if self.ema is None:
+            raise ValueError("no EMA: train.ema_decay is not set")
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.params)

@@ -1,0 +1,107 @@
+"""Adapter files: the final adapter (``models/lora/``) and snapshots during training (``models/snapshots/``).
+
+:func:`write_adapter` writes one loadable adapter folder: diffusers ``pytorch_lora_weights.safetensors``
+(``FluxPipeline.load_lora_weights``), a kohya/ComfyUI copy ``lora_kohya.safetensors``
+(stages.models.export) and ``adapter.json`` (what it was trained on and with).
+
+``train.save_every`` = N: :func:`save_snapshot` writes such a folder every N steps as
+``models/snapshots/step-<N>/`` and keeps the newest ``train.keep_last`` (0 = all). Snapshots hold no
+optimizer state (that is models/checkpoints/, for resuming) and are not a DVC output: DVC does not hash
+or cache them and experiment commits never contain them (.gitignore). ``sample.adapter_step`` renders
+one of them instead of the final adapter, so a user can pick the best step.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from stages.core.io import atomic_dir, write_json
+
+SNAPSHOTS = Path("models/snapshots")
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+KOHYA_FILE = "lora_kohya.safetensors"
+log = logging.getLogger(__name__)
+
+
+def adapter_info(p, trainer, steps: int, data_hash: str, cache_key: str) -> dict:
+    """``adapter.json``: base, LoRA shape, optimizer and data the adapter was trained with."""
+    from stages.models import lora
+
+    cfg = lora.adapter_config(trainer.transformer)
+    tp = p.train
+    optimizer = {"name": tp.optimizer, "lr": tp.lr, "weight_decay": tp.weight_decay,
+                 **({tp.optimizer: getattr(tp, tp.optimizer).model_dump()}
+                    if tp.optimizer in ("prodigy", "adafactor") else {})}
+    return {
+        "base": p.model.base, "revision": p.model.revision, "quantization": p.model.quantization,
+        "rank": p.lora.rank, "alpha": p.lora.alpha if p.lora.alpha is not None else p.lora.rank,
+        "rank_map": p.lora.rank_map, "targets": p.lora.targets, "double_blocks": p.lora.double_blocks,
+        "single_blocks": p.lora.single_blocks, "target_modules": cfg["target_modules"],
+        "dropout": p.lora.dropout, "steps": steps, "data_hash": data_hash, "cache_key": cache_key,
+        "resolution": tp.resolution, "seed": p.seed, "optimizer": optimizer, "ema_decay": tp.ema_decay,
+        "lora_parameters": sum(t.numel() for t in lora.lora_state_dict(trainer.transformer).values()),
+        "files": {"diffusers": DIFFUSERS_FILE, "kohya": KOHYA_FILE}}
+
+
+def write_adapter(transformer, folder: Path, info: dict) -> None:
+    """The transformer's current LoRA as diffusers + kohya files and ``adapter.json`` in ``folder``."""
+    from safetensors.torch import save_file
+
+    from stages.models import export as kohya, lora
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = lora.lora_state_dict(transformer)
+    cfg = lora.adapter_config(transformer)
+    alphas = {n: float(cfg["alpha_pattern"].get(n, cfg["lora_alpha"])) for n in cfg["target_modules"]}
+    lora.save_diffusers(transformer, folder)
+    save_file(kohya.to_kohya(state, dict(transformer.config), alphas), folder / KOHYA_FILE,
+              metadata={"ss_network_module": "networks.lora_flux", "ss_base_model_version": "flux1"})
+    write_json(folder / "adapter.json", info)
+
+
+def steps_saved(root: Path = SNAPSHOTS) -> list[int]:
+    """Steps of the complete snapshots under ``root``, ascending."""
+    if not root.exists():
+        return []
+    return sorted(int(d.name.split("-")[1]) for d in root.glob("step-*")
+                  if d.is_dir() and (d / "adapter.json").exists() and d.name.split("-")[1].isdigit())
+
+
+def snapshot_dir(step: int, root: Path = SNAPSHOTS) -> Path:
+    return root / f"step-{step:06d}"
+
+
+def save_snapshot(transformer, step: int, info: dict, keep_last: int, root: Path = SNAPSHOTS) -> Path:
+    """``root/step-<step>/`` written atomically; older snapshots beyond the newest ``keep_last`` go."""
+    target = snapshot_dir(step, root)
+    with atomic_dir(target) as tmp:
+        write_adapter(transformer, tmp, {**info, "steps": step})
+    if keep_last:
+        for old in steps_saved(root)[:-keep_last]:
+            shutil.rmtree(snapshot_dir(old, root), ignore_errors=True)
+    log.info("snapshot at step %d -> %s", step, target)
+    return target
+
+
+def discard_after(step: int, root: Path = SNAPSHOTS) -> None:
+    """Remove snapshots later than ``step`` (all of them for 0: a fresh run), and half-written ones."""
+    for s in steps_saved(root):
+        if s > step:
+            shutil.rmtree(snapshot_dir(s, root), ignore_errors=True)
+    for junk in root.glob(".step-*") if root.exists() else []:
+        shutil.rmtree(junk, ignore_errors=True)
+
+
+def resolve(step: Optional[int], final: Path, root: Path = SNAPSHOTS) -> Path:
+    """The adapter folder to render: ``final`` for None, else the snapshot of ``step`` (a clear error
+    naming the saved steps when there is none)."""
+    if step is None:
+        return final
+    folder = snapshot_dir(step, root)
+    if not (folder / "adapter.json").exists():
+        saved = steps_saved(root)
+        raise SystemExit(f"sample.adapter_step={step}: no snapshot {folder} (saved steps: {saved or 'none'}; "
+                         "set train.save_every to write them)")
+    return folder
