@@ -129,9 +129,18 @@ def project(root: Path, base: Path, card: int, steps: int) -> Path:
 
 
 # ----------------------------------------------------------------------------- one stage
-def stage(name: str, root: Path, card: int) -> dict:
-    """Run ``stages.<name>.main()`` in this process (cwd = the project) under a ``card`` GiB limit."""
+def stage(name: str, root: Path, card: int, variant: str = "") -> dict:
+    """Run ``stages.<name>.main()`` in this process (cwd = the project) under a ``card`` GiB limit.
+    ``variant`` changes the plan for a measurement: ``nooffload``."""
+    import dataclasses
+
     import torch
+
+    from stages.models import memory
+
+    for cls, plan in list(memory.PLANS.items()):
+        if variant == "nooffload":
+            memory.PLANS[cls] = dataclasses.replace(plan, offload_activations=False)
 
     cuda = torch.cuda.is_available()  # without one: a dry run of the driver on the tiny model
     os.environ["FLUXIMP_VRAM_LIMIT_GIB"] = str(card)  # what the memory preflight sees as free
@@ -158,7 +167,7 @@ def stage(name: str, root: Path, card: int) -> dict:
     timed(flux, "load_text_encoders", "text_encoders_load_s")
     timed(render, "denoise", "denoise_s")
     module = __import__(f"stages.{name}", fromlist=["main"])
-    out = {"stage": name, "card_gib": card}
+    out = {"stage": name + (f"-{variant}" if variant else ""), "card_gib": card}
     t0 = time.perf_counter()
     try:
         module.main()
@@ -171,6 +180,8 @@ def stage(name: str, root: Path, card: int) -> dict:
         out["vram_peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
         out["vram_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 2)
     out["host_rss_gib"] = round(rss_gib(), 2)
+    if cuda:
+        out["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
     if name == "train" and out["ok"]:
         rows = [ln.split("\t") for ln in Path("reports/train/loss.tsv").read_text().splitlines()]
         col = rows[0].index("step_time")
@@ -183,6 +194,23 @@ def stage(name: str, root: Path, card: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- loads and the recipe
+def warm_up() -> None:
+    """Imports and the CUDA context, before any clock starts (the same for ours and the recipe)."""
+    import accelerate  # noqa: F401
+    import bitsandbytes  # noqa: F401
+    import diffusers  # noqa: F401
+    import torch
+    import transformers  # noqa: F401
+
+    from stages.core import compat
+
+    compat.ensure_torchvision()
+    from diffusers import FluxPipeline, FluxTransformer2DModel  # noqa: F401
+    from transformers import T5EncoderModel  # noqa: F401
+
+    torch.zeros(1, device="cuda")
+
+
 def load(kind: str, base: Path) -> dict:
     """The project's transformer load: ``cold`` (quantize while loading, cache emptied first) or
     ``cached`` (the quantize-once cache)."""
@@ -193,6 +221,7 @@ def load(kind: str, base: Path) -> dict:
     from stages.core.params import Model
     from stages.models import flux, quant_cache
 
+    warm_up()
     if kind == "cold":
         shutil.rmtree(quant_cache.root(), ignore_errors=True)
     torch.cuda.reset_peak_memory_stats()
@@ -204,12 +233,49 @@ def load(kind: str, base: Path) -> dict:
             "vram_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 2), "host_rss_gib": round(rss_gib(), 2)}
 
 
+def t5_options(base: Path) -> dict:
+    """T5-XXL as stored (bf16) vs int8 (the 8 GiB class) vs nf4: load time, peak VRAM, prompts/s
+    and how far the quantized embeddings are from the bf16 ones (on random weights: errors compound
+    through 24 random layers, so this bounds the arithmetic rather than real text)."""
+    import torch
+
+    from stages.core.params import Model
+    from stages.models import flux
+
+    warm_up()
+    prompts = [f"a harbour at dawn with fishing boats, number {i}, impressionism style" for i in range(8)]
+    out, embeds = {"stage": "t5-options", "card_gib": None, "ok": True}, {}
+    for mode in ("none", "int8", "nf4"):
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        pipe = flux.load_text_encoders(Model(base=str(base)), device="cuda", text_quantization=mode)
+        torch.cuda.synchronize()
+        out[f"{mode}_load_s"] = round(time.perf_counter() - t0, 1)
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            e = pipe.encode_prompt(prompt=prompts, prompt_2=prompts, device="cuda", max_sequence_length=512)[0]
+        torch.cuda.synchronize()
+        out[f"{mode}_prompts_per_s"] = round(len(prompts) / (time.perf_counter() - t1), 1)
+        out[f"{mode}_vram_peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
+        embeds[mode] = e.float().cpu()
+        del pipe
+        torch.cuda.empty_cache()
+    a = embeds["none"].flatten(1)
+    for mode in ("int8", "nf4"):
+        b = embeds[mode].flatten(1)
+        out[f"{mode}_cosine_to_bf16"] = round(float(torch.nn.functional.cosine_similarity(a, b).mean()), 4)
+        out[f"{mode}_rel_l2_diff"] = round(float((a - b).norm() / a.norm()), 4)
+    out["host_rss_gib"] = round(rss_gib(), 2)
+    return out
+
+
 def peer(kind: str, base: Path) -> dict:
     """diffusers' documented low-memory recipe on the same folder (what a user would pick instead)."""
     import torch
     from diffusers import BitsAndBytesConfig as DiffusersBnb, FluxPipeline, FluxTransformer2DModel
     from transformers import BitsAndBytesConfig as TransformersBnb, T5EncoderModel
 
+    warm_up()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     nf4 = DiffusersBnb(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
@@ -240,6 +306,14 @@ def peer(kind: str, base: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- driver and report
+def fresh(root: Path) -> None:
+    """No checkpoint of an earlier train run in the project: every train row trains all its steps."""
+    import shutil
+
+    for sub in ("models", "reports/train"):
+        shutil.rmtree(root / sub, ignore_errors=True)
+
+
 def child(args: list[str], env: dict) -> dict:
     """One phase in a fresh process (peak RSS and VRAM are per process); its last line is JSON."""
     proc = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True)
@@ -278,14 +352,18 @@ def main() -> None:
     r.add_argument("--work", type=Path, default=Path("/tmp/real-path"))
     r.add_argument("--cards", default="8,12,16,24")
     r.add_argument("--steps", type=int, default=8)
-    r.add_argument("--phases", default="load,peer,stages")
+    r.add_argument("--phases", default="load,peer,t5,stages")
+    r.add_argument("--stages", default=",".join(STAGES))
+    r.add_argument("--variants", default="", help="extra train runs in the first card's project, "
+                                                  "LIMIT:VARIANT (24:nooffload = unconstrained; 24: = that plan uncapped)")
     r.add_argument("--out", type=Path, default=REPO / "reports" / "bench")
     sub.add_parser("build").add_argument("dir", type=Path)
     s = sub.add_parser("stage")
     s.add_argument("name", choices=STAGES)
     s.add_argument("root", type=Path)
     s.add_argument("card", type=int)
-    for n in ("load", "peer"):
+    s.add_argument("variant", nargs="?", default="")
+    for n in ("load", "peer", "t5"):
         x = sub.add_parser(n)
         x.add_argument("kind")
         x.add_argument("base", type=Path)
@@ -296,9 +374,11 @@ def main() -> None:
     if a.cmd == "build":
         print(json.dumps(build(a.dir)), flush=True)
     elif a.cmd == "stage":
-        print(json.dumps(stage(a.name, a.root, a.card)), flush=True)
+        print(json.dumps(stage(a.name, a.root, a.card, a.variant)), flush=True)
     elif a.cmd == "load":
         print(json.dumps(load(a.kind, a.base)), flush=True)
+    elif a.cmd == "t5":
+        print(json.dumps(t5_options(a.base)), flush=True)
     elif a.cmd == "peer":
         print(json.dumps(peer(a.kind, a.base)), flush=True)
     elif a.cmd == "report":
@@ -322,18 +402,28 @@ def main() -> None:
         if "load" in phases:
             for kind in ("cold", "cached"):
                 emit(child(["load", kind, str(a.base)], env))
-        if "peer" in phases:
-            for kind in ("load", "sample", "sample-offload"):
+        if "peer" in phases or "peer-load" in phases:
+            for kind in ("load", "sample", "sample-offload") if "peer" in phases else ("load",):
                 emit(child(["peer", kind, str(a.base)], env))
+        if "t5" in phases:
+            emit(child(["t5", "both", str(a.base)], env))
+        cards = [int(c) for c in a.cards.split(",")]
         if "stages" in phases:
             import shutil
 
-            for card in [int(c) for c in a.cards.split(",")]:
+            for card in cards:
                 root = project(a.work / f"card-{card}", a.base, card, a.steps)
-                for name in STAGES:
+                for name in a.stages.split(","):
+                    if name == "train":
+                        fresh(root)
                     if name == "sample":  # worst case: the prompt embeddings are not cached yet
                         shutil.rmtree(a.work / "qcache" / "prompt-embeddings", ignore_errors=True)
                     emit(child(["stage", name, str(root), str(card)], env))
+        for v in filter(None, a.variants.split(",")):  # after the stages: they need the encode cache
+            limit, _, v = v.rpartition(":")
+            root = a.work / f"card-{cards[0]}"
+            fresh(root)
+            emit(child(["stage", "train", str(root), limit or str(cards[0]), v], env))
         rows = [json.loads(ln) for ln in jsonl.read_text().splitlines() if ln.strip()]
         report(rows, a.out / "real_path.md", "python benchmarks/bench_real_path.py " + " ".join(sys.argv[1:]))
 

@@ -116,8 +116,6 @@ def train(p, accelerator=None) -> dict:
     trainer = Trainer(transformer, p.lora, p.train, seed=p.seed, device=device, accelerator=accelerator,
                       empty_prompt=cache.empty,
                       offloader=offload.Offloader() if plan.offload_activations else None)
-    if plan.swap_blocks:  # after the LoRA is added: its trainable weights stay on the device
-        offload.BlockSwap(list(transformer.single_transformer_blocks)[-plan.swap_blocks:], device)
     fp = ckpt.fingerprint(p, cache.index["key"])
     start = 0
     found = ckpt.latest(CKPT_DIR, fp, p.train.steps) if main_proc else None

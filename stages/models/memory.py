@@ -4,12 +4,12 @@
 the classes 8 / 12 / 16 / 24. Each class is a :class:`Plan`, measured at real size on FLUX.1-dev's
 shapes (benchmarks/bench_real_path.py, reports/bench/real_path.md):
 
-| class | T5-XXL in encode/sample | train: checkpointed block inputs | train: blocks swapped | text batch |
-|---|---|---|---|---|
-| 8  | nf4, quantized while loading (2.4 GiB instead of 8.9) | offloaded to pinned host memory | 8 single blocks | 4 |
-| 12 | bf16 | on the GPU | 0 | 4 |
-| 16 | bf16 | on the GPU | 0 | 16 |
-| 24 | bf16 | on the GPU | 0 | 32 |
+| class | T5-XXL in encode/sample | train: checkpointed block inputs | text batch |
+|---|---|---|---|
+| 8  | int8 weight-only (torchao), quantized while loading (4.6 GiB instead of 8.9) | offloaded to pinned host memory | 4 |
+| 12 | bf16 | on the GPU | 4 |
+| 16 | bf16 | on the GPU | 16 |
+| 24 | bf16 | on the GPU | 32 |
 
 Independent of the class, every stage keeps one large model on the GPU at a time (encode: text
 encoders, then the VAE; sample: text encoders, then the transformer, then the VAE), the
@@ -46,20 +46,18 @@ class MemoryError_(SystemExit):
 @dataclass(frozen=True)
 class Plan:
     card_gib: Optional[int]          # the class planned for; None = unconstrained (CPU, auto)
-    text_encoder_quantization: str   # "none" | "nf4": T5 in encode and sample
+    text_encoder_quantization: str   # "none" | "int8" | "nf4": T5 in encode and sample
     offload_activations: bool        # train: checkpointed block inputs in pinned host memory
     text_batch: int                  # prompts per T5 call
-    swap_blocks: int = 0             # train: blocks whose nf4 weights wait in pinned host memory
 
     def describe(self) -> str:
         card = f"{self.card_gib} GiB card" if self.card_gib else "no memory limit"
         return (f"{card}: T5 {self.text_encoder_quantization if self.text_encoder_quantization != 'none' else 'as stored'}, "
-                f"activation offload {'on' if self.offload_activations else 'off'}, {self.swap_blocks} blocks swapped, "
-                f"text batch {self.text_batch}")
+                f"activation offload {'on' if self.offload_activations else 'off'}, text batch {self.text_batch}")
 
 
 PLANS = {
-    8: Plan(8, "nf4", True, 4, swap_blocks=8),
+    8: Plan(8, "int8", True, 4),
     12: Plan(12, "none", False, 4),
     16: Plan(16, "none", False, 16),
     24: Plan(24, "none", False, 32),
@@ -131,8 +129,7 @@ def estimate(stage: str, sizes: dict[str, int], hidden: int, n_blocks: int, p, p
         saved = 0 if pl.offload_activations else 2 * n_blocks * tokens * hidden * 2
         work = 36 * tokens * hidden * 2
         lora_state = 16 * 20e6 * max(1, p.lora.rank / 16)
-        swapped = pl.swap_blocks * sizes.get("transformer", 0) * QUANT_FACTOR[q] / (1.5 * n_blocks)  # single blocks
-        return Need(int(tr - swapped + saved + work + lora_state), host_base + 2 * n_blocks * tokens * hidden * 2,
+        return Need(int(tr + saved + work + lora_state), host_base + 2 * n_blocks * tokens * hidden * 2,
                     "the quantized transformer + training activations")
     if stage == "sample":
         sres = p.sample.resolution

@@ -16,7 +16,6 @@ prove that training with offload gives the same adapter as without it.
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import Iterator
 
 import torch
@@ -65,66 +64,3 @@ def activations(offloader: Offloader) -> Iterator[Offloader]:
     with torch.autograd.graph.saved_tensors_hooks(offloader.pack, offloader.unpack):
         yield offloader
 
-
-class BlockSwap:
-    """Keep the quantized weights of some blocks in pinned host memory and copy each block's in
-    just before it runs, in the forward and again in the recompute of backward; they are let go
-    once the block is done. kohya's "block swap", for the nf4 base: a FLUX.1-dev single block is
-    ~71 MiB in nf4, so swapping 8 of them frees ~0.6 GiB for ~1 GiB of copies per step.
-
-    Only bitsandbytes ``Params4bit`` weights move (>99 % of a block's bytes), each with its own
-    quant state: the device copy of the state is a new object, so what autograd saved for the
-    backward (``ctx.state``, the weight view) keeps pointing at device tensors. Norm weights,
-    biases and the trainable LoRA stay on the device. The arithmetic is unchanged: the same adapter
-    comes out (tests/test_memory.py; on CPU the hooks run but move nothing)."""
-
-    def __init__(self, blocks: list[nn.Module], device: torch.device):
-        self.device = torch.device(device)
-        self.handles = []
-        self.swapped = 0
-        pin = self.device.type == "cuda"
-        for block in blocks:
-            slots = []
-            for prm in block.parameters():
-                if prm.requires_grad or getattr(prm, "quant_state", None) is None:
-                    continue
-                host = prm.data.to("cpu")
-                host_state = _state_to(prm.quant_state, torch.device("cpu"), pin)
-                prm.data, prm.quant_state = (host.pin_memory() if pin else host), host_state
-                slots.append((prm, prm.data, host_state))
-            if slots:
-                self.handles.append(block.register_forward_pre_hook(self._loader(slots)))
-                self.handles.append(block.register_forward_hook(self._releaser(slots)))
-                self.swapped += 1
-
-    def _loader(self, slots):
-        def hook(module, args):
-            for prm, host, host_state in slots:
-                prm.data = host.to(self.device, non_blocking=True)
-                prm.quant_state = _state_to(host_state, self.device)
-        return hook
-
-    @staticmethod
-    def _releaser(slots):
-        def hook(module, args, output):
-            for prm, host, host_state in slots:
-                prm.data, prm.quant_state = host, host_state
-        return hook
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-def _state_to(state, device: torch.device, pin: bool = False):
-    """A copy of a bitsandbytes QuantState (and its nested state) with its tensors on ``device``."""
-    if state is None:
-        return None
-    new = copy.copy(state)
-    for attr, value in vars(state).items():
-        if isinstance(value, torch.Tensor):
-            t = value.to(device, non_blocking=True)
-            setattr(new, attr, t.pin_memory() if pin and device.type == "cpu" else t)
-    if getattr(state, "state2", None) is not None:
-        new.state2 = _state_to(state.state2, device, pin)
-    return new
