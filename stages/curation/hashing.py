@@ -30,6 +30,13 @@ MAX_MASKS = 1200  # above this many flip masks per chunk, brute force is faster
 
 # ---- hashing ---------------------------------------------------------------------------------
 
+# The views of an image that are hashed and compared: the image itself, its mirror image
+# (horizontally flipped copies), and its central 2:1 band (copies cropped to another aspect:
+# a landscape trimmed at top and bottom keeps that band).
+VIEWS = ("full", "mirror", "band")
+BAND_ASPECT = 2.0
+
+
 def _bits_to_bytes(hash_obj) -> np.ndarray:
     return np.packbits(np.asarray(hash_obj.hash, dtype=bool).ravel())
 
@@ -41,6 +48,40 @@ def hash_image(img, hash_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
     img = img.convert("RGB")
     return (_bits_to_bytes(imagehash.phash(img, hash_size=hash_size)),
             _bits_to_bytes(imagehash.dhash(img, hash_size=hash_size)))
+
+
+def band(img, aspect: float = BAND_ASPECT):
+    """The centred crop of ``img`` with width / height = ``aspect``."""
+    w, h = img.size
+    if w / h < aspect:
+        bh = w / aspect
+        return img.crop((0, round((h - bh) / 2), w, round((h + bh) / 2)))
+    bw = h * aspect
+    return img.crop((round((w - bw) / 2), 0, round((w + bw) / 2), h))
+
+
+def views(img) -> dict:
+    """{view name: PIL image} for :data:`VIEWS`."""
+    from PIL import ImageOps
+
+    img = img.convert("RGB")
+    return {"full": img, "mirror": ImageOps.mirror(img), "band": band(img)}
+
+
+def hash_views(img, hash_size: int = 8) -> np.ndarray:
+    """(len(VIEWS), 2, hash_size**2/8) uint8: (pHash, dHash) of every view of ``img``."""
+    return np.stack([np.stack(hash_image(v, hash_size)) for v in views(img).values()])
+
+
+def quant_step(data: bytes) -> float:
+    """Mean step of a JPEG's luminance quantisation table (1 = lossless: not a JPEG). Of two
+    encodings of one picture the smaller step kept more of it; a copy re-encoded at a finer step
+    still carries its source's losses, so the keep rule asks this only after pixels and consensus."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))  # reads the header only
+    tables = getattr(img, "quantization", None) or {}
+    return float(np.mean(tables[0])) if img.format == "JPEG" and 0 in tables else 1.0
 
 
 def decode_small(data: bytes, min_side: int = 256, with_size: bool = False):
@@ -60,17 +101,17 @@ def decode_small(data: bytes, min_side: int = 256, with_size: bool = False):
     return (img, size) if with_size else img
 
 
-def _hash_bytes(args: tuple[bytes, int]) -> Optional[tuple[np.ndarray, np.ndarray]]:
+def _hash_bytes(args: tuple[bytes, int]) -> Optional[tuple[np.ndarray, float]]:
     data, hash_size = args
     try:
-        return hash_image(decode_small(data), hash_size)
+        return hash_views(decode_small(data), hash_size), quant_step(data)
     except Exception:  # unreadable image: the caller records a reject
         return None
 
 
-def _signature_bytes(data: bytes) -> Optional[np.ndarray]:
+def _signature_bytes(data: bytes) -> Optional[dict]:
     try:
-        return detail_signature(decode_small(data))
+        return signature(decode_small(data))
     except Exception:
         return None
 
@@ -93,14 +134,14 @@ def _pool_map(func, items: Iterable, workers: int, progress=None, batch: int = 2
 
 
 def hash_many(blobs: Iterable[bytes], hash_size: int = 8, workers: int = 2,
-              progress=None) -> list[Optional[tuple[np.ndarray, np.ndarray]]]:
-    """(pHash, dHash) of encoded images, in ``workers`` processes; ``None`` where one does not
-    decode. ``progress``: optional callable(n_done), e.g. a tqdm bar's ``update``."""
+              progress=None) -> list[Optional[tuple[np.ndarray, float]]]:
+    """(:func:`hash_views`, :func:`quant_step`) of encoded images, in ``workers`` processes;
+    ``None`` where one does not decode. ``progress``: optional callable(n_done), e.g. a tqdm bar's ``update``."""
     return _pool_map(_hash_bytes, ((b, hash_size) for b in blobs), workers, progress)
 
 
-def signatures_many(blobs: Iterable[bytes], workers: int = 2) -> list[Optional[np.ndarray]]:
-    """:func:`detail_signature` of encoded images, in ``workers`` processes."""
+def signatures_many(blobs: Iterable[bytes], workers: int = 2) -> list[Optional[dict]]:
+    """:func:`signature` of encoded images, in ``workers`` processes."""
     return _pool_map(_signature_bytes, blobs, workers)
 
 
@@ -108,32 +149,85 @@ def signatures_many(blobs: Iterable[bytes], workers: int = 2) -> list[Optional[n
 # pHash keeps only the coarsest 8x8 DCT frequencies, so two different paintings of one composition
 # (a series, a template) can fall within a few bits. A real copy (resized, re-encoded, slightly
 # cropped, colour-shifted) keeps the fine detail too. The signature is the high-pass detail of a
-# 64 px gray thumbnail (mean and colour removed), at a few centre crops to absorb small crops; two
-# images are the same picture when the best normalised correlation over the crops is high.
+# 64 px gray thumbnail (mean and colour removed), of the whole image and of windows inside it (up
+# to 10 % smaller, centred or shifted to the sides and corners) to absorb crops; two images are the
+# same picture when one's whole view correlates highly with one of the other's windows.
 
 VERIFY_SIDE = 64
-VERIFY_CROPS = (0.0, 0.01, 0.02, 0.03, 0.04, 0.05)
 
 
-def detail_signature(img) -> np.ndarray:
-    """(len(VERIFY_CROPS), D) float32: unit-norm high-pass detail of centre crops of ``img``."""
+CENTRED = tuple((c, c, 1 - c, 1 - c) for c in (0.0, 0.01, 0.02, 0.03, 0.04, 0.05))
+
+
+def _windows() -> tuple[tuple[float, float, float, float], ...]:
+    """(x0, y0, x1, y1) fractions: the whole image first, centred crops of 1-5 % per side, and 95 %
+    windows on a 5 x 5 grid of offsets, 90 % ones on a 3 x 3 grid (a mirror-symmetric set). The
+    detail is fine (a 1 px shift at 64 px costs much correlation), hence the dense grid: with 3 x 3
+    at 95 % a random 5 % crop matched its source at 0.50-0.98, with 5 x 5 at 0.83-0.99 (realart)."""
+    out = list(CENTRED)
+    for size, steps in ((0.95, 5), (0.90, 3)):
+        grid = np.linspace(0, 1 - size, steps)
+        out += [(x, y, x + size, y + size) for x in grid for y in grid
+                if not (np.isclose(x, (1 - size) / 2) and np.isclose(y, (1 - size) / 2))]
+    return tuple(tuple(float(v) for v in w) for w in out)
+
+
+VERIFY_WINDOWS = _windows()
+
+
+def detail_signature(img, windows=VERIFY_WINDOWS) -> np.ndarray:
+    """(len(windows), D) float16: unit-norm high-pass detail of ``windows`` of ``img``."""
     from PIL import Image
     from scipy.ndimage import gaussian_filter
 
     gray = img.convert("L")
     w, h = gray.size
     out = []
-    for c in VERIFY_CROPS:
-        box = (w * c, h * c, w * (1 - c), h * (1 - c))
+    for x0, y0, x1, y1 in windows:
+        box = (w * x0, h * y0, w * x1, h * y1)
         t = np.asarray(gray.resize((VERIFY_SIDE, VERIFY_SIDE), Image.Resampling.BOX, box=box), np.float32)
         t = (t - gaussian_filter(t, 2.0))[4:-4, 4:-4].ravel()
         out.append(t / (np.linalg.norm(t) + 1e-6))
-    return np.stack(out)
+    return np.stack(out).astype(np.float16)
 
 
 def pair_similarity(a: np.ndarray, b: np.ndarray) -> float:
-    """Best correlation of one image's full view against the other's crops, both ways round."""
+    """Best correlation of one image's whole view against the other's windows, both ways round."""
+    a, b = a.astype(np.float32), b.astype(np.float32)
     return float(max((a[0] @ b.T).max(), (b[0] @ a.T).max()))
+
+
+def mirror_detail(sig: np.ndarray) -> np.ndarray:
+    """The detail signature of the horizontally mirrored image (the window set is symmetric)."""
+    side = VERIFY_SIDE - 8
+    return sig.reshape(len(sig), side, side)[:, :, ::-1].reshape(len(sig), -1)
+
+
+def signature(img) -> dict:
+    """What verification and the keep rule compare: the ``full`` detail signature (all windows),
+    the ``band``'s (centred windows only: ~280 KB in all, float16) and ``colour`` (per-channel
+    mean and std of a small thumbnail, 0-1)."""
+    from PIL import Image
+
+    thumb = np.asarray(img.convert("RGB").resize((VERIFY_SIDE, VERIFY_SIDE), Image.Resampling.BOX),
+                       np.float32).reshape(-1, 3) / 255
+    return {"full": detail_signature(img), "band": detail_signature(band(img)),
+            "colour": np.concatenate([thumb.mean(0), thumb.std(0)])}
+
+
+def match(a: dict, b: dict) -> tuple[float, str]:
+    """(similarity, how): the best :func:`pair_similarity` of ``a`` and ``b`` over the views that
+    correspond (full/full, band/band), each also against the other's mirror image."""
+    best = (-1.0, "")
+    for view in ("full", "band"):
+        for how, other in ((view, b[view]), (f"{view}/mirror", mirror_detail(b[view]))):
+            best = max(best, (pair_similarity(a[view], other), how))
+    return best
+
+
+def colour_gap(a: dict, b: dict) -> float:
+    """Mean absolute difference of two signatures' colour statistics (0-1 scale)."""
+    return float(np.abs(a["colour"] - b["colour"]).mean())
 
 
 def to_hex(bits: np.ndarray) -> str:
@@ -171,35 +265,42 @@ def _flip_masks(bits: int, radius: int) -> np.ndarray:
     return np.array(masks, dtype=np.uint16)
 
 
-def _brute_pairs(bits: np.ndarray, radius: int) -> np.ndarray:
-    """Blocked all-pairs popcount (vectorised; ~16 MB of XOR per block)."""
-    n = len(bits)
-    block = max(1, (1 << 24) // max(1, n * bits.shape[1]))
+def _brute_pairs(bits: np.ndarray, radius: int, other: Optional[np.ndarray] = None) -> np.ndarray:
+    """Blocked all-pairs popcount (vectorised; ~16 MB of XOR per block). Self search: pairs i < j;
+    cross search (``other``): every (i, j) with ``bits[i]`` near ``other[j]``."""
+    ref = bits if other is None else other
+    block = max(1, (1 << 24) // max(1, len(ref) * bits.shape[1]))
     out = []
-    for s in range(0, n, block):
-        d = hamming(bits[s:s + block, None, :], bits[None, :, :])
+    for s in range(0, len(bits), block):
+        d = hamming(bits[s:s + block, None, :], ref[None, :, :])
         i, j = np.nonzero(d <= radius)
         i += s
-        keep = i < j
-        out.append(np.stack([i[keep], j[keep]], 1))
+        keep = i < j if other is None else slice(None)
+        out.append(np.stack([i[keep], j[keep]], 1).astype(np.int64))
     return np.concatenate(out) if out else np.zeros((0, 2), np.int64)
 
 
-def _chunk_pairs(keys: np.ndarray, words: np.ndarray, masks: np.ndarray, radius: int) -> np.ndarray:
-    """Codes ``i * n + j`` (i < j) of the pairs within ``radius`` whose 16-bit ``keys`` differ by
-    one of ``masks``. Bucket table over the 65,536 key values; candidates verified on ``words``
-    (1-D uint64 for 64-bit hashes, else (N, W))."""
-    n = len(keys)
-    order = np.argsort(keys, kind="stable")
-    sorted_words = words[order]
-    counts_tab = np.bincount(keys, minlength=1 << CHUNK_BITS)
+def _chunk_pairs(keys: np.ndarray, words: np.ndarray, masks: np.ndarray, radius: int,
+                 table_keys: Optional[np.ndarray] = None,
+                 table_words: Optional[np.ndarray] = None) -> np.ndarray:
+    """Codes ``i * m + j`` of the pairs within ``radius`` whose 16-bit keys differ by one of
+    ``masks``: a bucket table over the 65,536 values of ``table_keys`` (the m hashes searched; self
+    search when None, then only i < j), probed with each of the n ``keys`` XOR each mask;
+    candidates verified on ``words`` (1-D uint64 for 64-bit hashes, else (N, W))."""
+    cross = table_keys is not None
+    if not cross:
+        table_keys, table_words = keys, words
+    n, m = len(keys), len(table_keys)
+    order = np.argsort(table_keys, kind="stable")
+    sorted_words = table_words[order]
+    counts_tab = np.bincount(table_keys, minlength=1 << CHUNK_BITS)
     starts_tab = np.cumsum(counts_tab) - counts_tab
     found = []
     for mask in masks:
         probe = keys ^ mask
-        # A pair whose keys differ by a non-zero mask is seen from both ends: probe from the
-        # smaller key only. Equal keys (mask 0) meet themselves: keep i < j below.
-        rows = np.flatnonzero(probe > keys) if mask else np.arange(n)
+        # Self search: a pair whose keys differ by a non-zero mask is seen from both ends: probe
+        # from the smaller key only. Equal keys (mask 0) meet themselves: keep i < j below.
+        rows = np.flatnonzero(probe > keys) if mask and not cross else np.arange(n)
         cnt = counts_tab[probe[rows]]
         first = starts_tab[probe[rows]] - (np.cumsum(cnt) - cnt)
         q = np.repeat(rows, cnt)
@@ -209,33 +310,50 @@ def _chunk_pairs(keys: np.ndarray, words: np.ndarray, masks: np.ndarray, radius:
             dist = dist.sum(axis=1, dtype=np.int32)
         close = np.flatnonzero(dist <= radius)
         i, j = q[close], order[pos[close]]
-        lo, hi = np.minimum(i, j), np.maximum(i, j)
-        keep = lo < hi
-        found.append(lo[keep] * n + hi[keep])
+        if cross:
+            found.append(i * m + j)
+        else:
+            lo, hi = np.minimum(i, j), np.maximum(i, j)
+            keep = lo < hi
+            found.append(lo[keep] * n + hi[keep])
     return np.concatenate(found) if found else np.zeros(0, np.int64)
 
 
-def near_pairs(bits: np.ndarray, radius: int, workers: int = 2) -> np.ndarray:
-    """All pairs (i < j) with Hamming distance <= ``radius``: an (P, 2) int64 array, sorted.
-    The chunks are searched in ``workers`` threads (numpy releases the GIL)."""
+def near_pairs(bits: np.ndarray, radius: int, workers: int = 2,
+               other: Optional[np.ndarray] = None) -> np.ndarray:
+    """All pairs (i < j) with Hamming distance <= ``radius``: an (P, 2) int64 array, sorted. With
+    ``other`` (same width): every (i, j), i == j included, with ``bits[i]`` within ``radius`` of
+    ``other[j]`` (e.g. each image's hash against every image's mirrored hash). The chunks are
+    searched in ``workers`` threads (numpy releases the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
 
     bits = np.ascontiguousarray(bits, dtype=np.uint8)
+    other = None if other is None else np.ascontiguousarray(other, dtype=np.uint8)
     n = len(bits)
-    if n < 2:
+    m = n if other is None else len(other)
+    if n < 2 and other is None or n == 0 or m == 0:
         return np.zeros((0, 2), np.int64)
     chunks = _as_words(bits, np.uint16, 2)
-    m = chunks.shape[1]
-    masks = _flip_masks(CHUNK_BITS, radius // m) if radius // m <= 3 else None
-    if masks is None or len(masks) > MAX_MASKS or n < 2048:
-        return _brute_pairs(bits, radius)
-    words = _as_words(bits, np.uint64, 8)
-    if words.shape[1] == 1:
-        words = words[:, 0]
+    n_chunks = chunks.shape[1]
+    masks = _flip_masks(CHUNK_BITS, radius // n_chunks) if radius // n_chunks <= 3 else None
+    if masks is None or len(masks) > MAX_MASKS or max(n, m) < 2048:
+        return _brute_pairs(bits, radius, other)
+
+    def words_of(b):
+        w = _as_words(b, np.uint64, 8)
+        return w[:, 0] if w.shape[1] == 1 else w
+
+    words = words_of(bits)
+    if other is None:
+        search = lambda c: _chunk_pairs(chunks[:, c], words, masks, radius)  # noqa: E731
+    else:
+        o_chunks, o_words = _as_words(other, np.uint16, 2), words_of(other)
+        search = lambda c: _chunk_pairs(chunks[:, c], words, masks, radius,  # noqa: E731
+                                        o_chunks[:, c], o_words)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        parts = list(pool.map(lambda c: _chunk_pairs(chunks[:, c], words, masks, radius), range(m)))
+        parts = list(pool.map(search, range(n_chunks)))
     codes = np.unique(np.concatenate(parts))
-    return np.stack([codes // n, codes % n], 1)
+    return np.stack([codes // m, codes % m], 1)
 
 
 # ---- clusters and the keep rule --------------------------------------------------------------
@@ -256,21 +374,32 @@ def cluster(n: int, pairs: np.ndarray) -> np.ndarray:
     return first[labels]
 
 
-def choose_keepers(cluster_ids: np.ndarray, pixels: np.ndarray, ids: Sequence[str],
-                   quality: Optional[np.ndarray] = None) -> np.ndarray:
-    """The keep rule, one keeper per cluster: the largest pixel count; on a tie the higher
-    ``quality`` (when given, NaN counts as worst); then the smallest id. Returns a bool mask."""
+def choose_keepers(cluster_ids: np.ndarray, ids: Sequence[str],
+                   criteria: Sequence[np.ndarray] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """The keep rule, one keeper per cluster: the highest value of the first of ``criteria``
+    (arrays, one value per item; NaN counts as worst), ties broken by the next, then the smallest
+    id. Returns (bool keep mask, ``why``: (N, 2) int, per item the index of the criterion that
+    separated its cluster's keeper from the runner-up (``len(criteria)`` = the id) and the
+    runner-up's index; -1, -1 in clusters of one)."""
     n = len(cluster_ids)
-    q = np.zeros(n) if quality is None else np.nan_to_num(np.asarray(quality, float), nan=-np.inf)
+    crit = [np.nan_to_num(np.asarray(c, float), nan=-np.inf) for c in criteria]
     id_rank = np.argsort(np.argsort(np.asarray(ids, dtype=object), kind="stable"), kind="stable")
-    # lexsort: last key is primary -> cluster, then -pixels, then -quality, then id
-    order = np.lexsort((id_rank, -q, -np.asarray(pixels, float), np.asarray(cluster_ids)))
+    # lexsort: the last key is primary -> cluster, then each criterion (descending), then the id
+    order = np.lexsort((id_rank, *[-c for c in reversed(crit)], np.asarray(cluster_ids)))
     keep = np.zeros(n, bool)
+    why = np.full((n, 2), -1, np.int64)
     sorted_clusters = np.asarray(cluster_ids)[order]
     first = np.ones(n, bool)
     first[1:] = sorted_clusters[1:] != sorted_clusters[:-1]
     keep[order[first]] = True
-    return keep
+    starts = np.flatnonzero(first)
+    sizes = np.diff(np.append(starts, n))
+    per_cluster = np.full((len(starts), 2), -1, np.int64)
+    for k in np.flatnonzero(sizes > 1):
+        best, runner = order[starts[k]], order[starts[k] + 1]
+        per_cluster[k] = (next((c for c, v in enumerate(crit) if v[best] != v[runner]), len(crit)), runner)
+    why[order] = np.repeat(per_cluster, sizes, axis=0)
+    return keep, why
 
 
 
