@@ -182,6 +182,20 @@ def closest_distinct(hashes: dict, info: dict, sigs: dict, top: int = 8) -> list
     return [(d, a, b, hashing.match(sigs[a], sigs[b])) for d, a, b in out[:top]]
 
 
+def match_margins(hashes: dict, info: dict, sigs: dict) -> tuple[list, list]:
+    """(distinct pairs by detail match, best first; copy/source pairs, worst first)."""
+    distinct, true = [], []
+    for a, b in itertools.combinations(sorted(sigs), 2):
+        if sigs[a] is None or sigs[b] is None:
+            continue
+        if info[a]["family"] != info[b]["family"]:
+            if info[a]["kind"] in ("corpus", "dupe") and info[b]["kind"] in ("corpus", "dupe"):
+                distinct.append((hashing.match(sigs[a], sigs[b])[0], a, b))
+        elif info[a]["of"] == b or info[b]["of"] == a:
+            true.append((hashing.match(sigs[a], sigs[b])[0], a, b))
+    return sorted(distinct, reverse=True), sorted(true)
+
+
 def filter_rows(blobs: dict, info: dict, f) -> list[dict]:
     out = []
     for name, data in blobs.items():
@@ -203,10 +217,11 @@ def main() -> None:
     smoke = params.Params()
     flux = params.Params(**params.compose(["profile=flux-dev"]))
     cfg = smoke.dedupe
-    print(f"# Curation on real paintings\n\n`{' '.join(['benchmarks/bench_curation_realart.py'] + sys.argv[1:])}`"
+    print(f"# Curation on real paintings\n\n`{' '.join(['.venv/bin/python', 'benchmarks/bench_curation_realart.py'] + sys.argv[1:])}`"
           f" — {sum(i['kind'] == 'corpus' for i in info.values())} corpus paintings, "
           f"{sum(i['kind'] == 'dupe' for i in info.values())} real dupes, {args.n} paintings x "
-          f"{len(KINDS)} generated copies (seed {args.seed}); dedupe params {cfg.model_dump()}\n")
+          f"{len(KINDS)} generated copies (seed {args.seed}); dedupe params {cfg.model_dump()}; load average "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores\n")
 
     cluster_of, named, steps, hashes, secs = run_decide(blobs, info, cfg)
     s = scores(cluster_of, info)
@@ -220,20 +235,29 @@ def main() -> None:
 
     missed = [n for n, i in info.items() if i["of"] and cluster_of.get(n) != cluster_of.get(i["of"])]
     rows_by_name, need = named, set(missed) | {i["of"] for n, i in info.items() if n in missed}
-    need |= {n for n in hashes if info[n]["kind"] in ("corpus", "dupe")}
+    need |= set(hashes)
     by_name = dict(blobs)
     sigs = dict(zip(sorted(need), hashing.signatures_many((by_name[k] for k in sorted(need)), cfg.workers)))
     if missed:
         print("missed copies (pHash over the view pairings, detail match):\n")
         for n in missed:
             o = info[n]["of"]
-            print(f"- {n}: pHash {dedupe.view_distance(hashes[n], hashes[o])}, match {hashing.match(sigs[n], sigs[o])}")
+            m = hashing.match(sigs[n], sigs[o])
+            print(f"- {n}: pHash {dedupe.view_distance(hashes[n], hashes[o])}, match {m[0]:.2f} ({m[1]})")
         print()
     print("closest distinct works (pHash over the view pairings; detail match, verify_min "
           f"{cfg.verify_min}):\n")
     for d, a, b, m in closest_distinct(hashes, info, sigs):
         print(f"- {d} bits: {a} / {b}; match {m[0]:.2f} ({m[1]})")
-    print("\nseries of one motif (must stay apart):\n")
+    distinct, true = match_margins(hashes, info, sigs)
+    print(f"\nthe verifier's margin: highest detail match between distinct works (all "
+          f"{len(distinct):,} pairs of corpus + dupes), then the lowest between a copy and its source:\n")
+    for m, a, b in distinct[:5]:
+        print(f"- distinct {m:.2f}: {a} / {b}")
+    for m, a, b in true[:5]:
+        print(f"- copy {m:.2f}: {a} / {b}")
+    print("\nseries of one motif (must stay apart; the corpus holds one Rouen Cathedral and one Water "
+          "Lilies, so those two are checked only against every other work, above):\n")
     for a, b in SERIES:
         if a in hashes and b in hashes:
             m = hashing.match(sigs[a], sigs[b])
@@ -263,7 +287,8 @@ def main() -> None:
         folder = scores(run_folder(blobs, info, smoke), info)
         print(f"## The same through download -> dedupe on a folder source ({time.perf_counter() - t0:.1f} s)\n")
         print(" | ".join(f"{k}: {v[0]}/{v[1]}" for k, v in sorted(folder["recall"].items())),
-              f"| false merges: {len(folder['false_merges'])}\n")
+              f"| false merges: {len(folder['false_merges'])}; the same as through decide: "
+              f"{'yes' if folder == s else 'NO'}\n")
 
     print("## Heuristic filter (`stages.filter.measure`) on corpus + dupes\n")
     short = flux.model_copy(update={"filter": flux.filter.model_copy(update={"size_check": "short_side"})})
@@ -271,10 +296,11 @@ def main() -> None:
         f = p.filter
         rows = filter_rows(blobs, info, f)
         rejects = [(r["id"], r["reasons"]) for r in rows if r["reasons"]]
-        print(f"### {label}: {len(rejects)} of {len(rows)} rejected\n")
+        by_reason = Counter(x for _, why in rejects for x in why)
+        print(f"### {label}: {len(rejects)} of {len(rows)} rejected {dict(by_reason)}\n")
         for i, why in rejects:
             r = next(x for x in rows if x["id"] == i)
-            print(f"- {i} {r['width']}x{r['height']}: {why}")
+            print(f"- {i} {r['width']}x{r['height']} (bucket side {r['bucket_side']:.0f}): {why}")
         print("\nclosest to each cut-off:\n")
         for key, cut, worst in _margins(f):
             r = worst(rows, key)

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from stages.core import images, io, log, params, shards
 from stages.curation import hashing, quality
+from stages.models import aesthetic
 from stages.models import clip as clip_models
 
 RAW = "data/raw/shards"
@@ -97,7 +98,7 @@ def clip_checks(rows: list[dict], emb_ids: list[str], emb: np.ndarray, p, model,
     cuts = {}
     checks = []
     if f.aesthetic.enabled:
-        head = quality.load_aesthetic_head(f.aesthetic.head, model.dim, seed=p.seed, device=model.device)
+        head = aesthetic.load_aesthetic_head(f.aesthetic.head, model.dim, seed=p.seed, device=model.device)
         checks.append(("aesthetic", "low_aesthetic", head.score(emb) if len(emb) else np.zeros(0),
                        f.aesthetic))
     if f.zeroshot.enabled:
