@@ -239,13 +239,13 @@ def main() -> None:
     by_name = dict(blobs)
     sigs = dict(zip(sorted(need), hashing.signatures_many((by_name[k] for k in sorted(need)), cfg.workers)))
     if missed:
-        print("missed copies (pHash over the view pairings, detail match):\n")
+        print("missed copies (pHash over the views, detail match):\n")
         for n in missed:
             o = info[n]["of"]
             m = hashing.match(sigs[n], sigs[o])
             print(f"- {n}: pHash {dedupe.view_distance(hashes[n], hashes[o])}, match {m[0]:.2f} ({m[1]})")
         print()
-    print("closest distinct works (pHash over the view pairings; detail match, verify_min "
+    print("closest distinct works (pHash over the views; detail match, verify_min "
           f"{cfg.verify_min}):\n")
     for d, a, b, m in closest_distinct(hashes, info, sigs):
         print(f"- {d} bits: {a} / {b}; match {m[0]:.2f} ({m[1]})")

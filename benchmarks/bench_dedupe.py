@@ -103,7 +103,7 @@ def main() -> None:
     print(f"blocked brute force on {sub:,}: {brute:.2f} s -> ~{brute * (args.n / sub) ** 2:.0f} s "
           f"extrapolated to {args.n:,}")
     h = bench_hashing(args.images)
-    print(f"hashing 1024x768 JPEGs (decode + pHash + dHash): 1 process {h[1]:.0f} img/s, "
+    print(f"hashing 1024x768 JPEGs (decode + pHash + dHash of the {len(hashing.VIEWS)} views): 1 process {h[1]:.0f} img/s, "
           f"2 processes {h[2]:.0f} img/s")
 
 

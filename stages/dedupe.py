@@ -1,20 +1,20 @@
 """dedupe: one image per group of (near-)duplicates, every decision recorded.
 
 Reads ``data/raw/shards``; writes ``data/interim/dedupe.parquet`` (one row per raw id: ``id``,
-``phash``, ``dhash``, ``phash_mirror``, ``phash_band``, ``dhash_band`` (hex, see
-``hashing.VIEWS``), ``width``, ``height``, ``bytes_per_pixel`` (informational), ``quant_step``
+``phash``, ``dhash``, ``phash_fold``, ``dhash_fold``, ``phash_band_fold``, ``dhash_band_fold``
+(hex, see ``hashing.VIEWS``), ``width``, ``height``, ``bytes_per_pixel`` (informational), ``quant_step``
 (``hashing.quant_step``), ``cluster_id`` (the id of the cluster's keeper), ``cluster_size``,
-``phash_to_keeper`` (the smallest pHash distance over the view pairings), ``match_to_keeper``
+``phash_to_keeper`` (the smallest pHash distance over the views), ``match_to_keeper``
 (detail similarity to the keeper), ``kept``, ``reason``, ``keep_reason``) and ``reports/dedupe/``
 (``summary.json``: counts, pairs left after each step, the cluster-size histogram;
 ``cluster_sizes.csv``; ``largest_clusters.png``).
 
 - Exact duplicates: rows with the same content id (sha256 of the bytes); the first is kept.
 - Near duplicates: candidate pairs from :data:`SEARCHES`, each a multi-index search within
-  ``dedupe.threshold`` bits: pHash of the images, pHash of one image against the other's mirror
-  image (flipped copies), pHash and dHash of the central 2:1 bands (copies cropped to another
-  aspect). With ``dedupe.second_vote`` a candidate also needs the other hash of the same views
-  within ``dedupe.dhash_threshold``; with ``dedupe.verify`` it must keep the same fine detail
+  ``dedupe.threshold`` bits: pHash of the images, pHash of their folds (flipped copies), dHash of
+  the folds of their central 2:1 bands (copies cropped to another aspect). With
+  ``dedupe.second_vote`` a candidate also needs the other hash of the same view within
+  ``dedupe.dhash_threshold``; with ``dedupe.verify`` it must keep the same fine detail
   (``hashing.match`` >= ``dedupe.verify_min``): pHash alone merges different paintings of one
   composition (a series). Pairs are linked transitively.
 - Keep rule, per cluster (:data:`KEEP_RULE`; the first criterion that separates the keeper from
@@ -48,17 +48,19 @@ RAW = "data/raw/shards"
 OUT = "data/interim/dedupe.parquet"
 REPORTS = "reports/dedupe"
 
-# (view of one image, view of the other, hash searched: 0 = pHash, 1 = dHash). Measured on
-# ../shared/realart (benchmarks/bench_curation_realart.py): the band's dHash finds the Starry Night
-# crops (band pHash 14, dHash 5-6), its pHash a second scan of Impression, Sunrise (full pHash 12,
-# band 10).
-SEARCHES = (("full", "full", 0), ("full", "mirror", 0), ("band", "band", 0), ("band", "band", 1))
+# (view, hash searched: 0 = pHash, 1 = dHash), each a self-search within dedupe.threshold. Measured
+# on ../shared/realart (benchmarks/bench_curation_realart.py): the fold's pHash finds flipped copies
+# (0-2 bits, 24-34 for the images themselves); the band fold's dHash the Starry Night crops (full
+# pHash 18-20, band fold dHash 7-9), a second scan of Impression, Sunrise (full pHash 12, 8) and of
+# the Bedroom in Arles (full dHash 17, 10).
+SEARCHES = (("full", 0), ("fold", 0), ("band_fold", 1))
 KEEP_RULE = ("pixels", "orientation", "colour", "quant_step", "id")
 COLOUR_TIE = 0.01
 
 SCHEMA = pa.schema([
     ("id", pa.string()), ("phash", pa.string()), ("dhash", pa.string()),
-    ("phash_mirror", pa.string()), ("phash_band", pa.string()), ("dhash_band", pa.string()),
+    ("phash_fold", pa.string()), ("dhash_fold", pa.string()),
+    ("phash_band_fold", pa.string()), ("dhash_band_fold", pa.string()),
     ("width", pa.int32()), ("height", pa.int32()), ("bytes_per_pixel", pa.float64()),
     ("quant_step", pa.float64()),
     ("cluster_id", pa.string()), ("cluster_size", pa.int32()), ("phash_to_keeper", pa.int32()),
@@ -114,30 +116,22 @@ def raw_signatures(folder: str, workers: int):
 def candidate_pairs(hashes: np.ndarray, cfg) -> tuple[np.ndarray, dict]:
     """Pairs (i < j) from :data:`SEARCHES` over ``hashes`` (N, views, 2, bytes), after the second
     vote; and the pair counts per search."""
-    view = {v: k for k, v in enumerate(hashing.VIEWS)}
     found, counts = [], {}
-    for va, vb, which in SEARCHES:
-        a, b = hashes[:, view[va], which], hashes[:, view[vb], which]
-        pairs = hashing.near_pairs(a, cfg.threshold, cfg.workers, other=None if va == vb else b)
-        pairs = np.unique(np.sort(pairs[pairs[:, 0] != pairs[:, 1]], axis=1), axis=0)
-        name = f"{va}/{vb} {'pHash' if which == 0 else 'dHash'}"
-        counts[name] = len(pairs)
+    for view, which in SEARCHES:
+        v = hashing.VIEWS.index(view)
+        pairs = hashing.near_pairs(hashes[:, v, which], cfg.threshold, cfg.workers)
+        counts[f"{view} {'pHash' if which == 0 else 'dHash'}"] = len(pairs)
         if cfg.second_vote and len(pairs):
-            other = 1 - which
-            d1 = hashing.hamming(hashes[pairs[:, 0], view[va], other], hashes[pairs[:, 1], view[vb], other])
-            d2 = hashing.hamming(hashes[pairs[:, 1], view[va], other], hashes[pairs[:, 0], view[vb], other])
-            pairs = pairs[np.minimum(d1, d2) <= cfg.dhash_threshold]
+            other = hashes[:, v, 1 - which]
+            pairs = pairs[hashing.hamming(other[pairs[:, 0]], other[pairs[:, 1]]) <= cfg.dhash_threshold]
         found.append(pairs)
     pairs = np.unique(np.concatenate(found), axis=0) if found else np.zeros((0, 2), np.int64)
     return pairs.reshape(-1, 2).astype(np.int64), counts
 
 
 def view_distance(a: np.ndarray, b: np.ndarray) -> int:
-    """The smallest pHash distance between two images' hashes (views, 2, bytes) over the view
-    pairings of :data:`SEARCHES`, both ways round."""
-    view = {v: k for k, v in enumerate(hashing.VIEWS)}
-    return int(min(min(hashing.hamming(a[view[va], 0], b[view[vb], 0]),
-                       hashing.hamming(b[view[va], 0], a[view[vb], 0])) for va, vb, _ in SEARCHES))
+    """The smallest pHash distance between two images' hashes (views, 2, bytes) over the views."""
+    return int(hashing.hamming(a[:, 0], b[:, 0]).min())
 
 
 def keep_criteria(labels: np.ndarray, pixels: np.ndarray, quant: np.ndarray, ids: list[str],
@@ -200,19 +194,15 @@ def decide(h: dict, cfg, signatures=None) -> tuple[list[dict], dict]:
     keep, why = hashing.choose_keepers(labels, ids, [criteria[c] for c in KEEP_RULE[:-1]])
     keeper_of = {int(labels[i]): i for i in np.flatnonzero(keep)}
     size_of = np.bincount(labels, minlength=len(good)) if len(good) else np.zeros(0, int)
-    view = {v: k for k, v in enumerate(hashing.VIEWS)}
     rows = []
     for k, i in enumerate(good):
         size, kk = int(size_of[labels[k]]), keeper_of[int(labels[k])]
         reason = ("unique" if size == 1 else "best_of_cluster") if keep[k] else "near_duplicate"
         both = sig.get(ids[k]) is not None and sig.get(ids[kk]) is not None
+        hexes = {f"{'pd'[w]}hash{'' if v == 'full' else '_' + v}": hashing.to_hex(hashes[k, n, w])
+                 for n, v in enumerate(hashing.VIEWS) for w in (0, 1)}
         rows.append(dict(
-            id=ids[k], phash=hashing.to_hex(hashes[k, view["full"], 0]),
-            dhash=hashing.to_hex(hashes[k, view["full"], 1]),
-            phash_mirror=hashing.to_hex(hashes[k, view["mirror"], 0]),
-            phash_band=hashing.to_hex(hashes[k, view["band"], 0]),
-            dhash_band=hashing.to_hex(hashes[k, view["band"], 1]),
-            width=h["sizes"][i][0], height=h["sizes"][i][1], bytes_per_pixel=h["bpp"][i],
+            id=ids[k], **hexes, width=h["sizes"][i][0], height=h["sizes"][i][1], bytes_per_pixel=h["bpp"][i],
             quant_step=float(quant[k]), cluster_id=ids[kk], cluster_size=size,
             phash_to_keeper=view_distance(hashes[k], hashes[kk]),
             match_to_keeper=(round(hashing.match(sig[ids[k]], sig[ids[kk]])[0], 4)

@@ -86,8 +86,8 @@ class Dedupe(Section):
                                                 "pHash hit, pHash for a dHash hit) within dhash_threshold")
     dhash_threshold: int = Field(16, ge=0, le=256)
     verify: bool = Field(True, description="confirm each near pair on fine pixel detail (see curation/hashing)")
-    # 0.6: on ../shared/realart distinct works (series included) match at <= 0.34 and true copies
-    # at >= 0.71; the synthetic generator's series siblings at <= 0.40 (bench_curation_realart.py)
+    # 0.6: on ../shared/realart distinct works (series included) match at <= 0.34, a copy and its
+    # source at >= 0.75; the synthetic generator's series siblings at <= 0.40 (bench_curation_realart.py)
     verify_min: float = Field(0.6, ge=-1, le=1, description="min detail correlation of a confirmed pair")
     workers: int = Field(2, ge=1, description="processes that hash (and threads that search)")
 

@@ -1,7 +1,11 @@
 """Perceptual hashes and near-duplicate clustering (the dedupe stage's building blocks).
 
-Hashes are imagehash's pHash / dHash, stored as packed bits: a ``uint8`` array of shape
-(N, hash_size**2 / 8), or hex strings in tables. Distances are Hamming distances (popcount of XOR).
+Hashes are imagehash's pHash / dHash of each of an image's :data:`VIEWS` (the image, its
+mirror-invariant fold, the fold of its central 2:1 band), stored as packed bits: a ``uint8`` array
+of shape (N, hash_size**2 / 8), or hex strings in tables. Distances are Hamming distances (popcount
+of XOR). Candidate pairs are confirmed on fine pixel detail (:func:`signature`, :func:`match`),
+which also tells the keep rule how the members of a cluster relate (mirrored or not, colours).
+The module holds these three steps of one decision (hash, confirm, keep), hence its length.
 
 :func:`near_pairs` finds every pair within a distance ``r`` without comparing all pairs in Python:
 multi-index hashing (Norouzi et al., 2012). The bits are split into ``m`` 16-bit chunks; if two hashes
@@ -13,7 +17,7 @@ candidates with a vectorised popcount. Everything is numpy array work in blocks;
 explode (large radius per chunk) it falls back to blocked brute force, still vectorised.
 
 :func:`cluster` links the pairs transitively (connected components) and :func:`choose_keepers`
-applies the documented keep rule.
+applies the keep rule's criteria in order (``stages.dedupe.KEEP_RULE``), saying which decided.
 """
 from __future__ import annotations
 
@@ -30,10 +34,11 @@ MAX_MASKS = 1200  # above this many flip masks per chunk, brute force is faster
 
 # ---- hashing ---------------------------------------------------------------------------------
 
-# The views of an image that are hashed and compared: the image itself, its mirror image
-# (horizontally flipped copies), and its central 2:1 band (copies cropped to another aspect:
-# a landscape trimmed at top and bottom keeps that band).
-VIEWS = ("full", "mirror", "band")
+# The views of an image that are hashed (each with pHash and dHash) and searched: the image itself;
+# its fold, the left half of the image averaged with its mirror image, which a horizontally flipped
+# copy shares; and the fold of its central 2:1 band, which a copy cropped to another aspect (a
+# landscape trimmed at top and bottom) shares, flipped or not.
+VIEWS = ("full", "fold", "band_fold")
 BAND_ASPECT = 2.0
 
 
@@ -60,12 +65,21 @@ def band(img, aspect: float = BAND_ASPECT):
     return img.crop((round((w - bw) / 2), 0, round((w + bw) / 2), h))
 
 
-def views(img) -> dict:
-    """{view name: PIL image} for :data:`VIEWS`."""
-    from PIL import ImageOps
+def fold(img):
+    """The left half of ``img`` averaged with its mirror image: the same for a flipped copy. (The
+    whole symmetrised image would not do: half its DCT coefficients vanish and pHash, which compares
+    them with their median, turns those bits into noise.)"""
+    from PIL import Image, ImageOps
 
     img = img.convert("RGB")
-    return {"full": img, "mirror": ImageOps.mirror(img), "band": band(img)}
+    sym = Image.blend(img, ImageOps.mirror(img), 0.5)
+    return sym.crop((0, 0, (sym.width + 1) // 2, sym.height))
+
+
+def views(img) -> dict:
+    """{view name: PIL image} for :data:`VIEWS`."""
+    img = img.convert("RGB")
+    return {"full": img, "fold": fold(img), "band_fold": fold(band(img))}
 
 
 def hash_views(img, hash_size: int = 8) -> np.ndarray:
@@ -265,42 +279,35 @@ def _flip_masks(bits: int, radius: int) -> np.ndarray:
     return np.array(masks, dtype=np.uint16)
 
 
-def _brute_pairs(bits: np.ndarray, radius: int, other: Optional[np.ndarray] = None) -> np.ndarray:
-    """Blocked all-pairs popcount (vectorised; ~16 MB of XOR per block). Self search: pairs i < j;
-    cross search (``other``): every (i, j) with ``bits[i]`` near ``other[j]``."""
-    ref = bits if other is None else other
-    block = max(1, (1 << 24) // max(1, len(ref) * bits.shape[1]))
+def _brute_pairs(bits: np.ndarray, radius: int) -> np.ndarray:
+    """Blocked all-pairs popcount (vectorised; ~16 MB of XOR per block)."""
+    n = len(bits)
+    block = max(1, (1 << 24) // max(1, n * bits.shape[1]))
     out = []
-    for s in range(0, len(bits), block):
-        d = hamming(bits[s:s + block, None, :], ref[None, :, :])
+    for s in range(0, n, block):
+        d = hamming(bits[s:s + block, None, :], bits[None, :, :])
         i, j = np.nonzero(d <= radius)
         i += s
-        keep = i < j if other is None else slice(None)
-        out.append(np.stack([i[keep], j[keep]], 1).astype(np.int64))
+        keep = i < j
+        out.append(np.stack([i[keep], j[keep]], 1))
     return np.concatenate(out) if out else np.zeros((0, 2), np.int64)
 
 
-def _chunk_pairs(keys: np.ndarray, words: np.ndarray, masks: np.ndarray, radius: int,
-                 table_keys: Optional[np.ndarray] = None,
-                 table_words: Optional[np.ndarray] = None) -> np.ndarray:
-    """Codes ``i * m + j`` of the pairs within ``radius`` whose 16-bit keys differ by one of
-    ``masks``: a bucket table over the 65,536 values of ``table_keys`` (the m hashes searched; self
-    search when None, then only i < j), probed with each of the n ``keys`` XOR each mask;
-    candidates verified on ``words`` (1-D uint64 for 64-bit hashes, else (N, W))."""
-    cross = table_keys is not None
-    if not cross:
-        table_keys, table_words = keys, words
-    n, m = len(keys), len(table_keys)
-    order = np.argsort(table_keys, kind="stable")
-    sorted_words = table_words[order]
-    counts_tab = np.bincount(table_keys, minlength=1 << CHUNK_BITS)
+def _chunk_pairs(keys: np.ndarray, words: np.ndarray, masks: np.ndarray, radius: int) -> np.ndarray:
+    """Codes ``i * n + j`` (i < j) of the pairs within ``radius`` whose 16-bit ``keys`` differ by
+    one of ``masks``. Bucket table over the 65,536 key values; candidates verified on ``words``
+    (1-D uint64 for 64-bit hashes, else (N, W))."""
+    n = len(keys)
+    order = np.argsort(keys, kind="stable")
+    sorted_words = words[order]
+    counts_tab = np.bincount(keys, minlength=1 << CHUNK_BITS)
     starts_tab = np.cumsum(counts_tab) - counts_tab
     found = []
     for mask in masks:
         probe = keys ^ mask
-        # Self search: a pair whose keys differ by a non-zero mask is seen from both ends: probe
-        # from the smaller key only. Equal keys (mask 0) meet themselves: keep i < j below.
-        rows = np.flatnonzero(probe > keys) if mask and not cross else np.arange(n)
+        # A pair whose keys differ by a non-zero mask is seen from both ends: probe from the
+        # smaller key only. Equal keys (mask 0) meet themselves: keep i < j below.
+        rows = np.flatnonzero(probe > keys) if mask else np.arange(n)
         cnt = counts_tab[probe[rows]]
         first = starts_tab[probe[rows]] - (np.cumsum(cnt) - cnt)
         q = np.repeat(rows, cnt)
@@ -310,50 +317,33 @@ def _chunk_pairs(keys: np.ndarray, words: np.ndarray, masks: np.ndarray, radius:
             dist = dist.sum(axis=1, dtype=np.int32)
         close = np.flatnonzero(dist <= radius)
         i, j = q[close], order[pos[close]]
-        if cross:
-            found.append(i * m + j)
-        else:
-            lo, hi = np.minimum(i, j), np.maximum(i, j)
-            keep = lo < hi
-            found.append(lo[keep] * n + hi[keep])
+        lo, hi = np.minimum(i, j), np.maximum(i, j)
+        keep = lo < hi
+        found.append(lo[keep] * n + hi[keep])
     return np.concatenate(found) if found else np.zeros(0, np.int64)
 
 
-def near_pairs(bits: np.ndarray, radius: int, workers: int = 2,
-               other: Optional[np.ndarray] = None) -> np.ndarray:
-    """All pairs (i < j) with Hamming distance <= ``radius``: an (P, 2) int64 array, sorted. With
-    ``other`` (same width): every (i, j), i == j included, with ``bits[i]`` within ``radius`` of
-    ``other[j]`` (e.g. each image's hash against every image's mirrored hash). The chunks are
-    searched in ``workers`` threads (numpy releases the GIL)."""
+def near_pairs(bits: np.ndarray, radius: int, workers: int = 2) -> np.ndarray:
+    """All pairs (i < j) with Hamming distance <= ``radius``: an (P, 2) int64 array, sorted.
+    The chunks are searched in ``workers`` threads (numpy releases the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
 
     bits = np.ascontiguousarray(bits, dtype=np.uint8)
-    other = None if other is None else np.ascontiguousarray(other, dtype=np.uint8)
     n = len(bits)
-    m = n if other is None else len(other)
-    if n < 2 and other is None or n == 0 or m == 0:
+    if n < 2:
         return np.zeros((0, 2), np.int64)
     chunks = _as_words(bits, np.uint16, 2)
-    n_chunks = chunks.shape[1]
-    masks = _flip_masks(CHUNK_BITS, radius // n_chunks) if radius // n_chunks <= 3 else None
-    if masks is None or len(masks) > MAX_MASKS or max(n, m) < 2048:
-        return _brute_pairs(bits, radius, other)
-
-    def words_of(b):
-        w = _as_words(b, np.uint64, 8)
-        return w[:, 0] if w.shape[1] == 1 else w
-
-    words = words_of(bits)
-    if other is None:
-        search = lambda c: _chunk_pairs(chunks[:, c], words, masks, radius)  # noqa: E731
-    else:
-        o_chunks, o_words = _as_words(other, np.uint16, 2), words_of(other)
-        search = lambda c: _chunk_pairs(chunks[:, c], words, masks, radius,  # noqa: E731
-                                        o_chunks[:, c], o_words)
+    m = chunks.shape[1]
+    masks = _flip_masks(CHUNK_BITS, radius // m) if radius // m <= 3 else None
+    if masks is None or len(masks) > MAX_MASKS or n < 2048:
+        return _brute_pairs(bits, radius)
+    words = _as_words(bits, np.uint64, 8)
+    if words.shape[1] == 1:
+        words = words[:, 0]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        parts = list(pool.map(search, range(n_chunks)))
+        parts = list(pool.map(lambda c: _chunk_pairs(chunks[:, c], words, masks, radius), range(m)))
     codes = np.unique(np.concatenate(parts))
-    return np.stack([codes // m, codes % m], 1)
+    return np.stack([codes // n, codes % n], 1)
 
 
 # ---- clusters and the keep rule --------------------------------------------------------------
