@@ -262,6 +262,8 @@ def summarize(rows: list[dict]) -> dict:
         "by_reason": dict(sorted(reasons.items())),
         "clusters": sum(sizes.values()),
         "near_duplicate_clusters": sum(c for s, c in sizes.items() if s > 1),
+        "keep_decided_by": dict(sorted(Counter(r["keep_reason"].split(":")[0] for r in rows
+                                               if r["reason"] == "best_of_cluster").items())),
         "cluster_size_histogram": {str(s): c for s, c in sorted(sizes.items())},
     }
 

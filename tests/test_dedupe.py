@@ -170,6 +170,9 @@ def test_stage_end_to_end(tmp_path, monkeypatch):
     assert {p.name for p in report.iterdir()} >= {"summary.json", "cluster_sizes.csv", "largest_clusters.png"}
     s = json.loads((report / "summary.json").read_text())
     assert s["kept"] == 7 and s["near_duplicate_clusters"] == 2
+    assert out[ids[0]]["keep_reason"].startswith("quant_step: 1.00 finer than")  # PNG vs its JPEG
+    assert out[ids[8]]["keep_reason"] == out[ids[1]]["keep_reason"] and out[ids[1]]["keep_reason"].startswith("pixels:")
+    assert s["keep_decided_by"] == {"pixels": 1, "quant_step": 1} and out[ids[3]].get("keep_reason") is None
     assert s["cluster_size_histogram"] == {"1": 5, "2": 2}
     assert s["pairs"]["candidates"]["full pHash"] >= s["pairs"]["verified"] == 2
     assert out[ids[0]]["phash_to_keeper"] == 0 and 0 <= out[ids[7]]["phash_to_keeper"] <= 10
