@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stages import dedupe  # noqa: E402
 from stages import filter as filter_stage  # noqa: E402
 from stages.core import params, shards  # noqa: E402
-from stages.curation import hashing  # noqa: E402
+from stages.curation import hashing, verify  # noqa: E402
 
 KINDS = ("resize50", "jpeg60", "jitter", "crop5", "flip")
 SERIES = (  # distinct works of one motif that must stay apart
@@ -179,7 +179,7 @@ def closest_distinct(hashes: dict, info: dict, sigs: dict, top: int = 8) -> list
         if info[a]["family"] != info[b]["family"]:
             out.append((dedupe.view_distance(hashes[a], hashes[b]), a, b))
     out.sort()
-    return [(d, a, b, hashing.match(sigs[a], sigs[b])) for d, a, b in out[:top]]
+    return [(d, a, b, verify.match(sigs[a], sigs[b])) for d, a, b in out[:top]]
 
 
 def match_margins(hashes: dict, info: dict, sigs: dict) -> tuple[list, list]:
@@ -190,9 +190,9 @@ def match_margins(hashes: dict, info: dict, sigs: dict) -> tuple[list, list]:
             continue
         if info[a]["family"] != info[b]["family"]:
             if info[a]["kind"] in ("corpus", "dupe") and info[b]["kind"] in ("corpus", "dupe"):
-                distinct.append((hashing.match(sigs[a], sigs[b])[0], a, b))
+                distinct.append((verify.match(sigs[a], sigs[b])[0], a, b))
         elif info[a]["of"] == b or info[b]["of"] == a:
-            true.append((hashing.match(sigs[a], sigs[b])[0], a, b))
+            true.append((verify.match(sigs[a], sigs[b])[0], a, b))
     return sorted(distinct, reverse=True), sorted(true)
 
 
@@ -242,7 +242,7 @@ def main() -> None:
         print("missed copies (pHash over the views, detail match):\n")
         for n in missed:
             o = info[n]["of"]
-            m = hashing.match(sigs[n], sigs[o])
+            m = verify.match(sigs[n], sigs[o])
             print(f"- {n}: pHash {dedupe.view_distance(hashes[n], hashes[o])}, match {m[0]:.2f} ({m[1]})")
         print()
     print("closest distinct works (pHash over the views; detail match, verify_min "
@@ -260,7 +260,7 @@ def main() -> None:
           "Lilies, so those two are checked only against every other work, above):\n")
     for a, b in SERIES:
         if a in hashes and b in hashes:
-            m = hashing.match(sigs[a], sigs[b])
+            m = verify.match(sigs[a], sigs[b])
             print(f"- {a} / {b}: pHash {dedupe.view_distance(hashes[a], hashes[b])}, match {m[0]:.2f}, "
                   f"{'MERGED' if cluster_of[a] == cluster_of[b] else 'apart'}")
 

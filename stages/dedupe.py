@@ -15,7 +15,7 @@ Reads ``data/raw/shards``; writes ``data/interim/dedupe.parquet`` (one row per r
   the folds of their central 2:1 bands (copies cropped to another aspect). With
   ``dedupe.second_vote`` a candidate also needs the other hash of the same view within
   ``dedupe.dhash_threshold``; with ``dedupe.verify`` it must keep the same fine detail
-  (``hashing.match`` >= ``dedupe.verify_min``): pHash alone merges different paintings of one
+  (``verify.match`` >= ``dedupe.verify_min``): pHash alone merges different paintings of one
   composition (a series). Pairs are linked transitively.
 - Keep rule, per cluster (:data:`KEEP_RULE`; the first criterion that separates the keeper from
   the runner-up is recorded in ``keep_reason`` on every row of the cluster):
@@ -42,7 +42,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from stages.core import images, io, log, params, shards
-from stages.curation import hashing
+from stages.curation import hashing, verify
 
 RAW = "data/raw/shards"
 OUT = "data/interim/dedupe.parquet"
@@ -137,7 +137,7 @@ def view_distance(a: np.ndarray, b: np.ndarray) -> int:
 def keep_criteria(labels: np.ndarray, pixels: np.ndarray, quant: np.ndarray, ids: list[str],
                   sig: dict) -> dict:
     """The :data:`KEEP_RULE` scores (higher is better) of every member: ``orientation`` counts the
-    other members it matches unmirrored, ``colour`` is minus its mean ``hashing.colour_gap`` to
+    other members it matches unmirrored, ``colour`` is minus its mean ``verify.colour_gap`` to
     them (rounded to :data:`COLOUR_TIE`: closer is a tie). Both are 0 without signatures."""
     orientation, colour = np.zeros(len(ids)), np.zeros(len(ids))
     for c in np.unique(labels):
@@ -146,8 +146,8 @@ def keep_criteria(labels: np.ndarray, pixels: np.ndarray, quant: np.ndarray, ids
             continue
         for m in members:
             others = [sig[ids[o]] for o in members if o != m]
-            orientation[m] = sum(not hashing.match(sig[ids[m]], o)[1].endswith("mirror") for o in others)
-            colour[m] = -round(np.mean([hashing.colour_gap(sig[ids[m]], o) for o in others]) / COLOUR_TIE) * COLOUR_TIE
+            orientation[m] = sum(not verify.match(sig[ids[m]], o)[1].endswith("mirror") for o in others)
+            colour[m] = -round(np.mean([verify.colour_gap(sig[ids[m]], o) for o in others]) / COLOUR_TIE) * COLOUR_TIE
     return {"pixels": pixels.astype(float), "orientation": orientation, "colour": colour,
             "quant_step": -quant}
 
@@ -183,7 +183,7 @@ def decide(h: dict, cfg, signatures=None) -> tuple[list[dict], dict]:
     if signatures is not None and len(pairs):
         sig = signatures({ids[i] for i in np.unique(pairs)})
     if cfg.verify and len(pairs):
-        sim = np.array([hashing.match(sig[ids[a]], sig[ids[b]])[0]
+        sim = np.array([verify.match(sig[ids[a]], sig[ids[b]])[0]
                         if sig.get(ids[a]) is not None and sig.get(ids[b]) is not None else -1.0
                         for a, b in pairs])
         pairs = pairs[sim >= cfg.verify_min]
@@ -205,7 +205,7 @@ def decide(h: dict, cfg, signatures=None) -> tuple[list[dict], dict]:
             id=ids[k], **hexes, width=h["sizes"][i][0], height=h["sizes"][i][1], bytes_per_pixel=h["bpp"][i],
             quant_step=float(quant[k]), cluster_id=ids[kk], cluster_size=size,
             phash_to_keeper=view_distance(hashes[k], hashes[kk]),
-            match_to_keeper=(round(hashing.match(sig[ids[k]], sig[ids[kk]])[0], 4)
+            match_to_keeper=(round(verify.match(sig[ids[k]], sig[ids[kk]])[0], 4)
                              if both and k != kk else None),
             kept=bool(keep[k]), reason=reason, _orientation=float(criteria["orientation"][k]),
             _colour=float(criteria["colour"][k])))

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from stages.core import images, shards
-from stages.curation import hashing
+from stages.curation import hashing, verify
 
 
 def painting(composition: int, strokes: int, size=(128, 96)) -> Image.Image:
@@ -110,12 +110,12 @@ def test_keep_rule_criteria_in_order_then_id_and_why():
 
 def test_detail_verification_separates_copies_from_series():
     orig = painting(5, 1)
-    sig = hashing.detail_signature(orig)
+    sig = verify.detail_signature(orig)
     for name, cp in copies(orig).items():
-        assert hashing.pair_similarity(sig, hashing.detail_signature(cp)) >= 0.7, name
+        assert verify.pair_similarity(sig, verify.detail_signature(cp)) >= 0.7, name
     sibling = painting(5, 2)  # same composition, other strokes: pHash alone calls it a copy
     assert hashing.hamming(hashing.hash_image(orig)[0], hashing.hash_image(sibling)[0]) <= 10
-    assert hashing.pair_similarity(sig, hashing.detail_signature(sibling)) < 0.5
+    assert verify.pair_similarity(sig, verify.detail_signature(sibling)) < 0.5
 
 
 def test_dedupe_scores():
@@ -212,7 +212,7 @@ def _decide(named: dict, **cfg):
         rows.append(dict(id=cid, image=b, width=w, height=h))
     by_id = {r["id"]: r["image"] for r in rows}
     h = dedupe.hash_rows(rows, c)
-    out, steps = dedupe.decide(h, c, lambda ids: {i: hashing.signature(images.decode(by_id[i])) for i in ids})
+    out, steps = dedupe.decide(h, c, lambda ids: {i: verify.signature(images.decode(by_id[i])) for i in ids})
     return {name_of[r["id"]]: dict(r, cluster=name_of[r["cluster_id"]]) for r in out}, steps
 
 

@@ -85,7 +85,7 @@ class Dedupe(Section):
     second_vote: bool = Field(True, description="a candidate pair also needs the other hash (dHash for a "
                                                 "pHash hit, pHash for a dHash hit) within dhash_threshold")
     dhash_threshold: int = Field(16, ge=0, le=256)
-    verify: bool = Field(True, description="confirm each near pair on fine pixel detail (see curation/hashing)")
+    verify: bool = Field(True, description="confirm each near pair on fine pixel detail (see curation/verify)")
     # 0.6: on ../shared/realart distinct works (series included) match at <= 0.34, a copy and its
     # source at >= 0.75; the synthetic generator's series siblings at <= 0.40 (bench_curation_realart.py)
     verify_min: float = Field(0.6, ge=-1, le=1, description="min detail correlation of a confirmed pair")
