@@ -113,7 +113,7 @@ def clean(d: dict) -> dict:
 def main() -> None:
     p = params.load()
     logger = log.setup("evaluate")
-    from stages.curation import quality
+    from stages.models import aesthetic
     from stages.models.clip import load_clip
 
     if not (SAMPLES / "index.json").exists():
@@ -125,7 +125,7 @@ def main() -> None:
     lora_scale = scales[-1]
     hold_ids, hold_imgs = load_holdout(logger)
     clip = load_clip(p.clip, seed=p.seed)
-    head = quality.load_aesthetic_head(p.filter.aesthetic.head, clip.dim, seed=p.seed, device=clip.device)
+    head = aesthetic.load_aesthetic_head(p.filter.aesthetic.head, clip.dim, seed=p.seed, device=clip.device)
     csd = None
     if p.eval.csd_weights:
         from stages.metrics.csd import load_csd

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from stages.core import images, io, log, params, shards
 from stages.curation import hashing, quality
+from stages.models import aesthetic
 from stages.models import clip as clip_models
 
 RAW = "data/raw/shards"
@@ -39,7 +40,7 @@ OUT = "data/interim/filter.parquet"
 EMBEDDINGS = "data/interim/clip_embeddings.safetensors"
 REPORTS = Path("reports/filter")
 METRICS = "reports/curation.json"
-SCORES = ("blur", "clipped", "entropy", "std", "border", "aesthetic", "zeroshot")
+SCORES = ("blur", "clipped", "clipped_inner", "texture", "entropy", "std", "border", "aesthetic", "zeroshot")
 
 
 def measure(row: dict, f) -> tuple[dict, object]:
@@ -97,7 +98,7 @@ def clip_checks(rows: list[dict], emb_ids: list[str], emb: np.ndarray, p, model,
     cuts = {}
     checks = []
     if f.aesthetic.enabled:
-        head = quality.load_aesthetic_head(f.aesthetic.head, model.dim, seed=p.seed, device=model.device)
+        head = aesthetic.load_aesthetic_head(f.aesthetic.head, model.dim, seed=p.seed, device=model.device)
         checks.append(("aesthetic", "low_aesthetic", head.score(emb) if len(emb) else np.zeros(0),
                        f.aesthetic))
     if f.zeroshot.enabled:
@@ -120,7 +121,7 @@ def to_table(rows: list[dict]) -> pa.Table:
     out = {"id": [r["id"] for r in rows]}
     for c in cols:
         out[c] = pa.array([r.get(c) for r in rows], pa.int32())
-    for c in ("aspect", *SCORES):
+    for c in ("aspect", "bucket_side", *SCORES):
         out[c] = pa.array([r.get(c) for r in rows], pa.float64())
     order = list(quality.REASONS)
     reasons = [sorted(r["reasons"], key=order.index) for r in rows]
@@ -194,13 +195,14 @@ def write_reports(table: pa.Table, cuts: dict, p) -> None:
     import matplotlib.pyplot as plt
 
     rows = table.to_pylist()
-    cutoffs = {"blur": p.filter.blur_min, "clipped": p.filter.clipped_max, "entropy": p.filter.entropy_min,
-               "std": p.filter.std_min, "border": p.filter.border_max if p.filter.border_detect else None,
-               **cuts}
+    f = p.filter
+    cutoffs = {"blur": f.blur_min, "clipped": f.surround_max, "clipped_inner": f.clipped_max,
+               "texture": f.texture_min, "entropy": f.entropy_min, "std": f.std_min or None,
+               "border": f.border_max if f.border_detect else None, **cuts}
     hist = histograms(table)
     reasons = Counter(r for row in rows for r in (row["reasons"] or "").split(";") if r)
     with io.atomic_dir(REPORTS / "figures") as fig_dir:
-        fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+        fig, axes = plt.subplots(2, 5, figsize=(20, 7))
         for ax, name in zip(axes.ravel(), SCORES):
             v = np.array([x for x in table[name].to_pylist() if x is not None], float)
             cut = cutoffs.get(name)

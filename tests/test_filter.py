@@ -11,6 +11,7 @@ from PIL import Image, ImageFilter
 
 from stages.core import images, params, shards
 from stages.curation import quality
+from stages.models import aesthetic
 from tests.test_dedupe import painting
 
 F = params.Filter()  # the schema's defaults
@@ -68,16 +69,16 @@ def test_cutoff_absolute_and_percentile():
 
 
 def test_aesthetic_head_shapes_and_loading_from_a_file(tmp_path):
-    head = quality.AestheticHead(768)
+    head = aesthetic.AestheticHead(768)
     names = [k for k in head.state_dict() if k.endswith("weight")]
     assert names == ["layers.0.weight", "layers.2.weight", "layers.4.weight", "layers.6.weight",
                      "layers.7.weight"]  # the published LAION checkpoint's keys
     assert [tuple(head.state_dict()[k].shape) for k in names] == [
         (1024, 768), (128, 1024), (64, 128), (16, 64), (1, 16)]
     torch.manual_seed(0)
-    saved = quality.AestheticHead(768)
+    saved = aesthetic.AestheticHead(768)
     torch.save(saved.state_dict(), tmp_path / "head.pth")
-    loaded = quality.load_aesthetic_head(str(tmp_path / "head.pth"), 768)
+    loaded = aesthetic.load_aesthetic_head(str(tmp_path / "head.pth"), 768)
     emb = np.random.default_rng(0).normal(size=(5, 768)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     out = loaded.score(emb)
@@ -86,9 +87,9 @@ def test_aesthetic_head_shapes_and_loading_from_a_file(tmp_path):
     from safetensors.torch import save_file
 
     save_file(saved.state_dict(), str(tmp_path / "head.safetensors"))
-    np.testing.assert_allclose(quality.load_aesthetic_head(str(tmp_path / "head.safetensors")).score(emb),
+    np.testing.assert_allclose(aesthetic.load_aesthetic_head(str(tmp_path / "head.safetensors")).score(emb),
                                out, atol=1e-6)
-    a, b = quality.load_aesthetic_head(None, 64, seed=1), quality.load_aesthetic_head(None, 64, seed=1)
+    a, b = aesthetic.load_aesthetic_head(None, 64, seed=1), aesthetic.load_aesthetic_head(None, 64, seed=1)
     np.testing.assert_array_equal(a.score(emb[:, :64]), b.score(emb[:, :64]))
     with pytest.raises(ValueError, match="768"):
         loaded.score(emb[:, :64])
@@ -149,3 +150,51 @@ def test_stage_end_to_end(tmp_path, monkeypatch):
     csv = (tmp_path / "reports/filter/scores.csv").read_text().splitlines()
     assert csv[0] == "score,bin,count" and any(line.startswith("aesthetic,") for line in csv)
     assert "too_small,1" in (tmp_path / "reports/filter/reasons.csv").read_text()
+
+
+def test_low_contrast_content_is_not_blank_but_a_smooth_field_is():
+    """Blank means no content: a foggy (low-contrast) painting keeps its texture; a smooth gradient
+    has contrast (std ~40) and no content."""
+    arr = np.asarray(painting(6, 6, size=(256, 192)).convert("L"), np.float32)
+    grain = np.random.default_rng(2).normal(0, 2, arr.shape)  # canvas grain: a real histogram
+    fog = (arr - arr.mean()) / arr.std() * 10 + 170 + grain   # gray std 10, under the old cut-off of 12
+    fog_img = Image.fromarray(np.clip(np.stack([fog] * 3, -1), 0, 255).astype(np.uint8))
+    s = quality.heuristics(fog_img)
+    assert s["std"] < 12 and s["texture"] > 3 * F.texture_min
+    assert "blank" not in reasons(fog_img)
+    ramp = np.linspace(40, 200, 256)[None, :, None] * np.ones((192, 256, 3))
+    noise = np.random.default_rng(1).normal(0, 1.5, (192, 256, 1))
+    smooth = Image.fromarray(np.clip(ramp + noise, 0, 255).astype(np.uint8))
+    s = quality.heuristics(smooth)
+    assert s["std"] > 30 and s["entropy"] > F.entropy_min and s["texture"] < F.texture_min
+    assert "blank" in reasons(smooth)
+
+
+def test_a_black_surround_is_not_underexposure():
+    """Panels on black (an altarpiece): the edge-connected surround does not count as clipping up to
+    filter.surround_max; burnt-out content inside the picture does."""
+    panels = Image.new("RGB", (240, 160), (0, 0, 0))
+    for x in (10, 90, 170):
+        panels.paste(painting(x, x, size=(60, 120)), (x, 20))
+    s = quality.heuristics(panels)
+    assert s["clipped"] > F.clipped_max and s["clipped_inner"] < 0.01
+    assert "exposure" not in reasons(panels)
+    burnt = np.asarray(painting(7, 7, size=(160, 120)), np.float32).copy()
+    burnt[20:100, 30:130] = 255  # a blown-out area inside the picture (42 % of it)
+    s = quality.heuristics(Image.fromarray(burnt.astype(np.uint8)))
+    assert s["clipped_inner"] > F.clipped_max and "exposure" in reasons(Image.fromarray(burnt.astype(np.uint8)))
+    assert "exposure" in reasons(panels, surround_max=0.3)  # a surround over the limit still fails
+
+
+def test_wide_paintings_are_sized_by_what_their_bucket_uses():
+    """flux-dev's min_side 512: a 1536x480 panorama has a 480 px short side but fills a 2:1 bucket
+    with 960x480 px (side 679): kept; a 567x362 scan (side 453) is too small either way."""
+    f = F.model_copy(update={"min_side": 512})
+    assert quality.bucket_side(1536, 480) == pytest.approx((960 * 480) ** 0.5)
+    assert quality.bucket_side(480, 1536) == pytest.approx((960 * 480) ** 0.5)
+    assert quality.bucket_side(800, 600) == pytest.approx((800 * 600) ** 0.5)  # inside the range: all
+    wide = painting(8, 8, size=(1536, 480))
+    assert "too_small" not in reasons(wide, min_side=512)
+    assert "too_small" in reasons(wide, min_side=512, size_check="short_side")
+    assert "too_small" in reasons(painting(9, 9, size=(567, 362)), min_side=512)
+    assert f.size_check == "bucket"

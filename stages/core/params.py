@@ -82,10 +82,13 @@ class Data(Section):
 class Dedupe(Section):
     hash_size: int = Field(8, ge=4, le=16, description="pHash/dHash side: hash_size² bits")
     threshold: int = Field(10, ge=0, le=256, description="max pHash Hamming distance (of hash_size² bits)")
-    second_vote: bool = Field(True, description="a near pair also needs dHash distance <= dhash_threshold")
+    second_vote: bool = Field(True, description="a candidate pair also needs the other hash (dHash for a "
+                                                "pHash hit, pHash for a dHash hit) within dhash_threshold")
     dhash_threshold: int = Field(16, ge=0, le=256)
-    verify: bool = Field(True, description="confirm each near pair on fine pixel detail (see curation/hashing)")
-    verify_min: float = Field(0.7, ge=-1, le=1, description="min detail correlation of a confirmed pair")
+    verify: bool = Field(True, description="confirm each near pair on fine pixel detail (see curation/verify)")
+    # 0.6: on ../shared/realart distinct works (series included) match at <= 0.34, a copy and its
+    # source at >= 0.75; the synthetic generator's series siblings at <= 0.40 (bench_curation_realart.py)
+    verify_min: float = Field(0.6, ge=-1, le=1, description="min detail correlation of a confirmed pair")
     workers: int = Field(2, ge=1, description="processes that hash (and threads that search)")
 
 
@@ -111,15 +114,25 @@ class ZeroShot(Section):
 
 
 class Filter(Section):
-    min_side: int = Field(80, ge=1, description="min shorter side (px) of a training image")
+    # Cut-offs checked on ../shared/realart and the synthetic defects: see stages/curation/quality.py
+    min_side: int = Field(80, ge=1, description="min side (px) of a training image: of its bucket_side "
+                                                "(size_check=bucket) or its shorter side (short_side)")
+    size_check: Literal["bucket", "short_side"] = Field(
+        "bucket", description="bucket: the pixels the trainer's aspect buckets use (train.buckets=true); "
+                              "short_side: the shorter side (square-crop training)")
     aspect_min: float = Field(0.33, gt=0)
     aspect_max: float = Field(3.0, gt=0)
     analysis_side: int = Field(512, ge=32, description="blur/exposure/blank are measured with the long "
                                                        "side scaled down to at most this")
     blur_min: float = Field(60.0, ge=0, description="min variance of the Laplacian (0-255 gray)")
-    clipped_max: float = Field(0.25, ge=0, le=1, description="max share of clipped (≤2 or ≥253) pixels")
+    clipped_max: float = Field(0.25, ge=0, le=1, description="max share of clipped (≤2 or ≥253) pixels "
+                                                             "not connected to the edge")
+    surround_max: float = Field(0.5, ge=0, le=1, description="max share of clipped pixels in all, an "
+                                                             "edge-connected surround included")
+    texture_min: float = Field(0.02, ge=0, le=1, description="min share of pixels with a gradient over 2 "
+                                                             "gray levels/px: below it an image is blank")
     entropy_min: float = Field(3.0, ge=0)
-    std_min: float = Field(12.0, ge=0)
+    std_min: float = Field(0.0, ge=0, description="0 = off: low contrast (fog, snow) is no defect")
     border_detect: bool = False
     border_max: float = Field(0.06, ge=0, le=1, description="max uniform band at an edge (share of the side)")
     workers: int = Field(2, ge=1, description="threads that decode and measure images")

@@ -1,7 +1,9 @@
 """Perceptual hashes and near-duplicate clustering (the dedupe stage's building blocks).
 
-Hashes are imagehash's pHash / dHash, stored as packed bits: a ``uint8`` array of shape
-(N, hash_size**2 / 8), or hex strings in tables. Distances are Hamming distances (popcount of XOR).
+Hashes are imagehash's pHash / dHash of each of an image's :data:`VIEWS` (the image, its
+mirror-invariant fold, the fold of its central 2:1 band), stored as packed bits: a ``uint8`` array
+of shape (N, hash_size**2 / 8), or hex strings in tables. Distances are Hamming distances (popcount
+of XOR). Candidate pairs are confirmed on fine pixel detail in :mod:`stages.curation.verify`.
 
 :func:`near_pairs` finds every pair within a distance ``r`` without comparing all pairs in Python:
 multi-index hashing (Norouzi et al., 2012). The bits are split into ``m`` 16-bit chunks; if two hashes
@@ -13,7 +15,7 @@ candidates with a vectorised popcount. Everything is numpy array work in blocks;
 explode (large radius per chunk) it falls back to blocked brute force, still vectorised.
 
 :func:`cluster` links the pairs transitively (connected components) and :func:`choose_keepers`
-applies the documented keep rule.
+applies the keep rule's criteria in order (``stages.dedupe.KEEP_RULE``), saying which decided.
 """
 from __future__ import annotations
 
@@ -30,6 +32,14 @@ MAX_MASKS = 1200  # above this many flip masks per chunk, brute force is faster
 
 # ---- hashing ---------------------------------------------------------------------------------
 
+# The views of an image that are hashed (each with pHash and dHash) and searched: the image itself;
+# its fold, the left half of the image averaged with its mirror image, which a horizontally flipped
+# copy shares; and the fold of its central 2:1 band, which a copy cropped to another aspect (a
+# landscape trimmed at top and bottom) shares, flipped or not.
+VIEWS = ("full", "fold", "band_fold")
+BAND_ASPECT = 2.0
+
+
 def _bits_to_bytes(hash_obj) -> np.ndarray:
     return np.packbits(np.asarray(hash_obj.hash, dtype=bool).ravel())
 
@@ -41,6 +51,49 @@ def hash_image(img, hash_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
     img = img.convert("RGB")
     return (_bits_to_bytes(imagehash.phash(img, hash_size=hash_size)),
             _bits_to_bytes(imagehash.dhash(img, hash_size=hash_size)))
+
+
+def band(img, aspect: float = BAND_ASPECT):
+    """The centred crop of ``img`` with width / height = ``aspect``."""
+    w, h = img.size
+    if w / h < aspect:
+        bh = w / aspect
+        return img.crop((0, round((h - bh) / 2), w, round((h + bh) / 2)))
+    bw = h * aspect
+    return img.crop((round((w - bw) / 2), 0, round((w + bw) / 2), h))
+
+
+def fold(img):
+    """The left half of ``img`` averaged with its mirror image: the same for a flipped copy. (The
+    whole symmetrised image would not do: half its DCT coefficients vanish and pHash, which compares
+    them with their median, turns those bits into noise.)"""
+    from PIL import Image, ImageOps
+
+    img = img.convert("RGB")
+    sym = Image.blend(img, ImageOps.mirror(img), 0.5)
+    return sym.crop((0, 0, (sym.width + 1) // 2, sym.height))
+
+
+def views(img) -> dict:
+    """{view name: PIL image} for :data:`VIEWS`."""
+    img = img.convert("RGB")
+    return {"full": img, "fold": fold(img), "band_fold": fold(band(img))}
+
+
+def hash_views(img, hash_size: int = 8) -> np.ndarray:
+    """(len(VIEWS), 2, hash_size**2/8) uint8: (pHash, dHash) of every view of ``img``."""
+    return np.stack([np.stack(hash_image(v, hash_size)) for v in views(img).values()])
+
+
+def quant_step(data: bytes) -> float:
+    """Mean step of a JPEG's luminance quantisation table (1 = lossless: not a JPEG). Of two
+    encodings of one picture the smaller step kept more of it; a copy re-encoded at a finer step
+    still carries its source's losses, so the keep rule asks this only after pixels and consensus."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))  # reads the header only
+    tables = getattr(img, "quantization", None) or {}
+    return float(np.mean(tables[0])) if img.format == "JPEG" and 0 in tables else 1.0
 
 
 def decode_small(data: bytes, min_side: int = 256, with_size: bool = False):
@@ -60,17 +113,19 @@ def decode_small(data: bytes, min_side: int = 256, with_size: bool = False):
     return (img, size) if with_size else img
 
 
-def _hash_bytes(args: tuple[bytes, int]) -> Optional[tuple[np.ndarray, np.ndarray]]:
+def _hash_bytes(args: tuple[bytes, int]) -> Optional[tuple[np.ndarray, float]]:
     data, hash_size = args
     try:
-        return hash_image(decode_small(data), hash_size)
+        return hash_views(decode_small(data), hash_size), quant_step(data)
     except Exception:  # unreadable image: the caller records a reject
         return None
 
 
-def _signature_bytes(data: bytes) -> Optional[np.ndarray]:
+def _signature_bytes(data: bytes) -> Optional[dict]:
+    from stages.curation import verify
+
     try:
-        return detail_signature(decode_small(data))
+        return verify.signature(decode_small(data))
     except Exception:
         return None
 
@@ -93,47 +148,15 @@ def _pool_map(func, items: Iterable, workers: int, progress=None, batch: int = 2
 
 
 def hash_many(blobs: Iterable[bytes], hash_size: int = 8, workers: int = 2,
-              progress=None) -> list[Optional[tuple[np.ndarray, np.ndarray]]]:
-    """(pHash, dHash) of encoded images, in ``workers`` processes; ``None`` where one does not
-    decode. ``progress``: optional callable(n_done), e.g. a tqdm bar's ``update``."""
+              progress=None) -> list[Optional[tuple[np.ndarray, float]]]:
+    """(:func:`hash_views`, :func:`quant_step`) of encoded images, in ``workers`` processes;
+    ``None`` where one does not decode. ``progress``: optional callable(n_done), e.g. a tqdm bar's ``update``."""
     return _pool_map(_hash_bytes, ((b, hash_size) for b in blobs), workers, progress)
 
 
-def signatures_many(blobs: Iterable[bytes], workers: int = 2) -> list[Optional[np.ndarray]]:
-    """:func:`detail_signature` of encoded images, in ``workers`` processes."""
+def signatures_many(blobs: Iterable[bytes], workers: int = 2) -> list[Optional[dict]]:
+    """``verify.signature`` of encoded images, in ``workers`` processes."""
     return _pool_map(_signature_bytes, blobs, workers)
-
-
-# ---- pixel verification of candidate pairs ---------------------------------------------------
-# pHash keeps only the coarsest 8x8 DCT frequencies, so two different paintings of one composition
-# (a series, a template) can fall within a few bits. A real copy (resized, re-encoded, slightly
-# cropped, colour-shifted) keeps the fine detail too. The signature is the high-pass detail of a
-# 64 px gray thumbnail (mean and colour removed), at a few centre crops to absorb small crops; two
-# images are the same picture when the best normalised correlation over the crops is high.
-
-VERIFY_SIDE = 64
-VERIFY_CROPS = (0.0, 0.01, 0.02, 0.03, 0.04, 0.05)
-
-
-def detail_signature(img) -> np.ndarray:
-    """(len(VERIFY_CROPS), D) float32: unit-norm high-pass detail of centre crops of ``img``."""
-    from PIL import Image
-    from scipy.ndimage import gaussian_filter
-
-    gray = img.convert("L")
-    w, h = gray.size
-    out = []
-    for c in VERIFY_CROPS:
-        box = (w * c, h * c, w * (1 - c), h * (1 - c))
-        t = np.asarray(gray.resize((VERIFY_SIDE, VERIFY_SIDE), Image.Resampling.BOX, box=box), np.float32)
-        t = (t - gaussian_filter(t, 2.0))[4:-4, 4:-4].ravel()
-        out.append(t / (np.linalg.norm(t) + 1e-6))
-    return np.stack(out)
-
-
-def pair_similarity(a: np.ndarray, b: np.ndarray) -> float:
-    """Best correlation of one image's full view against the other's crops, both ways round."""
-    return float(max((a[0] @ b.T).max(), (b[0] @ a.T).max()))
 
 
 def to_hex(bits: np.ndarray) -> str:
@@ -256,21 +279,32 @@ def cluster(n: int, pairs: np.ndarray) -> np.ndarray:
     return first[labels]
 
 
-def choose_keepers(cluster_ids: np.ndarray, pixels: np.ndarray, ids: Sequence[str],
-                   quality: Optional[np.ndarray] = None) -> np.ndarray:
-    """The keep rule, one keeper per cluster: the largest pixel count; on a tie the higher
-    ``quality`` (when given, NaN counts as worst); then the smallest id. Returns a bool mask."""
+def choose_keepers(cluster_ids: np.ndarray, ids: Sequence[str],
+                   criteria: Sequence[np.ndarray] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """The keep rule, one keeper per cluster: the highest value of the first of ``criteria``
+    (arrays, one value per item; NaN counts as worst), ties broken by the next, then the smallest
+    id. Returns (bool keep mask, ``why``: (N, 2) int, per item the index of the criterion that
+    separated its cluster's keeper from the runner-up (``len(criteria)`` = the id) and the
+    runner-up's index; -1, -1 in clusters of one)."""
     n = len(cluster_ids)
-    q = np.zeros(n) if quality is None else np.nan_to_num(np.asarray(quality, float), nan=-np.inf)
+    crit = [np.nan_to_num(np.asarray(c, float), nan=-np.inf) for c in criteria]
     id_rank = np.argsort(np.argsort(np.asarray(ids, dtype=object), kind="stable"), kind="stable")
-    # lexsort: last key is primary -> cluster, then -pixels, then -quality, then id
-    order = np.lexsort((id_rank, -q, -np.asarray(pixels, float), np.asarray(cluster_ids)))
+    # lexsort: the last key is primary -> cluster, then each criterion (descending), then the id
+    order = np.lexsort((id_rank, *[-c for c in reversed(crit)], np.asarray(cluster_ids)))
     keep = np.zeros(n, bool)
+    why = np.full((n, 2), -1, np.int64)
     sorted_clusters = np.asarray(cluster_ids)[order]
     first = np.ones(n, bool)
     first[1:] = sorted_clusters[1:] != sorted_clusters[:-1]
     keep[order[first]] = True
-    return keep
+    starts = np.flatnonzero(first)
+    sizes = np.diff(np.append(starts, n))
+    per_cluster = np.full((len(starts), 2), -1, np.int64)
+    for k in np.flatnonzero(sizes > 1):
+        best, runner = order[starts[k]], order[starts[k] + 1]
+        per_cluster[k] = (next((c for c, v in enumerate(crit) if v[best] != v[runner]), len(crit)), runner)
+    why[order] = np.repeat(per_cluster, sizes, axis=0)
+    return keep, why
 
 
 

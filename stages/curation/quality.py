@@ -1,36 +1,55 @@
-"""Image quality: weight-free heuristics, the LAION aesthetic head, thresholds, and scoring the
-filter against planted ground truth.
+"""Image quality: weight-free heuristics, thresholds, and scoring the filter against planted ground
+truth (the LAION aesthetic head is ``stages.models.aesthetic``).
 
 Heuristics (:func:`heuristics`) on the decoded RGB image; blur, exposure and blank are measured on
 the gray image with its long side scaled down to at most ``analysis_side`` px, so one threshold
 serves every resolution:
 
-- ``min_side`` (px) and ``aspect`` (width / height) of the stored image;
+- ``min_side`` (px) and ``aspect`` (width / height) of the stored image, and ``bucket_side``: the
+  side of the square with the pixels the trainer's aspect buckets can use (the image cropped to the
+  nearest bucket aspect, ``stages.models.cache.ASPECTS``; every bucket holds about resolution²
+  pixels, so this, not the shorter side, says how far an image is upscaled in training);
 - ``blur``: variance of the Laplacian (0-255 gray) - low means no edges, i.e. blurred;
-- ``clipped``: share of pixels at the ends of the range (gray <= 2 or >= 253): over/under-exposure;
-- ``entropy`` (bits, 256-bin gray histogram) and ``std``: near-blank images have little of either;
+- ``clipped``: share of pixels at the ends of the range (gray <= 2 or >= 253), and
+  ``clipped_inner``: the part of it not connected to the image's edge. A black or white surround
+  (an altarpiece's panels on black) is clipped but edge-connected; burnt-out or crushed content
+  inside the picture is not; a badly exposed image clips most of its area either way;
+- ``texture``: share of pixels whose gradient (Sobel, after a 1 px Gaussian) exceeds 2 gray levels
+  per pixel: content. A blank canvas has none, a foggy Monet plenty: low contrast is not blank;
+- ``entropy`` (bits, 256-bin gray histogram) and ``std`` (informational; a cut-off only with
+  ``filter.std_min`` > 0);
 - ``border``: the widest uniform band at an edge, as a share of that side (frames, letterboxing).
+
+The default cut-offs and what they were checked on (``benchmarks/bench_curation_realart.py``,
+``reports/bench/curation_realart.md``; 126 real paintings + 12 second scans in ../shared/realart,
+and the synthetic set's planted defects):
+
+- ``texture_min`` 0.02: real paintings 0.19 (Motherwell's Elegy, flat black) and up, Monet's foggy
+  Charing Cross Bridge 0.37 (its std, 12.5, sat right at the old std cut-off of 12); blank
+  canvases (flat colour + 1-3 levels of noise, JPEG or not) 0.000-0.003; a smooth gradient 0;
+- ``clipped_max`` 0.25 (inner) and ``surround_max`` 0.5 (all): real paintings clip at most 0.215
+  (the Ghent Altarpiece, 0.213 of it its black surround; inner at most 0.041, a Rubens), the
+  synthetic over/under-exposed and text-page defects 0.75-1.0;
+- ``entropy_min`` 3 bits: the synthetic blank canvas 2.1;
+- ``min_side`` on ``bucket_side`` (``size_check: bucket``): flux-dev's 512 means at most 2x
+  upscaling into a 1024² bucket, whatever the aspect; ``short_side`` for square-crop training.
 
 :func:`reject_reasons` turns scores into reason codes (:data:`REASONS`, in priority order).
 """
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import numpy as np
-import torch
-from torch import nn
-
-log = logging.getLogger(__name__)
 
 # Reason codes, in the order they are reported (the first failing one is the row's `reason`).
 REASONS = {
     "unreadable": "the image bytes do not decode",
-    "too_small": "shorter side under filter.min_side",
+    "too_small": "bucket_side (or, with filter.size_check=short_side, the shorter side) under filter.min_side",
     "bad_aspect": "width/height outside [filter.aspect_min, filter.aspect_max]",
-    "exposure": "share of clipped pixels > filter.clipped_max (over/under-exposed)",
-    "blank": "near-blank: gray entropy < filter.entropy_min or std < filter.std_min",
+    "exposure": "clipped_inner > filter.clipped_max or clipped > filter.surround_max (over/under-exposed)",
+    "blank": "no content: texture < filter.texture_min or gray entropy < filter.entropy_min "
+             "(or std < filter.std_min, off by default)",
     "blurry": "variance of the Laplacian < filter.blur_min",
     "border": "a uniform band wider than filter.border_max at an edge (filter.border_detect)",
     "low_aesthetic": "aesthetic score under its threshold",
@@ -78,15 +97,46 @@ def border_share(gray: np.ndarray, tol: float = 4.0) -> float:
     return float(max(bands))
 
 
+def texture_density(gray: np.ndarray, step: float = 2.0) -> float:
+    """Share of pixels whose gradient magnitude (Sobel after a 1 px Gaussian, gray levels per
+    pixel) exceeds ``step``: brushwork, edges, any content; pixel noise is smoothed away."""
+    from scipy import ndimage
+
+    smooth = ndimage.gaussian_filter(gray, 1.0)
+    grad = np.hypot(ndimage.sobel(smooth, 0), ndimage.sobel(smooth, 1)) / 8
+    return float((grad > step).mean())
+
+
+def clipped_shares(gray: np.ndarray) -> tuple[float, float]:
+    """(all clipped pixels, those not connected to the image's edge) as shares of the image."""
+    from scipy import ndimage
+
+    clipped = (gray <= 2) | (gray >= 253)
+    labels, _ = ndimage.label(clipped)
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    inner = clipped & ~np.isin(labels, edge[edge > 0])
+    return float(clipped.mean()), float(inner.mean())
+
+
+def bucket_side(width: int, height: int) -> float:
+    """Side of the square with the pixels of the image cropped to the nearest bucket aspect."""
+    from stages.models.cache import ASPECTS
+
+    aspect = min(max(width / max(1, height), min(ASPECTS)), max(ASPECTS))
+    w, h = min(width, height * aspect), min(height, width / aspect)
+    return float(np.sqrt(w * h))
+
+
 def heuristics(img, analysis_side: int = 512, size: Optional[tuple[int, int]] = None) -> dict:
     """All weight-free scores of one PIL image (see the module docstring). ``size``: the stored
     image's (width, height) when ``img`` was decoded at a reduced scale."""
     gray = _gray(img, analysis_side)
-    clipped = float(((gray <= 2) | (gray >= 253)).mean())
+    clipped, inner = clipped_shares(gray)
     w, h = size or img.size
     return {
         "width": w, "height": h, "min_side": min(w, h), "aspect": w / max(1, h),
-        "blur": laplacian_variance(gray), "clipped": clipped,
+        "bucket_side": bucket_side(w, h), "blur": laplacian_variance(gray), "clipped": clipped,
+        "clipped_inner": inner, "texture": texture_density(gray),
         "entropy": entropy_bits(gray), "std": float(gray.std()), "border": border_share(gray),
     }
 
@@ -94,13 +144,13 @@ def heuristics(img, analysis_side: int = 512, size: Optional[tuple[int, int]] = 
 def reject_reasons(s: dict, f) -> list[str]:
     """Heuristic reason codes for one image's scores ``s`` under the ``filter`` params ``f``."""
     out = []
-    if s["min_side"] < f.min_side:
+    if s["bucket_side" if f.size_check == "bucket" else "min_side"] < f.min_side:
         out.append("too_small")
     if not f.aspect_min <= s["aspect"] <= f.aspect_max:
         out.append("bad_aspect")
-    if s["entropy"] < f.entropy_min or s["std"] < f.std_min:
+    if s["texture"] < f.texture_min or s["entropy"] < f.entropy_min or s["std"] < f.std_min:
         out.append("blank")
-    if s["clipped"] > f.clipped_max:
+    if s["clipped_inner"] > f.clipped_max or s["clipped"] > f.surround_max:
         out.append("exposure")
     if s["blur"] < f.blur_min:
         out.append("blurry")
@@ -120,56 +170,6 @@ def cutoff(scores: np.ndarray, mode: str, threshold: float, percentile: float) -
     if k <= 0:
         return -np.inf
     return float(scores[k]) if k < len(scores) else np.inf
-
-
-# ---- the LAION aesthetic head ----------------------------------------------------------------
-
-class AestheticHead(nn.Module):
-    """LAION improved aesthetic predictor: an MLP on the L2-normalised CLIP ViT-L/14 image embedding
-    (no activations). Parameter names match the published ``sac+logos+ava1-l14-linearMSE.pth``."""
-
-    def __init__(self, dim: int = 768):
-        super().__init__()
-        self.dim = dim
-        self.layers = nn.Sequential(
-            nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
-
-    def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        return self.layers(emb).squeeze(-1)
-
-    @torch.inference_mode()
-    def score(self, embeddings: np.ndarray) -> np.ndarray:
-        """(N, dim) L2-normalised embeddings -> (N,) scores (about 1-10 with the LAION weights)."""
-        if embeddings.shape[-1] != self.dim:
-            raise ValueError(f"the aesthetic head takes {self.dim}-d CLIP embeddings, got "
-                             f"{embeddings.shape[-1]}-d: use clip.model=ViT-L-14 with its weights")
-        p = next(self.parameters())
-        return self(torch.as_tensor(embeddings, dtype=p.dtype, device=p.device)).float().cpu().numpy()
-
-
-def load_aesthetic_head(path_or_url: Optional[str], dim: int = 768, seed: int = 0,
-                        device: str = "cpu") -> AestheticHead:
-    """The head with weights from a local file (.pth/.pt/.safetensors) or an http(s) URL (cached by
-    torch.hub); ``None`` gives seeded random weights (smoke profile: its scores mean nothing)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        head = AestheticHead(dim)
-    if path_or_url:
-        if path_or_url.startswith(("http://", "https://")):
-            state = torch.hub.load_state_dict_from_url(path_or_url, map_location="cpu",
-                                                       weights_only=True, check_hash=False)
-        elif path_or_url.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(path_or_url)
-        else:
-            state = torch.load(path_or_url, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
-        state = {k.removeprefix("model."): v for k, v in state.items()}
-        head.load_state_dict(state)
-        log.info("aesthetic head from %s", path_or_url)
-    return head.to(device).eval()
 
 
 # ---- scoring against ground truth ------------------------------------------------------------
