@@ -320,7 +320,7 @@ def log_artifacts(paths: Iterable[os.PathLike | str], artifact_path: str | None 
         mlflow.log_artifacts(tmp, artifact_path=artifact_path)
 
 
-@_safe
+@guarded
 def log_image(image, key: str, step: int | None = None) -> None:
     """One PIL image under ``key`` at ``step`` (MLflow's image series: a step slider in the UI)."""
     import mlflow
