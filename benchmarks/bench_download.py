@@ -24,7 +24,8 @@ from PIL import Image
 
 from stages.core.shards import write_shards
 from stages.data import folder, normalize
-from stages.data.collect import Collector, parallel_map
+from stages.core.pool import parallel_map
+from stages.data.collect import Collector
 
 OUT = Path(__file__).resolve().parent / "out" / "download_images"
 

@@ -24,7 +24,8 @@ from stages.core import params, preflight
 from stages.core.io import atomic_dir
 from stages.core.shards import write_shards, write_table
 from stages.data import folder, normalize, report, synthetic, wikiart
-from stages.data.collect import Collector, parallel_map
+from stages.core.pool import parallel_map
+from stages.data.collect import Collector
 
 RAW = Path("data/raw")
 REPORTS = Path("reports/data")
@@ -101,6 +102,11 @@ def main() -> None:
     bar = tqdm(results, total=total, desc="download", unit="img", disable=logmod.progress_disabled())
     with atomic_dir(RAW) as tmp:
         shards = write_shards(collector.rows(bar), Path(tmp) / "shards", d.shard_rows)
+        if not collector.sizes:  # fail before the empty set replaces the previous data/raw
+            reasons = {k: v for k, v in collector.summary()["rejects_by_reason"].items() if v}
+            raise SystemExit(f"download: no image was stored from data.source={d.source}"
+                             f"{' (' + str(d.path) + ')' if d.path else ''}: {collector.candidates} candidates, "
+                             f"rejected {reasons or 'none'}; {RAW} is left as it was")
         write_table(collector.rejects_table(), Path(tmp) / "rejects.parquet")
         if d.source == "synthetic":
             write_table(collector.truth_table(), Path(tmp) / "truth.parquet")
@@ -113,8 +119,6 @@ def main() -> None:
     log.info("stored %d images in %d shards, rejected %d %s, in %.1f s (%.0f img/s)", metrics["stored"],
              len(shards), metrics["rejected"], {k: v for k, v in metrics["rejects_by_reason"].items() if v},
              secs, metrics["candidates"] / max(secs, 1e-9))
-    if metrics["stored"] == 0:
-        raise SystemExit(f"download: no image was stored from data.source={d.source}; see {RAW}/rejects.parquet")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import yaml
 
 from stages.core import log as stage_log
 from stages.core.io import atomic_file, write_text
-from stages.core.tracking import flatten
+from stages.core.lineage import flatten
 
 log = logging.getLogger(__name__)
 META = {"Experiment", "rev", "typ", "Created", "parent", "State", "Executor"}

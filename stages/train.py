@@ -3,8 +3,11 @@
 - Loads only the transformer (quantized per ``model.quantization``), adds the LoRA
   (stages.models.lora) and runs ``train.steps`` optimizer steps of stages.models.trainer.
 - Checkpoints every ``train.checkpoint_every`` steps into ``models/checkpoints/`` (atomic, last
-  ``train.keep_checkpoints`` kept). Killed at any moment, rerunning the stage resumes from the last
-  checkpoint at the right step and ends with the same adapter as an uninterrupted run.
+  ``train.keep_checkpoints`` kept, checksummed). Killed at any moment, rerunning the stage resumes
+  from the last checkpoint at the right step and ends with the same adapter as an uninterrupted
+  run; a finished run is never resumed (``dvc repro -f`` trains again), except to train more steps
+  with a constant lr schedule. What may resume what: stages.models.checkpoint.
+- Stops at the first non-finite loss or gradient norm, naming the step; never exports NaN weights.
 - Logs loss, lr, grad norm, step time, samples/s and peak GPU memory per step to
   ``reports/train/loss.tsv`` (a DVC plot), to MLflow (stages.core.tracking) and to any callback
   in :data:`CALLBACKS`; a tqdm bar shows the ETA.
@@ -31,9 +34,9 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from stages.core import compat, log as logs, params, tracking
-from stages.core.io import atomic_dir, write_json
-from stages.models import checkpoint as ckpt, snapshots, validation
+from stages.core import compat, log as logs, params, registry, tracking
+from stages.core.io import atomic_dir, no_space_errors, write_json
+from stages.models import checkpoint as ckpt, divergence, snapshots, validation
 from stages.models.cache import Cache
 from stages.models.trainer import Trainer, step_seed
 
@@ -55,6 +58,14 @@ class LossLog:
         rows = path.read_text().splitlines()[1:] if path.exists() and start > 0 else []
         rows = [r for r in rows if r and int(r.split("\t")[0]) <= start]
         path.write_text("\t".join(COLUMNS) + "\n" + "".join(r + "\n" for r in rows))
+        self.kept = [dict(zip(COLUMNS, map(float, r.split("\t")))) for r in rows]
+
+    def replay(self, sinks) -> None:
+        """Send the kept rows (steps before a resume) to ``sinks``, so a resumed run's MLflow
+        history is whole."""
+        for row in self.kept:
+            for sink in sinks:
+                sink({k: v for k, v in row.items() if k != "step"}, int(row["step"]))
 
     def __call__(self, metrics: dict, step: int) -> None:
         vals = [str(step)] + [f"{metrics.get(c, float('nan')):.6g}" for c in COLUMNS[1:]]
@@ -81,7 +92,7 @@ def launch_distributed(p) -> int:
 def export(trainer: Trainer, cache: Cache, p, steps: int) -> None:
     """The final adapter in ``models/lora/`` (and its EMA in ``models/lora/ema/`` with train.ema_decay)."""
     info = snapshots.adapter_info(p, trainer, steps, cache.index["data_hash"], cache.index["key"])
-    with atomic_dir(LORA_DIR) as tmp:
+    with no_space_errors(LORA_DIR), atomic_dir(LORA_DIR) as tmp:
         snapshots.write_adapter(trainer.transformer, tmp, info)
         if trainer.ema is not None:
             with trainer.ema_weights():
@@ -97,6 +108,15 @@ def save_snapshot(trainer: Trainer, cache: Cache, p, step: int) -> None:
     tracking.log_metrics({"snapshot_step": step}, step=step, prefix="train/")
 
 
+def check_batch_fits(p, cache: Cache) -> None:
+    """A batch larger than the training set would silently repeat images within the batch."""
+    if p.train.batch_size * p.train.num_processes > len(cache):
+        raise params.ParamsError(
+            f"train.batch_size = {p.train.batch_size} (x {p.train.num_processes} processes) is larger than "
+            f"the {len(cache)} training images in {CACHE}: set train.batch_size to at most "
+            f"{max(1, len(cache) // p.train.num_processes)} (or add images)")
+
+
 def train(p, accelerator=None) -> dict:
     """The training loop (one process of it); returns the last step's metrics."""
     from stages.models import flux
@@ -104,6 +124,7 @@ def train(p, accelerator=None) -> dict:
     main_proc = accelerator is None or accelerator.is_main_process
     device = accelerator.device if accelerator else flux.default_device()
     cache = Cache(CACHE)
+    check_batch_fits(p, cache)
     from stages.models import memory, offload
 
     plan = memory.plan(p.model, device)
@@ -116,16 +137,19 @@ def train(p, accelerator=None) -> dict:
     trainer = Trainer(transformer, p.lora, p.train, seed=p.seed, device=device, accelerator=accelerator,
                       empty_prompt=cache.empty,
                       offloader=offload.Offloader() if plan.offload_activations else None)
-    fp = ckpt.fingerprint(p, cache.index["key"])
-    start = 0
-    found = ckpt.latest(CKPT_DIR, fp, p.train.steps) if main_proc else None
+    ident = ckpt.identity(p, cache.index["key"])
+    resume = ckpt.plan(CKPT_DIR, ident, p.train) if main_proc else None
     if accelerator is not None and accelerator.num_processes > 1:
         accelerator.wait_for_everyone()
-        found = ckpt.latest(CKPT_DIR, fp, p.train.steps)
-    if found:
-        start = ckpt.load(found, trainer)
-        log.info("resuming from %s at step %d of %d", found, start, p.train.steps)
-    sinks = [LossLog(REPORTS / "loss.tsv", start)] + CALLBACKS if main_proc else []
+        if not main_proc:  # rank 0 has removed what is stale; the others only read
+            resume = ckpt.plan(CKPT_DIR, ident, p.train, cleanup=False)
+    start = ckpt.restore(resume, trainer)
+    log.info("%s", resume.reason)
+    sinks = []
+    if main_proc:
+        loss_log = LossLog(REPORTS / "loss.tsv", start)
+        loss_log.replay(CALLBACKS)
+        sinks = [loss_log] + CALLBACKS
     val_dir = REPORTS / "validation"
     if main_proc and start == 0:
         shutil.rmtree(val_dir, ignore_errors=True)  # images of an earlier run
@@ -146,6 +170,7 @@ def train(p, accelerator=None) -> dict:
                                        rank=rank, world=world, flip=p.train.flip, generator=gen))
         metrics = trainer.step(batches, step)
         done = step + 1
+        divergence.check_step(metrics, done)
         for sink in sinks:
             sink(metrics, done)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
@@ -156,11 +181,12 @@ def train(p, accelerator=None) -> dict:
             save_snapshot(trainer, cache, p, done)
         if done % p.train.checkpoint_every == 0 or done == p.train.steps:
             if main_proc:
-                ckpt.save(CKPT_DIR, trainer, done, fp, p.train.keep_checkpoints)
+                ckpt.save(CKPT_DIR, trainer, done, ident, p.train.keep_checkpoints)
             if world > 1:
                 accelerator.wait_for_everyone()
     if main_proc:
         export(trainer, cache, p, p.train.steps)
+        ckpt.mark_finished(CKPT_DIR, p.train.steps)  # a rerun trains again instead of resuming it
         write_json(val_dir / "index.json", {**(validator.index() if validator else {"prompts": []}),
                                             "images": sorted(x.name for x in val_dir.glob("*.png"))})
     return metrics
@@ -185,7 +211,7 @@ def main() -> None:
         CALLBACKS.append(lambda m, s: tracking.log_metrics(m, step=s, prefix="train/"))
         train(p, accelerator)
         tracking.log_artifacts([REPORTS / "loss.tsv", LORA_DIR / "adapter.json"])
-        tracking.register_adapter(LORA_DIR, p)
+        registry.register_adapter(LORA_DIR, p, final_step=p.train.steps)  # refused without its metrics
 
 
 if __name__ == "__main__":

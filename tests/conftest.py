@@ -22,3 +22,39 @@ def _quant_cache(tmp_path_factory):
     session's temp dir, never in the user's ~/.cache."""
     os.environ["FLUXIMP_QUANT_CACHE"] = str(tmp_path_factory.mktemp("quant-cache"))
     yield
+
+
+# ----------------------------------------------------------------------------- train / resume tests
+import shutil  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory):
+    """A tmp work dir with data/cache encoded once per test module (copied into each test's dir)."""
+    import torch
+
+    from tests import trainkit
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("encoded")
+    trainkit.make_curated(root, n=12, sizes=((32, 32),))
+    trainkit.write_params(root, **trainkit.FAST)
+    cwd = os.getcwd()
+    os.chdir(root)
+    with trainkit.tiny_cache(tmp_path_factory.getbasetemp() / "tiny-cache"):
+        try:
+            from stages import encode
+
+            encode.main()
+        finally:
+            os.chdir(cwd)
+        yield root
+
+
+@pytest.fixture
+def workdir(encoded, tmp_path, monkeypatch):
+    """A fresh project folder holding the encoded cache, MLflow off (tracking has its own tests)."""
+    shutil.copytree(encoded / "data/cache", tmp_path / "data/cache")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FLUXIMP_MLFLOW", "0")
+    return tmp_path

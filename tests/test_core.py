@@ -122,8 +122,8 @@ def test_model_modules_work_when_imported_first_in_a_fresh_process():
     assert out.stdout.strip().endswith("FluxPipeline")
 
 
-@pytest.mark.parametrize("stage", ["download", "dedupe", "filter", "caption", "encode", "train", "sample",
-                                   "evaluate"])
+@pytest.mark.parametrize("stage", ["validate", "download", "dedupe", "filter", "caption", "encode", "train",
+                                   "sample", "evaluate"])
 def test_every_stage_validates_params_before_doing_anything(stage, tmp_path):
     raw = params.Params().model_dump()
     raw["model"]["quantization"] = "int3"
@@ -134,3 +134,59 @@ def test_every_stage_validates_params_before_doing_anything(stage, tmp_path):
     assert "model.quantization = 'int3'" in proc.stderr and "'none', 'nf4', 'int8' or 'fp8'" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
+
+
+def test_atomic_outputs_get_the_umask_mode(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        io.write_text(tmp_path / "report.html", "x")
+        with io.atomic_dir(tmp_path / "lora") as tmp:
+            (tmp / "a.safetensors").write_bytes(b"x")
+        os.umask(0o002)
+        io.write_text(tmp_path / "group.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "report.html").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "lora").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "group.txt").stat().st_mode & 0o777 == 0o664
+
+
+def test_a_rerun_clears_temp_folders_of_killed_writers_only(tmp_path):
+    import os
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / f".raw.{dead.pid}-abcd1234.tmp").mkdir()        # a killed stage's half-written output
+    (tmp_path / ".raw.k2j4h5g6.tmp").mkdir()                     # the same, older naming
+    (tmp_path / f".raw.{os.getppid()}-live1234.tmp").mkdir()    # a writer that still runs
+    (tmp_path / ".raw.json.abcd1234.tmp").write_text("")        # another output's temp
+    with io.atomic_dir(tmp_path / "raw") as tmp:
+        (tmp / "x").write_text("1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["raw", f".raw.{os.getppid()}-live1234.tmp", ".raw.json.abcd1234.tmp"])
+
+
+def test_full_disk_is_named(tmp_path, monkeypatch):
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(io.NoSpaceError, match=f"no space left on {tmp_path / 'out.bin'}"):
+        with io.no_space_errors(tmp_path / "out.bin"):
+            full()
+    # torch's zip writer hides ENOSPC behind "unexpected pos": the free space tells
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10, 10, 1024))
+    with pytest.raises(io.NoSpaceError, match="no space left on .*ckpt"):
+        with io.no_space_errors(tmp_path / "ckpt"):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="unrelated"):  # with room on the disk: the error itself
+        with io.no_space_errors(tmp_path):
+            raise RuntimeError("unrelated")

@@ -300,3 +300,18 @@ def test_repeats_of_nearest_kohya_folder():
     assert repeats_of(Path("3_outer/5_inner/a.png")) == 5
     assert repeats_of(Path("0_zero/a.png")) is None and repeats_of(Path("monet_10/a.png")) is None
     assert repeats_of(Path("a.png")) is None
+
+
+def test_a_folder_without_usable_images_leaves_data_raw_as_it_was(folder_run, tmp_path):
+    import shutil
+
+    _, work = folder_run
+    shutil.copytree(work, tmp_path / "w")
+    before = (tmp_path / "w/data/raw/shards/part-00000.parquet").read_bytes()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "empty.jpg").write_bytes(b"")  # an image by name (preflight passes), none by content
+    with pytest.raises(SystemExit, match="no image was stored .* left as it was"):
+        _run_stage(tmp_path / "w", {"source": "folder", "path": str(broken)})
+    assert (tmp_path / "w/data/raw/shards/part-00000.parquet").read_bytes() == before
+    assert [p.name for p in (tmp_path / "w/data").iterdir()] == ["raw"]  # no temp folder left

@@ -127,3 +127,70 @@ def test_exports_load_in_diffusers_and_change_the_output(tiny, tmp_path):
     with_kohya = image(pipe)
     assert abs(with_diffusers - base).mean() > 1e-3  # the LoRA changes the picture
     assert abs(with_kohya - with_diffusers).max() < 1e-4  # ... and both formats the same way
+
+
+def delta_w(state: dict, name: str, scale: float = 1.0) -> torch.Tensor:
+    return scale * state[f"{name}.lora_B.weight"].float() @ state[f"{name}.lora_A.weight"].float()
+
+
+def test_rank_map_splitting_a_fused_module_exports_exactly(tiny):
+    """to_q at rank 2 inside linear1 (q, k, v, mlp fused in kohya/ComfyUI) with alpha 3: the kohya
+    file carries the same ΔW for every part, read the way ComfyUI reads it (up @ down * alpha/rank)."""
+    m = transformer(tiny)
+    p = Lora(rank=4, alpha=3.0, targets="attention+ff", rank_map={r"single_transformer_blocks\.0\.attn\.to_q": 2})
+    lora.add_lora(m, p)
+    trained_like(m)
+    state = lora.lora_state_dict(m)
+    alphas = lora.module_alphas(m)  # 3.0 everywhere: scale 1.5 on to_q (rank 2), 0.75 elsewhere
+    assert len(alphas) > 20 and set(alphas.values()) == {3.0}  # (peft shortens target_modules past 20)
+    kohya = export.to_kohya(state, dict(m.config), alphas)
+    base = "lora_unet_single_blocks_0_linear1"
+    down, up = kohya[base + ".lora_down.weight"], kohya[base + ".lora_up.weight"]
+    fused = up @ down * float(kohya[base + ".alpha"]) / down.shape[0]
+    inner = m.config.num_attention_heads * m.config.attention_head_dim
+    parts = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]
+    rows = [0, inner, 2 * inner, 3 * inner, fused.shape[0]]
+    for j, part in enumerate(parts):
+        name = f"single_transformer_blocks.0.{part}"
+        rank = 2 if part == "attn.to_q" else 4
+        assert torch.allclose(fused[rows[j]:rows[j + 1]], delta_w(state, name, 3.0 / rank), atol=1e-6)
+    back, back_alphas = export.from_kohya(kohya, dict(m.config))
+    for name in alphas:
+        rank = back[f"{name}.lora_A.weight"].shape[0]
+        assert torch.allclose(delta_w(back, name, back_alphas[name] / rank),
+                              delta_w(state, name, alphas[name] / state[f"{name}.lora_A.weight"].shape[0]),
+                              atol=1e-6)
+    assert back["single_transformer_blocks.0.attn.to_q.lora_A.weight"].shape[0] == 2  # padding dropped
+
+
+def test_diffusers_file_folds_alpha_so_scale_1_is_the_trained_strength(tiny, tmp_path):
+    """alpha 2, rank 4: ComfyUI reads a diffusers-format file at scale 1 (no alpha keys), so the file
+    must hold 0.5 * B; diffusers, reading the metadata, must give the picture of the trained model."""
+    m = transformer(tiny)
+    lora.add_lora(m, Lora(rank=4, alpha=2.0, targets="attention", single_blocks=[]))
+    trained_like(m)
+    state = lora.lora_state_dict(m)
+    lora.save_diffusers(m, tmp_path)
+    saved = {k.removeprefix("transformer."): v for k, v in
+             load_file(tmp_path / "pytorch_lora_weights.safetensors").items()}
+    for name in {k.rsplit(".lora_", 1)[0] for k in state}:
+        assert torch.allclose(delta_w(saved, name), delta_w(state, name, 0.5), atol=1e-6)
+
+    pipe = flux.load_pipeline(Model(base=str(tiny)), device="cpu")
+    pipe.load_lora_weights(tmp_path, adapter_name="d")
+    from_file = image(pipe)
+    pipe.unload_lora_weights()
+    pipe.transformer = m  # the trained model itself, alpha 2 / rank 4 applied by peft
+    assert abs(image(pipe) - from_file).max() < 1e-4
+
+
+def test_train_stage_exports_alpha_of_every_module(workdir):
+    """lora.alpha 2 at rank 4 on all 40 modules of the tiny model: peft shortens its target list,
+    the kohya file must still carry alpha 2 (scale 0.5) for every module, not the rank."""
+    from tests.trainkit import run_train
+
+    run_train(workdir, train__steps=1, lora__targets="all", lora__alpha=2.0, train__checkpoint_every=1)
+    kohya = load_file(workdir / "models/lora/lora_kohya.safetensors")
+    scales = {k: float(v) / kohya[k.replace(".alpha", ".lora_down.weight")].shape[0]
+              for k, v in kohya.items() if k.endswith(".alpha")}
+    assert scales and all(s == pytest.approx(0.5) for s in scales.values()), scales

@@ -1,6 +1,7 @@
-"""stages.core.tracking: where runs go (the main repo, also from DVC's temp copies), one run per
-pipeline execution, params/tags/metrics/artifacts, no secrets, fail-soft when the server is down,
-and the adapter registry round trip against a real `mlflow server` process."""
+"""stages.core.tracking + lineage + registry: where runs go (the main repo, also from DVC's temp
+copies and after the repo moved), one run per pipeline execution, params/tags/metrics/artifacts, no
+secrets, loud failures (best-effort only when asked), no run left RUNNING, and the adapter registry
+round trip against a real `mlflow server` process."""
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.core import params, tracking
+from stages.core import lineage, params, registry, tracking
 from tests.servers import free_port, serve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +25,7 @@ SECRETS = {"HF_TOKEN": "hf_TESTtokenValue0123456789", "AWS_SECRET_ACCESS_KEY": "
 @pytest.fixture(autouse=True)
 def _fresh_state(monkeypatch):
     for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV",
-                "FLUXIMP_MLFLOW", "FLUXIMP_MLFLOW_STRICT"):
+                "FLUXIMP_MLFLOW", "FLUXIMP_MLFLOW_OPTIONAL"):
         monkeypatch.delenv(var, raising=False)
     tracking.reset()
     yield
@@ -58,9 +59,9 @@ def test_repo_root_is_the_main_repo_even_in_a_dvc_temp_copy(tmp_path, monkeypatc
     copy = main / ".dvc" / "tmp" / "exps" / "tmpabc123"
     copy.mkdir(parents=True)
     monkeypatch.chdir(copy)
-    assert tracking.repo_root() == main.resolve()  # from the path alone
+    assert lineage.repo_root() == main.resolve()  # from the path alone
     monkeypatch.setenv("DVC_ROOT", str(tmp_path / "elsewhere"))
-    assert tracking.repo_root() == (tmp_path / "elsewhere").resolve()  # DVC says so: it wins
+    assert lineage.repo_root() == (tmp_path / "elsewhere").resolve()  # DVC says so: it wins
     assert tracking.tracking_uri() == f"sqlite:///{(tmp_path / 'elsewhere').resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.team:5000")
     assert tracking.tracking_uri() == "http://mlflow.team:5000"
@@ -69,17 +70,17 @@ def test_repo_root_is_the_main_repo_even_in_a_dvc_temp_copy(tmp_path, monkeypatc
 def test_repo_root_is_git_top_level_from_a_subfolder(workdir, monkeypatch):
     (workdir / "sub").mkdir()
     monkeypatch.chdir(workdir / "sub")
-    assert tracking.repo_root() == workdir.resolve()
+    assert lineage.repo_root() == workdir.resolve()
 
 
 def test_flatten_scrub_and_dataset_hash(workdir, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", SECRETS["HF_TOKEN"])
     monkeypatch.setenv("SHORT_TOKEN", "1")  # too short to be a credential: never masked
-    flat = tracking.flatten({"lora": {"rank": 4, "rank_map": {}}, "seed": 1, "s": {"x": [1, 2]}})
+    flat = lineage.flatten({"lora": {"rank": 4, "rank_map": {}}, "seed": 1, "s": {"x": [1, 2]}})
     assert flat == {"lora.rank": 4, "lora.rank_map": {}, "seed": 1, "s.x": [1, 2]}
-    assert tracking.scrub(f"a {SECRETS['HF_TOKEN']} b 1") == "a *** b 1"
-    assert tracking.dataset_hash() == "0123abcd.dir"
-    assert tracking.dataset_hash(workdir / "missing.lock") is None
+    assert lineage.scrub(f"a {SECRETS['HF_TOKEN']} b 1") == "a *** b 1"
+    assert lineage.dataset_hash() == "0123abcd.dir"
+    assert lineage.dataset_hash(workdir / "missing.lock") is None
 
 
 def read_run_file():
@@ -159,27 +160,109 @@ def test_tags_describe_the_code_and_data_and_a_failed_stage_fails_the_run(workdi
     assert tags["dvc.exp_name"] == "exp-tags"
 
 
-def test_unreachable_server_warns_once_and_the_stage_goes_on(workdir, monkeypatch, caplog):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
-    p = params.load()
+def test_unreachable_server_fails_the_stage_naming_the_uri(workdir, monkeypatch):
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     t0 = time.monotonic()
+    with pytest.raises(tracking.TrackingError, match=f"tracking URI {uri}.*FLUXIMP_MLFLOW_OPTIONAL=1"):
+        tracking.start("train", params.load(), new=True)
+    assert time.monotonic() - t0 < 30
+
+
+def test_optional_tracking_warns_once_and_the_stage_goes_on(workdir, monkeypatch, caplog):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("FLUXIMP_MLFLOW_OPTIONAL", "1")
+    p = params.load()
     with caplog.at_level(logging.WARNING, logger="stages.core.tracking"):
         with tracking.run("train", p, new=True) as run_id:
             tracking.log_metrics({"loss": 1.0}, step=0)
             tracking.log_artifacts(["params.yaml"])
-            assert tracking.register_adapter(workdir, p) is None
+            assert registry.register_adapter(workdir, p) is None
         with tracking.run("evaluate", p):
             tracking.log_metrics({"style": 1.0})
     assert run_id is None
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "FLUXIMP_MLFLOW_STRICT" in warnings[0].getMessage()
-    assert time.monotonic() - t0 < 30
+    assert len(warnings) == 1 and "WITHOUT tracking" in warnings[0].getMessage()
     assert json.loads(Path(tracking.RUN_FILE).read_text())["run_id"] is None  # the DVC output exists
 
+
+def test_a_failing_mlflow_call_mid_run_fails_the_stage_and_the_run(workdir, monkeypatch):
+    """(The queued-experiment KeyError of MLflow's telemetry: 5 of 63 metrics, exit 0, FINISHED.)"""
+    import mlflow
+
+    p = params.load()
+
+    def broken(*a, **k):
+        raise KeyError("_MLFLOW_TELEMETRY_SESSION_ID")
+
+    with pytest.raises(tracking.TrackingError, match="log_metrics .*KeyError"):
+        with tracking.run("evaluate", p, new=True) as run_id:
+            monkeypatch.setattr(mlflow, "log_metrics", broken)
+            tracking.log_metrics({"style": 1.0})
+    assert mlflow.MlflowClient(tracking.tracking_uri()).get_run(run_id).info.status == "FAILED"
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
+
+    tracking.reset()  # best-effort mode: the stage goes on, the run is still not FINISHED
+    monkeypatch.setenv("FLUXIMP_MLFLOW_OPTIONAL", "1")
+    with tracking.run("evaluate", p, new=True) as second:
+        tracking.log_metrics({"style": 1.0})
+    run = mlflow.MlflowClient(tracking.tracking_uri()).get_run(second)
+    assert run.info.status == "FAILED" and run.data.tags["fluximp.tracking_error"] == "true"
+
+
+def test_a_run_left_running_by_a_killed_stage_is_closed_on_the_next_start(workdir):
+    import mlflow
+
+    p = params.load()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with tracking.run("train", p, new=True) as killed:
+        pass
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    client.update_run(killed, status="RUNNING")  # as a kill -9 leaves it ...
+    client.set_tag(killed, "fluximp.pid", str(dead.pid))  # ... by a process that is gone
+    alive = client.create_run(client.get_run(killed).info.experiment_id, tags={
+        "fluximp.host": __import__("socket").gethostname(), "fluximp.pid": str(os.getppid())}).info.run_id
+    with tracking.run("train", p, new=True):
+        pass
+    assert client.get_run(killed).info.status == "KILLED"
+    assert client.get_run(alive).info.status == "RUNNING"  # another stage still running: left alone
+
+
+def test_a_moved_repo_writes_artifacts_into_itself(workdir, tmp_path, monkeypatch):
+    import mlflow
+
+    p = params.load()
+    with tracking.run("train", p, new=True) as first:
+        tracking.log_artifacts(["params.yaml"])
     tracking.reset()
-    monkeypatch.setenv("FLUXIMP_MLFLOW_STRICT", "1")
-    with pytest.raises(Exception):
-        tracking.start("train", p, new=True)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri() exported the old one
+    moved = tmp_path / "moved"
+    shutil.copytree(workdir, moved)
+    shutil.rmtree(workdir)  # the old place is gone
+    monkeypatch.chdir(moved)
+    with tracking.run("train", p, new=True) as second:
+        tracking.log_artifacts(["params.yaml"])
+    client = mlflow.MlflowClient(f"sqlite:///{moved}/mlflow.db")
+    for run_id in (first, second):
+        art = Path(client.get_run(run_id).info.artifact_uri.removeprefix("file://"))
+        assert art.is_relative_to(moved / "mlartifacts") and (art / "params.yaml").exists(), art
+    assert not workdir.exists()
+
+
+def test_no_version_is_registered_without_its_metrics(workdir, tmp_path):
+    import mlflow
+
+    p = params.load()
+    with pytest.raises(tracking.TrackingError, match="no metrics"):
+        with tracking.run("train", p, new=True):
+            registry.register_adapter(tmp_path, p, final_step=3)
+    tracking.reset()
+    with pytest.raises(tracking.TrackingError, match="train/loss up to step 1, not 3"):
+        with tracking.run("train", p, new=True):
+            tracking.log_metrics({"loss": 1.0}, step=1, prefix="train/")
+            registry.register_adapter(tmp_path, p, final_step=3)
+    assert not mlflow.MlflowClient(tracking.tracking_uri()).search_registered_models()
 
 
 def test_tracking_can_be_switched_off(workdir, monkeypatch):
@@ -255,7 +338,7 @@ def test_real_server_run_registry_and_no_secrets(mlflow_server, workdir, monkeyp
         for step in range(5):
             tracking.log_metrics({"loss": 1.0 - step / 10, "lr": 1e-3}, step=step)
         tracking.set_tags({"note": f"token={SECRETS['HF_TOKEN']}"})
-        version = tracking.register_adapter(lora_dir, p, base_model=str(tiny))
+        version = registry.register_adapter(lora_dir, p, base_model=str(tiny))
     with tracking.run("evaluate", p) as same:
         tracking.log_metrics({"style_similarity": 0.4, "prompt_fidelity": 0.3})
         tracking.log_artifacts([report, blob, workdir / "grids"])
@@ -284,7 +367,7 @@ def test_real_server_run_registry_and_no_secrets(mlflow_server, workdir, monkeyp
     # the registered version loads back into a pipeline through load_lora_weights
     mv = client.get_model_version("tiny-lora", version)
     assert mv.run_id == run_id and mv.tags["lora.rank"] == str(p.lora.rank)
-    adapter = tracking.load_registered_adapter("tiny-lora", version, dst=tmp_path / "reg")
+    adapter = registry.load_registered_adapter("tiny-lora", version, dst=tmp_path / "reg")
     mlmodel = yaml.safe_load((adapter.parent / "MLmodel").read_text())["flavors"]["diffusers"]
     assert mlmodel["base_model"] == str(tiny) and mlmodel["base_model_revision"] == "0123456789abcdef"
     pipe = flux.load_pipeline(params.Model(base=str(tiny)), device="cpu", lora=str(adapter))

@@ -13,45 +13,8 @@ from stages.core.params import Model
 from stages.core.prompts import read_prompts
 from tests import trainkit
 
-FAST = dict(train__resolution=32, train__buckets=False, train__batch_size=4, train__warmup_steps=0,
-            lora__rank=4, train__lr=1e-2)
-
-
-@pytest.fixture(scope="module")
-def encoded(tmp_path_factory):
-    """A tmp work dir with data/cache encoded once (copied into each test's own dir)."""
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("encoded")
-    trainkit.make_curated(root, n=12, sizes=((32, 32),))
-    trainkit.write_params(root, **FAST)
-    cwd = os.getcwd()
-    os.chdir(root)
-    with trainkit.tiny_cache(tmp_path_factory.getbasetemp() / "tiny-cache"):
-        try:
-            from stages import encode
-
-            encode.main()
-        finally:
-            os.chdir(cwd)
-        yield root
-
-
-@pytest.fixture
-def workdir(encoded, tmp_path, monkeypatch):
-    shutil.copytree(encoded / "data/cache", tmp_path / "data/cache")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("FLUXIMP_MLFLOW", "0")  # tracking has its own tests
-    return tmp_path
-
-
-def run_train(workdir, **overrides):
-    from stages import train
-
-    trainkit.write_params(workdir, **{**FAST, **overrides})
-    train.main()
-    rows = (workdir / "reports/train/loss.tsv").read_text().splitlines()
-    header = rows[0].split("\t")
-    return [dict(zip(header, map(float, r.split("\t")))) for r in rows[1:]]
+FAST = trainkit.FAST
+run_train = trainkit.run_train
 
 
 def test_loss_falls_and_exports_work(workdir):

@@ -62,3 +62,19 @@ def tiny_cache(tmp_root: Path):
             os.environ.pop("FLUXIMP_CACHE", None)
         else:
             os.environ["FLUXIMP_CACHE"] = old
+
+
+# small and fast: 32 px, no buckets, rank 4 (tests/test_train.py, tests/test_resume.py)
+FAST = dict(train__resolution=32, train__buckets=False, train__batch_size=4, train__warmup_steps=0,
+            lora__rank=4, train__lr=1e-2)
+
+
+def run_train(workdir: Path, **overrides) -> list[dict]:
+    """Write params (FAST + ``overrides``), run the train stage in ``workdir``; return loss.tsv rows."""
+    from stages import train
+
+    write_params(workdir, **{**FAST, **overrides})
+    train.main()
+    rows = (workdir / "reports/train/loss.tsv").read_text().splitlines()
+    header = rows[0].split("\t")
+    return [dict(zip(header, map(float, r.split("\t")))) for r in rows[1:]]

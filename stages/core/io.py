@@ -1,28 +1,101 @@
 """Atomic output helpers: every stage writes through these, so a killed stage leaves nothing
-half-written (a temp file or folder is renamed over the target only once it is complete)."""
+half-written (a temp file or folder is renamed over the target only once it is complete).
+
+- Temp siblings are named ``.<name>.<pid>-<random>[suffix].tmp``; the next write of the same
+  target removes those of processes that are gone (a stage killed with -9 leaves no litter).
+- Files and folders get the mode the umask gives (``tempfile`` alone would make them 0600/0700,
+  unreadable to the rest of a team on a shared server).
+- :func:`no_space_errors` turns a full disk (``ENOSPC``, or torch's ``unexpected pos`` error
+  that hides it) into "no space left on <path>".
+"""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
+
+LOW_SPACE = 64 * 2 ** 20  # a write error with less than this free on the disk is a full disk
+_umask_lock = threading.Lock()
+
+
+class NoSpaceError(SystemExit):
+    """The disk under an output is full (a clean exit naming the path)."""
+
+
+def umask() -> int:
+    with _umask_lock:  # os.umask can only be read by setting it
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clear_stale(path: Path) -> list[Path]:
+    """Remove temp siblings of ``path`` left by processes that no longer run (and ``.<name>.old``
+    of an interrupted swap when ``path`` itself is in place); returns what was removed."""
+    gone = []
+    if not path.parent.is_dir():
+        return gone
+    # ours: .<name>.<pid>-<8 random>[.ext].tmp ; older versions: .<name>.<8 random>[.ext].tmp
+    pat = re.compile(rf"^\.{re.escape(path.name)}\.(?:(\d+)-)?[a-z0-9_]{{8}}(?:\.[A-Za-z0-9]+)?\.tmp$")
+    for sib in path.parent.iterdir():
+        m = pat.match(sib.name)
+        stale = m and (m[1] is None or (int(m[1]) != os.getpid() and not pid_alive(int(m[1]))))
+        if sib.name == f".{path.name}.old" and path.exists():
+            stale = True
+        if stale:
+            shutil.rmtree(sib, ignore_errors=True) if sib.is_dir() else sib.unlink(missing_ok=True)
+            gone.append(sib)
+    return gone
 
 
 def _tmp_sibling(path: Path, suffix: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+    clear_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=suffix + ".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~umask())
     return Path(tmp)
+
+
+@contextlib.contextmanager
+def no_space_errors(where: os.PathLike | str) -> Iterator[None]:
+    """Re-raise a write error caused by a full disk as ``NoSpaceError("no space left on <where>")``."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        where = Path(where)
+        probe = next((p for p in [where, *where.parents] if p.exists()), Path("."))
+        free = shutil.disk_usage(probe).free
+        if getattr(exc, "errno", None) == errno.ENOSPC or free < LOW_SPACE:
+            raise NoSpaceError(f"no space left on {where} ({free / 2 ** 20:.0f} MiB free on its disk): "
+                               f"free some space and rerun ({type(exc).__name__}: {exc})") from exc
+        raise
 
 
 def write_bytes(path: os.PathLike | str, data: bytes) -> Path:
     path = Path(path)
     tmp = _tmp_sibling(path)
     try:
-        tmp.write_bytes(data)
+        with no_space_errors(path):
+            tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -63,7 +136,9 @@ def atomic_dir(path: os.PathLike | str) -> Iterator[Path]:
     """Yield an empty temp folder next to ``path``; it replaces ``path`` when the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    clear_stale(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~umask())
     try:
         yield tmp
         old = None

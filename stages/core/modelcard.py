@@ -96,7 +96,8 @@ def collect(root: Path | str, params: dict, lora_dir: str = "models/lora",
                          "run the evaluate stage first (dvc repro evaluate)")
     samples = _read_json(root / reports / "samples" / "index.json", "sample images",
                          "run the sample stage first (dvc repro sample)")
-    from stages.core.tracking import RUN_FILE, dataset_hash, git_state
+    from stages.core.lineage import dataset_hash, git_state
+    from stages.core.tracking import RUN_FILE
 
     run_file = root / RUN_FILE  # the MLflow run id the stages logged to
     mlflow = json.loads(run_file.read_text()) if run_file.exists() else {}

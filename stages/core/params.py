@@ -22,6 +22,16 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+# ----------------------------------------------------------------------------- value checks
+# (values the schema's types accept but that silently do the wrong thing; each names what works)
+def multiple_of_16(v: int) -> int:
+    if v % 16:
+        lo, hi = v // 16 * 16, v // 16 * 16 + 16
+        raise ValueError(f"must be a multiple of 16 (Flux cuts images into 16-px patches, so {v} would "
+                         f"silently become {lo} or {hi}): use {max(lo, 16)} or {hi}")
+    return v
+
+
 class SyntheticSource(Section):
     """The embedded generator (stages/data/synthetic.py): paintings plus planted copies and defects."""
     count: int = Field(240, ge=8, description="images in the set, planted near-duplicates and defects included")
@@ -66,11 +76,19 @@ class Data(Section):
     min_side: int = Field(32, ge=1, description="download rejects smaller images; the filter stage has its own")
     max_pixels: int = Field(178_956_970, ge=1, description="decompression-bomb limit")
     shard_rows: int = Field(256, ge=1)
-    holdout: float = Field(0.1, ge=0, lt=1)
+    holdout: float = Field(0.1, ge=0, lt=1, description="share of the set held out for evaluation")
     workers: int = Field(2, ge=1)
     synthetic: SyntheticSource = SyntheticSource()
     wikiart: WikiartSource = WikiartSource()
     folder: FolderSource = FolderSource()
+
+    @field_validator("holdout")
+    @classmethod
+    def _holdout_leaves_a_training_set(cls, v: float) -> float:
+        if v > 0.5:
+            raise ValueError(f"holds out {v:.0%} of the images, leaving {1 - v:.0%} to train on: "
+                             "use 0.05-0.2 (at most 0.5)")
+        return v
 
     @model_validator(mode="after")
     def _folder_needs_path(self):
@@ -142,6 +160,13 @@ class Filter(Section):
     aesthetic: Aesthetic = Aesthetic()
     zeroshot: ZeroShot = ZeroShot()
 
+    @model_validator(mode="after")
+    def _aspect_range(self):
+        if self.aspect_min > self.aspect_max:
+            raise ValueError(f"filter.aspect_min = {self.aspect_min} is above filter.aspect_max = "
+                             f"{self.aspect_max}: no image could pass; e.g. aspect_min 0.33, aspect_max 3.0")
+        return self
+
 
 class Caption(Section):
     backend: Literal["template", "vlm", "combined"] = "template"
@@ -153,6 +178,14 @@ class Caption(Section):
     batch_size: int = Field(8, ge=1)
     keep_existing: bool = True
     export_imagefolder: bool = False
+
+    @field_validator("trigger")
+    @classmethod
+    def _trigger_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty: it is the phrase that switches the style on in captions "
+                             "and sample prompts, e.g. 'impressionism style'")
+        return v
 
 
 class Model(Section):
@@ -239,6 +272,8 @@ class Train(Section):
     num_processes: int = Field(1, ge=1)
     compile: bool = False
 
+    _resolution_16 = field_validator("resolution")(multiple_of_16)
+
     @model_validator(mode="after")
     def _optimizer_settings(self):
         if self.optimizer == "prodigy" and not 0.1 <= self.lr <= 10:
@@ -253,6 +288,13 @@ class Train(Section):
             raise ValueError("train.adafactor.warmup_init needs train.adafactor.relative_step=true")
         return self
 
+    @model_validator(mode="after")
+    def _warmup_within_steps(self):
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"train.warmup_steps = {self.warmup_steps} is larger than train.steps = {self.steps}: "
+                             f"the lr would never reach train.lr; use at most {self.steps} (5-10% of steps is usual)")
+        return self
+
 
 class Sample(Section):
     prompts: str = "conf/prompts/smoke.txt"
@@ -264,6 +306,8 @@ class Sample(Section):
     batch_size: int = Field(8, ge=1, description="images per pipeline call")
     adapter_step: Optional[int] = Field(None, ge=1, description="render models/snapshots/step-<N> "
                                         "(train.save_every) instead of the final adapter; None = final")
+
+    _resolution_16 = field_validator("resolution")(multiple_of_16)
 
 
 class Eval(Section):
@@ -300,15 +344,34 @@ class ParamsError(SystemExit):
     """Raised (as a clean exit with a message) when params.yaml does not fit the schema."""
 
 
-def _describe(err: dict, raw: dict) -> str:
-    key = ".".join(str(p) for p in err["loc"])
+RESTORE_HINT = ("If `dvc exp run -S ...` changed params.yaml, restore it with `git checkout params.yaml` "
+                "(or `dvc exp run -S <key>=<old value>`). `dvc repro` and `dvc exp run` stop at the validate "
+                "stage, before DVC removes any output; after `dvc repro -s <stage>`, `dvc checkout <stage>` "
+                "brings its cached outputs back.")
+
+
+def _lookup(raw, loc: tuple):
     value = raw
-    for part in err["loc"]:
-        value = value.get(part, "<missing>") if isinstance(value, dict) else "<missing>"
+    for part in loc:
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and isinstance(part, int) and -len(value) <= part < len(value):
+            value = value[part]
+        else:
+            return "<missing>"
+    return value
+
+
+def _describe(err: dict, raw: dict) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    key = ".".join(str(p) for p in loc)
+    value = _lookup(raw, loc)
     if err["type"] == "extra_forbidden":
         return f"  {key}: unknown key (value {value!r}); check the spelling against conf/config.yaml"
     allowed = err.get("ctx", {}).get("expected")
-    msg = err["msg"] + (f" (allowed: {allowed})" if allowed else "")
+    msg = err["msg"].removeprefix("Value error, ") + (f" (allowed: {allowed})" if allowed else "")
+    if isinstance(value, dict):  # a check across keys of a section: the message names them
+        return f"  {key}: {msg}"
     return f"  {key} = {value!r}: {msg}"
 
 
@@ -317,7 +380,21 @@ def validate(raw: dict) -> Params:
         return Params.model_validate(raw)
     except ValidationError as exc:
         lines = [_describe(e, raw) for e in exc.errors()]
-        raise ParamsError("invalid params.yaml:\n" + "\n".join(lines)) from None
+        raise ParamsError("invalid params.yaml:\n" + "\n".join(lines) + "\n" + RESTORE_HINT) from None
+
+
+def read_yaml(path: Path) -> dict:
+    """params.yaml as a dict; a YAML syntax error (a tab, say) becomes a message with line and column."""
+    text = path.read_text()
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        line = text.splitlines()[mark.line] if mark and mark.line < len(text.splitlines()) else ""
+        tab = " — a tab: YAML indents with spaces only, replace it by spaces" if "\t" in line else ""
+        raise ParamsError(f"{path} is not valid YAML{where}{tab}: {getattr(exc, 'problem', exc)}\n"
+                          f"  {line!r}\n{RESTORE_HINT}") from None
 
 
 def load(path: os.PathLike | str | None = None) -> Params:
@@ -325,9 +402,7 @@ def load(path: os.PathLike | str | None = None) -> Params:
     path = Path(path) if path else Path.cwd() / "params.yaml"
     if not path.exists():
         path = PARAMS_FILE
-    with open(path) as fh:
-        raw = yaml.safe_load(fh) or {}
-    return validate(raw)
+    return validate(read_yaml(path))
 
 
 CONF_HEADER = """\

@@ -84,27 +84,51 @@ def needs(p: Params) -> list[Need]:
     return out
 
 
+class OpenClipUnavailable(Exception):
+    """open_clip itself cannot be imported (not a missing tag)."""
+
+
 def _open_clip_hub_id(ref: str) -> Optional[str]:
+    """The hub repo of an open_clip ``model/tag``; None when open_clip has no such tag."""
+    from stages.core import compat
+
     model, _, tag = ref.rpartition("/")
+    compat.ensure_torchvision()  # open_clip imports torchvision, which needs the shim on CPU-only torch
     try:
         import open_clip
-
-        cfg = open_clip.get_pretrained_cfg(model, tag) or {}
-    except Exception:
-        return None
+    except Exception as exc:  # noqa: BLE001 - report what is really missing
+        raise OpenClipUnavailable(f"{type(exc).__name__}: {exc}") from exc
+    cfg = open_clip.get_pretrained_cfg(model, tag) or {}
     return cfg.get("hf_hub", "").rstrip("/") or None
+
+
+def _folder_problems(p: Params) -> list[str]:
+    """data.source=folder: the folder must exist and hold at least one image file."""
+    from stages.data.folder import IMAGE_EXTENSIONS
+
+    root = Path(p.data.path or "").expanduser()
+    if not root.is_dir():
+        return [f"- data.path: {p.data.path} is not a directory (data.source=folder reads images from one)"]
+    if not any(f.suffix.lower() in IMAGE_EXTENSIONS for f in root.rglob("*") if f.is_file()):
+        return [f"- data.path: {p.data.path} holds no image file ({', '.join(sorted(IMAGE_EXTENSIONS))})"]
+    return []
 
 
 def problems(p: Params) -> list[str]:
     """One line per missing piece; empty when everything is reachable."""
-    found: list[str] = []
+    found: list[str] = _folder_problems(p) if p.data.source == "folder" else []
     online: Optional[bool] = None
     for need in needs(p):
         ref = need.ref
         if need.repo_type == "open_clip":  # e.g. ViT-L-14/openai -> its hub repo
             if _is_local(p.clip.pretrained or ""):
                 continue
-            hub_id = _open_clip_hub_id(ref)
+            try:
+                hub_id = _open_clip_hub_id(ref)
+            except OpenClipUnavailable as exc:
+                found.append(f"- {need.what} {ref!r}: open_clip cannot be imported ({exc}); "
+                             "fix the install (requirements.txt)")
+                continue
             if hub_id is None:
                 found.append(f"- {need.what}: open_clip has no pretrained tag {ref!r}")
                 continue

@@ -1,27 +1,34 @@
 """MLflow tracking: one run per pipeline execution, shared by the stages that log to it.
+(Lineage values, git state, data hash, secret scrubbing: stages.core.lineage; the model
+registry: stages.core.registry.)
 
 A stage does::
 
-    from stages.core import tracking
+    from stages.core import registry, tracking
     with tracking.run("train", p, new=True):       # train owns the run; sample/evaluate: new=False
         tracking.log_metrics({"loss": 0.3}, step=10)
         tracking.log_artifacts(["reports/train/loss.tsv"])
-        tracking.register_adapter("models/lora", p)
+        registry.register_adapter("models/lora", p, final_step=150)
 
 - Where: ``MLFLOW_TRACKING_URI`` when set (a team server), else ``sqlite:///<repo root>/mlflow.db``
   with artifacts in ``<repo root>/mlartifacts``. The repo root is the *main* repo even when DVC runs
   the stage in a copy (``dvc exp run --temp``, ``--queue`` run under ``.dvc/tmp/exps``): DVC passes
-  it as ``DVC_ROOT``. A relative path there would land in the throw-away copy.
+  it as ``DVC_ROOT``. A relative path there would land in the throw-away copy. A repo that was
+  moved or copied (with its mlflow.db) has the artifact locations in the database pointed at its
+  own ``mlartifacts`` on the next start, so artifacts never land in the old folder.
 - Which run: ``new=True`` starts a run and records its id in ``reports/mlflow_run.json`` (declare it
   as a ``cache: false`` output of that stage); ``new=False`` resumes the recorded run (or, when there
   is none, logs to a run of its own without touching the file). What a run gets: the whole params.yaml flattened, and tags (git commit, dirty
-  flag, DVC experiment name, base model + revision, curated dataset hash from dvc.lock, profile).
+  flag, DVC experiment name, base model + revision, curated dataset hash from dvc.lock, profile,
+  host and pid of the stage). A run left RUNNING by a killed stage on this host is marked KILLED
+  on the next start; a stage that raises ends its run FAILED.
 - Secrets: values of environment variables whose name looks like a token/secret/key/password are
   replaced by ``***`` in params, tags, metrics names and text artifacts; a binary artifact that
   contains one is not logged.
-- Never breaks a stage: any tracking error (server down, bad URI) logs one warning and turns tracking
-  off for the rest of the process. ``FLUXIMP_MLFLOW_STRICT=1`` makes errors fatal instead;
-  ``FLUXIMP_MLFLOW=0`` turns tracking off.
+- Loud by default: a tracking error (server down, bad URI, a failing MLflow call) fails the stage
+  with a message naming the URI, so metrics never go missing silently. ``FLUXIMP_MLFLOW=0`` turns
+  tracking off; ``FLUXIMP_MLFLOW_OPTIONAL=1`` makes tracking best-effort: the first error logs a
+  warning, the run (if any) is ended FAILED and the stage goes on without tracking.
 """
 from __future__ import annotations
 
@@ -30,46 +37,24 @@ import functools
 import json
 import logging
 import os
-import re
 import shutil
-import subprocess
+import socket
 import tempfile
 import urllib.request
-from unittest import mock
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-import yaml
+from stages.core import mlflow_store
+from stages.core.lineage import MASK, SECRET_NAME, dataset_hash, flatten, git_state, repo_root, scrub, secret_values
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = Path("reports/mlflow_run.json")
-CURATED = "data/curated"
-SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|PASSPHRASE|CREDENTIAL|API_?KEY|ACCESS_?KEY|_KEY$|^KEY$|AUTH",
-                         re.IGNORECASE)
-MASK = "***"
 _state: dict[str, Any] = {"disabled": False, "warned": False, "run_id": None}
 
 
-# ----------------------------------------------------------------------------- where and what
-def repo_root() -> Path:
-    """The main repo's root: ``DVC_ROOT`` (set by DVC, the parent repo even for temp/queued
-    experiments), else the git top level of the working directory, else the working directory."""
-    if os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"]).resolve()
-    cwd = Path.cwd().resolve()
-    parts = cwd.parts
-    for i in range(len(parts) - 3):  # <root>/.dvc/tmp/exps/... without DVC_ROOT: still the parent
-        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i])
-    try:
-        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=cwd, capture_output=True,
-                             text=True, timeout=10)
-        if top.returncode == 0 and top.stdout.strip():
-            return Path(top.stdout.strip()).resolve()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return cwd
+class TrackingError(SystemExit):
+    """A tracking failure that stops the stage (a clean exit with the message)."""
 
 
 def tracking_uri() -> str:
@@ -80,60 +65,8 @@ def enabled() -> bool:
     return os.environ.get("FLUXIMP_MLFLOW", "1") != "0" and not _state["disabled"]
 
 
-def _strict() -> bool:
-    return os.environ.get("FLUXIMP_MLFLOW_STRICT", "0") not in ("", "0", "false", "False")
-
-
-def secret_values() -> list[str]:
-    """Values of environment variables named like credentials (long enough to be one)."""
-    vals = {v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 6}
-    return sorted(vals, key=len, reverse=True)
-
-
-def scrub(value: Any, secrets: list[str] | None = None) -> str:
-    text = str(value)
-    for s in secret_values() if secrets is None else secrets:
-        text = text.replace(s, MASK)
-    return text
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"lora": {"rank": 4}} -> {"lora.rank": 4}``; lists stay whole (as their repr)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def _git(*args: str, cwd=None) -> str | None:
-    try:
-        r = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=20)
-        return r.stdout.strip() if r.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def git_state(cwd=None) -> tuple[str | None, bool | None]:
-    """(commit, dirty) of the checkout at ``cwd``; (None, None) outside git. Untracked files don't count."""
-    dirty = _git("status", "--porcelain", "--untracked-files=no", cwd=cwd)
-    return _git("rev-parse", "HEAD", cwd=cwd), None if dirty is None else bool(dirty)
-
-
-def dataset_hash(lock: os.PathLike | str = "dvc.lock", path: str = CURATED) -> str | None:
-    """The md5 DVC recorded for ``path`` (an output of some stage) in dvc.lock, if any."""
-    try:
-        stages = (yaml.safe_load(Path(lock).read_text()) or {}).get("stages", {})
-    except (OSError, yaml.YAMLError):
-        return None
-    for stage in stages.values():
-        for out in stage.get("outs", []):
-            if out.get("path", "").rstrip("/") == path:
-                return out.get("md5")
-    return None
+def _optional() -> bool:
+    return os.environ.get("FLUXIMP_MLFLOW_OPTIONAL", "0") not in ("", "0", "false", "False")
 
 
 def run_tags(p, stage: str) -> dict[str, str]:
@@ -151,25 +84,44 @@ def run_tags(p, stage: str) -> dict[str, str]:
     return {k: str(v) for k, v in tags.items() if v is not None}
 
 
-# ----------------------------------------------------------------------------- fail-soft
-def _safe(fn):
-    """Run ``fn`` only when tracking is on; turn any error into one warning (or raise if strict)."""
+# ----------------------------------------------------------------------------- failures
+def guarded(fn):
+    """Decorator for every MLflow call: run ``fn`` only when tracking is on. An error fails the stage (TrackingError) or, with
+    FLUXIMP_MLFLOW_OPTIONAL=1, logs one warning, ends the run FAILED and turns tracking off."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         if not enabled():
             return None
         try:
             return fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - tracking must never break a stage
-            if _strict():
-                raise
+        except Exception as exc:  # noqa: BLE001 - every MLflow failure gets the same treatment
+            what = (f"MLflow tracking failed in {fn.__name__} ({type(exc).__name__}: {scrub(exc)}; "
+                    f"tracking URI {scrub(tracking_uri())})")
+            if not _optional():
+                raise TrackingError(f"{what}. Fix the server or MLFLOW_TRACKING_URI, or rerun with "
+                                    "FLUXIMP_MLFLOW_OPTIONAL=1 (go on without tracking) or FLUXIMP_MLFLOW=0 "
+                                    "(tracking off)") from exc
             _state["disabled"] = True
             if not _state["warned"]:
                 _state["warned"] = True
-                log.warning("MLflow tracking off for this stage (%s: %s); set FLUXIMP_MLFLOW_STRICT=1 "
-                            "to make this fatal", type(exc).__name__, scrub(exc))
+                log.warning("%s; FLUXIMP_MLFLOW_OPTIONAL=1: the stage goes on WITHOUT tracking and this "
+                            "run's MLflow record is incomplete (ended FAILED)", what)
+            _abandon()
             return None
     return wrapper
+
+
+def _abandon() -> None:
+    """End the active run FAILED after a tracking error (best effort: the server may be gone)."""
+    try:
+        import mlflow
+
+        if mlflow.active_run():
+            mlflow.set_tag("fluximp.tracking_error", "true")
+            mlflow.end_run(status="FAILED")
+    except Exception:  # noqa: BLE001 - already failing; the warning said so
+        pass
+    _state["run_id"] = None
 
 
 def _check_server(uri: str) -> None:
@@ -189,27 +141,35 @@ def start(stage: str, p, new: bool = False) -> str | None:
     if new and run_id is None:
         from stages.core.io import write_json
         write_json(RUN_FILE, {"run_id": None, "experiment_id": None, "tracking_uri": None,
-                              "note": "MLflow tracking was off or unreachable for this run"})
+                              "note": "MLflow tracking was off (FLUXIMP_MLFLOW=0) or failed "
+                                      "(FLUXIMP_MLFLOW_OPTIONAL=1) for this run"})
     return run_id
 
 
-@_safe
+@guarded
 def _start(stage: str, p, new: bool) -> str | None:
     import mlflow
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    # MLflow's telemetry client deletes an env var it shares between threads (KeyError
+    # '_MLFLOW_TELEMETRY_SESSION_ID' in queued experiments) and phones home: off
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     uri = tracking_uri()
     _check_server(uri)
+    db = mlflow_store.sqlite_path(uri)
+    if db is not None and db.resolve() == (repo_root() / "mlflow.db").resolve():  # the repo's own database
+        mlflow_store.relocate_artifacts(db, repo_root())
     mlflow.set_tracking_uri(uri)
     if mlflow.active_run():
         mlflow.end_run()
     run_id = None if new else _recorded_run(uri)
     if run_id:
         mlflow.start_run(run_id=run_id)
-        log.info("MLflow: resuming run %s (%s)", run_id, uri)
+        log.info("MLflow: resuming run %s (%s)", run_id, scrub(uri))
     else:
         exp_id = _experiment_id(mlflow, p.mlflow.experiment, uri)
+        mlflow_store.close_stale_runs(mlflow.MlflowClient(), exp_id)
         name = os.environ.get("DVC_EXP_NAME") or None
         run_id = mlflow.start_run(experiment_id=exp_id, run_name=name).info.run_id
         if new:  # only the owner writes RUN_FILE: it is that stage's DVC output, nobody else's
@@ -217,9 +177,10 @@ def _start(stage: str, p, new: bool) -> str | None:
             write_json(RUN_FILE, {"run_id": run_id, "experiment_id": exp_id, "tracking_uri": scrub(uri)})
         else:
             log.warning("MLflow: no run recorded in %s; logging %s to a run of its own", RUN_FILE, stage)
-        log.info("MLflow: new run %s in experiment %r (%s)", run_id, p.mlflow.experiment, uri)
+        log.info("MLflow: new run %s in experiment %r (%s)", run_id, p.mlflow.experiment, scrub(uri))
     _state["run_id"] = run_id
-    set_tags({**run_tags(p, stage), f"stage.{stage}": "ran"})
+    set_tags({**run_tags(p, stage), f"stage.{stage}": "ran", "fluximp.host": socket.gethostname(),
+              "fluximp.pid": str(os.getpid())})
     log_params(flatten(p.model_dump()))
     return run_id
 
@@ -248,15 +209,20 @@ def _experiment_id(mlflow, name: str, uri: str) -> str:
     return mlflow.create_experiment(name, artifact_location=location)
 
 
-@_safe
 def end(status: str = "FINISHED") -> None:
+    """End the run with ``status`` (also after tracking was turned off mid-run: never left RUNNING)."""
     if not _active():
         return
-    import mlflow
-
-    if mlflow.active_run():
-        mlflow.end_run(status=status)
     _state["run_id"] = None
+    try:
+        import mlflow
+
+        if mlflow.active_run():
+            mlflow.end_run(status=status)
+    except Exception as exc:  # noqa: BLE001
+        if status == "FINISHED" and not _optional():
+            raise TrackingError(f"MLflow: could not end the run ({type(exc).__name__}: {scrub(exc)})") from exc
+        log.warning("MLflow: could not end the run %s (%s)", status, scrub(exc))
 
 
 @contextlib.contextmanager
@@ -275,8 +241,17 @@ def _active() -> bool:
     return _state["run_id"] is not None
 
 
+def active() -> bool:
+    """Whether a run is open (tracking on and started)."""
+    return _active()
+
+
+def run_id() -> str | None:
+    return _state["run_id"]
+
+
 # ----------------------------------------------------------------------------- logging
-@_safe
+@guarded
 def log_params(params: dict[str, Any]) -> None:
     """Log params (already flat), secrets masked. On a resumed run, a key already logged with
     another value cannot change (MLflow forbids it): the new value goes to a ``param.<key>`` tag."""
@@ -297,7 +272,7 @@ def log_params(params: dict[str, Any]) -> None:
         mlflow.set_tags(changed)
 
 
-@_safe
+@guarded
 def set_tags(tags: dict[str, Any]) -> None:
     import mlflow
 
@@ -306,7 +281,7 @@ def set_tags(tags: dict[str, Any]) -> None:
         mlflow.set_tags({k: scrub(v, secrets) for k, v in tags.items()})
 
 
-@_safe
+@guarded
 def log_metrics(metrics: dict[str, Any], step: int | None = None, prefix: str = "") -> None:
     """Log numeric metrics (nested dicts are flattened, non-numbers skipped)."""
     import mlflow
@@ -320,7 +295,7 @@ def log_metrics(metrics: dict[str, Any], step: int | None = None, prefix: str = 
         mlflow.log_metrics(nums, step=step)
 
 
-@_safe
+@guarded
 def log_artifacts(paths: Iterable[os.PathLike | str], artifact_path: str | None = None) -> None:
     """Log files and folders (folders keep their name); secrets are scrubbed on the way."""
     import mlflow
@@ -345,7 +320,7 @@ def log_artifacts(paths: Iterable[os.PathLike | str], artifact_path: str | None 
         mlflow.log_artifacts(tmp, artifact_path=artifact_path)
 
 
-@_safe
+@guarded
 def log_image(image, key: str, step: int | None = None) -> None:
     """One PIL image under ``key`` at ``step`` (MLflow's image series: a step slider in the UI)."""
     import mlflow
@@ -368,57 +343,6 @@ def _scrub_file(path: Path, secrets: list[bytes]) -> None:
     for s in found:
         text = text.replace(s.decode(), MASK)
     path.write_text(text, encoding="utf-8")
-
-
-# ----------------------------------------------------------------------------- model registry
-@_safe
-def register_adapter(lora_dir: os.PathLike | str, p, name: str | None = None,
-                     base_model: str | None = None) -> str | None:
-    """Log the LoRA folder with the ``mlflow.diffusers`` flavour and register it under
-    ``params.mlflow.registered_model`` (or ``name``); return the new version number.
-
-    ``base_model`` overrides ``p.model.base`` (pass the local folder a hub id resolved to, if any).
-    The pinned ``p.model.revision`` is recorded as the flavour's base model revision."""
-    import mlflow
-    import mlflow.diffusers
-
-    if not _active():
-        return None
-    name = name or p.mlflow.registered_model
-    base = str(base_model or p.model.base)
-    with tempfile.TemporaryDirectory(prefix="mlflow-adapter-") as tmp:
-        out = Path(tmp) / "adapter"
-        # MLflow would ask the Hub for the *latest* commit of a hub id: record the pinned one instead
-        with mock.patch.object(mlflow.diffusers, "_resolve_base_model_revision",
-                               lambda _base: p.model.revision, create=True):
-            mlflow.diffusers.save_model(str(lora_dir), str(out), base_model=base)
-        mlmodel = out / "MLmodel"
-        spec = yaml.safe_load(mlmodel.read_text())
-        flavor = spec["flavors"]["diffusers"]
-        flavor.pop("base_model_revision", None)  # never a revision MLflow looked up on its own
-        if p.model.revision:
-            flavor["base_model_revision"] = p.model.revision
-        mlmodel.write_text(yaml.safe_dump(spec, sort_keys=False))
-        log_artifacts([out])
-    version = mlflow.register_model(f"runs:/{_state['run_id']}/adapter", name)
-    mlflow.MlflowClient().set_model_version_tag(name, version.version, "lora.rank", str(p.lora.rank))
-    log.info("MLflow: registered %s version %s", name, version.version)
-    return version.version
-
-
-def load_registered_adapter(name: str, version: str | int = "latest",
-                            dst: os.PathLike | str | None = None) -> Path:
-    """Download a registered adapter; return the folder ``pipe.load_lora_weights(folder)`` takes.
-
-    Uses MLFLOW_TRACKING_URI (or the repo's sqlite database). Errors are raised: this is for users."""
-    import mlflow
-    import mlflow.diffusers
-
-    mlflow.set_tracking_uri(tracking_uri())
-    if dst is not None:
-        Path(dst).mkdir(parents=True, exist_ok=True)
-    model = mlflow.diffusers.load_model(f"models:/{name}/{version}", dst_path=str(dst) if dst else None)
-    return Path(model.adapter_path)
 
 
 def reset() -> None:

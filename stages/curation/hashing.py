@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import io
 import itertools
-from concurrent.futures import ProcessPoolExecutor
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
+
+from stages.core.pool import parallel_map
 
 CHUNK_BITS = 16
 MAX_MASKS = 1200  # above this many flip masks per chunk, brute force is faster
@@ -130,20 +131,13 @@ def _signature_bytes(data: bytes) -> Optional[dict]:
         return None
 
 
-def _pool_map(func, items: Iterable, workers: int, progress=None, batch: int = 256) -> list:
-    """``func`` over ``items`` in ``workers`` processes, ``batch`` items in memory at a time."""
-    items = iter(items)
+def _pool_map(func, items: Iterable, workers: int, progress=None) -> list:
+    """``func`` over ``items`` in ``workers`` processes (stages.core.pool), as a list."""
     out = []
-    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
-    try:
-        while chunk := list(itertools.islice(items, batch)):
-            res = list(pool.map(func, chunk, chunksize=8) if pool else map(func, chunk))
-            out.extend(res)
-            if progress:
-                progress(len(res))
-    finally:
-        if pool:
-            pool.shutdown()
+    for res in parallel_map(func, items, workers):
+        out.append(res)
+        if progress:
+            progress(1)
     return out
 
 

@@ -1,20 +1,14 @@
-"""Run candidates through normalisation on all cores, and account for every one of them.
-
-:func:`parallel_map` keeps a bounded number of tasks in flight (so a source streaming image bytes
-never holds the whole dataset in memory) and returns results in input order (so the shards are
-the same whatever the number of workers). :class:`Collector` turns results into stored rows,
+"""Account for every candidate that went through normalisation (on all cores, with
+:func:`stages.core.pool.parallel_map`): :class:`Collector` turns results into stored rows,
 byte-duplicates and rejects, and keeps the statistics the report needs.
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import io
-import itertools
-import multiprocessing as mp
 import random
 import unicodedata
 from collections import Counter
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Iterable, Iterator
 
 import pyarrow as pa
 from PIL import Image
@@ -25,23 +19,6 @@ REJECTS_SCHEMA = pa.schema([("path", pa.string()), ("id", pa.string()), ("reason
                             ("detail", pa.string())])
 TRUTH_SCHEMA = pa.schema([("id", pa.string()), ("kind", pa.string()), ("defect", pa.string()),
                           ("dup_of", pa.string()), ("detail", pa.string())])
-
-
-def parallel_map(fn: Callable, items: Iterable, workers: int, window: int = 256,
-                 pool: Optional[cf.Executor] = None) -> Iterator:
-    """``map(fn, items)`` over ``workers`` processes (in-process when 1), in order, bounded."""
-    if workers <= 1 and pool is None:
-        yield from map(fn, items)
-        return
-    own = pool is None
-    pool = pool or cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"))
-    try:
-        it = iter(items)
-        while batch := list(itertools.islice(it, window)):
-            yield from pool.map(fn, batch, chunksize=max(1, len(batch) // (4 * workers)))
-    finally:
-        if own:
-            pool.shutdown(cancel_futures=True)
 
 
 class Collector:

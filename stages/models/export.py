@@ -8,6 +8,9 @@ parts' A matrices, ``lora_up`` places each B on the diagonal (a part without ada
 rows), so it is exact and diffusers' own kohya reader splits it back without loss. ComfyUI
 ignores alpha kept in metadata, so every module carries an ``.alpha`` tensor with
 ``alpha / rank`` equal to the diffusers scale (a fused module's rank is the sum of its parts').
+Parts of one fused module with different ranks or scales (``lora.rank_map`` on ``to_q`` only, say)
+are exported exactly too: each part is zero-padded to the group's largest rank and its scale is
+folded into its ``lora_up`` (the module's alpha then equals its rank: scale 1), so ΔW is unchanged.
 """
 from __future__ import annotations
 
@@ -66,31 +69,37 @@ def to_kohya(state: dict[str, torch.Tensor], config: dict, alphas: dict[str, flo
                 parts = [mods.get(f"{blocks}.{i}.{s}") for s in suffixes]
                 if not any(parts):
                     continue
-                present = [(f"{blocks}.{i}.{s}", p) for s, p in zip(suffixes, parts) if p]
-                scales = [alphas.get(n, p["A"].shape[0]) / p["A"].shape[0] for n, p in present]
+                names = [f"{blocks}.{i}.{s}" for s in suffixes]
+                scale = {n: alphas.get(n, p["A"].shape[0]) / p["A"].shape[0] for n, p in zip(names, parts) if p}
                 if len(suffixes) == 1:
-                    down, up = parts[0]["A"], parts[0]["B"]
-                else:  # fused: block-diagonal, equal rank per part (zero part where missing)
-                    r = max(p["A"].shape[0] for _, p in present)
-                    if any(p["A"].shape[0] != r for _, p in present):
-                        raise ValueError(f"{kname} of block {i}: fused parts need one rank for kohya export")
-                    dims = _part_dims(config, kind, kname)
-                    in_f = present[0][1]["A"].shape[1]
-                    down = torch.zeros(r * len(parts), in_f)
-                    up = torch.zeros(sum(dims), r * len(parts))
-                    row = 0
-                    for j, (p, d) in enumerate(zip(parts, dims)):
-                        if p:
-                            down[j * r:(j + 1) * r] = p["A"]
-                            up[row:row + d, j * r:(j + 1) * r] = p["B"]
-                        row += d
-                if max(scales) - min(scales) > 1e-6:
-                    raise ValueError(f"{kname} of block {i}: fused parts need one alpha/rank for kohya export")
+                    down, up, alpha = parts[0]["A"], parts[0]["B"], scale[names[0]] * parts[0]["A"].shape[0]
+                else:
+                    down, up, alpha = _fused(parts, names, scale, _part_dims(config, kind, kname))
                 base = f"{prefix}_{i}_{kname}"
                 out[base + ".lora_down.weight"] = down.contiguous()
                 out[base + ".lora_up.weight"] = up.contiguous()
-                out[base + ".alpha"] = torch.tensor(scales[0] * down.shape[0], dtype=torch.float32)
+                out[base + ".alpha"] = torch.tensor(alpha, dtype=torch.float32)
     return out
+
+
+def _fused(parts: list, names: list[str], scale: dict[str, float], dims: list[int]):
+    """A fused module's block-diagonal (down, up, alpha); a part without adapter gets zeros. With one
+    rank and scale for every part, alpha keeps that scale; otherwise each part is padded to the
+    largest rank and its scale folded into its up matrix (alpha = rank: scale 1)."""
+    present = [p for p in parts if p]
+    r = max(p["A"].shape[0] for p in present)
+    uniform = all(p["A"].shape[0] == r for p in present) and max(scale.values()) - min(scale.values()) <= 1e-6
+    down = torch.zeros(r * len(parts), present[0]["A"].shape[1])
+    up = torch.zeros(sum(dims), r * len(parts))
+    row = 0
+    for j, (p, d, name) in enumerate(zip(parts, dims, names)):
+        if p:
+            k = p["A"].shape[0]
+            down[j * r:j * r + k] = p["A"]
+            up[row:row + d, j * r:j * r + k] = p["B"] if uniform else p["B"] * scale[name]
+        row += d
+    alpha = next(iter(scale.values())) * down.shape[0] if uniform else float(down.shape[0])
+    return down, up, alpha
 
 
 def from_kohya(state: dict[str, torch.Tensor], config: dict) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -126,6 +135,8 @@ def from_kohya(state: dict[str, torch.Tensor], config: dict) -> tuple[dict[str, 
         for suffix, a, b in pieces:
             if not a.any() and not b.any():
                 continue
+            used = a.any(dim=1) | b.any(dim=0)  # drop the zero padding of a part with a smaller rank
+            a, b = a[used], b[:, used]
             name = f"{blocks}.{i}.{suffix}"
             out[f"{name}.lora_A.weight"] = a.contiguous()
             out[f"{name}.lora_B.weight"] = b.contiguous()

@@ -130,11 +130,38 @@ def adapter_config(transformer) -> dict:
     return {k: v for k, v in cfg.items() if isinstance(v, (str, int, float, bool, list, dict, type(None)))}
 
 
+def scales(transformer) -> dict[str, float]:
+    """Each adapted module's ``alpha / rank`` as peft applies it (``cfg["target_modules"]`` may be
+    peft's shortened suffix list, so the modules themselves are asked)."""
+    return {n: float(m.scaling["default"]) for n, m in transformer.named_modules()
+            if hasattr(m, "lora_A") and "default" in getattr(m, "scaling", {})}
+
+
+def module_alphas(transformer) -> dict[str, float]:
+    """Each adapted module's alpha (scale x rank), as the kohya export wants it."""
+    ranks = {n: m.r["default"] for n, m in transformer.named_modules() if hasattr(m, "lora_A") and "default" in m.r}
+    return {n: s * ranks[n] for n, s in scales(transformer).items()}
+
+
+def fold_alpha(state: dict[str, torch.Tensor], scale: dict[str, float], cfg: dict) -> tuple[dict, dict]:
+    """(state, config) with every module's ``alpha / rank`` multiplied into its ``lora_B`` and alpha
+    set to the rank: the same ΔW at scale 1. ComfyUI (and any reader that ignores the metadata)
+    loads a diffusers-format file at scale 1, so unfolded, a file with alpha != rank would be off
+    by alpha/rank there (twice as strong with alpha 8, rank 16)."""
+    out = {}
+    for key, t in state.items():
+        s = scale[key.rsplit(".lora_", 1)[0]]
+        out[key] = t * s if ".lora_B." in key and s != 1.0 else t
+    ranks = cfg.get("rank_pattern") or {}
+    return out, {**cfg, "lora_alpha": cfg["r"], "alpha_pattern": {n: float(r) for n, r in ranks.items()}}
+
+
 def save_diffusers(transformer, out_dir) -> None:
     """``pytorch_lora_weights.safetensors`` with diffusers keys and the LoraConfig in its metadata,
-    so ``FluxPipeline.load_lora_weights`` restores rank/alpha patterns exactly."""
+    so ``FluxPipeline.load_lora_weights`` restores rank patterns exactly. alpha is folded into the
+    weights (:func:`fold_alpha`): the file means the same at scale 1 in diffusers and ComfyUI."""
     from diffusers import FluxPipeline
 
-    FluxPipeline.save_lora_weights(out_dir, transformer_lora_layers=lora_state_dict(transformer),
-                                   transformer_lora_adapter_metadata=adapter_config(transformer),
-                                   safe_serialization=True)
+    state, cfg = fold_alpha(lora_state_dict(transformer), scales(transformer), adapter_config(transformer))
+    FluxPipeline.save_lora_weights(out_dir, transformer_lora_layers=state,
+                                   transformer_lora_adapter_metadata=cfg, safe_serialization=True)

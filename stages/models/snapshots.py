@@ -51,14 +51,18 @@ def write_adapter(transformer, folder: Path, info: dict) -> None:
 
     from stages.models import export as kohya, lora
 
+    from stages.models.divergence import TrainingDiverged, nonfinite
+
     folder.mkdir(parents=True, exist_ok=True)
     state = lora.lora_state_dict(transformer)
-    cfg = lora.adapter_config(transformer)
-    alphas = {n: float(cfg["alpha_pattern"].get(n, cfg["lora_alpha"])) for n in cfg["target_modules"]}
-    lora.save_diffusers(transformer, folder)
+    if nonfinite(state):  # never a NaN adapter on disk
+        raise TrainingDiverged(f"the adapter after step {info.get('steps')} has non-finite weights "
+                               f"({nonfinite(state)[0]}): not exported")
+    alphas = lora.module_alphas(transformer)  # (peft shortens cfg["target_modules"] past 20 modules)
+    lora.save_diffusers(transformer, folder)  # alpha/rank folded into lora_B: scale 1 = trained strength
     save_file(kohya.to_kohya(state, dict(transformer.config), alphas), folder / KOHYA_FILE,
               metadata={"ss_network_module": "networks.lora_flux", "ss_base_model_version": "flux1"})
-    write_json(folder / "adapter.json", info)
+    write_json(folder / "adapter.json", {**info, "diffusers_alpha_folded": True})
 
 
 def steps_saved(root: Path = SNAPSHOTS) -> list[int]:

@@ -1,0 +1,78 @@
+"""The MLflow model registry: register the adapter of the pipeline's run (stages.core.tracking)
+with the ``mlflow.diffusers`` flavour, and load a registered version back for users.
+
+A version is never registered without its metrics: the run must have some, and with
+``final_step`` its ``train/loss`` history must reach that step (a run that trained nothing, say a
+resume at the last step, would otherwise register an adapter with an empty history).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from stages.core import tracking
+
+log = logging.getLogger(__name__)
+
+
+@tracking.guarded
+def register_adapter(lora_dir: os.PathLike | str, p, name: str | None = None,
+                     base_model: str | None = None, final_step: int | None = None) -> str | None:
+    """Log the LoRA folder with the ``mlflow.diffusers`` flavour and register it under
+    ``params.mlflow.registered_model`` (or ``name``); return the new version number.
+
+    Refused (an error) when the run has no metrics, or, with ``final_step``, when its
+    ``train/loss`` history does not reach that step: a version always comes with its metrics.
+    ``base_model`` overrides ``p.model.base`` (pass the local folder a hub id resolved to, if any).
+    The pinned ``p.model.revision`` is recorded as the flavour's base model revision (MLflow looks
+    up the hub's latest commit for a hub id on its own; that value is replaced)."""
+    import mlflow
+    import mlflow.diffusers
+
+    if not tracking.active():
+        return None
+    name = name or p.mlflow.registered_model
+    client = mlflow.MlflowClient()
+    run_id = tracking.run_id()
+    if not client.get_run(run_id).data.metrics:
+        raise RuntimeError(f"not registering {name}: run {run_id} has no metrics")
+    if final_step is not None:
+        steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+        if not steps or max(steps) < final_step:
+            raise RuntimeError(f"not registering {name}: run {run_id} has train/loss up to step "
+                               f"{max(steps) if steps else 'none'}, not {final_step}")
+    base = str(base_model or p.model.base)
+    with tempfile.TemporaryDirectory(prefix="mlflow-adapter-") as tmp:
+        out = Path(tmp) / "adapter"
+        mlflow.diffusers.save_model(str(lora_dir), str(out), base_model=base)
+        mlmodel = out / "MLmodel"
+        spec = yaml.safe_load(mlmodel.read_text())
+        flavor = spec["flavors"]["diffusers"]
+        flavor.pop("base_model_revision", None)  # never a revision MLflow looked up on its own
+        if p.model.revision:
+            flavor["base_model_revision"] = p.model.revision
+        mlmodel.write_text(yaml.safe_dump(spec, sort_keys=False))
+        tracking.log_artifacts([out])
+    version = mlflow.register_model(f"runs:/{run_id}/adapter", name)
+    client.set_model_version_tag(name, version.version, "lora.rank", str(p.lora.rank))
+    log.info("MLflow: registered %s version %s", name, version.version)
+    return version.version
+
+
+def load_registered_adapter(name: str, version: str | int = "latest",
+                            dst: os.PathLike | str | None = None) -> Path:
+    """Download a registered adapter; return the folder ``pipe.load_lora_weights(folder)`` takes.
+
+    Uses MLFLOW_TRACKING_URI (or the repo's sqlite database). Errors are raised: this is for users."""
+    import mlflow
+    import mlflow.diffusers
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    if dst is not None:
+        Path(dst).mkdir(parents=True, exist_ok=True)
+    model = mlflow.diffusers.load_model(f"models:/{name}/{version}", dst_path=str(dst) if dst else None)
+    return Path(model.adapter_path)
