@@ -35,7 +35,6 @@ OUT = Path("data/cache")
 VERSION = 1  # bump when the cache format changes
 BATCH = 8
 SHARD_ROWS = 256
-N_VALIDATION = 2
 
 
 def cache_key(p, data_hash: str, text_quantization: str = "none") -> str:
@@ -184,8 +183,6 @@ def main() -> None:
             rejects.append({"id": row["id"], "reason": "unknown_size"})
         else:
             by_bucket[cache_lib.nearest_bucket(row["width"], row["height"], sizes)].append(row)
-    holdout = read_captions("holdout") or rows
-    val_prompts = [r["caption"] for r in sorted(holdout, key=lambda r: r["id"])[:N_VALIDATION]]
     index = {"key": key, "version": VERSION, "base": p.model.base, "revision": p.model.revision,
              "resolution": p.train.resolution, "flip": p.train.flip, "data_hash": dhash,
              "max_sequence_length": p.train.max_sequence_length, "dtype": str(dtype).replace("torch.", ""),
@@ -199,9 +196,6 @@ def main() -> None:
             save_file({"prompt_embeds": e, "pooled": pooled}, tmp / f"text-{shard_name(size, k)}")
         e, pooled = text([""])
         save_file({"prompt_embeds": e[0], "pooled": pooled[0]}, tmp / "empty.safetensors")
-        e, pooled = text(val_prompts)
-        save_file({"prompt_embeds": e, "pooled": pooled}, tmp / "validation.safetensors",
-                  metadata={"prompts": json.dumps(val_prompts)})
         del text
         free()
         # pass 2: the VAE alone; each shard = its latents + the rows' text embeddings from pass 1

@@ -49,8 +49,6 @@ def test_cache_layout_and_shapes(workdir):
         assert t["prompt_embeds"].shape == (n, 64, 32) and t["pooled"].shape == (n, 32)
     c = Cache(workdir / "data/cache")
     assert len(c) == 9 and c.empty[0].shape == (64, 32) and c.empty[1].shape == (32,)
-    prompts, embeds, pooled = c.validation()
-    assert len(prompts) == 2 and embeds.shape[0] == 2 and pooled.shape == (2, 32)
     batch = c.batch(seed=0, index=0, batch_size=2, flip=True, generator=torch.Generator().manual_seed(0))
     assert batch.latents.shape[0] == batch.prompt_embeds.shape[0] == len(batch.ids) >= 1
 

@@ -10,7 +10,6 @@ Layout::
         pooled         (N, P)             CLIP pooled output
         metadata: ids (JSON list), captions (JSON list), repeats (JSON list: kohya N_name folders)
     data/cache/empty.safetensors          prompt_embeds/pooled of "" (caption dropout)
-    data/cache/validation.safetensors     embeddings of the validation prompts (metadata: prompts)
 
 Flip augmentation is cached (both latents are encoded once) rather than applied at train
 time: flipping latents is not the same as encoding a flipped image, and the extra encode is
@@ -97,13 +96,6 @@ class Cache:
 
     def __len__(self) -> int:
         return sum(len(b["ids"]) for b in self.buckets)
-
-    def validation(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-        path = self.folder / "validation.safetensors"
-        with safe_open(path, "pt") as fh:
-            prompts = json.loads(fh.metadata()["prompts"])
-        t = load_file(path)
-        return prompts, t["prompt_embeds"], t["pooled"]
 
     def epoch_plan(self, seed: int, epoch: int, batch_size: int, world: int = 1) -> list[tuple[int, list[int]]]:
         """Bucket-pure batches of one epoch, (bucket, rows), shuffled by (seed, epoch);
