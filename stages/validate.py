@@ -19,10 +19,24 @@ from stages.core.io import write_text
 OUT = Path("reports/validated.txt")
 
 
+def memory_preflight(p) -> None:
+    """On a GPU: will encode, train and sample fit the card (stages.models.memory)? Checked here
+    too, so that a card that is too small stops the run before DVC removes models/lora."""
+    from stages.models import flux, memory
+
+    device = flux.default_device()
+    if device.type != "cuda":
+        return
+    plan = memory.plan(p.model, device)
+    for stage in ("encode", "train", "sample"):
+        flux.preflight(stage, p, device, plan)
+
+
 def main() -> None:
     p = params.load()
     log = logs.setup("validate")
     preflight.check(p)
+    memory_preflight(p)
     write_text(OUT, "params.yaml is valid and the preflight passed (stages/validate.py)\n")
     log.info("params valid, profile %r: everything it needs is here", p.profile)
 
