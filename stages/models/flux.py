@@ -184,17 +184,12 @@ def component_bytes(source: str, revision: Optional[str], components: list[str])
 
 
 def available_bytes(device: torch.device) -> int:
+    from stages.models.memory import host_available
+
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return host_available()
 
 
 def check_memory(source: str, revision: Optional[str], components: list[str], quantization: str,
