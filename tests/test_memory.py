@@ -188,3 +188,22 @@ def test_preflight_names_the_knob():
     with pytest.raises(SystemExit, match="host RAM"):
         memory.check(small, "train", memory.PLANS[8], cuda, vram_free=8 * memory.GIB, host_free=memory.GIB)
 
+
+
+def test_cache_key_follows_the_hub_revision(tmp_path):
+    """Hub snapshots link each file to a blob named by its content hash: another revision of the
+    same files (same names, same sizes) is another key."""
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    keys = []
+    for rev, blob in (("rev-a", "1111"), ("rev-b", "2222")):
+        (blobs / blob).write_bytes(b"x" * 64)
+        snap = tmp_path / "snapshots" / rev / "transformer"
+        snap.mkdir(parents=True)
+        (snap / "diffusion_pytorch_model.safetensors").symlink_to(blobs / blob)
+        (snap / "config.json").write_text("{}")
+        for f in (blobs / blob, snap / "config.json"):
+            os.utime(f, ns=(10 ** 18, 10 ** 18))  # same sizes, same times: only the blob differs
+        keys.append(quant_cache.key(snap, "nf4", torch.bfloat16))
+    assert keys[0] != keys[1]
+    assert quant_cache.key(snap, "nf4", torch.bfloat16) == keys[1]  # stable
