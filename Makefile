@@ -8,23 +8,47 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export HF_HUB_DISABLE_TELEMETRY := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: install install-test repro test test-fast params clean-outputs
+.PHONY: install install-app install-test lock repro test test-fast params clean-outputs exps
 
-$(VENV)/.installed: requirements.txt
-	test -x $(PY) || python3 -m venv $(VENV)
+# Three environments, each a superset of the one before, all pinned by one lock file
+# (requirements.lock, compiled by pip-tools from the three requirements*.txt: `make lock`):
+#   run  = requirements.txt                       (the pipeline, sweep, mlflow-ui, publish)
+#   app  = run + requirements-gradio.txt          (make demo)
+#   test = app + requirements-test.txt            (make test)
+# The venv is created once; a target installs only what its environment lacks, and `pip check`
+# must pass after every install.
+INSTALL = $(PIP) install -q -c requirements.lock
+
+$(PY):
+	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first, from the pinned CPU wheel: nothing later may pull a CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -r requirements.txt
+
+$(VENV)/.installed: requirements.txt requirements.lock | $(PY)
+	$(INSTALL) -r requirements.txt
+	$(PIP) check
 	touch $@
 
-$(VENV)/.test-installed: requirements-test.txt requirements-gradio.txt $(VENV)/.installed
-	$(PIP) install -q -r requirements-test.txt
-	$(PIP) install -q --no-deps -r requirements-gradio.txt  # why --no-deps: see the file
+$(VENV)/.app-installed: requirements-gradio.txt $(VENV)/.installed
+	$(INSTALL) -r requirements.txt -r requirements-gradio.txt
+	$(PIP) check
+	touch $@
+
+$(VENV)/.test-installed: requirements-test.txt $(VENV)/.app-installed
+	$(INSTALL) -r requirements.txt -r requirements-gradio.txt -r requirements-test.txt
+	$(PIP) check
 	touch $@
 
 install: $(VENV)/.installed
+install-app: $(VENV)/.app-installed
 install-test: $(VENV)/.test-installed
+
+PIPTOOLS ?= .cache/pip-tools
+lock:                    ## recompile requirements.lock from requirements*.txt (pip-tools, in its own venv under .cache/)
+	test -x $(PIPTOOLS)/bin/pip-compile || { python3 -m venv $(PIPTOOLS) && $(PIPTOOLS)/bin/pip install -q pip-tools==7.6.2; }
+	$(PIPTOOLS)/bin/pip-compile -q --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
+	  -o requirements.lock requirements.txt requirements-gradio.txt requirements-test.txt
 
 repro: install           ## run the whole pipeline (embedded smoke profile by default)
 	dvc repro
@@ -41,7 +65,7 @@ params: install          ## regenerate conf/config.yaml from the schema and para
 publish: install         ## assemble models/hub (adapter, samples, metrics, model card); PUSH=1 uploads it
 	$(PY) -m stages.publish $(if $(PUSH),--push) $(if $(REPO),--repo-id $(REPO))
 
-demo: install-test       ## the Gradio app on the smoke profile's tiny model + models/lora (after `make repro`)
+demo: install-app        ## the Gradio app on the smoke profile's tiny model + models/lora (after `make repro`)
 	@test -f models/lora/pytorch_lora_weights.safetensors || { echo "no adapter in models/lora: run 'make repro' first"; exit 1; }
 	GRADIO_ANALYTICS_ENABLED=False $(PY) app/app.py --base tiny-random --adapter models/lora --host 127.0.0.1 --port $(or $(PORT),7860)
 .PHONY: publish demo
@@ -51,12 +75,18 @@ SWEEP_PARAM ?= lora.rank
 SWEEP_VALUES ?= 8,16,32
 SWEEP_JOBS ?= 1
 mlflow-ui: install       ## browse the MLflow runs at http://127.0.0.1:$(MLFLOW_PORT) (the repo's mlflow.db; a team server has its own UI)
+	@echo "runs table: $$($(PY) -c 'from stages.core import tracking; print(tracking.runs_url("http://127.0.0.1:$(MLFLOW_PORT)"))')"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 sweep: install           ## queue SWEEP_PARAM=SWEEP_VALUES as experiments, run them (SWEEP_JOBS workers), summarise into reports/sweep/
 	dvc exp run --queue -S '$(SWEEP_PARAM)=$(SWEEP_VALUES)'
 	dvc queue start -j $(SWEEP_JOBS)
-	while dvc queue status | grep -qE '\b(Queued|Running)\b'; do sleep 10; done
+	# the queue every 30 s while it runs (Queued/Running/Success/Failed counts, then the table)
+	while q=$$(dvc queue status 2>&1); grep -qE '\b(Queued|Running)\b' <<< "$$q"; do \
+	  echo "$$(date +%T) queue: $$(grep -oE '\b(Queued|Running|Success|Failed)\b' <<< "$$q" | sort | uniq -c | xargs)"; sleep 30; done
 	dvc queue status
 	$(PY) -m stages.sweep --param $(SWEEP_PARAM)
+
+exps: install            ## the experiment table: changed params + headline metrics, <= 15 columns, fits 150
+	$(PY) -m stages.experiments
 .PHONY: mlflow-ui sweep

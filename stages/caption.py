@@ -22,7 +22,6 @@ from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from stages.core import log as logs
 from stages.core import params, shards
@@ -69,7 +68,7 @@ def _captioned(raw: Path, ids: set[str], split: str, p: params.Params, describe,
                 thumbs.append((row["id"], split, row["image"], text))
             yield row
 
-    bar = tqdm(total=len(ids), desc=f"caption {split}", disable=logs.progress_disabled())
+    bar = logs.progress(total=len(ids), desc=f"caption {split}", unit="img")
     for row in shards.iter_rows(raw, ids=ids):
         if row["id"] in seen:
             log.warning("id %s appears twice in %s: kept once", row["id"], raw)

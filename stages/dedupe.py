@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
 
 from stages.core import images, io, log, params, shards
 from stages.curation import hashing, verify
@@ -97,7 +96,7 @@ def hash_rows(rows, cfg, progress=None) -> dict:
 def hash_raw(folder: str, cfg, logger) -> dict:
     """:func:`hash_rows` over the raw shards, with a progress bar."""
     n_rows = shards.read_table(folder, columns=["id"]).num_rows
-    bar = tqdm(total=n_rows, desc="hash", unit="img", disable=log.progress_disabled())
+    bar = log.progress(total=n_rows, desc="hash", unit="img")
     h = hash_rows(shards.iter_rows(folder, columns=["id", "image", "width", "height"]), cfg, bar.update)
     bar.close()
     logger.info("hashed %d images (%d exact duplicate rows)", len(h["ids"]), len(h["exact"]))

@@ -17,7 +17,6 @@ import random
 import time
 from pathlib import Path
 
-from tqdm import tqdm
 
 from stages.core import log as logmod
 from stages.core import params, preflight
@@ -99,7 +98,7 @@ def main() -> None:
         total = len(cands) if isinstance(cands, list) else d.limit
         results = parallel_map(functools.partial(_ingest, min_side=d.min_side, max_pixels=d.max_pixels),
                                cands, d.workers)
-    bar = tqdm(results, total=total, desc="download", unit="img", disable=logmod.progress_disabled())
+    bar = logmod.progress(results, total=total, desc="download", unit="img")
     with atomic_dir(RAW) as tmp:
         shards = write_shards(collector.rows(bar), Path(tmp) / "shards", d.shard_rows)
         if not collector.sizes:  # fail before the empty set replaces the previous data/raw

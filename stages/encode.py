@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from stages.core import compat, log as logs, params
 from stages.core.images import decode
@@ -191,7 +190,7 @@ def main() -> None:
     with atomic_dir(OUT) as tmp:
         # pass 1: every caption through the text encoders, then free them (T5-XXL is 8.9 GiB)
         text = TextEncoder(p, device, dtype, plan)
-        for size, k, part in tqdm(shards, desc="encode captions", disable=logs.progress_disabled()):
+        for size, k, part in logs.progress(shards, desc="encode captions", unit="shard"):
             e, pooled = text([r["caption"] for r in part])
             save_file({"prompt_embeds": e, "pooled": pooled}, tmp / f"text-{shard_name(size, k)}")
         e, pooled = text([""])
@@ -200,7 +199,7 @@ def main() -> None:
         free()
         # pass 2: the VAE alone; each shard = its latents + the rows' text embeddings from pass 1
         images, files = ImageEncoder(p, device, dtype), defaultdict(list)
-        for size, k, part in tqdm(shards, desc="encode images", disable=logs.progress_disabled()):
+        for size, k, part in logs.progress(shards, desc="encode images", unit="shard"):
             texts = load_file(tmp / f"text-{shard_name(size, k)}")
             (tmp / f"text-{shard_name(size, k)}").unlink()
             decoded = load_pixels(part, size, rejects)

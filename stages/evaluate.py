@@ -140,7 +140,7 @@ def main() -> None:
                                             head.score(hold_clip), None, p.eval.trait_size)
     metrics.update(hold_metrics)
     sweep, per_image = [], []
-    for scale in scales:
+    for scale in log.progress(scales, desc="evaluate scales", unit="scale"):
         recs = [im for im in index["images"] if float(im["scale"]) == scale]
         imgs = [Image.open(SAMPLES / r["file"]).convert("RGB") for r in recs]
         img_clip = clip.embed_images(imgs)

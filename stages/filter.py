@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from stages.core import images, io, log, params, shards
 from stages.curation import hashing, quality
@@ -69,7 +68,7 @@ def score_images(ids: set[str], p, model, logger) -> tuple[list[dict], list[str]
                 yield row
 
     rows, emb_ids, embs = [], [], []
-    bar = tqdm(total=len(ids), desc="filter", unit="img", disable=log.progress_disabled())
+    bar = log.progress(total=len(ids), desc="filter", unit="img")
     todo = unique_rows()
     with ThreadPoolExecutor(max_workers=p.filter.workers) as pool:
         while chunk := list(islice(todo, p.clip.batch_size)):

@@ -25,7 +25,6 @@ import torch
 from stages.core import compat
 from stages.core import log, params, tracking
 from stages.core.io import atomic_dir, write_json
-from stages.core.log import progress_disabled
 from stages.core.prompts import read_prompts, with_trigger  # noqa: F401 - sample.read_prompts is public
 from stages.models import snapshots
 
@@ -97,9 +96,7 @@ def main() -> None:
         pipe.load_lora_weights(str(lora_dir), weight_name=LORA_FILE, adapter_name=ADAPTER)
     logger.info("transformer ready in %.1f s", time.perf_counter() - t0)
     latents = {}
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(scales) * len(jobs), desc="sample images", disable=progress_disabled())
+    bar = log.progress(total=len(scales) * len(jobs), desc="sample images", unit="img")
     for scale in scales:
         t1 = time.perf_counter()
         if scale == 0:

@@ -10,7 +10,7 @@
 - Stops at the first non-finite loss or gradient norm, naming the step; never exports NaN weights.
 - Logs loss, lr, grad norm, step time, samples/s and peak GPU memory per step to
   ``reports/train/loss.tsv`` (a DVC plot), to MLflow (stages.core.tracking) and to any callback
-  in :data:`CALLBACKS`; a tqdm bar shows the ETA.
+  in :data:`CALLBACKS`; a progress bar (a log line off a terminal) shows the ETA.
 - Validation images every ``train.validate_every`` steps (stages.models.validation: the user's prompts,
   seeds, guidance and resolution; embedded before the transformer loads), also logged to MLflow.
 - ``train.save_every``: a loadable adapter every N steps in ``models/snapshots/step-<N>/`` (the last
@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 from stages.core import compat, log as logs, params, registry, tracking
 from stages.core.io import atomic_dir, no_space_errors, write_json
@@ -160,8 +159,8 @@ def train(p, accelerator=None) -> dict:
     if world > 1:
         log.info("process %d of %d on %s", rank, world, device)
     metrics: dict = {}
-    bar = tqdm(range(start, p.train.steps), initial=start, total=p.train.steps, desc="train",
-               disable=logs.progress_disabled() or not main_proc)
+    bar = logs.progress(range(start, p.train.steps), initial=start, total=p.train.steps, desc="train",
+                        unit="step", disable=not main_proc)
     for step in bar:
         batches = []
         for micro in range(p.train.grad_accum):

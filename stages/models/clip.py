@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from stages.core import compat
-from stages.core.log import progress_disabled
+from stages.core.log import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +93,11 @@ class ClipModel:
         runs in threads; on a GPU the next batch is prepared while the current one computes."""
         from concurrent.futures import ThreadPoolExecutor
 
-        from tqdm import tqdm
-
         bs = batch_size or self.batch_size
         out, running = [], None
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            for i in tqdm(range(0, len(images), bs), desc="clip images", unit="batch",
-                          disable=not progress or progress_disabled()):
+            for i in progress_bar(range(0, len(images), bs), desc="clip images", unit="batch",
+                                  disable=not progress):
                 batch = torch.stack(list(pool.map(self._prep, images[i:i + bs])))
                 if running is not None:  # wait for the previous batch only now
                     out.append(running.cpu().numpy())
