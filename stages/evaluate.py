@@ -2,7 +2,8 @@
 
 Sets: ``holdout`` (data/curated/holdout), ``base`` (samples at LoRA scale 0) and ``lora`` (samples
 at the largest scale); every scale of the sweep also gets a row in ``reports/plots/sweep.csv``.
-Metrics (flat keys, so ``dvc exp show`` columns read well; the meaning of each is in the README):
+Metrics (flat keys ``<family>_<set>``, named in stages.metrics.vocab; the meaning of each is in the
+README). ``reports/metrics.json`` gets the headline (``vocab.HEADLINE``), reports/eval/metrics_all.json all:
 
 - ``style_centroid_*`` / ``style_nn_*``: cosine to the held-out centroid / nearest held-out image,
   on CSD embeddings when ``eval.csd_weights`` is set, else CLIP image embeddings (held-out: leave
@@ -16,7 +17,7 @@ Metrics (flat keys, so ``dvc exp show`` columns read well; the meaning of each i
   deviations (closer is better: a trait that overshoots the held-out paintings is not "more
   Impressionist"); ``*_delta`` = LoRA - base (for traits only of the distance: negative = LoRA closer).
 
-Also writes reports/eval/ (details.json, traits.png, loss.png, the blind A/B page and its key),
+Also writes reports/eval/ (metrics_all.json, details.json, traits.png, loss.png, the blind A/B page and its key),
 reports/plots/{traits,sweep}.csv (DVC plots) and reports/report.html.
 """
 from __future__ import annotations
@@ -30,13 +31,14 @@ from PIL import Image
 from stages.core import images as core_images
 from stages.core import log, params, shards, tracking
 from stages.core.io import atomic_dir, read_json, write_json
-from stages.metrics import ab, fidelity, report, style, traits
+from stages.metrics import ab, fidelity, report, style, traits, vocab
 
 SAMPLES = Path("reports/samples")
 HOLDOUT = Path("data/curated/holdout")
 EMBEDDINGS = Path("data/interim/clip_embeddings.safetensors")
-METRICS = Path("reports/metrics.json")
+METRICS = Path("reports/metrics.json")  # the headline (vocab.HEADLINE): what `dvc exp show` compares
 EVAL = Path("reports/eval")
+METRICS_ALL = EVAL / "metrics_all.json"  # every metric (a plain output, not a DVC metric)
 REPORT = Path("reports/report.html")
 PLOTS = Path("reports/plots")  # DVC plots (CSV); outside reports/eval, DVC outputs may not overlap
 
@@ -178,16 +180,17 @@ def main() -> None:
         report.write_csv(PLOTS / "sweep.csv", [clean(r) for r in sweep])
         report.write_loss_plot(Path("reports/train/loss.tsv"), tmp / "loss.png")
         ab.build_page(SAMPLES, tmp / "abtest", tmp / "abtest-key.json", p.eval.ab_scale, seed=p.seed)
+        write_json(tmp / METRICS_ALL.name, metrics)
         write_json(tmp / "details.json", {"notes": notes, "clip": clip.name, "holdout_ids": hold_ids,
                                           "images": per_image})
-    write_json(METRICS, metrics)
+    write_json(METRICS, vocab.headline(metrics))
     report.write_report(REPORT, metrics, notes, index, p)
     logger.info("style centroid cos: held-out %.3f, base %.3f, LoRA %.3f; CLIP score ratio %.3f",
                 *(metrics.get(k) or float("nan") for k in ("style_centroid_holdout", "style_centroid_base",
                                                            "style_centroid_lora", "clip_score_ratio")))
     with tracking.run("evaluate", p):
         tracking.log_metrics({k: v for k, v in metrics.items() if v is not None})
-        tracking.log_artifacts([METRICS, REPORT, EVAL / "traits.png", PLOTS / "traits.csv", PLOTS / "sweep.csv"],
+        tracking.log_artifacts([METRICS, METRICS_ALL, REPORT, EVAL / "traits.png", PLOTS / "traits.csv", PLOTS / "sweep.csv"],
                                artifact_path="eval")
 
 

@@ -5,9 +5,9 @@
 
 Reads the experiments of the current commit (``dvc.api.exp_show``: the baseline plus its
 experiments) and writes ``reports/sweep/summary.csv``, ``summary.md`` (a table sorted by the param)
-and ``summary.png`` (each metric against the param). By default the metrics are the style and prompt
-fidelity ones (names starting with ``style`` / ``clip_score`` / ``prompt``; of those, the LoRA's
-own ``*_lora`` scores when there are any), else every metric.
+and ``summary.png`` (each metric against the param). By default the metrics are the headline of
+``stages.metrics.vocab`` (what ``reports/metrics.json`` holds), else every numeric metric; headers,
+directions and number formats come from the vocabulary too.
 """
 from __future__ import annotations
 
@@ -17,15 +17,12 @@ import io
 import logging
 from pathlib import Path
 
-import yaml
-
 from stages.core import log as stage_log
 from stages.core.io import atomic_file, write_text
-from stages.core.lineage import flatten
+from stages.experiments import META, collect as exp_rows
+from stages.metrics import vocab
 
 log = logging.getLogger(__name__)
-META = {"Experiment", "rev", "typ", "Created", "parent", "State", "Executor"}
-DEFAULT_PREFIXES = ("style", "clip_score", "prompt")
 
 
 def _number(v):
@@ -38,15 +35,11 @@ def _number(v):
 def collect(param: str, metrics: list[str] | None = None, repo: str = ".") -> tuple[list[dict], list[str]]:
     """Rows ``{experiment, rev, <param>, <metric>...}`` for experiments that have the param and at
     least one metric (the workspace row is left out), sorted by the param; and the metric names."""
-    import dvc.api
-
-    rows = dvc.api.exp_show(repo=repo)
-    params_keys = set(flatten(yaml.safe_load(Path(repo, "params.yaml").read_text()) or {}))
+    rows, params_keys = exp_rows(repo)
     if metrics is None:
         found = sorted({k for r in rows for k, v in r.items() if k not in META and k not in params_keys
                         and "/" not in k and "." not in k and _number(v) is not None})
-        chosen = [m for m in found if m.startswith(DEFAULT_PREFIXES)] or found
-        metrics = [m for m in chosen if m.endswith("_lora")] or chosen  # the adapter's own scores
+        metrics = [m for m in vocab.HEADLINE if m in found] or found
     out = []
     for r in rows:
         if r.get("rev") == "workspace" or _number(r.get(param)) is None:
@@ -60,10 +53,14 @@ def collect(param: str, metrics: list[str] | None = None, repo: str = ".") -> tu
     return out, metrics
 
 
-def markdown(rows: list[dict], columns: list[str]) -> str:
-    fmt = lambda v: "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows]
+def markdown(rows: list[dict], columns: list[str], metrics: list[str] = ()) -> str:
+    """Metric columns headed and formatted by the vocabulary (``style ↑``), the others as they are."""
+    def cell(c, v):
+        return vocab.fmt(c, v, "") if c in metrics else "" if v is None else \
+            f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(vocab.header(c) if c in metrics else c for c in columns) + " |",
+             "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(c, r[c]) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -82,7 +79,7 @@ def plot(rows: list[dict], param: str, metrics: list[str], path: Path) -> None:
         if param.endswith("rank"):
             ax.set_xscale("log", base=2)
         ax.set_xlabel(param)
-        ax.set_title(m, fontsize=9)
+        ax.set_title(f"{vocab.family(m).label} ({vocab.header(m)})", fontsize=8, wrap=True)
     fig.suptitle(f"sweep over {param} ({len(rows)} experiments)", fontsize=10)
     fig.tight_layout()
     with atomic_file(path) as tmp:
@@ -108,10 +105,10 @@ def main(argv: list[str] | None = None) -> None:
     writer.writeheader()
     writer.writerows(rows)
     write_text(out / "summary.csv", buf.getvalue())
-    write_text(out / "summary.md", markdown(rows, columns))
+    write_text(out / "summary.md", markdown(rows, columns, metrics))
     plot(rows, args.param, metrics, out / "summary.png")
     log.info("sweep summary of %d experiments -> %s/summary.{csv,md,png}", len(rows), out)
-    print(markdown(rows, columns), end="")
+    print(markdown(rows, columns, metrics), end="")
 
 
 if __name__ == "__main__":

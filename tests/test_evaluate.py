@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 
 from stages import evaluate
 from stages.core import images, params, shards
-from stages.metrics import traits
+from stages.metrics import traits, vocab
 from tests.stagerun import run_stage
 from tests.test_sample import PROMPTS, sampled  # noqa: F401  (session fixture)
 
@@ -52,7 +52,10 @@ def evaluated(sampled):  # noqa: F811
 
 @pytest.mark.slow
 def test_metrics_json_has_every_family_for_every_set(evaluated):
-    m = json.loads((evaluated / "reports/metrics.json").read_text())
+    m = json.loads((evaluated / "reports/eval/metrics_all.json").read_text())
+    # the DVC metrics file holds the headline only, with the same values
+    assert json.loads((evaluated / "reports/metrics.json").read_text()) == vocab.headline(m)
+    assert list(vocab.headline(m)) == list(vocab.HEADLINE)
     assert (m["n_holdout"], m["n_base"], m["n_lora"], m["lora_scale"]) == (10, 4, 4, 1.0)
     stems = ["style_centroid", "style_nn", "aesthetic", "diversity"]
     for stem in stems:

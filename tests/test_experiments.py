@@ -105,6 +105,9 @@ def test_queued_sweep_logs_to_the_main_mlflow_db_and_summarises(tmp_path):
         assert r.info.artifact_uri.startswith((root / "mlartifacts").as_uri())
 
     sh(root, sys.executable, "-m", "stages.sweep", "--param", "lora.rank")
+    table = sh(root, sys.executable, "-m", "stages.experiments", "--sort", "style_similarity").stdout.splitlines()
+    assert table[0].split() == ["Experiment", "lora.rank", "style_similarity", "prompt_fidelity"]
+    assert max(map(len, table)) <= 150 and len(table) == 2 + 4  # header, rule, workspace, main, 2 experiments
     rows = list(csv.DictReader((root / "reports" / "sweep" / "summary.csv").open()))
     assert [float(r["lora.rank"]) for r in rows] == [4.0, 8.0, 16.0]
     style = [float(r["style_similarity"]) for r in rows]
@@ -144,7 +147,7 @@ def test_real_repo_is_ready_for_queued_experiments():
     assert {"conf/config.yaml", "params.yaml", "dvc.yaml"} <= tracked
 
 
-def test_sweep_summary_picks_the_lora_scores_and_sorts_by_the_param(tmp_path, monkeypatch):
+def test_sweep_summary_picks_the_headline_metrics_and_sorts_by_the_param(tmp_path, monkeypatch):
     import dvc.api
 
     from stages import sweep
@@ -160,13 +163,54 @@ def test_sweep_summary_picks_the_lora_scores_and_sorts_by_the_param(tmp_path, mo
     ]
     monkeypatch.setattr(dvc.api, "exp_show", lambda repo=None: rows)
     got, metrics = sweep.collect("lora.rank", repo=str(tmp_path))
-    assert metrics == ["clip_score_lora", "style_nn_lora"]
+    assert metrics == ["style_nn_lora", "clip_score_lora"]  # vocab.HEADLINE order; style_nn_base is not headline
     assert [(r["experiment"], r["lora.rank"]) for r in got] == [("small", 2.0), ("main", 4.0), ("big", 32.0)]
     assert got[0]["clip_score_lora"] is None
 
     monkeypatch.chdir(tmp_path)
     sweep.main(["--param", "lora.rank", "--repo", str(tmp_path), "--out", str(tmp_path / "out")])
     table = (tmp_path / "out" / "summary.md").read_text().splitlines()
-    assert table[0] == "| experiment | rev | lora.rank | clip_score_lora | style_nn_lora |"
-    assert table[2] == "| small | def5678 | 2 |  | 0.4 |" and len(table) == 5
+    assert table[0] == "| experiment | rev | lora.rank | style NN ↑ | CLIP ↑ |"  # the vocabulary's headers
+    assert table[2] == "| small | def5678 | 2 | 0.4000 |  |" and len(table) == 5
     assert (tmp_path / "out" / "summary.png").stat().st_size > 1000
+
+
+def _exp_rows(n_params: int) -> tuple[list[dict], set[str]]:
+    """``dvc exp show --json``-like rows (what dvc.api.exp_show returns) for a workspace, its
+    commit and three experiments, each with ``n_params`` changed params, every unchanged param and
+    dependency of this project, and all of a real metrics_all.json's keys."""
+    flat = json.loads((REPO / "reports" / "metrics.json").read_text())
+    params = {f"section_{i}.a_rather_long_param_name_{i}": i + 1 for i in range(n_params)}
+    fixed = {f"train.knob_{i}": 1 for i in range(100)}
+    rows = []
+    for j, name in enumerate([None, None, "rank8-a-long-experiment-name", "crumb-trey", "stiff-kids"]):
+        rows.append({"Experiment": name, "rev": ["workspace", "main", "9f9d4ae", "175b20c", "9939740"][j],
+                     "typ": "x", "Created": "07:14 PM", "State": None, "Executor": None,
+                     **{k: v * (1 + j) for k, v in params.items()}, **fixed, "stages/train.py": "abc" * 10,
+                     **{k: (v * (1 + j / 100) if isinstance(v, float) else v) for k, v in flat.items()},
+                     "trait_hf_energy_lora": 0.3, "style_centroid_base": 0.5})
+    return rows, set(params) | set(fixed)
+
+
+@pytest.mark.parametrize("n_params", [1, 3, 30])
+def test_experiment_table_fits_15_columns_and_150_characters(n_params):
+    """`make exps` (python -m stages.experiments): Experiment + changed params + the headline."""
+    from stages import experiments
+    from stages.metrics import vocab
+
+    rows, params_keys = _exp_rows(n_params)
+    text = experiments.render(*experiments.table(rows, params_keys, sort="style_centroid_lora"))
+    lines = text.splitlines()
+    header = re.split(r"\s{2,}", lines[0].strip())
+    assert len(header) <= 15 and max(map(len, lines)) <= 150, text
+    assert header[0] == "Experiment"
+    shown_params = header[1:len(header) - len(vocab.HEADLINE)]
+    assert 1 <= len(shown_params) <= min(n_params, 15 - 1 - len(vocab.HEADLINE))
+    assert len(shown_params) == n_params or "more changed params" in text
+    assert not any(p.startswith("train.knob") for p in header)  # unchanged params are left out
+    assert vocab.header("style_centroid_lora") in header and vocab.header("kid_lora") in header
+    assert "style_centroid_base" not in text and "trait_hf_energy" not in text  # the long tail is not
+    body = lines[2:2 + len(rows)]
+    assert body[0].startswith("stiff-kids (9939740)")  # best style first (higher is better)
+    if n_params == 30:
+        assert "more changed params" in text

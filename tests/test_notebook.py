@@ -70,7 +70,7 @@ def test_notebook_runs_offline_on_the_smoke_profile(tmp_path):
     index = json.loads((repo / "reports/samples/index.json").read_text())
     assert len(pngs) == len(index["grids"]) >= 1
     html = "".join(o.data.get("text/html", "") for o in outputs if o.output_type in ("display_data", "execute_result"))
-    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    metrics = json.loads((repo / "reports/eval/metrics_all.json").read_text())
     assert "style_centroid" in html and f"{metrics['style_centroid_lora']:.4g}"[:4] in html
     # the model card the notebook's publish cell assembled from these real outputs
     from tests.test_publish import check_card_metrics

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from stages.core import params
-from stages.metrics import report, traits
+from stages.metrics import report, traits, vocab
 
 
 def metrics() -> dict:
@@ -107,7 +107,7 @@ def cells(html: str) -> list[list[str]]:
 def test_metrics_table_rows_and_directions():
     rows = cells(report.metrics_table(metrics()))
     labels = [r[0] for r in rows[1:]]
-    assert labels[0] == "style: cosine to held-out centroid"
+    assert labels[0] == vocab.FAMILIES["style_centroid"].label
     assert not any(lab.startswith("FID") for lab in labels)  # absent metrics: no row
     assert not any(lab.startswith("trait") for lab in labels)  # traits have their own table
     kid = next(r for r in rows if r[0].startswith("KID"))

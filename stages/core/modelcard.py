@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from stages.metrics import traits
+from stages.metrics import vocab
 
 # Licence of each base as the Hub lists it (a LoRA of a base inherits the base's terms).
 BASE_LICENSES = {
@@ -24,19 +24,8 @@ BASE_LICENSES = {
     "black-forest-labs/FLUX.1-schnell": {"license": "apache-2.0"},
 }
 TAGS = ["flux", "lora", "diffusers", "text-to-image", "impressionism", "template:sd-lora"]
-# column of a metrics.json key = its last ``_`` part (stages/evaluate.py writes <stem>_<set>)
-COLUMNS = {"holdout": "held-out paintings", "base": "base", "lora": "base + LoRA", "delta": "Δ (LoRA − base)"}
-DESCRIBE = {  # what each metric family measures (docs/methodology.md has the definitions)
-    "style_centroid": "style: cosine to the held-out centroid",
-    "style_nn": "style: cosine to the nearest held-out painting",
-    "clip_score": "prompt fidelity: CLIP score vs the content prompt",
-    "kid": "KID vs held-out paintings (lower = closer)",
-    "fid": "FID vs held-out paintings (lower = closer)",
-    "aesthetic": "LAION aesthetic score",
-    "diversity": "diversity: mean pairwise distance across seeds",
-    **{f"trait_{k}": f"trait: {v}" for k, v in traits.LABELS.items()},
-    **{f"trait_{k}_dist": f"trait distance to held-out (lower = closer): {v}" for k, v in traits.LABELS.items()},
-}
+# columns of the card's metrics table and what each family measures: the metrics vocabulary
+COLUMNS = {s: vocab.SETS[s] for s in ("holdout", "base", "lora", "delta")}
 
 
 class CardError(SystemExit):
@@ -92,7 +81,8 @@ def collect(root: Path | str, params: dict, lora_dir: str = "models/lora",
     root = Path(root)
     adapter = _read_json(root / lora_dir / "adapter.json", "the adapter's description",
                          "run the train stage first (dvc repro train)")
-    metrics = _read_json(root / reports / "metrics.json", "evaluation metrics",
+    every = root / reports / "eval" / "metrics_all.json"  # metrics.json holds the headline only
+    metrics = _read_json(every if every.exists() else root / reports / "metrics.json", "evaluation metrics",
                          "run the evaluate stage first (dvc repro evaluate)")
     samples = _read_json(root / reports / "samples" / "index.json", "sample images",
                          "run the sample stage first (dvc repro sample)")
@@ -160,13 +150,8 @@ def fmt(v: Any) -> str:
 
 
 def metric_rows(metrics: dict) -> list[tuple[str, dict]]:
-    """metrics.json (flat ``<stem>_<set>``) -> [(stem, {set: value})] in the file's order."""
-    rows: dict[str, dict] = {}
-    for key, value in metrics.items():
-        stem, _, col = key.rpartition("_")
-        if col in COLUMNS and stem and stem != "n":
-            rows.setdefault(stem, {})[col] = value
-    return list(rows.items())
+    """metrics (flat ``<stem>_<set>``) -> [(stem, {set: value})] in the vocabulary's order."""
+    return [(fam.name, vals) for fam, vals in vocab.rows(metrics) if any(c in vals for c in COLUMNS)]
 
 
 def metrics_table(metrics: dict) -> str:
@@ -174,8 +159,8 @@ def metrics_table(metrics: dict) -> str:
     lines = ["| metric | " + " | ".join(COLUMNS[c] for c in cols) + " |",
              "|---|" + "---:|" * len(cols)]
     for stem, vals in metric_rows(metrics):
-        label = DESCRIBE.get(stem, stem.replace("_", " "))
-        lines.append(f"| `{stem}` ({label}) | " + " | ".join(fmt(vals.get(c)) for c in cols) + " |")
+        label = vocab.family(f"{stem}_lora").label
+        lines.append(f"| `{stem}` ({label}) | " + " | ".join(vocab.fmt(f"{stem}_{c}", vals.get(c)) for c in cols) + " |")
     return "\n".join(lines)
 
 

@@ -16,19 +16,13 @@ import json
 from pathlib import Path
 
 from stages.core.io import atomic_file, write_text
-from stages.metrics import pages, traits
+from stages.metrics import pages, traits, vocab
 
 SETS = ("holdout", "base", "lora")
-# metric families shown in the table: (key stem, label, which way is better / more Impressionist)
-FAMILIES = [
-    ("style_centroid", "style: cosine to held-out centroid", "higher"),
-    ("style_nn", "style: nearest held-out cosine", "higher"),
-    ("kid", "KID vs held-out", "lower"),
-    ("fid", "FID vs held-out", "lower"),
-    ("clip_score", "CLIP score (prompt fidelity)", "higher"),
-    ("aesthetic", "aesthetic score", "higher"),
-    ("diversity", "diversity (pairwise distance per prompt)", "higher"),
-]
+# metric families shown in the table: (key stem, label, which way is better / more Impressionist),
+# from the metrics vocabulary; the traits have a table of their own
+FAMILIES = [(f.name, f.label, {1: "higher", -1: "lower"}.get(f.better, ""))
+            for f in vocab.FAMILIES.values() if not f.name.startswith("trait_")]
 DATASET_JSON = ["reports/data/download.json", "reports/dedupe/summary.json", "reports/curation.json",
                 "reports/caption/stats.json"]
 SWEEP_COLS = ["scale", "style_centroid", "style_nn", "clip_score", "kid", "aesthetic", "diversity",
