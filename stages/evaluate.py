@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from stages.core import images as core_images
-from stages.core import log, params, shards, tracking
+from stages.core import log, params, registry, shards, tracking
 from stages.core.io import atomic_dir, read_json, write_json
 from stages.metrics import ab, fidelity, report, style, traits, vocab
 
@@ -190,6 +190,7 @@ def main() -> None:
                                                            "style_centroid_lora", "clip_score_ratio")))
     with tracking.run("evaluate", p):
         tracking.log_metrics({k: v for k, v in metrics.items() if v is not None})
+        registry.describe_version(p, metrics)  # the registered adapter: description, best-style alias
         tracking.log_artifacts([METRICS, METRICS_ALL, REPORT, EVAL / "traits.png", PLOTS / "traits.csv", PLOTS / "sweep.csv"],
                                artifact_path="eval")
 

@@ -155,7 +155,7 @@ def test_csd_weights_switch_the_style_embeddings(evaluated, tmp_path):
     state = {f"backbone.{k}": v for k, v in visual.state_dict().items() if k != "proj"}
     state["last_layer_style"] = torch.randn(visual.proj.shape[0], 16)
     torch.save({"model_state_dict": state}, tmp_path / "csd.pth")
-    before = json.loads((evaluated / "reports/metrics.json").read_text())
+    before = json.loads((evaluated / "reports/eval/metrics_all.json").read_text())
     raw = yaml.safe_load((evaluated / "params.yaml").read_text())
     saved = yaml.safe_dump(raw)
     raw["eval"].update(csd_weights=str(tmp_path / "csd.pth"), csd_model="tiny")
@@ -164,7 +164,7 @@ def test_csd_weights_switch_the_style_embeddings(evaluated, tmp_path):
         run_stage(evaluate.main, evaluated)
     finally:
         (evaluated / "params.yaml").write_text(saved)
-    after = json.loads((evaluated / "reports/metrics.json").read_text())
+    after = json.loads((evaluated / "reports/eval/metrics_all.json").read_text())
     notes = json.loads((evaluated / "reports/eval/details.json").read_text())["notes"]
     assert notes[0] == "style embeddings: csd/csd.pth"
     assert after["style_centroid_lora"] != before["style_centroid_lora"]

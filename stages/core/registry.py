@@ -1,5 +1,6 @@
 """The MLflow model registry: register the adapter of the pipeline's run (stages.core.tracking)
-with the ``mlflow.diffusers`` flavour, and load a registered version back for users.
+with the ``mlflow.diffusers`` flavour, describe each version (data hash, changed params, headline
+metrics; the ``best-style`` alias), and load a registered version back for users.
 
 A version is never registered without its metrics: the run must have some, and with
 ``final_step`` its ``train/loss`` history must reach that step (a run that trained nothing, say a
@@ -11,10 +12,11 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from stages.core import tracking
+from stages.core import lineage, tracking
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,70 @@ def register_adapter(lora_dir: os.PathLike | str, p, name: str | None = None,
     version = mlflow.register_model(f"runs:/{run_id}/adapter", name)
     client.set_model_version_tag(name, version.version, "lora.rank", str(p.lora.rank))
     log.info("MLflow: registered %s version %s", name, version.version)
+    describe_version(p, name=name)
     return version.version
+
+
+def changed_params(p, baseline: str = "HEAD") -> dict[str, tuple[Any, Any]]:
+    """``{key: (baseline value, value)}`` for the params that differ from the git baseline's
+    params.yaml (in a DVC experiment, HEAD is the commit it was branched from)."""
+    text = lineage._git("show", f"{baseline}:params.yaml")
+    base = lineage.flatten(yaml.safe_load(text) or {}) if text else {}
+    now = lineage.flatten(p.model_dump())
+    return {k: (base.get(k), v) for k, v in now.items() if k in base and str(base[k]) != str(v)}
+
+
+def version_description(p, metrics: dict | None = None) -> str:
+    """What a registered version is: run, DVC experiment, data hash, changed params, headline."""
+    changed = changed_params(p)
+    lines = [f"LoRA adapter of run {tracking.run_id()}"
+             + (f" (DVC experiment {os.environ['DVC_EXP_NAME']})" if os.environ.get("DVC_EXP_NAME") else ""),
+             f"data/curated: {lineage.dataset_hash() or 'unknown'} (dvc.lock); base {p.model.base}"
+             + (f" @ {p.model.revision}" if p.model.revision else ""),
+             "params that differ from the commit: " + (", ".join(f"{k}={v} (was {b})" for k, (b, v) in changed.items())
+                                                       or "none")]
+    if metrics:  # evaluate (train describes the version before there are metrics)
+        from stages.metrics import vocab
+        head = vocab.headline(metrics)
+        lines.append("headline: " + ", ".join(f"{vocab.header(k)} {vocab.fmt(k, v)}" for k, v in head.items()))
+    else:
+        lines.append("headline: (after the evaluate stage)")
+    return "\n".join(lines)
+
+
+@tracking.guarded
+def describe_version(p, metrics: dict | None = None, name: str | None = None) -> str | None:
+    """Describe this run's registered version; with ``metrics`` (evaluate) also tag it with the
+    headline and point the ``best-style`` alias at the version whose run has the best
+    ``vocab.BEST_STYLE``. MLflow reserves the name ``latest``: ``models:/<name>/latest`` is always
+    the newest version."""
+    import mlflow
+
+    if not tracking.active():
+        return None
+    client = mlflow.MlflowClient()
+    name = name or p.mlflow.registered_model
+    mine = client.search_model_versions(f"name='{name}' and run_id='{tracking.run_id()}'")
+    if not mine:
+        return None
+    version = max(mine, key=lambda v: int(v.version)).version
+    client.update_model_version(name, version, description=version_description(p, metrics))
+    if not metrics:
+        return version
+    from stages.metrics import vocab  # evaluate only: train's code stays stages/models + stages/core
+    for k, v in vocab.headline(metrics).items():
+        client.set_model_version_tag(name, version, k, str(v))
+    best, best_value = None, None
+    key, sign = vocab.BEST_STYLE, vocab.family(vocab.BEST_STYLE).better or 1
+    for mv in client.search_model_versions(f"name='{name}'"):
+        value = client.get_run(mv.run_id).data.metrics.get(key) if mv.run_id else None
+        if value is not None and (best_value is None or sign * value > sign * best_value):
+            best, best_value = mv.version, value
+    if best is not None:
+        client.set_registered_model_alias(name, "best-style", best)
+        log.info("MLflow: %s version %s described; best-style -> version %s (%s %.4g)",
+                 name, version, best, key, best_value)
+    return version
 
 
 def load_registered_adapter(name: str, version: str | int = "latest",

@@ -199,14 +199,31 @@ def _recorded_run(uri: str) -> str | None:
         return None
 
 
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on the runs table
+
+
 def _experiment_id(mlflow, name: str, uri: str) -> str:
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
+        if "mlflow.experimentKind" not in exp.tags:  # made before the tag was set: the UI showed traces
+            mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         return exp.experiment_id
     location = None
     if uri.startswith("sqlite:"):  # otherwise MLflow picks ./mlruns of the (possibly temp) cwd
         location = (repo_root() / "mlartifacts").as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    return mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+
+
+def runs_url(ui: str, name: str | None = None) -> str:
+    """The UI address of the experiment's runs table (``make mlflow-ui`` prints it)."""
+    import mlflow
+
+    if name is None:
+        from stages.core import params
+        name = params.load().mlflow.experiment
+    mlflow.set_tracking_uri(tracking_uri())
+    exp = mlflow.get_experiment_by_name(name)
+    return f"{ui.rstrip('/')}/#/experiments/{exp.experiment_id}/runs" if exp else ui
 
 
 def end(status: str = "FINISHED") -> None:
