@@ -87,6 +87,9 @@ sweep: install           ## queue SWEEP_PARAM=SWEEP_VALUES as experiments, run t
 	dvc queue status
 	$(PY) -m stages.sweep --param $(SWEEP_PARAM)
 
+plots-template:          ## rebuild plots/offline.html (vega, vega-lite, vega-embed from npm, inlined) for offline `dvc plots`
+	python3 plots/vendor.py
+
 exps: install            ## the experiment table: changed params + headline metrics, <= 15 columns, fits 150
 	$(PY) -m stages.experiments
-.PHONY: mlflow-ui sweep
+.PHONY: mlflow-ui sweep plots-template
