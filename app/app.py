@@ -83,7 +83,7 @@ class Generator:
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.pipe = FluxPipeline.from_pretrained(resolve_base(base), torch_dtype=dtype)
+        self.pipe = FluxPipeline.from_pretrained(resolve_base(base), dtype=dtype)
         if offload and self.device.type == "cuda":
             self.pipe.enable_model_cpu_offload()
         else:

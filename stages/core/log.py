@@ -75,6 +75,7 @@ def quiet() -> None:
     for module, pattern, _why in NOISE_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern, module=module)
     if _mode() != "bar":  # diffusers / transformers / hub loading bars garble piped logs
+        os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm's own default for every bar not ours
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -123,7 +124,7 @@ class LogProgress(tqdm):
 
     def __init__(self, *args, every: float = 30.0, logger: logging.Logger | None = None, **kwargs):
         self._every, self._logger, self._last, self._logged_n = every, logger or log, None, None
-        kwargs.update(mininterval=0, miniters=1, file=open(os.devnull, "w"), ascii=True)
+        kwargs.update(mininterval=0, miniters=1, file=open(os.devnull, "w"), ascii=True, disable=False)
         super().__init__(*args, **kwargs)
 
     def display(self, msg=None, pos=None):  # tqdm calls it on every update, set_postfix and close
@@ -163,6 +164,6 @@ def progress(iterable=None, *, desc: str, total: int | None = None, disable: boo
     if disable or mode == "off":
         return tqdm(iterable, total=total, desc=desc, disable=True, **kwargs)
     if mode == "bar":
-        return tqdm(iterable, total=total, desc=desc, **kwargs)
+        return tqdm(iterable, total=total, desc=desc, disable=False, **kwargs)
     every = float(os.environ.get("FLUXIMP_PROGRESS_EVERY", "30"))
     return LogProgress(iterable, total=total, desc=desc, every=every, logger=logger, **kwargs)
