@@ -81,8 +81,8 @@ mlflow-ui: install       ## browse the MLflow runs at http://127.0.0.1:$(MLFLOW_
 sweep: install           ## queue SWEEP_PARAM=SWEEP_VALUES as experiments, run them (SWEEP_JOBS workers), summarise into reports/sweep/
 	dvc exp run --queue -S '$(SWEEP_PARAM)=$(SWEEP_VALUES)'
 	dvc queue start -j $(SWEEP_JOBS)
-	# the queue every 30 s while it runs (Queued/Running/Success/Failed counts, then the table)
-	while q=$$(dvc queue status 2>&1); grep -qE '\b(Queued|Running)\b' <<< "$$q"; do \
+	@# the queue every 30 s while it runs (Queued/Running/Success/Failed counts), then the table
+	@while q=$$(dvc queue status 2>&1); grep -qE '\b(Queued|Running)\b' <<< "$$q"; do \
 	  echo "$$(date +%T) queue: $$(grep -oE '\b(Queued|Running|Success|Failed)\b' <<< "$$q" | sort | uniq -c | xargs)"; sleep 30; done
 	dvc queue status
 	$(PY) -m stages.sweep --param $(SWEEP_PARAM)

@@ -75,7 +75,7 @@ def table(rows: list[dict], params_keys: set[str], sort: str | None = None,
     used = first[2] + sum(2 + c[2] for c in tail)
     middle, left_out = [], []
     for k in changed:
-        col = column(k, ["" if r.get(k) is None else str(r.get(k)) for r in rows])
+        col = column(k, [_param(r.get(k)) for r in rows])
         if len(middle) + 1 + len(tail) < MAX_COLUMNS and used + 2 + col[2] <= width:
             middle.append(col)
             used += 2 + col[2]
@@ -87,6 +87,13 @@ def table(rows: list[dict], params_keys: set[str], sort: str | None = None,
     header = [c[0] for c in cols]
     cells = [[c[1][i] for c in cols] for i in range(len(rows))]
     return header, cells, [textwrap.fill(n, width) for n in notes]
+
+
+def _param(v) -> str:
+    """A param value as written in params.yaml (DVC's API hands back 4.0 for 4)."""
+    if v is None:
+        return ""
+    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
 
 
 def _cut(s: str, n: int) -> str:
