@@ -20,9 +20,22 @@ import sys
 import time
 import warnings
 
-from tqdm import tqdm
-
 log = logging.getLogger(__name__)
+
+
+def _mode() -> str:
+    flag = os.environ.get("FLUXIMP_PROGRESS", "auto").lower()
+    if flag in ("0", "off", "none", "false"):
+        return "off"
+    if flag in ("bar", "log"):
+        return flag
+    return "bar" if sys.stderr.isatty() else "log"
+
+
+if _mode() != "bar":  # other libraries' bars (diffusers' pipeline loading, ...) off a terminal.
+    os.environ.setdefault("TQDM_DISABLE", "1")  # Before tqdm's import: it reads TQDM_* only then.
+from tqdm import tqdm  # noqa: E402  (ours pass disable= explicitly, so this default is not theirs)
+
 
 # (logger or warning module, message regex, why it is dropped). Loggers: the exact logger that
 # emits (a filter on a logger sees only its own records); warnings: the module that calls warn().
@@ -75,7 +88,6 @@ def quiet() -> None:
     for module, pattern, _why in NOISE_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern, module=module)
     if _mode() != "bar":  # diffusers / transformers / hub loading bars garble piped logs
-        os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm's own default for every bar not ours
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -96,15 +108,6 @@ def setup(stage: str) -> logging.Logger:
 
 
 # ----------------------------------------------------------------------------- progress
-def _mode() -> str:
-    flag = os.environ.get("FLUXIMP_PROGRESS", "auto").lower()
-    if flag in ("0", "off", "none", "false"):
-        return "off"
-    if flag in ("bar", "log"):
-        return flag
-    return "bar" if sys.stderr.isatty() else "log"
-
-
 def progress_disabled() -> bool:
     """True when no tqdm *bar* should be drawn (off a terminal, or FLUXIMP_PROGRESS=0/log)."""
     return _mode() != "bar"
