@@ -12,6 +12,7 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter with stderr piped (not a terminal), from the repo root."""
     full = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **env}
     full.pop("FLUXIMP_PROGRESS", None)  # conftest turns progress off; these tests want the default
+    full.pop("TQDM_DISABLE", None)  # set by this process's own `import stages`: the child decides
     full.update(env)
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=full,
                           capture_output=True, text=True, timeout=300)
@@ -70,9 +71,12 @@ def test_third_party_imports_and_tiny_models_print_no_warnings():
         model = clip.load_clip(p.clip, seed=p.seed)
         e = np.random.default_rng(0).normal(size=(6, model.dim)).astype("float32")
         fidelity.kid(e, e[::-1].copy(), 3, seed=0)
+        from tqdm import tqdm
+        list(tqdm(range(3), desc="another library's bar"))  # e.g. diffusers' "Loading pipeline components"
         logger.info("done")
     """, FLUXIMP_MLFLOW="0")
     assert proc.returncode == 0, proc.stderr
     noisy = [ln for ln in proc.stderr.splitlines() if "warn" in ln.lower() or "W1" in ln[:3]]
     assert noisy == [], "\n".join(noisy)
     assert "[encode] INFO done" in proc.stderr
+    assert "another library's bar" not in proc.stderr  # off a terminal, only our progress lines
