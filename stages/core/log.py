@@ -51,9 +51,10 @@ NOISE_LOGS = [
      "optional faster CPU nf4 kernel from the Hub; bitsandbytes falls back to its own"),
     ("diffusers.quantizers.torchao.torchao_quantizer", r"Unable to import `torchao` Tensor objects",
      "legacy torchao checkpoint classes; we never load torchao-serialized checkpoints"),
-    ("diffusers.loaders.lora_base", r"No LoRA keys associated to CLIPTextModel",
-     "our adapters train the transformer only, so there are no text-encoder keys by design"),
-    ("diffusers.loaders.lora_pipeline", r"No LoRA keys associated to CLIPTextModel",
+    ("diffusers.loaders.lora_base", r"No LoRA keys associated to (CLIPTextModel|NoneType) found with the "
+     r"prefix='text_encoder'",
+     "our adapters train the transformer only (and sample loads a pipeline without text encoders)"),
+    ("diffusers.loaders.lora_pipeline", r"No LoRA keys associated to (CLIPTextModel|NoneType) found",
      "as above (the same message from the pipeline loader)"),
     ("transformers.tokenization_utils_base", r"Token indices sequence length is longer than the "
      r"specified maximum sequence length for this model \(\d+ > 77\)",
