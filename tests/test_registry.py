@@ -48,7 +48,7 @@ def _one_execution(p, style: float, name: str) -> str:
             client.create_model_version(name, f"{mlflow.get_artifact_uri()}/adapter", run_id=run_id)
             registry.describe_version(p)
         metrics = {"style_centroid_lora": style, "style_nn_lora": 0.9, "clip_score_lora": 1.2,
-                   "clip_score_ratio": 1.01, "kid_lora": 0.0006, "trait_hf_energy_lora": 0.3}
+                   "clip_score_ratio": 1.01, "kid_lora": 0.0006, "trait_stroke_isotropy_lora": 0.3}
         with tracking.run("evaluate", p):
             tracking.log_metrics(metrics)
             registry.describe_version(p, metrics)
@@ -75,8 +75,8 @@ def test_versions_are_described_and_best_style_follows_the_best_run(repo):
     assert "feedbeef.dir" in v2.description and "DVC experiment rank8" in v2.description
     assert "lora.rank=8 (was 4)" in v2.description
     assert f"{vocab.header('style_centroid_lora')} 0.7000" in v2.description
-    assert "trait_hf_energy" not in v2.description  # the headline only
-    assert v2.tags["style_centroid_lora"] == "0.7" and "trait_hf_energy_lora" not in v2.tags
+    assert "trait_stroke_isotropy" not in v2.description  # the headline only
+    assert v2.tags["style_centroid_lora"] == "0.7" and "trait_stroke_isotropy_lora" not in v2.tags
     assert "params that differ from the commit: none" in client.get_model_version(name, "1").description
     best = client.get_model_version_by_alias(name, "best-style")
     assert str(best.version) == "2" and best.run_id == best_run  # not the newest (3): the best style

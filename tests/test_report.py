@@ -112,7 +112,7 @@ def test_metrics_table_rows_and_directions():
     assert not any(lab.startswith("trait") for lab in labels)  # traits have their own table
     kid = next(r for r in rows if r[0].startswith("KID"))
     assert kid[-1] == "lower" and kid[-2] == "-0.03"
-    clip = next(r for r in rows if r[0] == "CLIP score (prompt fidelity)")
+    clip = next(r for r in rows if r[0] == vocab.FAMILIES["clip_score"].label)
     assert clip[-2] == "-3"  # LoRA - base, never the ratio
     ratio = next(r for r in rows if r[0] == "CLIP score ratio (LoRA / base)")
     assert ratio[1:4] == ["\u2013", "\u2013", "0.9"] and ratio[4] == "\u2013"
