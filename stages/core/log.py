@@ -8,8 +8,8 @@ Environment switches (README "Logs and progress"):
 - ``FLUXIMP_PROGRESS_EVERY``: seconds between progress log lines (default 30).
 
 ``quiet()`` (run when the ``stages`` package is imported, before any third-party import) drops the
-third-party warnings a user cannot act on; ``NOISE`` lists each one with the reason. Anything not
-listed still shows.
+third-party warnings a user cannot act on; ``NOISE_LOGS`` and ``NOISE_WARNINGS`` list each one
+with the reason. Anything not listed still shows.
 """
 from __future__ import annotations
 
@@ -109,11 +109,6 @@ def setup(stage: str) -> logging.Logger:
 
 
 # ----------------------------------------------------------------------------- progress
-def progress_disabled() -> bool:
-    """True when no tqdm *bar* should be drawn (off a terminal, or FLUXIMP_PROGRESS=0/log)."""
-    return _mode() != "bar"
-
-
 def _clock(seconds: float | None) -> str:
     if seconds is None or seconds != seconds or seconds == float("inf"):
         return "?"
