@@ -68,6 +68,9 @@ NOISE_LOGS = [
 NOISE_WARNINGS = [
     ("torchmetrics", r"Metric `Kernel Inception Distance` will save all extracted features",
      "KID keeps the features of the held-out set and the samples: a few thousand vectors at most"),
+    ("peft.tuners.lora.torchao", r"TorchaoLoraLinear was instantiated without `get_apply_tensor_subclass`",
+     "only merge()/unmerge() need it; training never merges the adapter into the int8 base (exports "
+     "save the adapter alone)"),
 ]
 
 
