@@ -62,6 +62,9 @@ NOISE_LOGS = [
      "stage reports how many captions exceed 77 (reports/caption)"),
     ("mlflow.utils.requirements_utils", r"Found torch(vision)? version \(.*\+cpu\) contains a local",
      "the CPU wheel's +cpu label; MLflow records torch==<version>, which is what we pin"),
+    ("mlflow.diffusers", r"Could not resolve HuggingFace commit hash for ",
+     "MLflow's own hub lookup when it saves the adapter; stages/core/registry.py replaces it with the "
+     "pinned model.revision (the real profiles pin one: docs/training.md)"),
     ("root", r"No pretrained weights loaded for model 'fluximp-tiny",
      "the smoke profile's tiny CLIP is random on purpose (a real model without weights still warns)"),
 ]

@@ -83,7 +83,10 @@ def family(key: str) -> Family:
 
 
 def header(key: str) -> str:
-    """Short column header of a key: family, set when not the LoRA's own, direction arrow."""
+    """Short column header of a key: family, set when not the LoRA's own, direction arrow (a key
+    the vocabulary does not know keeps its name)."""
+    if split_key(key)[0] not in FAMILIES:
+        return key
     fam, (_, s) = family(key), split_key(key)
     name = fam.short if s in (None, "lora") else f"{fam.short} {'Δ' if s == 'delta' else s}"
     return f"{name} {fam.arrow}".strip()
