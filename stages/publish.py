@@ -4,7 +4,7 @@ Not a DVC stage: run it after ``dvc repro`` (``make publish`` or ``python -m sta
 
 ``models/hub/`` gets the diffusers adapter, the kohya/ComfyUI copy, ``adapter.json``, the sample
 grids and widget images, ``metrics.json``, ``params.yaml`` and the model card ``README.md``
-(stages.core.modelcard: every number read from the pipeline's files). Without ``--push`` this is a
+(stages.modelcard: every number read from the pipeline's files). Without ``--push`` this is a
 dry run: it lists what would be uploaded and where, and never touches the network. With ``--push``
 it creates the repo (private unless ``--public``) and uploads the folder with ``huggingface_hub``;
 the token comes from ``HF_TOKEN`` or the login cache (``hf auth login``). A missing token or no
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from stages.core import log, modelcard, params
+from stages import modelcard
+from stages.core import log, params
 from stages.core.io import atomic_dir
 
 LORA_DIR = Path("models/lora")

@@ -13,7 +13,7 @@ from huggingface_hub import ModelCard
 from huggingface_hub.utils import validate_repo_id
 
 from stages import publish
-from stages.core import modelcard
+from stages import modelcard
 from tests import pubkit
 
 ROOT = Path(__file__).resolve().parents[1]

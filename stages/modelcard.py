@@ -1,4 +1,5 @@
-"""The Hugging Face model card of the adapter, written from the pipeline's files.
+"""The Hugging Face model card of the adapter, written from the pipeline's files (used by stages/publish.py
+only, which is not a DVC stage: editing the card reruns nothing).
 
 Every number on the card is read from a file the pipeline wrote: ``models/lora/adapter.json``
 (train), ``reports/samples/index.json`` (sample), ``reports/metrics.json`` (evaluate),
