@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from stages.core import compat, log as logs, params
+from stages.core import compat, log as logs, params, tensorfiles
 from stages.core.images import decode
 from stages.core.io import atomic_dir, read_json, write_json
 from stages.core.shards import iter_rows
@@ -194,7 +194,7 @@ def main() -> None:
             e, pooled = text([r["caption"] for r in part])
             save_file({"prompt_embeds": e, "pooled": pooled}, tmp / f"text-{shard_name(size, k)}")
         e, pooled = text([""])
-        save_file({"prompt_embeds": e[0], "pooled": pooled[0]}, tmp / "empty.safetensors")
+        tensorfiles.save({"prompt_embeds": e[0], "pooled": pooled[0]}, tmp / "empty.safetensors")
         del text
         free()
         # pass 2: the VAE alone; each shard = its latents + the rows' text embeddings from pass 1
@@ -209,10 +209,10 @@ def main() -> None:
             keep = torch.tensor([i for i, r in enumerate(part) if r["id"] in ok])
             tensors = encode_images(images, decoded, size, p.train.flip)
             tensors.update({n: t[keep].contiguous() for n, t in texts.items()})
-            save_file(tensors, tmp / shard_name(size, k),
-                      metadata={"ids": json.dumps([r["id"] for r in decoded]),
-                                "captions": json.dumps([r["caption"] for r in decoded]),
-                                "repeats": json.dumps([r.get("repeats") or 1 for r in decoded])})
+            # one metadata key, one JSON object (stages/core/tensorfiles.py)
+            tensorfiles.save(tensors, tmp / shard_name(size, k), {"rows": json.dumps({
+                "ids": [r["id"] for r in decoded], "captions": [r["caption"] for r in decoded],
+                "repeats": [r.get("repeats") or 1 for r in decoded]})})
             files[size].append((shard_name(size, k), len(decoded)))
         del images
         free()

@@ -8,9 +8,11 @@
   run; a finished run is never resumed (``dvc repro -f`` trains again), except to train more steps
   with a constant lr schedule. What may resume what: stages.models.checkpoint.
 - Stops at the first non-finite loss or gradient norm, naming the step; never exports NaN weights.
-- Logs loss, lr, grad norm, step time, samples/s and peak GPU memory per step to
-  ``reports/train/loss.tsv`` (a DVC plot), to MLflow (stages.core.tracking) and to any callback
-  in :data:`CALLBACKS`; a progress bar (a log line off a terminal) shows the ETA.
+- Logs loss, lr and grad norm per step to ``reports/train/loss.tsv`` (a DVC plot: the same on every
+  run); step time, samples/s and peak GPU memory, which differ run to run, go to
+  ``reports/train/timings.tsv`` (gitignored, never hashed). Every metric also goes to MLflow
+  (stages.core.tracking) and to any callback in :data:`CALLBACKS`; a progress bar (a log line off a terminal)
+  shows the ETA.
 - Validation images every ``train.validate_every`` steps (stages.models.validation: the user's prompts,
   seeds, guidance and resolution; embedded before the transformer loads), also logged to MLflow.
 - ``train.save_every``: a loadable adapter every N steps in ``models/snapshots/step-<N>/`` (the last
@@ -43,21 +45,23 @@ CACHE = Path("data/cache")
 LORA_DIR = Path("models/lora")
 CKPT_DIR = Path("models/checkpoints")
 REPORTS = Path("reports/train")
-COLUMNS = ["step", "loss", "lr", "grad_norm", "step_time", "samples_per_s", "peak_mem_gib"]
+COLUMNS = ["step", "loss", "lr", "grad_norm"]                   # loss.tsv: deterministic
+TIMING_COLUMNS = ["step", "step_time", "samples_per_s", "peak_mem_gib"]  # timings.tsv: not
 CALLBACKS: list[Callable[[dict, int], None]] = []  # extra per-step metric sinks: fn(metrics, step)
 log = logging.getLogger("stages.train")
 
 
 class LossLog:
-    """``reports/train/loss.tsv``: one row per step; on resume, rows after the checkpoint go."""
+    """A per-step TSV (``reports/train/loss.tsv`` by default): one row per step; on resume, rows
+    after the checkpoint go."""
 
-    def __init__(self, path: Path, start: int):
-        self.path = path
+    def __init__(self, path: Path, start: int, columns: list[str] = COLUMNS):
+        self.path, self.columns = path, columns
         path.parent.mkdir(parents=True, exist_ok=True)
         rows = path.read_text().splitlines()[1:] if path.exists() and start > 0 else []
         rows = [r for r in rows if r and int(r.split("\t")[0]) <= start]
-        path.write_text("\t".join(COLUMNS) + "\n" + "".join(r + "\n" for r in rows))
-        self.kept = [dict(zip(COLUMNS, map(float, r.split("\t")))) for r in rows]
+        path.write_text("\t".join(columns) + "\n" + "".join(r + "\n" for r in rows))
+        self.kept = [dict(zip(columns, map(float, r.split("\t")))) for r in rows]
 
     def replay(self, sinks) -> None:
         """Send the kept rows (steps before a resume) to ``sinks``, so a resumed run's MLflow
@@ -67,7 +71,7 @@ class LossLog:
                 sink({k: v for k, v in row.items() if k != "step"}, int(row["step"]))
 
     def __call__(self, metrics: dict, step: int) -> None:
-        vals = [str(step)] + [f"{metrics.get(c, float('nan')):.6g}" for c in COLUMNS[1:]]
+        vals = [str(step)] + [f"{metrics.get(c, float('nan')):.6g}" for c in self.columns[1:]]
         with open(self.path, "a") as fh:
             fh.write("\t".join(vals) + "\n")
 
@@ -148,7 +152,7 @@ def train(p, accelerator=None) -> dict:
     if main_proc:
         loss_log = LossLog(REPORTS / "loss.tsv", start)
         loss_log.replay(CALLBACKS)
-        sinks = [loss_log] + CALLBACKS
+        sinks = [loss_log, LossLog(REPORTS / "timings.tsv", start, TIMING_COLUMNS)] + CALLBACKS
     val_dir = REPORTS / "validation"
     if main_proc and start == 0:
         shutil.rmtree(val_dir, ignore_errors=True)  # images of an earlier run

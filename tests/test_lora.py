@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from stages.core import tensorfiles
 from stages.core.params import Lora, Model
 from stages.models import export, flux, lora
 
@@ -117,6 +118,9 @@ def test_exports_load_in_diffusers_and_change_the_output(tiny, tmp_path):
     state = lora.lora_state_dict(m)
     save_file(export.to_kohya(state, dict(m.config), {}), tmp_path / "kohya.safetensors")
     assert all(k.startswith("transformer.") for k in load_file(tmp_path / "diffusers/pytorch_lora_weights.safetensors"))
+    # one metadata key, so the file's bytes (its DVC hash) are the same on every save
+    assert list(tensorfiles.metadata(tmp_path / "diffusers/pytorch_lora_weights.safetensors")) == \
+        ["lora_adapter_metadata"]
 
     pipe = flux.load_pipeline(Model(base=str(tiny)), device="cpu")
     base = image(pipe)

@@ -227,11 +227,11 @@ def write_report(out: Path, metrics: dict, notes: list[str], index: dict, p, roo
                if (root / f).exists() and _read_json(root / f) is not None]
     curation_figures = [{"src": _rel(f, base), "caption": f.relative_to(root).as_posix()}
                         for pattern in CURATION_FIGURES for f in sorted(root.glob(pattern))]
-    run_id = (_read_json(root / "reports/mlflow_run.json") or {}).get("run_id")
+    # Only what the content determines: this page is a DVC output kept in git, and a run id, an
+    # experiment name or the commit it was made from would change it on every run. Those are tags
+    # of the MLflow run (stages.core.tracking.run_tags) and lines of the model card.
     tags = tracking.run_tags(p, "evaluate")
-    lineage = [["git commit", tags.get("git.commit")], ["git dirty", tags.get("git.dirty")],
-               ["curated data md5 (dvc.lock)", tags.get("dataset.curated_md5")],
-               ["MLflow run id", run_id], ["DVC experiment", tags.get("dvc.exp_name")],
+    lineage = [["curated data md5 (dvc.lock)", tags.get("dataset.curated_md5")],
                ["adapter sha256", index.get("adapter_sha256")]]
     page = pages.render(
         "report.html.j2", profile=p.profile, base_model=p.model.base, index=index,

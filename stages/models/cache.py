@@ -8,7 +8,7 @@ Layout::
         latents_flip   (N, C, H/8, W/8)   the horizontally flipped image's latents (train.flip)
         prompt_embeds  (N, L, D)          T5 last hidden states
         pooled         (N, P)             CLIP pooled output
-        metadata: ids (JSON list), captions (JSON list), repeats (JSON list: kohya N_name folders)
+        metadata: one key, rows: a JSON object of lists ids, captions, repeats (kohya N_name folders)
     data/cache/empty.safetensors          prompt_embeds/pooled of "" (caption dropout)
 
 Flip augmentation is cached (both latents are encoded once) rather than applied at train
@@ -84,9 +84,10 @@ class Cache:
                 path = self.folder / name
                 with safe_open(path, "pt") as fh:
                     meta = fh.metadata()
-                    part = json.loads(meta["ids"])
-                    ids += part
-                    repeats += json.loads(meta["repeats"]) if "repeats" in meta else [1] * len(part)
+                # one key "rows" (a JSON object); caches written before that have one key per list
+                rows = json.loads(meta["rows"]) if "rows" in meta else {k: json.loads(v) for k, v in meta.items()}
+                ids += rows["ids"]
+                repeats += rows.get("repeats") or [1] * len(rows["ids"])
                 for k, v in load_file(path).items():
                     tensors.setdefault(k, []).append(v)
             self.buckets.append({"size": (b["width"], b["height"]), "ids": ids, "repeats": repeats,

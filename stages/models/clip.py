@@ -58,6 +58,16 @@ def _register_tiny(open_clip) -> None:
     open_clip.add_model_config(folder)
 
 
+def on_float16_grid(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to the nearest float16 (kept as float32). Two machines' BLAS kernels
+    differ in the last float32 bits; rounding to 11 significant bits makes most of those
+    differences vanish (only a value within that noise of a rounding boundary still differs), so
+    the saved embedding file agrees far more often across machines. It does not guarantee
+    bit-identical files (that would need deterministic kernels). Cosines move by < 1e-3; the
+    in-memory embeddings the filter scores are not rounded."""
+    return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -164,18 +174,18 @@ def load_clip(clip_params, device: Optional[str] = None, seed: int = 0) -> ClipM
 
 
 def save_embeddings(path: Path | str, ids: Sequence[str], embeddings: np.ndarray, model: str) -> Path:
-    """Write the embedding cache atomically (safetensors; ids and model name in its metadata)."""
-    from safetensors.numpy import save_file
-
+    """Write the embedding cache atomically (safetensors, values on the float16 grid; ids and model
+    name in its one metadata key ``meta``, a JSON object: see stages/core/tensorfiles.py)."""
+    from stages.core import tensorfiles
     from stages.core.io import atomic_file
 
-    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    embeddings = np.ascontiguousarray(on_float16_grid(embeddings))
     if embeddings.ndim != 2 or len(ids) != embeddings.shape[0]:
         raise ValueError(f"{len(ids)} ids for embeddings of shape {embeddings.shape}")
     path = Path(path)
     with atomic_file(path, ".safetensors") as tmp:
-        save_file({"embeddings": embeddings}, str(tmp),
-                  metadata={"ids": json.dumps(list(ids)), "model": model})
+        tensorfiles.save({"embeddings": embeddings}, tmp,
+                         {"meta": json.dumps({"ids": list(ids), "model": model})})
     return path
 
 
@@ -186,4 +196,7 @@ def load_embeddings(path: Path | str) -> tuple[list[str], np.ndarray, str]:
     with safe_open(str(path), framework="numpy") as fh:
         meta = fh.metadata() or {}
         emb = fh.get_tensor("embeddings")
-    return json.loads(meta.get("ids", "[]")), emb, meta.get("model", "")
+    if "meta" in meta:
+        meta = json.loads(meta["meta"])
+        return meta["ids"], emb, meta["model"]
+    return json.loads(meta.get("ids", "[]")), emb, meta.get("model", "")  # files written before the one key

@@ -21,6 +21,7 @@ what the params say:
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -159,9 +160,15 @@ def fold_alpha(state: dict[str, torch.Tensor], scale: dict[str, float], cfg: dic
 def save_diffusers(transformer, out_dir) -> None:
     """``pytorch_lora_weights.safetensors`` with diffusers keys and the LoraConfig in its metadata,
     so ``FluxPipeline.load_lora_weights`` restores rank patterns exactly. alpha is folded into the
-    weights (:func:`fold_alpha`): the file means the same at scale 1 in diffusers and ComfyUI."""
+    weights (:func:`fold_alpha`): the file means the same at scale 1 in diffusers and ComfyUI. diffusers also writes
+    ``format: pt``; that second metadata key is dropped so the bytes are the same on every save
+    (stages/core/tensorfiles.py)."""
     from diffusers import FluxPipeline
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+
+    from stages.core import tensorfiles
 
     state, cfg = fold_alpha(lora_state_dict(transformer), scales(transformer), adapter_config(transformer))
     FluxPipeline.save_lora_weights(out_dir, transformer_lora_layers=state,
                                    transformer_lora_adapter_metadata=cfg, safe_serialization=True)
+    tensorfiles.keep_one_key(Path(out_dir) / "pytorch_lora_weights.safetensors", LORA_ADAPTER_METADATA_KEY)

@@ -47,8 +47,7 @@ def adapter_info(p, trainer, steps: int, data_hash: str, cache_key: str) -> dict
 
 def write_adapter(transformer, folder: Path, info: dict) -> None:
     """The transformer's current LoRA as diffusers + kohya files and ``adapter.json`` in ``folder``."""
-    from safetensors.torch import save_file
-
+    from stages.core import tensorfiles
     from stages.models import export as kohya, lora
 
     from stages.models.divergence import TrainingDiverged, nonfinite
@@ -60,8 +59,9 @@ def write_adapter(transformer, folder: Path, info: dict) -> None:
                                f"({nonfinite(state)[0]}): not exported")
     alphas = lora.module_alphas(transformer)  # (peft shortens cfg["target_modules"] past 20 modules)
     lora.save_diffusers(transformer, folder)  # alpha/rank folded into lora_B: scale 1 = trained strength
-    save_file(kohya.to_kohya(state, dict(transformer.config), alphas), folder / KOHYA_FILE,
-              metadata={"ss_network_module": "networks.lora_flux", "ss_base_model_version": "flux1"})
+    # one metadata key (stages/core/tensorfiles.py): the base version, which UIs read to sort LoRAs
+    tensorfiles.save(kohya.to_kohya(state, dict(transformer.config), alphas), folder / KOHYA_FILE,
+                     {"ss_base_model_version": "flux1"})
     write_json(folder / "adapter.json", {**info, "diffusers_alpha_folded": True})
 
 

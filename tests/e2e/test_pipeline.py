@@ -2,34 +2,17 @@
 
 One module-scoped clone is shared by the tests below, in order (pytest keeps file order)."""
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from safetensors import safe_open
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.e2e.clone import clone, run
+
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
-
-
-def _env():
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    env.update(HF_HUB_OFFLINE="1", FLUXIMP_PROGRESS="0", PYTHONUNBUFFERED="1")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
-
-
-def run(cmd, cwd, timeout=900, stdout_only=False):
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout, shell=True)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{cmd} failed:\n{out[-6000:]}"
-    return proc.stdout if stdout_only else out
 
 
 def declared_outputs(repo: Path) -> list[Path]:
@@ -49,9 +32,7 @@ def lora_ranks(path: Path) -> set[int]:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    dest = tmp_path_factory.mktemp("e2e") / "repo"
-    subprocess.run(["git", "clone", "-q", str(ROOT), str(dest)], check=True)
-    # test with the working tree's code (what CI runs is the clean clone, identical to it)
+    dest = clone(tmp_path_factory.mktemp("e2e") / "repo")  # the committed code, as CI and users get it
     yield dest
     shutil.rmtree(dest, ignore_errors=True)
 
