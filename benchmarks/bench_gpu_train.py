@@ -104,7 +104,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="a tiny config (CPU dry run of this script)")
     args = ap.parse_args()
-    flux.setup_backends()  # cuDNN SDPA off (DESIGN.md §4)
+    flux.setup_backends()  # cuDNN SDPA off (see stages.models.flux.setup_backends)
     if args.image_attention_only:
         from stages.models import lora
 

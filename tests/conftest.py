@@ -11,17 +11,19 @@ os.environ.setdefault("FLUXIMP_PROGRESS", "0")
 from stages.core import compat  # noqa: E402
 
 compat.ensure_torchvision()
-
-
 import pytest  # noqa: E402
+
+from tests import samplekit  # noqa: E402
+from tests.stagerun import run_stage  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _quant_cache(tmp_path_factory):
     """The quantize-once and prompt-embedding caches (stages.models.quant_cache) live in the
     session's temp dir, never in the user's ~/.cache."""
-    os.environ["FLUXIMP_QUANT_CACHE"] = str(tmp_path_factory.mktemp("quant-cache"))
-    yield
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLUXIMP_QUANT_CACHE", str(tmp_path_factory.mktemp("quant-cache")))
+        yield
 
 
 # ----------------------------------------------------------------------------- train / resume tests
@@ -39,15 +41,11 @@ def encoded(tmp_path_factory):
     root = tmp_path_factory.mktemp("encoded")
     trainkit.make_curated(root, n=12, sizes=((32, 32),))
     trainkit.write_params(root, **trainkit.FAST)
-    cwd = os.getcwd()
-    os.chdir(root)
-    with trainkit.tiny_cache(tmp_path_factory.getbasetemp() / "tiny-cache"):
-        try:
-            from stages import encode
+    with pytest.MonkeyPatch.context() as mp, trainkit.tiny_cache(tmp_path_factory.getbasetemp() / "tiny-cache"):
+        mp.chdir(root)
+        from stages import encode
 
-            encode.main()
-        finally:
-            os.chdir(cwd)
+        encode.main()
         yield root
 
 
@@ -58,3 +56,14 @@ def workdir(encoded, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FLUXIMP_MLFLOW", "0")
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def sampled(tmp_path_factory):
+    """A project after one run of the sample stage (tests/samplekit.py): used by the sample and
+    evaluate tests."""
+    from stages import sample
+
+    root = samplekit.build_project(tmp_path_factory.mktemp("evalproj"))
+    run_stage(sample.main, root)
+    return root

@@ -9,13 +9,17 @@ its B matrices set non-zero so that base and LoRA images differ.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import yaml
+from huggingface_hub import ModelCard
 from PIL import Image
 
+from stages import modelcard
 from stages.core import params
 from stages.core.images import encode_png
 from stages.core.shards import content_id, write_shards
@@ -123,3 +127,36 @@ def make_project(root: Path, base: str = "tiny-random") -> dict:
     (root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"caption": {"outs": [
         {"path": "data/curated", "md5": "abc123.dir", "size": 1, "nfiles": 2}]}}}))
     return {"root": root, "base_path": base_path, "index": index, "metrics": METRICS}
+
+
+def table_cells(text: str) -> dict[str, list[str]]:
+    """Rows of the card's metrics table: stem -> its cells."""
+    rows = {}
+    for line in text.splitlines():
+        m = re.match(r"\| `(\w+)` \([^|]*\) \|(.*)\|$", line)
+        if m:
+            rows[m[1]] = [c.strip() for c in m[2].split("|")]
+    return rows
+
+
+def check_card_metrics(hub: Path, metrics: dict) -> int:
+    """Every <stem>_<set> value of metrics.json is in the card's table (4 significant digits), the
+    folder's metrics.json is the same file; returns how many values were checked."""
+    text = ModelCard.load(hub / "README.md").text
+    assert json.loads((hub / "metrics.json").read_text()) == metrics
+    header = next(line for line in text.splitlines() if line.startswith("| metric |"))
+    columns = [c.strip() for c in header.strip("|").split("|")][1:]
+    rows = table_cells(text)
+    checked = 0
+    for key, value in metrics.items():
+        stem, _, col = key.rpartition("_")
+        if col not in modelcard.COLUMNS or stem == "n":
+            continue
+        cell = rows[stem][columns.index(modelcard.COLUMNS[col])]
+        if value is None:
+            assert cell == "—", key
+        else:
+            assert float(cell) == pytest.approx(value, rel=1e-3, abs=1e-12), key
+        checked += 1
+    assert f"**{metrics['clip_score_ratio']:.4g}**" in text
+    return checked

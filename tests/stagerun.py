@@ -1,18 +1,31 @@
-"""Run a stage's main() inside a project folder, as `python -m stages.<name>` would from there."""
-import os
+"""Run a stage in a project folder as `python -m stages.<name>` would from there: its params.yaml
+(composed from conf/ the way `dvc exp run -S` does) and its main()."""
+from __future__ import annotations
+
+import json
 from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.core import params
+
+
+def override(key: str, value) -> str:
+    """A Hydra override ``key=value`` (value as YAML/JSON: lists, null, quoted strings)."""
+    return f"{key}={json.dumps(value)}"
+
+
+def write_params(root: Path, *overrides: str) -> params.Params:
+    """``root/params.yaml`` = the smoke composition with Hydra ``overrides`` (``"train.steps=5"``)."""
+    p = params.validate(params.compose(list(overrides)))
+    (root / "params.yaml").write_text(yaml.safe_dump(p.model_dump(), sort_keys=False))
+    return p
 
 
 def run_stage(main, root: Path) -> None:
-    """cd into ``root``, run ``main()`` with MLflow off, then restore the cwd and the environment."""
-    old, old_env = Path.cwd(), os.environ.get("FLUXIMP_MLFLOW")
-    os.environ["FLUXIMP_MLFLOW"] = "0"
-    os.chdir(root)
-    try:
+    """Run ``main()`` with ``root`` as the working directory and MLflow off (both undone after)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("FLUXIMP_MLFLOW", "0")
         main()
-    finally:
-        os.chdir(old)
-        if old_env is None:
-            os.environ.pop("FLUXIMP_MLFLOW", None)
-        else:
-            os.environ["FLUXIMP_MLFLOW"] = old_env

@@ -7,13 +7,12 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from PIL import Image
 
-from stages.core import params, shards
+from stages.core import shards
 from stages.data import normalize
 from stages.data.normalize import Reject
-from tests.stagerun import run_stage
+from tests.stagerun import override, run_stage, write_params
 
 
 def _rgb(w=80, h=60, seed=0):
@@ -160,10 +159,8 @@ def _make_folder(root):
 def _run_stage(workdir, data_overrides):
     from stages import download
 
-    raw = params.Params().model_dump()
-    raw["data"].update(data_overrides)
     workdir.mkdir(exist_ok=True)
-    (workdir / "params.yaml").write_text(yaml.safe_dump(raw))
+    write_params(workdir, *(override(f"data.{k}", v) for k, v in data_overrides.items()))
     run_stage(download.main, workdir)
     return workdir
 

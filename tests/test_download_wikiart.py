@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import datasets
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
-from stages.core import params, shards
+from stages.core import shards
+from tests.stagerun import override, write_params
 from stages.data import wikiart
 
 # Label orders deliberately differ from huggan/wikiart's: ids must come from the features.
@@ -119,22 +119,15 @@ def test_offline_hub_id_fails_fast_with_a_hint(tmp_path):
     assert time.time() - t0 < 5
 
 
-def test_the_stage_on_local_wikiart_shards(fake_wikiart, tmp_path):
+def test_the_stage_on_local_wikiart_shards(fake_wikiart, tmp_path, monkeypatch):
     from stages import download
 
-    raw = params.Params().model_dump()
-    raw["data"].update(source="wikiart", limit=8)
-    raw["data"]["wikiart"]["dataset"] = str(fake_wikiart)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        download.main()
-        first = (tmp_path / "data/raw/shards/part-00000.parquet").read_bytes()
-        download.main()  # a rerun (checkpoints in .cache) gives the same shard bytes
-        assert (tmp_path / "data/raw/shards/part-00000.parquet").read_bytes() == first
-    finally:
-        os.chdir(cwd)
+    write_params(tmp_path, "data.source=wikiart", "data.limit=8", override("data.wikiart.dataset", str(fake_wikiart)))
+    monkeypatch.chdir(tmp_path)
+    download.main()
+    first = (tmp_path / "data/raw/shards/part-00000.parquet").read_bytes()
+    download.main()  # a rerun (checkpoints in .cache) gives the same shard bytes
+    assert (tmp_path / "data/raw/shards/part-00000.parquet").read_bytes() == first
     table = shards.read_table(tmp_path / "data/raw/shards")
     assert table.num_rows == 8 and set(table["style"].to_pylist()) == {"Impressionism"}
     assert all(p.startswith(f"{fake_wikiart}:data/train-") for p in table["provenance"].to_pylist())
@@ -148,9 +141,7 @@ def test_offline_stage_exits_with_a_message_not_a_traceback(tmp_path):
     import sys
     from pathlib import Path
 
-    raw = params.Params().model_dump()
-    raw["data"]["source"] = "wikiart"
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    write_params(tmp_path, "data.source=wikiart")
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "stages.download"], cwd=tmp_path, env=env, capture_output=True,

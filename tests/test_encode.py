@@ -1,7 +1,6 @@
 """encode stage: per-bucket latent/text caches with the right shapes, flip latents, rejects
 recorded, and a cache that LoRA/optimizer param changes reuse."""
 import json
-import os
 
 import pytest
 import torch
@@ -24,14 +23,12 @@ def workdir(tmp_path_factory):
     shards.write_shards(rows, root / "data/curated/extra", 8)
     (root / "data/curated/extra/part-00000.parquet").rename(root / "data/curated/train/part-00099.parquet")
     trainkit.write_params(root, train__flip=True)
-    cwd = os.getcwd()
-    os.chdir(root)
-    with trainkit.tiny_cache(tmp_path_factory.getbasetemp() / "tiny-cache"):
+    with pytest.MonkeyPatch.context() as mp, trainkit.tiny_cache(tmp_path_factory.getbasetemp() / "tiny-cache"):
+        mp.chdir(root)
         from stages import encode
 
         encode.main()
         yield root
-    os.chdir(cwd)
 
 
 def test_cache_layout_and_shapes(workdir):

@@ -1,4 +1,4 @@
-"""evaluate stage end to end on the smoke profile (samples from tests/test_sample.py's project, a
+"""evaluate stage end to end on the smoke profile (samples from tests/samplekit.py's project, a
 held-out set of constructed stroke paintings), plus the embedding-cache reuse rule."""
 import csv
 import json
@@ -13,8 +13,8 @@ from PIL import Image, ImageDraw
 from stages import evaluate
 from stages.core import images, params, shards
 from stages.metrics import traits, vocab
-from tests.stagerun import run_stage
-from tests.test_sample import PROMPTS, sampled  # noqa: F401  (session fixture)
+from tests.samplekit import PROMPTS
+from tests.stagerun import run_stage, write_params
 
 ROOT = Path(params.ROOT)
 SETS = ("holdout", "base", "lora")
@@ -44,7 +44,7 @@ def write_holdout(root: Path, n: int = 10) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def evaluated(sampled):  # noqa: F811
+def evaluated(sampled):
     write_holdout(sampled)
     run_stage(evaluate.main, sampled)
     return sampled
@@ -175,7 +175,7 @@ def test_csd_weights_switch_the_style_embeddings(evaluated, tmp_path):
 
 
 def test_missing_samples_is_a_clear_error(tmp_path, monkeypatch):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.Params().model_dump()))
+    write_params(tmp_path)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="run the sample stage first"):
         evaluate.main()

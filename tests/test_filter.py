@@ -12,7 +12,7 @@ from PIL import Image, ImageFilter
 from stages.core import images, params, shards
 from stages.curation import quality
 from stages.models import aesthetic
-from tests.test_dedupe import painting
+from tests.paintings import painting
 
 F = params.Filter()  # the schema's defaults
 

@@ -73,6 +73,6 @@ def test_notebook_runs_offline_on_the_smoke_profile(tmp_path):
     metrics = json.loads((repo / "reports/eval/metrics_all.json").read_text())
     assert "style_centroid" in html and f"{metrics['style_centroid_lora']:.4g}"[:4] in html
     # the model card the notebook's publish cell assembled from these real outputs
-    from tests.test_publish import check_card_metrics
+    from tests import pubkit
 
-    assert check_card_metrics(repo / "models/hub", metrics) >= 30
+    assert pubkit.check_card_metrics(repo / "models/hub", metrics) >= 30

@@ -13,7 +13,6 @@ from huggingface_hub import ModelCard
 from huggingface_hub.utils import validate_repo_id
 
 from stages import publish
-from stages import modelcard
 from tests import pubkit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,44 +100,11 @@ def test_card_parses_and_its_metadata_follows_hub_conventions(dry_run, project):
     assert ModelCard(str(card)).data.to_dict() == data
 
 
-def table_cells(text: str) -> dict[str, list[str]]:
-    """Rows of the card's metrics table: stem -> its cells."""
-    rows = {}
-    for line in text.splitlines():
-        m = re.match(r"\| `(\w+)` \([^|]*\) \|(.*)\|$", line)
-        if m:
-            rows[m[1]] = [c.strip() for c in m[2].split("|")]
-    return rows
-
-
-def check_card_metrics(hub: Path, metrics: dict) -> int:
-    """Every <stem>_<set> value of metrics.json is in the card's table (4 significant digits), the
-    folder's metrics.json is the same file; returns how many values were checked."""
-    text = ModelCard.load(hub / "README.md").text
-    assert json.loads((hub / "metrics.json").read_text()) == metrics
-    header = next(line for line in text.splitlines() if line.startswith("| metric |"))
-    columns = [c.strip() for c in header.strip("|").split("|")][1:]
-    rows = table_cells(text)
-    checked = 0
-    for key, value in metrics.items():
-        stem, _, col = key.rpartition("_")
-        if col not in modelcard.COLUMNS or stem == "n":
-            continue
-        cell = rows[stem][columns.index(modelcard.COLUMNS[col])]
-        if value is None:
-            assert cell == "—", key
-        else:
-            assert float(cell) == pytest.approx(value, rel=1e-3, abs=1e-12), key
-        checked += 1
-    assert f"**{metrics['clip_score_ratio']:.4g}**" in text
-    return checked
-
-
 def test_card_metrics_equal_metrics_json(dry_run):
     _, hub = dry_run
     metrics = json.loads((hub.parent.parent / "reports/metrics.json").read_text())
-    assert check_card_metrics(hub, metrics) == 13
-    rows = table_cells(ModelCard.load(hub / "README.md").text)
+    assert pubkit.check_card_metrics(hub, metrics) == 13
+    rows = pubkit.table_cells(ModelCard.load(hub / "README.md").text)
     assert rows["clip_score"][-1] == "—"  # metrics.json has no clip_score_delta: none shown
 
 

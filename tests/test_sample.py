@@ -5,55 +5,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from stages import sample
-from tests.stagerun import run_stage
 from stages.core import params
-
-PROMPTS = ["a harbour at dawn with fishing boats", "a bowl of pears on a table"]
-
-
-def make_adapter(p, out: Path) -> None:
-    """A rank-4 LoRA on the attention projections with random (non-zero) B matrices."""
-    import torch
-    from diffusers import FluxPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    from stages.models import flux
-
-    transformer = flux.load_transformer(p.model)
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    gen = torch.Generator().manual_seed(0)
-    for name, prm in transformer.named_parameters():
-        if "lora_B" in name:
-            prm.data = torch.randn(prm.shape, generator=gen) * 0.5
-    FluxPipeline.save_lora_weights(str(out), transformer_lora_layers=get_peft_model_state_dict(transformer))
-
-
-def build_project(root: Path) -> Path:
-    """A scratch project: params.yaml (smoke, 2 prompts x 2 seeds x 3 scales, 2 steps), the prompt
-    file, and models/lora. The caller chdirs into it."""
-    raw = params.Params().model_dump()
-    raw["sample"].update(prompts="prompts.txt", seeds=[0, 1], steps=2, lora_scales=[0.0, 0.5, 1.0],
-                         batch_size=4)
-    raw["data"]["holdout"] = 0.2
-    (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    (root / "prompts.txt").write_text("# test prompts\n\n" + "\n".join(PROMPTS) + "\n")
-    make_adapter(params.validate(raw), root / "models" / "lora")
-    return root
-
-
-@pytest.fixture(scope="session")
-def sampled(tmp_path_factory):
-    """The project after one run of the sample stage (shared with tests/test_evaluate.py)."""
-    root = build_project(tmp_path_factory.mktemp("evalproj"))
-    run_stage(sample.main, root)
-    return root
-
+from tests.samplekit import PROMPTS
+from tests.stagerun import write_params
 
 def test_read_prompts(tmp_path):
     f = tmp_path / "p.txt"
@@ -111,9 +68,7 @@ def test_sample_stage_end_to_end(sampled):
 
 
 def test_missing_adapter_is_a_clear_error(tmp_path, monkeypatch):
-    raw = params.Params().model_dump()
-    raw["sample"]["prompts"] = "prompts.txt"
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    write_params(tmp_path, "sample.prompts=prompts.txt")
     (tmp_path / "prompts.txt").write_text("a bowl of pears\n")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="run the train stage"):

@@ -5,12 +5,11 @@ import imagehash
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from PIL import Image
 
 from stages.core import params, shards
 from stages.data import painting, scenes, synthetic
-from tests.stagerun import run_stage
+from tests.stagerun import run_stage, write_params
 
 
 def _gray(data: bytes) -> np.ndarray:
@@ -59,9 +58,8 @@ def synthetic_run(tmp_path_factory):
     from stages import download
 
     tmp = tmp_path_factory.mktemp("synth")
-    raw = params.Params().model_dump()
-    raw["data"]["synthetic"].update(count=72, size=128, near_duplicates=0.17, defects=0.17, contrast=4)
-    (tmp / "params.yaml").write_text(yaml.safe_dump(raw))
+    write_params(tmp, "data.synthetic.count=72", "data.synthetic.size=128", "data.synthetic.near_duplicates=0.17",
+                 "data.synthetic.defects=0.17", "data.synthetic.contrast=4")
     run_stage(download.main, tmp)
     return tmp
 

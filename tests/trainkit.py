@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import numpy as np
-import yaml
+import pytest
 from PIL import Image
 
 from stages.core import params
 from stages.core.images import encode_png
 from stages.core.shards import content_id, write_shards
+from tests import stagerun
 
 COLORS = [(200, 60, 40), (40, 120, 200), (230, 200, 60), (60, 160, 80)]
 
@@ -37,31 +37,17 @@ def make_curated(root: Path, n: int = 12, sizes=((64, 64), (96, 64), (64, 96))) 
 
 
 def write_params(root: Path, **overrides) -> params.Params:
-    """params.yaml in ``root`` = the smoke params with dotted ``overrides`` (``train__steps=5``)."""
-    raw = params.load(params.PARAMS_FILE).model_dump()
-    for key, value in overrides.items():
-        *path, last = key.split("__")
-        d = raw
-        for part in path:
-            d = d[part]
-        d[last] = value
-    p = params.validate(raw)
-    (root / "params.yaml").write_text(yaml.safe_dump(p.model_dump()))
-    return p
+    """params.yaml in ``root`` = the smoke composition with ``overrides`` (``train__steps=5`` for
+    ``train.steps=5``), composed by Hydra as ``dvc exp run -S`` does."""
+    return stagerun.write_params(root, *(stagerun.override(k.replace("__", "."), v) for k, v in overrides.items()))
 
 
 @contextlib.contextmanager
 def tiny_cache(tmp_root: Path):
     """Build/reuse the tiny random Flux under ``tmp_root`` (not the repo's .cache) while active."""
-    old = os.environ.get("FLUXIMP_CACHE")
-    os.environ["FLUXIMP_CACHE"] = str(tmp_root)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLUXIMP_CACHE", str(tmp_root))
         yield
-    finally:
-        if old is None:
-            os.environ.pop("FLUXIMP_CACHE", None)
-        else:
-            os.environ["FLUXIMP_CACHE"] = old
 
 
 # small and fast: 32 px, no buckets, rank 4 (tests/test_train.py, tests/test_resume.py)

@@ -1,4 +1,5 @@
-"""Rectified-flow training maths for Flux (DESIGN.md §5), free of any stage or file logic.
+"""Rectified-flow training maths for Flux (as in diffusers' train_dreambooth_lora_flux.py), free of any
+stage or file logic.
 
 - latents are cached already shifted and scaled: ``(vae.encode(x).sample() - shift) * scale``;
 - ``x_t = (1 - σ)·x0 + σ·ε``, the model predicts the velocity ``ε - x0``;

@@ -226,7 +226,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def setup_backends() -> None:
-    """Known-good backend settings (DESIGN.md §4: cuDNN SDPA backward crashes for Flux on H100)."""
+    """Known-good backend settings (the cuDNN SDPA backward crashed for Flux shapes on an H100 with torch 2.11)."""
     if torch.cuda.is_available():
         torch.backends.cuda.enable_cudnn_sdp(False)
         torch.backends.cuda.matmul.allow_tf32 = True

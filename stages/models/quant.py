@@ -4,7 +4,7 @@
   (NF4 weights, compute in the model's dtype: bf16 on GPU) — QLoRA. This is a module swap
   rather than diffusers' ``BitsAndBytesConfig``, which refuses to run without a GPU: the same code
   runs the tiny model on CPU in the tests and FLUX.1-dev on a GPU.
-- ``int8``: torchao int8 weight-only (bitsandbytes' LLM.int8 trains ~3x slower, ANCHORS.md).
+- ``int8``: torchao int8 weight-only (bitsandbytes' LLM.int8 trains ~2.4x slower: docs/training.md).
 - ``fp8``: torchao float8 weight-only; needs a GPU with FP8 (compute capability >= 8.9).
 
 Embedders, the final norm and projection stay in full precision (they are small and sensitive).
