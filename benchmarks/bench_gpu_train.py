@@ -25,10 +25,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.core import compat  # noqa: E402
-
-compat.ensure_torchvision()  # a no-op where torchvision's ops load (any CUDA machine)
-
 from stages.core.params import Lora, Train  # noqa: E402
 from stages.models import flux, quant  # noqa: E402
 from stages.models.cache import Batch  # noqa: E402

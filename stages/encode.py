@@ -23,7 +23,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from stages.core import compat, log as logs, params, tensorfiles
+from stages.core import log as logs, params, tensorfiles
+from stages.core.device import default_device, default_dtype
 from stages.core.images import decode
 from stages.core.io import atomic_dir, read_json, write_json
 from stages.core.shards import iter_rows
@@ -156,14 +157,13 @@ def shard_name(size, k: int) -> str:
 def main() -> None:
     p = params.load()
     log = logs.setup("encode")
-    compat.ensure_torchvision()
     rows = read_captions("train")
     if not rows:
         raise SystemExit(f"{CURATED}/train holds no images: run the caption stage first")
     from stages.models import flux, memory
 
-    device = flux.default_device()
-    dtype = flux.default_dtype(device)
+    device = default_device()
+    dtype = default_dtype(device)
     plan = memory.plan(p.model, device)
     dhash = data_hash(rows)
     key = cache_key(p, dhash, plan.text_encoder_quantization)

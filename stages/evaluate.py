@@ -144,7 +144,7 @@ def main() -> None:
     sweep, per_image = [], []
     for scale in log.progress(scales, desc="evaluate scales", unit="scale"):
         recs = [im for im in index["images"] if float(im["scale"]) == scale]
-        imgs = [Image.open(SAMPLES / r["file"]).convert("RGB") for r in recs]
+        imgs = [core_images.load(SAMPLES / r["file"]) for r in recs]
         img_clip = clip.embed_images(imgs)
         sty = csd.embed_images(imgs) if csd else img_clip
         txt = clip.embed_texts([r["prompt"] for r in recs])

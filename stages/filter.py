@@ -46,7 +46,7 @@ def measure(row: dict, f) -> tuple[dict, object]:
     """Decode one shard row (a big JPEG at a reduced scale, still >= analysis_side and CLIP's
     input) and run the heuristics: (score row, image or None when it does not decode)."""
     try:
-        img, size = hashing.decode_small(row["image"], max(f.analysis_side, 224), with_size=True)
+        img, size = images.decode(row["image"], max(f.analysis_side, 224), with_size=True)
     except Exception as err:  # recorded, never a crash
         return {"id": row["id"], "reasons": ["unreadable"], "error": f"{type(err).__name__}: {err}"}, None
     s = quality.heuristics(img, f.analysis_side, size)

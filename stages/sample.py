@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from stages.core import compat
 from stages.core import log, params, tracking
+from stages.core.device import default_device
 from stages.core.io import atomic_dir, write_json
 from stages.core.prompts import read_prompts, with_trigger  # noqa: F401 - sample.read_prompts is public
 from stages.models import snapshots
@@ -77,11 +77,10 @@ def main() -> None:
     logger.info("%d prompts x %d seeds x scales %s at %d px, %d steps, guidance %g", len(prompts),
                 len(sp.seeds), scales, sp.resolution, sp.steps, sp.guidance)
 
-    compat.ensure_torchvision()  # before diffusers (see stages/core/compat.py)
     from stages.models import flux, memory, render
 
     t0 = time.perf_counter()
-    device = flux.default_device()
+    device = default_device()
     plan = memory.plan(p.model, device)
     flux.preflight("sample", p, device, plan)
     jobs = [(pi, seed) for pi in range(len(prompts)) for seed in sp.seeds]

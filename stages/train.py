@@ -35,7 +35,8 @@ from typing import Callable
 
 import torch
 
-from stages.core import compat, log as logs, params, registry, tracking
+from stages.core import log as logs, params, registry, tracking
+from stages.core.device import default_device
 from stages.core.io import atomic_dir, no_space_errors, write_json
 from stages.models import checkpoint as ckpt, divergence, snapshots, validation
 from stages.models.cache import Cache
@@ -125,7 +126,7 @@ def train(p, accelerator=None) -> dict:
     from stages.models import flux
 
     main_proc = accelerator is None or accelerator.is_main_process
-    device = accelerator.device if accelerator else flux.default_device()
+    device = accelerator.device if accelerator else default_device()
     cache = Cache(CACHE)
     check_batch_fits(p, cache)
     from stages.models import memory, offload
@@ -198,7 +199,6 @@ def train(p, accelerator=None) -> dict:
 def main() -> None:
     p = params.load()
     logs.setup("train")
-    compat.ensure_torchvision()
     if p.train.num_processes > 1 and os.environ.get("FLUXIMP_TRAIN_CHILD") != "1":
         sys.exit(launch_distributed(p))
     accelerator = None

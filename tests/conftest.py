@@ -8,9 +8,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("FLUXIMP_PROGRESS", "0")
 
-from stages.core import compat  # noqa: E402
+import stages  # noqa: E402,F401  (torchvision on CPU torch: stages/core/compat.py)
 
-compat.ensure_torchvision()
 import pytest  # noqa: E402
 
 from tests import samplekit  # noqa: E402

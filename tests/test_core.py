@@ -103,6 +103,18 @@ def test_compat_makes_torchvision_importable():
     assert out.stdout.strip().endswith(expected)
 
 
+def test_importing_stages_applies_the_shim_when_torchvision_is_first_imported():
+    """No module calls the shim: importing the package is enough, and costs nothing until then."""
+    code = ("import sys, stages; from stages.core import compat; assert 'torch' not in sys.modules; "
+            "from torchmetrics.image.kid import KernelInceptionDistance; import open_clip; "
+            "print('patched' if compat._applied else 'native')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=params.ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import torch
+
+    assert out.stdout.strip().endswith("native" if torch.cuda.is_available() else "patched")
+
+
 def test_compat_is_a_noop_when_ops_exist():
     code = ("import torch; lib = torch.library.Library('torchvision', 'FRAGMENT'); "
             "lib.define('nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor'); "

@@ -163,20 +163,20 @@ def test_stage_end_to_end(tmp_path, monkeypatch):
     assert (tmp_path / "data/interim/dedupe.parquet").read_bytes() == first
 
 
-def test_decode_small_reduces_big_jpegs_and_reports_the_full_size():
+def test_decode_for_measuring_reduces_big_jpegs_and_reports_the_full_size():
     big = painting(7, 7, size=(1200, 900))
     exif = Image.Exif()
     exif[0x0112] = 6  # stored sideways: shown rotated by 90 degrees
     buf = io.BytesIO()
     big.save(buf, "JPEG", quality=90, exif=exif)
-    img, size = hashing.decode_small(buf.getvalue(), 256, with_size=True)
+    img, size = images.decode(buf.getvalue(), 256, with_size=True)
     assert size == (900, 1200) and img.mode == "RGB"
     assert 256 <= min(img.size) < 900 and img.size[0] < img.size[1]
     png = images.encode_png(big)
-    assert hashing.decode_small(png, 256).size == (1200, 900)  # not a JPEG: full size
+    assert images.decode(png, 256).size == (1200, 900)  # not a JPEG: full size
     buf2 = io.BytesIO()  # without EXIF: the reduced decode hashes like the full image
     big.save(buf2, "JPEG", quality=90)
-    reduced = hashing.hash_image(hashing.decode_small(buf2.getvalue(), 256))[0]
+    reduced = hashing.hash_image(images.decode(buf2.getvalue(), 256))[0]
     assert hashing.hamming(hashing.hash_image(big)[0], reduced) <= 2
 
 

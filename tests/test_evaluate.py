@@ -148,7 +148,8 @@ def test_csd_weights_switch_the_style_embeddings(evaluated, tmp_path):
 
     from stages.models import clip as clip_mod
 
-    oc = clip_mod._open_clip()
+    import open_clip as oc
+
     clip_mod._register_tiny(oc)
     torch.manual_seed(3)
     visual = oc.create_model(clip_mod.TINY_NAME, pretrained=None, force_quick_gelu=True).visual

@@ -58,7 +58,8 @@ def test_csd_checkpoint_loads_style_projection(tmp_path):
     from stages.metrics.csd import load_csd
     from stages.models import clip as clip_mod
 
-    oc = clip_mod._open_clip()
+    import open_clip as oc
+
     clip_mod._register_tiny(oc)
     torch.manual_seed(0)
     model, _, preprocess = oc.create_model_and_transforms(clip_mod.TINY_NAME, pretrained=None,

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from stages.core import params, preflight
+from stages.core import hub, params, preflight
 
 
 def test_smoke_profile_needs_nothing_from_outside():
@@ -15,7 +15,7 @@ def test_smoke_profile_needs_nothing_from_outside():
 def test_flux_dev_profile_offline_fails_fast_naming_what_is_missing(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(preflight, "hub_offline", lambda: True)
+    monkeypatch.setattr(hub, "offline", lambda: True)
     p = params.validate(params.compose(["profile=flux-dev"]))
     t0 = time.time()
     with pytest.raises(SystemExit) as exc:

@@ -9,11 +9,17 @@ Defining the two op *schemas* before torchvision is imported is enough for the p
 parts (transforms, models) that we use. This is applied only when the ops are missing: on a
 machine where torchvision's extension loads (any CUDA box) it does nothing.
 
-Call :func:`ensure_torchvision` before importing anything that may import torchvision.
+It is applied once, in one place: importing the ``stages`` package calls :func:`install`, which
+runs :func:`ensure_torchvision` the first time anything (diffusers, open_clip, peft, torchmetrics,
+transformers' image utilities) imports torchvision. No other module needs to think about it, and a
+stage that never touches torchvision never pays for importing it. Code outside the package (the
+app on a Space) calls :func:`ensure_torchvision` itself.
 """
 from __future__ import annotations
 
+import importlib.abc
 import logging
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +41,28 @@ def _has_op(name: str) -> bool:
         return False
 
 
+class _OnFirstImport(importlib.abc.MetaPathFinder):
+    """An import hook that finds nothing: it only applies the shim just before torchvision loads."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torchvision":
+            ensure_torchvision()  # removes this hook first, then imports torchvision itself
+        return None
+
+
+def install() -> None:
+    """Run :func:`ensure_torchvision` when torchvision is first imported (once per process)."""
+    if "torchvision" not in sys.modules and not any(isinstance(f, _OnFirstImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _OnFirstImport())
+
+
 def ensure_torchvision() -> bool:
     """Define missing ``torchvision::nms``/``qnms`` schemas. Returns True if it patched."""
     global _LIB, _applied
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _OnFirstImport)]
     if _applied:
         return True
     import importlib.util
-    import sys
 
     if importlib.util.find_spec("torchvision") is None:
         return False

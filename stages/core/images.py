@@ -1,18 +1,37 @@
-"""Image building blocks shared by stages: decode, encode, thumbnails, contact sheets."""
+"""Image building blocks shared by stages: decode (the one place stored image bytes become
+pictures), encode, thumbnails, contact sheets. Bytes from outside the project are first vetted by
+stages/data/normalize.py (formats, decompression bombs, truncation) when they are downloaded."""
 from __future__ import annotations
 
 import io
+import os
 from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
 
-def decode(data: bytes) -> Image.Image:
-    """Bytes (as stored in shards) -> RGB PIL image, EXIF orientation applied."""
+def decode(data: bytes, min_side: Optional[int] = None, with_size: bool = False):
+    """Bytes (as stored in shards) -> RGB PIL image, EXIF orientation applied.
+
+    ``min_side`` (for measuring): a JPEG is decoded at a reduced DCT scale, both sides still >=
+    ``min_side`` px, several times faster on big files. ``with_size``: return ``(image, (width,
+    height))`` with the full size, EXIF rotation applied."""
     img = Image.open(io.BytesIO(data))
+    size = img.size
+    if with_size and img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that swap sides
+        size = size[::-1]
+    if min_side and img.format == "JPEG":
+        img.draft("RGB", (min_side, min_side))
     img = ImageOps.exif_transpose(img)
-    return img.convert("RGB") if img.mode != "RGB" else img
+    img = img.convert("RGB") if img.mode != "RGB" else img
+    return (img, size) if with_size else img
+
+
+def load(path: os.PathLike | str) -> Image.Image:
+    """An image file (a rendered sample, say) -> RGB PIL image, as :func:`decode`."""
+    with open(path, "rb") as fh:
+        return decode(fh.read())
 
 
 def to_array(img: Image.Image) -> np.ndarray:
@@ -20,9 +39,9 @@ def to_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
 
 
-def encode_png(img: Image.Image) -> bytes:
+def encode_png(img: Image.Image, compress_level: int = 6) -> bytes:
     buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=False, compress_level=6)
+    img.save(buf, format="PNG", optimize=False, compress_level=compress_level)
     return buf.getvalue()
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from stages.core import hub
 from stages.core.params import Params
 
 HUB_HOST = "huggingface.co"
@@ -29,14 +30,8 @@ class Need:
     gated: bool = False
 
 
-def hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
 def network_up(host: str = HUB_HOST, timeout: float = 3.0) -> bool:
-    if hub_offline():
+    if hub.offline():
         return False
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
@@ -90,10 +85,7 @@ class OpenClipUnavailable(Exception):
 
 def _open_clip_hub_id(ref: str) -> Optional[str]:
     """The hub repo of an open_clip ``model/tag``; None when open_clip has no such tag."""
-    from stages.core import compat
-
     model, _, tag = ref.rpartition("/")
-    compat.ensure_torchvision()  # open_clip imports torchvision, which needs the shim on CPU-only torch
     try:
         import open_clip
     except Exception as exc:  # noqa: BLE001 - report what is really missing
@@ -153,7 +145,7 @@ def problems(p: Params) -> list[str]:
             online = network_up()
         label = f"{need.repo_type} {need.ref}" + (f"@{need.revision}" if need.revision else "")
         if not online:
-            why = "HF_HUB_OFFLINE is set" if hub_offline() else f"{HUB_HOST} is unreachable"
+            why = "HF_HUB_OFFLINE is set" if hub.offline() else f"{HUB_HOST} is unreachable"
             found.append(f"- {need.what}: {label} is not in the local Hugging Face cache and {why}")
         elif need.gated and not hf_token():
             found.append(f"- {need.what}: {label} is gated; accept its licence on the Hub and provide "

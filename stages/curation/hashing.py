@@ -25,6 +25,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from stages.core.images import decode
 from stages.core.pool import parallel_map
 
 CHUNK_BITS = 16
@@ -97,27 +98,13 @@ def quant_step(data: bytes) -> float:
     return float(np.mean(tables[0])) if img.format == "JPEG" and 0 in tables else 1.0
 
 
-def decode_small(data: bytes, min_side: int = 256, with_size: bool = False):
-    """Decode for measuring: a JPEG is decoded at a reduced DCT scale (both sides still >=
-    ``min_side`` px, far more than the 32 px pHash or a 64 px signature use), several times faster
-    on big files. ``with_size``: also return the full (width, height), EXIF rotation applied."""
-    from PIL import Image, ImageOps
-
-    img = Image.open(io.BytesIO(data))
-    size = img.size
-    if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that swap the sides
-        size = size[::-1]
-    if img.format == "JPEG":
-        img.draft("RGB", (min_side, min_side))
-    img = ImageOps.exif_transpose(img)
-    img = img.convert("RGB") if img.mode != "RGB" else img
-    return (img, size) if with_size else img
+MEASURE_SIDE = 256  # decode side for hashing: far more than the 32 px pHash or a 64 px signature use
 
 
 def _hash_bytes(args: tuple[bytes, int]) -> Optional[tuple[np.ndarray, float]]:
     data, hash_size = args
     try:
-        return hash_views(decode_small(data), hash_size), quant_step(data)
+        return hash_views(decode(data, MEASURE_SIDE), hash_size), quant_step(data)
     except Exception:  # unreadable image: the caller records a reject
         return None
 
@@ -126,7 +113,7 @@ def _signature_bytes(data: bytes) -> Optional[dict]:
     from stages.curation import verify
 
     try:
-        return verify.signature(decode_small(data))
+        return verify.signature(decode(data, MEASURE_SIDE))
     except Exception:
         return None
 

@@ -4,7 +4,6 @@ byte-duplicates and rejects, and keeps the statistics the report needs.
 """
 from __future__ import annotations
 
-import io
 import random
 import unicodedata
 from collections import Counter
@@ -13,6 +12,7 @@ from typing import Iterable, Iterator
 import pyarrow as pa
 from PIL import Image
 
+from stages.core import images
 from stages.data.normalize import REASONS
 
 REJECTS_SCHEMA = pa.schema([("path", pa.string()), ("id", pa.string()), ("reason", pa.string()),
@@ -63,7 +63,7 @@ class Collector:
         # reservoir sample for the contact sheet (seeded: the same images every run)
         slot = n if n < self._sample_size else self._rng.randrange(n + 1)
         if slot < self._sample_size:
-            img = Image.open(io.BytesIO(r["image"])).convert("RGB")
+            img = images.decode(r["image"])
             img.thumbnail((self._thumb, self._thumb))
             label = r.get("artist") or r.get("title") or r["path"].rsplit("/", 1)[-1]
             label = unicodedata.normalize("NFKD", label).encode("ascii", "ignore").decode()  # bitmap font

@@ -21,7 +21,6 @@ normalisation by the download stage.
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -29,6 +28,7 @@ import imagehash
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 
+from stages.core import images
 from stages.core.images import encode_jpeg
 from stages.data import painting, scenes
 
@@ -48,12 +48,6 @@ class Item:
     defect: Optional[str] = None
     method: Optional[str] = None  # near-duplicate edit
     of: Optional[str] = None      # key of the original (near-duplicates)
-
-
-def encode_png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=FAST_PNG)
-    return buf.getvalue()
 
 
 def plan(n: int, near_duplicates: float, defects: float, seed: int) -> list[Item]:
@@ -135,31 +129,33 @@ def _edit(img: Image.Image, method: str, strength: float, rng: np.random.Generat
     w, h = img.size
     if method == "resize":
         k = 1 - strength * rng.uniform(0.1, 0.3)
-        return encode_png(img.resize((max(1, round(w * k)), max(1, round(h * k))), Image.LANCZOS)), f"resize {k:.2f}"
+        small = img.resize((max(1, round(w * k)), max(1, round(h * k))), Image.LANCZOS)
+        return images.encode_png(small, FAST_PNG), f"resize {k:.2f}"
     if method == "jpeg":
         q = int(round(80 - strength * rng.uniform(0, 25)))
         return encode_jpeg(img, quality=q), f"jpeg q={q}"
     if method == "crop":
         f = strength * rng.uniform(0.02, 0.04)
         box = (round(w * f), round(h * f), w - round(w * f), h - round(h * f))
-        return encode_png(img.crop(box)), f"crop {f:.3f}"
+        return images.encode_png(img.crop(box), FAST_PNG), f"crop {f:.3f}"
     b, s = 1 + strength * rng.uniform(-0.1, 0.04), 1 + strength * rng.uniform(-0.3, 0.3)
     out = ImageEnhance.Color(ImageEnhance.Brightness(img).enhance(b)).enhance(s)
     warm = np.asarray(out, np.float32) + strength * np.array([8.0, 0.0, -8.0])
-    return encode_png(Image.fromarray(np.clip(warm, 0, 255).astype(np.uint8))), f"colour b={b:.2f} s={s:.2f}"
+    warm = Image.fromarray(np.clip(warm, 0, 255).astype(np.uint8))
+    return images.encode_png(warm, FAST_PNG), f"colour b={b:.2f} s={s:.2f}"
 
 
 def near_duplicate(original: bytes, method: str, rng: np.random.Generator) -> tuple[bytes, str, int]:
     """Edit ``original`` until its pHash is within MAX_DUP_BITS; returns bytes, detail, distance."""
-    img = Image.open(io.BytesIO(original)).convert("RGB")
+    img = images.decode(original)
     ref = imagehash.phash(img)
     for strength in (1.0, 0.5, 0.25):
         data, detail = _edit(img, method, strength, rng)
-        dist = ref - imagehash.phash(Image.open(io.BytesIO(data)))
+        dist = ref - imagehash.phash(images.decode(data))
         if dist <= MAX_DUP_BITS:
             return data, detail, int(dist)
     data, detail = _edit(img, "jpeg", 0.2, rng)  # a light re-encode: always a few bits at most
-    return data, detail + " (fallback)", int(ref - imagehash.phash(Image.open(io.BytesIO(data))))
+    return data, detail + " (fallback)", int(ref - imagehash.phash(images.decode(data)))
 
 
 def generate(item: Item, seed: int, size: int, min_side: int, original: Optional[bytes] = None) -> dict:
@@ -168,10 +164,10 @@ def generate(item: Item, seed: int, size: int, min_side: int, original: Optional
     truth = {"key": item.key, "kind": item.kind, "defect": item.defect, "of": item.of, "detail": None}
     if item.kind == "good":
         img, scene = _painting(item.index, seed, size)
-        meta, data = _meta(scene, item, seed), encode_png(img)
+        meta, data = _meta(scene, item, seed), images.encode_png(img, FAST_PNG)
     elif item.kind == "defect":
         img, meta = _defect(item, seed, size, min_side)
-        data = encode_png(img)
+        data = images.encode_png(img, FAST_PNG)
         truth["detail"] = item.defect
     else:
         _, scene = _painting(int(item.of.split("-")[1]), seed, size)
@@ -191,4 +187,5 @@ def contrast(count: int, seed: int, size: int) -> Iterator[dict]:
         item = Item(f"photo-{i:05d}", "contrast", i)
         meta = _meta(scene, item, seed)
         meta.update(style="photograph", title=meta["title"] + " (photo)")
-        yield {"path": f"synthetic/{item.key}.png", "data": encode_png(img), "source": "synthetic-photo", **meta}
+        yield {"path": f"synthetic/{item.key}.png", "data": images.encode_png(img, FAST_PNG),
+               "source": "synthetic-photo", **meta}

@@ -63,9 +63,11 @@ def list_shards(dataset: str, revision: Optional[str], split: str) -> list[str]:
         root = Path(dataset).expanduser()
         files = sorted(str(p.relative_to(root)) for p in root.rglob(f"{split}-*.parquet"))
     else:
-        from huggingface_hub import HfApi, is_offline_mode
+        from huggingface_hub import HfApi
 
-        if is_offline_mode():
+        from stages.core import hub
+
+        if hub.offline():
             raise WikiartUnavailable(f"data.wikiart.dataset = {dataset!r} is a Hugging Face Hub id but the Hub is "
                                      f"offline (HF_HUB_OFFLINE is set): {OFFLINE_HINT}")
         try:

@@ -16,8 +16,8 @@ import random
 from pathlib import Path
 from typing import Iterable
 
-from PIL import Image
 
+from stages.core.images import load as load_image
 from stages.core.io import write_json, write_text
 from stages.metrics import pages
 
@@ -67,7 +67,7 @@ def build_page(samples_dir: Path | str, out_dir: Path | str, key_path: Path | st
                  "right" if pair["lora_side"] == "left" else "left": pair["base"]}
         files = {}
         for side, letter in (("left", "a"), ("right", "b")):
-            img = Image.open(samples_dir / sides[side]).convert("RGB")
+            img = load_image(samples_dir / sides[side])
             img.thumbnail((max_side, max_side))
             name = f"img/{pair['id']}-{letter}.jpg"
             img.save(out_dir / name, format="JPEG", quality=92)

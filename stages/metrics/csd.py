@@ -44,9 +44,10 @@ def load_csd(weights: str | Path, arch: str = "ViT-L-14", device: str = "cpu",
              batch_size: int = 16) -> CsdModel:
     """Build the CSD style encoder from a checkpoint file (``arch`` = the open_clip model name of
     its backbone; tests use the project's tiny CLIP architecture)."""
+    import open_clip
+
     from stages.models import clip as clip_mod
 
-    open_clip = clip_mod._open_clip()
     if arch == clip_mod.TINY:
         clip_mod._register_tiny(open_clip)
         arch = clip_mod.TINY_NAME

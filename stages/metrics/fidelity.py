@@ -13,8 +13,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from stages.core import compat
-
 
 def clip_score(image_emb: np.ndarray, text_emb: np.ndarray) -> float:
     """Mean of ``100 * max(cos, 0)`` over matching rows of unit image and text embeddings."""
@@ -42,7 +40,6 @@ def kid(real: np.ndarray, fake: np.ndarray, subset_size: int, subsets: int = 100
         seed: int = 0) -> tuple[float, float, int]:
     """KID (polynomial-kernel MMD², torchmetrics) between two embedding sets.
     Returns (mean, std over subsets, subset size used = min(subset_size, |real|, |fake|))."""
-    compat.ensure_torchvision()  # torchmetrics imports torchvision
     from torchmetrics.image.kid import KernelInceptionDistance
 
     size = int(min(subset_size, len(real), len(fake)))
@@ -60,7 +57,6 @@ def kid(real: np.ndarray, fake: np.ndarray, subset_size: int, subsets: int = 100
 
 def fid(real: np.ndarray, fake: np.ndarray) -> float:
     """Fréchet distance (torchmetrics) between two embedding sets."""
-    compat.ensure_torchvision()
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]))

@@ -20,14 +20,12 @@ class Captioner:
 
     def __init__(self, model: str, prompt: str = "", max_new_tokens: int = 40, batch_size: int = 8,
                  device: Optional[str] = None):
-        from stages.core import compat
-
-        compat.ensure_torchvision()
-        import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        from stages.core.device import default_device, default_dtype
+
+        self.device = device or str(default_device())
+        dtype = default_dtype(self.device)
         self.processor = AutoProcessor.from_pretrained(model)
         self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype).to(self.device).eval()
         self.prompt, self.max_new_tokens, self.batch_size = prompt.strip(), max_new_tokens, batch_size

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stages.core import compat
+from stages.core.device import default_device
 from stages.core.log import progress as progress_bar
 
 log = logging.getLogger(__name__)
@@ -41,13 +41,6 @@ TINY_CONFIG = {
     "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
-
-
-def _open_clip():
-    compat.ensure_torchvision()
-    import open_clip
-
-    return open_clip
 
 
 def _register_tiny(open_clip) -> None:
@@ -66,10 +59,6 @@ def on_float16_grid(x: np.ndarray) -> np.ndarray:
     bit-identical files (that would need deterministic kernels). Cosines move by < 1e-3; the
     in-memory embeddings the filter scores are not rounded."""
     return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @dataclass
@@ -143,8 +132,9 @@ class ClipModel:
 
 def load_clip(clip_params, device: Optional[str] = None, seed: int = 0) -> ClipModel:
     """Build the CLIP model that ``clip_params`` (the ``clip`` params section) names."""
-    open_clip = _open_clip()
-    device = device or default_device()
+    import open_clip
+
+    device = device or str(default_device())
     name, pretrained = clip_params.model, clip_params.pretrained
     kwargs = {}
     if name == TINY:

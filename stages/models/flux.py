@@ -24,7 +24,8 @@ from typing import Optional
 
 import torch
 
-from stages.core import compat
+from stages.core import hub
+from stages.core.device import default_device, default_dtype
 from stages.core.io import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,6 @@ class ModelLoadError(SystemExit):
 # ----------------------------------------------------------------------------- tiny-random
 def _tiny_tokenizers():
     """CLIP (BPE) and T5 (Unigram) tokenizers built from a fixed character vocabulary."""
-    compat.ensure_torchvision()
     from transformers import CLIPTokenizer, T5Tokenizer
 
     chars = list(string.ascii_lowercase + string.digits + ".,;:!?'-()")
@@ -64,7 +64,6 @@ def build_tiny_random(path: os.PathLike | str, seed: int = 0) -> Path:
     4 x VAE latent channels), joint_attention_dim = T5 hidden, pooled_projection_dim = CLIP
     hidden, sum(axes_dims_rope) = attention head dim, VAE downsampling x8.
     """
-    compat.ensure_torchvision()
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -131,10 +130,6 @@ def resolve_base(model_params) -> str:
 
 
 # ----------------------------------------------------------------------------- checks
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
 def check_access(repo: str, revision: Optional[str]) -> None:
     """Fail early and clearly when a hub model cannot be read (gated, offline, unknown)."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
@@ -144,7 +139,7 @@ def check_access(repo: str, revision: Optional[str]) -> None:
     if isinstance(cached, str):
         return  # in the local HF cache: from_pretrained can read it offline
     what = f"{repo}" + (f"@{revision}" if revision else "")
-    if _offline():
+    if hub.offline():
         raise ModelLoadError(
             f"model.base={what} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
             f"download it first (`hf download {repo}`) or point model.base at a local folder")
@@ -217,14 +212,6 @@ def check_memory(source: str, revision: Optional[str], components: list[str], qu
 
 
 # ----------------------------------------------------------------------------- loading
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 def setup_backends() -> None:
     """Known-good backend settings (the cuDNN SDPA backward crashed for Flux shapes on an H100 with torch 2.11)."""
     if torch.cuda.is_available():
@@ -235,7 +222,6 @@ def setup_backends() -> None:
 def _prepare(model_params, device, dtype, components, text_quantization: str = "none"):
     from stages.models import memory
 
-    compat.ensure_torchvision()
     setup_backends()
     source = resolve_base(model_params)
     if not Path(source).exists():

@@ -25,6 +25,8 @@ from typing import Optional
 
 import torch
 
+from stages.core.device import default_device, default_dtype
+
 log = logging.getLogger(__name__)
 
 
@@ -40,7 +42,7 @@ def prompt_cache_file(model_params, prompts: list[str], max_sequence_length: int
     from stages.models import flux, quant_cache
 
     source = flux.resolve_base(model_params)
-    dtype = flux.default_dtype(torch.device(device))
+    dtype = default_dtype(device)
     keys = [quant_cache.key(flux.local_folder(source, model_params.revision, sub), mode, dtype)
             for sub, mode in (("text_encoder", "none"), ("text_encoder_2", plan.text_encoder_quantization))]
     blob = json.dumps([keys, max_sequence_length, prompts])
@@ -58,7 +60,7 @@ def embed_prompts(model_params, prompts: list[str], max_sequence_length: int, pl
     from stages.core.io import atomic_file
     from stages.models import flux
 
-    device = torch.device(device) if device is not None else flux.default_device()
+    device = torch.device(device) if device is not None else default_device()
     cached = prompt_cache_file(model_params, prompts, max_sequence_length, plan, device)
     if cached.exists():
         t = load_file(cached)

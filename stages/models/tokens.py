@@ -30,9 +30,6 @@ def t5_estimate(text: str) -> int:
 
 def open_clip_tokenizer():
     """open_clip's own CLIP BPE tokenizer (its vocabulary ships with the package: no download)."""
-    from stages.core import compat
-
-    compat.ensure_torchvision()  # open_clip's package imports torchvision
     from open_clip.tokenizer import SimpleTokenizer
 
     return SimpleTokenizer()
