@@ -140,3 +140,12 @@ def test_closure_follows_imports_inside_functions():
     """The walker sees lazy imports (a stage that imports a module only inside main() still runs it)."""
     assert Path("stages/models/flux.py") in import_closure("stages.encode")
     assert Path("stages/core/io.py") in import_closure("stages.core.params")
+
+
+def test_stages_readme_lists_every_module():
+    """stages/README.md is the map of the package: every module is on it."""
+    readme = (ROOT / "stages" / "README.md").read_text()
+    modules = sorted(f.relative_to(ROOT / "stages").as_posix() for f in (ROOT / "stages").rglob("*.py")
+                     if f.name != "__init__.py" and "__pycache__" not in f.parts)
+    missing = [m for m in modules if f"`{m}`" not in readme]
+    assert not missing, f"stages/README.md does not list {missing}"
