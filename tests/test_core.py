@@ -4,6 +4,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 from stages.core import io, params, shards
@@ -91,28 +92,28 @@ def test_shards_round_trip_and_are_deterministic(tmp_path):
     assert [r["width"] for r in shards.iter_rows(tmp_path / "a", columns=["id", "width"])] == list(range(10))
 
 
-def test_compat_makes_torchvision_importable():
-    code = ("from stages.core import compat; patched = compat.ensure_torchvision(); "
-            "import torchvision.transforms as T; from diffusers import FluxPipeline; import open_clip; "
-            "print('patched' if patched else 'native')")
+def shim_outcome(code: str) -> str:
+    """Run ``code`` in a fresh interpreter; it prints 'patched' or 'native' last."""
     out = subprocess.run([sys.executable, "-c", code], cwd=params.ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
-    import torch
-    # on CPU-only torch the PyPI torchvision's ops are missing, so the shim must have acted
-    expected = "native" if torch.cuda.is_available() else "patched"
-    assert out.stdout.strip().endswith(expected)
+    return out.stdout.strip().splitlines()[-1]
+
+
+# on CPU-only torch the PyPI torchvision's ops are missing, so the shim must act; on CUDA it must not
+EXPECTED_SHIM = "native" if torch.cuda.is_available() else "patched"
+
+
+def test_compat_makes_torchvision_importable():
+    assert shim_outcome("from stages.core import compat; patched = compat.ensure_torchvision(); "
+                        "import torchvision.transforms as T; from diffusers import FluxPipeline; import open_clip; "
+                        "print('patched' if patched else 'native')") == EXPECTED_SHIM
 
 
 def test_importing_stages_applies_the_shim_when_torchvision_is_first_imported():
     """No module calls the shim: importing the package is enough, and costs nothing until then."""
-    code = ("import sys, stages; from stages.core import compat; assert 'torch' not in sys.modules; "
-            "from torchmetrics.image.kid import KernelInceptionDistance; import open_clip; "
-            "print('patched' if compat._applied else 'native')")
-    out = subprocess.run([sys.executable, "-c", code], cwd=params.ROOT, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    import torch
-
-    assert out.stdout.strip().endswith("native" if torch.cuda.is_available() else "patched")
+    assert shim_outcome("import sys, stages; from stages.core import compat; assert 'torch' not in sys.modules; "
+                        "from torchmetrics.image.kid import KernelInceptionDistance; import open_clip; "
+                        "print('patched' if compat._applied else 'native')") == EXPECTED_SHIM
 
 
 def test_compat_is_a_noop_when_ops_exist():
