@@ -13,6 +13,7 @@ Outputs (see stages/README.md for the contracts):
 from __future__ import annotations
 
 import functools
+import logging
 import random
 import time
 from pathlib import Path
@@ -21,13 +22,13 @@ from pathlib import Path
 from stages.core import log as logmod
 from stages.core import params, preflight
 from stages.core.io import atomic_dir
+from stages.core.paths import Download
 from stages.core.shards import write_shards, write_table
 from stages.data import folder, normalize, report, synthetic, wikiart
 from stages.core.pool import parallel_map
 from stages.data.collect import Collector
 
-RAW = Path("data/raw")
-REPORTS = Path("reports/data")
+log = logging.getLogger("stages.download")
 
 
 def _ingest(candidate: dict, min_side: int, max_pixels: int) -> dict:
@@ -66,7 +67,7 @@ def _dup_task(args) -> dict:
     return task(item, original=original)
 
 
-def _candidates(p, log):
+def _candidates(p):
     """The chosen source's candidates (dicts with ``path``, maybe ``data``, metadata) and report extras."""
     d = p.data
     if d.source == "folder":
@@ -83,10 +84,9 @@ def _candidates(p, log):
                                                                                    "revision": w.revision}
 
 
-def main() -> None:
-    p = params.load()
-    log = logmod.setup("download")
-    preflight.check(p)  # first stage: fail in seconds if the profile needs what this machine lacks
+def run(p: params.Params, paths: Download = Download()) -> dict:
+    """The whole stage: the source's candidates, normalised, into ``paths.raw``; returns the report's
+    metrics (``paths.reports``/download.json)."""
     d, t0 = p.data, time.time()
     collector = Collector(p.seed)
     if d.source == "synthetic":
@@ -94,18 +94,18 @@ def main() -> None:
         results, extra, total = _synthetic_results(d, p.seed, d.workers), {}, n
         log.info("synthetic: %d images at %d px (seed %d)", n, d.synthetic.size, p.seed)
     else:
-        cands, extra = _candidates(p, log)
+        cands, extra = _candidates(p)
         total = len(cands) if isinstance(cands, list) else d.limit
         results = parallel_map(functools.partial(_ingest, min_side=d.min_side, max_pixels=d.max_pixels),
                                cands, d.workers)
     bar = logmod.progress(results, total=total, desc="download", unit="img")
-    with atomic_dir(RAW) as tmp:
+    with atomic_dir(paths.raw) as tmp:
         shards = write_shards(collector.rows(bar), Path(tmp) / "shards", d.shard_rows)
         if not collector.sizes:  # fail before the empty set replaces the previous data/raw
             reasons = {k: v for k, v in collector.summary()["rejects_by_reason"].items() if v}
             raise SystemExit(f"download: no image was stored from data.source={d.source}"
                              f"{' (' + str(d.path) + ')' if d.path else ''}: {collector.candidates} candidates, "
-                             f"rejected {reasons or 'none'}; {RAW} is left as it was")
+                             f"rejected {reasons or 'none'}; {paths.raw} is left as it was")
         write_table(collector.rejects_table(), Path(tmp) / "rejects.parquet")
         if d.source == "synthetic":
             write_table(collector.truth_table(), Path(tmp) / "truth.parquet")
@@ -114,10 +114,18 @@ def main() -> None:
                              synthetic.contrast(d.synthetic.contrast, p.seed, d.synthetic.size))
                 write_shards((r for r in photos if r["ok"]), Path(tmp) / "contrast", d.shard_rows)
     secs = time.time() - t0
-    metrics = report.write(collector, REPORTS, {"source": d.source, **extra})
+    metrics = report.write(collector, paths.reports, {"source": d.source, **extra})
     log.info("stored %d images in %d shards, rejected %d %s, in %.1f s (%.0f img/s)", metrics["stored"],
              len(shards), metrics["rejected"], {k: v for k, v in metrics["rejects_by_reason"].items() if v},
              secs, metrics["candidates"] / max(secs, 1e-9))
+    return metrics
+
+
+def main() -> None:
+    p = params.load()
+    logmod.setup("download")
+    preflight.check(p)  # fail in seconds if the profile needs what this machine lacks
+    run(p, Download())
 
 
 if __name__ == "__main__":

@@ -27,11 +27,11 @@ from stages.core import log as logs, params, tensorfiles
 from stages.core.device import default_device, default_dtype
 from stages.core.images import decode
 from stages.core.io import atomic_dir, read_json, write_json
+from stages.core.paths import Encode
 from stages.core.shards import iter_rows
 from stages.models import cache as cache_lib
 
-CURATED = Path("data/curated")
-OUT = Path("data/cache")
+log = logging.getLogger("stages.encode")
 VERSION = 1  # bump when the cache format changes
 BATCH = 8
 SHARD_ROWS = 256
@@ -46,8 +46,8 @@ def cache_key(p, data_hash: str, text_quantization: str = "none") -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def read_captions(split: str) -> list[dict]:
-    folder = CURATED / split
+def read_captions(curated: Path, split: str) -> list[dict]:
+    folder = curated / split
     if not folder.exists():
         return []
     return list(iter_rows(folder, columns=["id", "caption", "repeats"]))
@@ -119,9 +119,9 @@ def free() -> None:
         torch.cuda.empty_cache()
 
 
-def load_pixels(rows: list[dict], size, rejects: list[dict]) -> list[dict]:
-    """Decode the rows' images (read from the shards by id) into tensors of ``size``."""
-    images = {r["id"]: r["image"] for r in iter_rows(CURATED / "train", columns=["id", "image"],
+def load_pixels(rows: list[dict], size, rejects: list[dict], shards: Path) -> list[dict]:
+    """Decode the rows' images (read from ``shards`` by id) into tensors of ``size``."""
+    images = {r["id"]: r["image"] for r in iter_rows(shards, columns=["id", "image"],
                                                       ids={r["id"] for r in rows})}
     out = []
     for r in rows:
@@ -154,12 +154,58 @@ def shard_name(size, k: int) -> str:
     return f"bucket-{size[0]}x{size[1]}-{k:03d}.safetensors"
 
 
-def main() -> None:
-    p = params.load()
-    log = logs.setup("encode")
-    rows = read_captions("train")
+def assign_buckets(shards: Path, sizes) -> tuple[dict, list[dict]]:
+    """Rows (id, caption, size) per bucket from the recorded sizes, without decoding an image; the
+    rows without a caption or a size as rejects."""
+    by_bucket, rejects = defaultdict(list), []
+    for row in iter_rows(shards, columns=["id", "caption", "width", "height", "repeats"]):
+        if not (row["caption"] or "").strip():
+            rejects.append({"id": row["id"], "reason": "empty_caption"})
+        elif not row["width"] or not row["height"]:
+            rejects.append({"id": row["id"], "reason": "unknown_size"})
+        else:
+            by_bucket[cache_lib.nearest_bucket(row["width"], row["height"], sizes)].append(row)
+    return by_bucket, rejects
+
+
+def encode_texts(text: TextEncoder, shards: list, tmp: Path) -> None:
+    """Pass 1: every caption through the text encoders (a temp file per shard) and the empty prompt."""
+    for size, k, part in logs.progress(shards, desc="encode captions", unit="shard"):
+        e, pooled = text([r["caption"] for r in part])
+        save_file({"prompt_embeds": e, "pooled": pooled}, tmp / f"text-{shard_name(size, k)}")
+    e, pooled = text([""])
+    tensorfiles.save({"prompt_embeds": e[0], "pooled": pooled[0]}, tmp / "empty.safetensors")
+
+
+def encode_latents(images: ImageEncoder, shards: list, train: Path, flip: bool, rejects: list[dict],
+                   tmp: Path) -> dict:
+    """Pass 2: the VAE alone; each shard = its latents + the rows' text embeddings from pass 1.
+    Returns {bucket size: [(file, rows)]}."""
+    files = defaultdict(list)
+    for size, k, part in logs.progress(shards, desc="encode images", unit="shard"):
+        texts = load_file(tmp / f"text-{shard_name(size, k)}")
+        (tmp / f"text-{shard_name(size, k)}").unlink()
+        decoded = load_pixels(part, size, rejects, train)
+        if not decoded:
+            continue
+        ok = {d["id"] for d in decoded}
+        keep = torch.tensor([i for i, r in enumerate(part) if r["id"] in ok])
+        tensors = encode_images(images, decoded, size, flip)
+        tensors.update({n: t[keep].contiguous() for n, t in texts.items()})
+        # one metadata key, one JSON object (stages/core/tensorfiles.py)
+        tensorfiles.save(tensors, tmp / shard_name(size, k), {"rows": json.dumps({
+            "ids": [r["id"] for r in decoded], "captions": [r["caption"] for r in decoded],
+            "repeats": [r.get("repeats") or 1 for r in decoded]})})
+        files[size].append((shard_name(size, k), len(decoded)))
+    return files
+
+
+def run(p: params.Params, paths: Encode = Encode()) -> dict:
+    """The whole stage; returns the cache's index (``paths.cache``/index.json). With the same key
+    as the cache already there, it does nothing."""
+    rows = read_captions(paths.curated, "train")
     if not rows:
-        raise SystemExit(f"{CURATED}/train holds no images: run the caption stage first")
+        raise SystemExit(f"{paths.curated}/train holds no images: run the caption stage first")
     from stages.models import flux, memory
 
     device = default_device()
@@ -167,53 +213,25 @@ def main() -> None:
     plan = memory.plan(p.model, device)
     dhash = data_hash(rows)
     key = cache_key(p, dhash, plan.text_encoder_quantization)
-    if (OUT / "index.json").exists() and read_json(OUT / "index.json").get("key") == key:
-        log.info("cache %s is up to date (key %s): nothing to do", OUT, key)
-        return
+    index_file = paths.cache / "index.json"
+    if index_file.exists() and read_json(index_file).get("key") == key:
+        log.info("cache %s is up to date (key %s): nothing to do", paths.cache, key)
+        return read_json(index_file)
     log.info("memory plan: %s", plan.describe())
     flux.preflight("encode", p, device, plan)
-    sizes = cache_lib.buckets(p.train.resolution, p.train.buckets)
-    # assign buckets from the recorded sizes first; decode images bucket by bucket (bounded memory)
-    by_bucket, rejects = defaultdict(list), []
-    for row in iter_rows(CURATED / "train", columns=["id", "caption", "width", "height", "repeats"]):
-        if not (row["caption"] or "").strip():
-            rejects.append({"id": row["id"], "reason": "empty_caption"})
-        elif not row["width"] or not row["height"]:
-            rejects.append({"id": row["id"], "reason": "unknown_size"})
-        else:
-            by_bucket[cache_lib.nearest_bucket(row["width"], row["height"], sizes)].append(row)
+    by_bucket, rejects = assign_buckets(paths.curated / "train", cache_lib.buckets(p.train.resolution, p.train.buckets))
     index = {"key": key, "version": VERSION, "base": p.model.base, "revision": p.model.revision,
              "resolution": p.train.resolution, "flip": p.train.flip, "data_hash": dhash,
              "max_sequence_length": p.train.max_sequence_length, "dtype": str(dtype).replace("torch.", ""),
              "count": 0, "rejects": rejects, "buckets": []}
     shards = plan_shards(by_bucket)
-    with atomic_dir(OUT) as tmp:
-        # pass 1: every caption through the text encoders, then free them (T5-XXL is 8.9 GiB)
-        text = TextEncoder(p, device, dtype, plan)
-        for size, k, part in logs.progress(shards, desc="encode captions", unit="shard"):
-            e, pooled = text([r["caption"] for r in part])
-            save_file({"prompt_embeds": e, "pooled": pooled}, tmp / f"text-{shard_name(size, k)}")
-        e, pooled = text([""])
-        tensorfiles.save({"prompt_embeds": e[0], "pooled": pooled[0]}, tmp / "empty.safetensors")
+    with atomic_dir(paths.cache) as tmp:
+        text = TextEncoder(p, device, dtype, plan)  # T5-XXL is 8.9 GiB: freed before the VAE loads
+        encode_texts(text, shards, tmp)
         del text
         free()
-        # pass 2: the VAE alone; each shard = its latents + the rows' text embeddings from pass 1
-        images, files = ImageEncoder(p, device, dtype), defaultdict(list)
-        for size, k, part in logs.progress(shards, desc="encode images", unit="shard"):
-            texts = load_file(tmp / f"text-{shard_name(size, k)}")
-            (tmp / f"text-{shard_name(size, k)}").unlink()
-            decoded = load_pixels(part, size, rejects)
-            if not decoded:
-                continue
-            ok = {d["id"] for d in decoded}
-            keep = torch.tensor([i for i, r in enumerate(part) if r["id"] in ok])
-            tensors = encode_images(images, decoded, size, p.train.flip)
-            tensors.update({n: t[keep].contiguous() for n, t in texts.items()})
-            # one metadata key, one JSON object (stages/core/tensorfiles.py)
-            tensorfiles.save(tensors, tmp / shard_name(size, k), {"rows": json.dumps({
-                "ids": [r["id"] for r in decoded], "captions": [r["caption"] for r in decoded],
-                "repeats": [r.get("repeats") or 1 for r in decoded]})})
-            files[size].append((shard_name(size, k), len(decoded)))
+        images = ImageEncoder(p, device, dtype)
+        files = encode_latents(images, shards, paths.curated / "train", p.train.flip, rejects, tmp)
         del images
         free()
         for (w, h), entries in sorted(files.items()):
@@ -225,7 +243,14 @@ def main() -> None:
             log.warning("skipped %s: %s", r["id"], r["reason"])
         write_json(tmp / "index.json", index)
     log.info("cached %d images in %d buckets (%d rejected) -> %s", index["count"], len(index["buckets"]),
-             len(rejects), OUT)
+             len(rejects), paths.cache)
+    return index
+
+
+def main() -> None:
+    p = params.load()
+    logs.setup("encode")
+    run(p, Encode())
 
 
 if __name__ == "__main__":

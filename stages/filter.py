@@ -20,6 +20,7 @@ heuristics do the real work.
 """
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -28,17 +29,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages.core import images, io, log, params, shards
+from stages.core.paths import Filter
 from stages.curation import hashing, quality
 from stages.models import aesthetic
 from stages.models import clip as clip_models
 
-RAW = "data/raw/shards"
-TRUTH = "data/raw/truth.parquet"
-DEDUPE = "data/interim/dedupe.parquet"
-OUT = "data/interim/filter.parquet"
-EMBEDDINGS = "data/interim/clip_embeddings.safetensors"
-REPORTS = Path("reports/filter")
-METRICS = "reports/curation.json"
+logger = logging.getLogger("stages.filter")
 SCORES = ("blur", "clipped", "clipped_inner", "texture", "entropy", "std", "border", "aesthetic", "zeroshot")
 
 
@@ -53,7 +49,7 @@ def measure(row: dict, f) -> tuple[dict, object]:
     return {"id": row["id"], **s, "reasons": quality.reject_reasons(s, f)}, img
 
 
-def score_images(ids: set[str], p, model, logger) -> tuple[list[dict], list[str], np.ndarray]:
+def score_images(ids: set[str], p, model, logger, raw: Path) -> tuple[list[dict], list[str], np.ndarray]:
     """Heuristics for every image (``filter.workers`` threads), CLIP embeddings for the readable
     ones, one batch of ``clip.batch_size`` images in memory at a time."""
     from concurrent.futures import ThreadPoolExecutor
@@ -62,7 +58,7 @@ def score_images(ids: set[str], p, model, logger) -> tuple[list[dict], list[str]
     seen = set()
 
     def unique_rows():
-        for row in shards.iter_rows(RAW, columns=["id", "image"], ids=ids):
+        for row in shards.iter_rows(raw, columns=["id", "image"], ids=ids):
             if row["id"] not in seen:
                 seen.add(row["id"])
                 yield row
@@ -85,7 +81,7 @@ def score_images(ids: set[str], p, model, logger) -> tuple[list[dict], list[str]
     bar.close()
     missing = ids - seen
     if missing:
-        raise SystemExit(f"{len(missing)} ids kept by dedupe are not in {RAW} (e.g. {sorted(missing)[0]}): "
+        raise SystemExit(f"{len(missing)} ids kept by dedupe are not in {raw} (e.g. {sorted(missing)[0]}): "
                          "rerun dedupe")
     return rows, emb_ids, np.concatenate(embs) if embs else np.zeros((0, model.dim), np.float32)
 
@@ -130,7 +126,7 @@ def to_table(rows: list[dict]) -> pa.Table:
     return pa.table(out)
 
 
-def curation_metrics(table: pa.Table, dedupe: pa.Table) -> dict:
+def curation_metrics(table: pa.Table, dedupe: pa.Table, truth_path: Path) -> dict:
     """Counts, and P/R of dedupe and of the heuristic filter when ground truth exists."""
     d_rows, f_rows = dedupe.to_pylist(), table.to_pylist()
     counts = {"raw": len({r["id"] for r in d_rows}),
@@ -138,8 +134,8 @@ def curation_metrics(table: pa.Table, dedupe: pa.Table) -> dict:
               "after_filter": sum(r["kept"] for r in f_rows),
               "rejects": dict(sorted(Counter(r["reason"] for r in f_rows if r["reason"]).items()))}
     out = {"counts": counts}
-    if Path(TRUTH).exists():
-        truth = {r["id"]: r for r in pq.read_table(TRUTH).to_pylist() if r.get("id")}
+    if truth_path.exists():
+        truth = {r["id"]: r for r in pq.read_table(truth_path).to_pylist() if r.get("id")}
         out["dedupe"] = hashing.dedupe_scores(d_rows, truth)
         for r in f_rows:
             r["reasons"] = (r["reasons"] or "").split(";") if r["reasons"] else []
@@ -149,22 +145,21 @@ def curation_metrics(table: pa.Table, dedupe: pa.Table) -> dict:
     return out
 
 
-def main() -> None:
-    p = params.load()
-    logger = log.setup("filter")
-    dedupe = pq.read_table(DEDUPE)
+def run(p: params.Params, paths: Filter = Filter()) -> dict:
+    """The whole stage; returns the curation metrics (``paths.metrics``)."""
+    dedupe = pq.read_table(paths.dedupe)
     ids = {r["id"] for r in dedupe.select(["id", "kept"]).to_pylist() if r["kept"]}
     logger.info("scoring %d images kept by dedupe", len(ids))
     model = clip_models.load_clip(p.clip, seed=p.seed)
-    rows, emb_ids, emb = score_images(ids, p, model, logger)
+    rows, emb_ids, emb = score_images(ids, p, model, logger, paths.shards)
     cuts = clip_checks(rows, emb_ids, emb, p, model, logger)
     rows.sort(key=lambda r: r["id"])
     table = to_table(rows)
-    shards.write_table(table, OUT)
-    clip_models.save_embeddings(EMBEDDINGS, emb_ids, emb, model.name)
-    metrics = curation_metrics(table, dedupe)
+    shards.write_table(table, paths.table)
+    clip_models.save_embeddings(paths.embeddings, emb_ids, emb, model.name)
+    metrics = curation_metrics(table, dedupe, paths.truth)
     metrics["cutoffs"] = {k: (v if np.isfinite(v) else None) for k, v in cuts.items()}
-    io.write_json(METRICS, metrics)
+    io.write_json(paths.metrics, metrics)
     logger.info("kept %d of %d; rejects %s", metrics["counts"]["after_filter"], len(rows),
                 metrics["counts"]["rejects"])
     if "filter" in metrics:
@@ -172,7 +167,14 @@ def main() -> None:
                     metrics["dedupe"]["precision"], metrics["dedupe"]["recall"],
                     metrics["filter"]["precision"], metrics["filter"]["recall"],
                     metrics["filter"]["good_lost"])
-    write_reports(table, cuts, p)
+    write_reports(table, cuts, p, paths)
+    return metrics
+
+
+def main() -> None:
+    p = params.load()
+    log.setup("filter")
+    run(p, Filter())
 
 
 def histograms(table: pa.Table, bins: int = 20) -> list[dict]:
@@ -187,7 +189,7 @@ def histograms(table: pa.Table, bins: int = 20) -> list[dict]:
     return out
 
 
-def write_reports(table: pa.Table, cuts: dict, p) -> None:
+def write_reports(table: pa.Table, cuts: dict, p, paths: Filter) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,7 +202,7 @@ def write_reports(table: pa.Table, cuts: dict, p) -> None:
                "border": f.border_max if f.border_detect else None, **cuts}
     hist = histograms(table)
     reasons = Counter(r for row in rows for r in (row["reasons"] or "").split(";") if r)
-    with io.atomic_dir(REPORTS / "figures") as fig_dir:
+    with io.atomic_dir(paths.reports / "figures") as fig_dir:
         fig, axes = plt.subplots(2, 5, figsize=(20, 7))
         for ax, name in zip(axes.ravel(), SCORES):
             v = np.array([x for x in table[name].to_pylist() if x is not None], float)
@@ -217,21 +219,21 @@ def write_reports(table: pa.Table, cuts: dict, p) -> None:
         fig.tight_layout()
         fig.savefig(fig_dir / "scores.png", dpi=80)
         plt.close(fig)
-        sheets(rows, fig_dir)
-    io.write_text(REPORTS / "scores.csv", "score,bin,count\n" + "".join(
+        sheets(rows, fig_dir, paths.shards)
+    io.write_text(paths.reports / "scores.csv", "score,bin,count\n" + "".join(
         f"{h['score']},{h['bin']},{h['count']}\n" for h in hist))
-    io.write_text(REPORTS / "reasons.csv", "reason,count\n" + "".join(
+    io.write_text(paths.reports / "reasons.csv", "reason,count\n" + "".join(
         f"{r},{c}\n" for r, c in sorted(reasons.items())))
 
 
-def sheets(rows: list[dict], fig_dir: Path, n: int = 32) -> None:
+def sheets(rows: list[dict], fig_dir: Path, raw: Path, n: int = 32) -> None:
     """Contact sheets: rejects with their reasons; top and bottom aesthetic scores."""
     rejects = [r for r in rows if not r["kept"] and r["reason"] != "unreadable"][:n]
     scored = sorted((r for r in rows if r["aesthetic"] is not None), key=lambda r: -r["aesthetic"])
     top, bottom = scored[:16], scored[-16:][::-1]
     want = {r["id"] for r in rejects + top + bottom}
     pics = {row["id"]: images.decode(row["image"])
-            for row in shards.iter_rows(RAW, columns=["id", "image"], ids=want)}
+            for row in shards.iter_rows(raw, columns=["id", "image"], ids=want)}
     for name, picked, label in (
             ("rejects.png", rejects, lambda r: r["reasons"]),
             ("top_aesthetic.png", top, lambda r: f"{r['aesthetic']:.3f}"),

@@ -8,6 +8,7 @@ import yaml
 from safetensors.torch import load_file
 
 from stages.core import shards
+from stages.core.paths import Encode
 from stages.models.cache import Cache
 from tests import trainkit
 
@@ -22,12 +23,11 @@ def workdir(tmp_path_factory):
              "caption": "a broken file"}]
     shards.write_shards(rows, root / "data/curated/extra", 8)
     (root / "data/curated/extra/part-00000.parquet").rename(root / "data/curated/train/part-00099.parquet")
-    trainkit.write_params(root, train__flip=True)
-    with pytest.MonkeyPatch.context() as mp, trainkit.tiny_cache(tmp_path_factory.getbasetemp() / "tiny-cache"):
-        mp.chdir(root)
+    p = trainkit.write_params(root, train__flip=True)
+    with trainkit.tiny_cache(tmp_path_factory.getbasetemp() / "tiny-cache"):
         from stages import encode
 
-        encode.main()
+        encode.run(p, Encode().under(root))  # the stage itself, no change of directory
         yield root
 
 
@@ -58,14 +58,14 @@ def test_cache_reused_across_lora_change_rebuilt_on_resolution_change(workdir, c
     from stages import encode
 
     before = mtimes(workdir / "data/cache")
-    trainkit.write_params(workdir, train__flip=True, lora__rank=16, lora__targets="all", train__lr=0.5)
-    encode.main()
+    in_workdir = Encode().under(workdir)
+    encode.run(trainkit.write_params(workdir, train__flip=True, lora__rank=16, lora__targets="all", train__lr=0.5),
+               in_workdir)
     assert mtimes(workdir / "data/cache") == before
     # DVC reruns encode only for its own params: none of them is a LoRA or optimizer key
     stage = yaml.safe_load(open(trainkit.params.ROOT / "dvc.yaml"))["stages"]["encode"]
     assert not [k for k in stage["params"] if str(k).startswith(("lora", "train.lr", "train.steps"))]
-    trainkit.write_params(workdir, train__flip=False, train__resolution=48)
-    encode.main()
+    encode.run(trainkit.write_params(workdir, train__flip=False, train__resolution=48), in_workdir)
     index = json.loads((workdir / "data/cache/index.json").read_text())
     assert index["resolution"] == 48 and index["flip"] is False
     assert (48, 48) in {(b["width"], b["height"]) for b in index["buckets"]}
