@@ -37,15 +37,17 @@ Reasons: ``unique`` (a cluster of one), ``best_of_cluster`` (the keeper of a lar
 """
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 
 from stages.core import images, io, log, params, shards
+from stages.core.paths import Dedupe
 from stages.curation import hashing, verify
 
-RAW = "data/raw/shards"
-OUT = "data/interim/dedupe.parquet"
-REPORTS = "reports/dedupe"
+logger = logging.getLogger("stages.dedupe")
 
 # (view, hash searched: 0 = pHash, 1 = dHash), each a self-search within dedupe.threshold. Measured
 # on ../shared/realart (benchmarks/bench_curation_realart.py): the fold's pHash finds flipped copies
@@ -93,7 +95,7 @@ def hash_rows(rows, cfg, progress=None) -> dict:
     return h
 
 
-def hash_raw(folder: str, cfg, logger) -> dict:
+def hash_raw(folder: Path, cfg, logger) -> dict:
     """:func:`hash_rows` over the raw shards, with a progress bar."""
     n_rows = shards.read_table(folder, columns=["id"]).num_rows
     bar = log.progress(total=n_rows, desc="hash", unit="img")
@@ -103,7 +105,7 @@ def hash_raw(folder: str, cfg, logger) -> dict:
     return h
 
 
-def raw_signatures(folder: str, workers: int):
+def raw_signatures(folder: Path, workers: int):
     """A callable: ids -> {id: signature}, decoding only those images from the shards."""
     def fetch(ids: set[str]) -> dict:
         rows = {r["id"]: r["image"] for r in shards.iter_rows(folder, columns=["id", "image"], ids=ids)}
@@ -223,7 +225,7 @@ def decide(h: dict, cfg, signatures=None) -> tuple[list[dict], dict]:
     return rows, steps
 
 
-def largest_clusters_sheet(rows: list[dict], folder: str, n_clusters: int = 8, max_cols: int = 8):
+def largest_clusters_sheet(rows: list[dict], folder: Path, n_clusters: int = 8, max_cols: int = 8):
     """Contact sheet: one row per cluster (largest first), keeper first, members side by side."""
     from collections import defaultdict
 
@@ -267,21 +269,27 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
-def main() -> None:
-    p = params.load()
-    logger = log.setup("dedupe")
+def run(p: params.Params, paths: Dedupe = Dedupe()) -> dict:
+    """The whole stage; returns the summary (``paths.reports``/summary.json)."""
     cfg = p.dedupe
-    h = hash_raw(RAW, cfg, logger)
-    rows, steps = decide(h, cfg, raw_signatures(RAW, cfg.workers))
-    shards.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), OUT)
+    h = hash_raw(paths.shards, cfg, logger)
+    rows, steps = decide(h, cfg, raw_signatures(paths.shards, cfg.workers))
+    shards.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), paths.table)
     summary = {**summarize(rows), "pairs": steps}
     logger.info("kept %d of %d; %s", summary["kept"], summary["rows"], summary["by_reason"])
-    with io.atomic_dir(REPORTS) as tmp:
+    with io.atomic_dir(paths.reports) as tmp:
         io.write_json(tmp / "summary.json", summary)
         csv = "cluster_size,clusters\n" + "".join(
             f"{s},{c}\n" for s, c in summary["cluster_size_histogram"].items())
         io.write_text(tmp / "cluster_sizes.csv", csv)
-        largest_clusters_sheet(rows, RAW).save(tmp / "largest_clusters.png")
+        largest_clusters_sheet(rows, paths.shards).save(tmp / "largest_clusters.png")
+    return summary
+
+
+def main() -> None:
+    p = params.load()
+    log.setup("dedupe")
+    run(p, Dedupe())
 
 
 if __name__ == "__main__":
