@@ -27,15 +27,12 @@ from stages.core import log as logs
 from stages.core import params, shards
 from stages.core.images import decode
 from stages.core.io import atomic_dir, write_json, write_text
+from stages.core.paths import Caption
 from stages.curation import captions
 from stages.data.holdout import split_holdout
 from stages.models import tokens
 from stages.models.captioner import Captioner
 
-RAW = Path("data/raw/shards")
-FILTER = Path("data/interim/filter.parquet")
-OUT = Path("data/curated")
-REPORTS = Path("reports/caption")
 SPLITS = ("train", "holdout")
 IMAGEFOLDER_SPLIT = {"train": "train", "holdout": "test"}  # names datasets' imagefolder recognises
 PREVIEW_PER_SPLIT = 12
@@ -149,11 +146,11 @@ def write_reports(out: Path, records: list[dict], thumbs: list, stats: dict) -> 
     write_text(out / "preview.md", "\n".join(lines) + "\n")
 
 
-def run(p: params.Params, raw: Path = RAW, filter_path: Path = FILTER, out_dir: Path = OUT,
-        report_dir: Path = REPORTS, describe=None) -> dict:
+def run(p: params.Params, paths: Caption = Caption(), describe=None) -> dict:
     """The whole stage; ``describe`` overrides the VLM (tests)."""
     cfg = p.caption
     captions.template_fields(cfg.template)  # a broken template fails before any work
+    raw, filter_path = paths.shards, paths.filter
     ids = kept_ids(filter_path)
     meta = shards.read_table(raw, columns=["id", "artist"], ids=ids)
     found = set(meta["id"].to_pylist())
@@ -175,7 +172,7 @@ def run(p: params.Params, raw: Path = RAW, filter_path: Path = FILTER, out_dir: 
 
     records: list[dict] = []
     thumbs: list = []
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(paths.curated) as tmp:
         for name in SPLITS:
             members = {i for i, s in split.items() if s == name}
             shards.write_shards(_captioned(raw, members, name, p, describe, records, thumbs),
@@ -200,7 +197,7 @@ def run(p: params.Params, raw: Path = RAW, filter_path: Path = FILTER, out_dir: 
         log.warning("%d captions exceed T5's %d tokens and will be cut", stats["t5_truncated"], tokens.T5_MAX_TOKENS)
     log.info("captions by origin %s; over CLIP's 77 tokens: %d; over T5's 512: %d",
              stats["by_origin"], stats["clip_truncated"], stats["t5_truncated"])
-    with atomic_dir(report_dir) as tmp:
+    with atomic_dir(paths.reports) as tmp:
         write_reports(tmp, records, thumbs, stats)
     return stats
 
@@ -208,7 +205,7 @@ def run(p: params.Params, raw: Path = RAW, filter_path: Path = FILTER, out_dir: 
 def main() -> None:
     p = params.load()
     logs.setup("caption")
-    run(p)
+    run(p, Caption())
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 split and the curated outputs (shards, split table, imagefolder export, reports)."""
 import json
 import re
+from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,6 +12,7 @@ from PIL import Image
 from stages import caption as stage
 from stages.core import params, shards
 from stages.core.images import encode_png
+from stages.core.paths import Caption
 from stages.curation import captions
 from stages.data.holdout import split_holdout
 from stages.models import tokens
@@ -158,14 +160,14 @@ def _fixture(tmp_path, n=12, holdout=0.25, **caption):
     raw_p["data"].update(holdout=holdout, shard_rows=4)
     raw_p["caption"].update(caption)
     p = params.validate(raw_p)
-    paths = dict(raw=raw, filter_path=filt, out_dir=tmp_path / "curated", report_dir=tmp_path / "reports")
+    paths = Caption(shards=raw, filter=filt, curated=tmp_path / "curated", reports=tmp_path / "reports")
     return p, paths, rows
 
 
 def test_stage_writes_curated_split_and_reports(tmp_path):
     p, paths, rows = _fixture(tmp_path, export_imagefolder=True)
-    stats = stage.run(p, **paths)
-    cur = paths["out_dir"]
+    stats = stage.run(p, paths)
+    cur = paths.curated
     train = shards.read_table(cur / "train")
     hold = shards.read_table(cur / "holdout")
     assert train.schema.equals(shards.IMAGE_SCHEMA) and hold.schema.equals(shards.IMAGE_SCHEMA)
@@ -184,7 +186,7 @@ def test_stage_writes_curated_split_and_reports(tmp_path):
 
     assert stats["images"] == 11 and stats["by_origin"] == {"existing": 1, "template": 10}
     assert stats["clip_truncated"] == 0 and stats["t5_truncated"] == 0
-    rep = paths["report_dir"]
+    rep = paths.reports
     assert json.loads((rep / "stats.json").read_text())["by_split"] == {"train": 8, "holdout": 3}
     assert (rep / "lengths.png").stat().st_size > 1000
     preview = (rep / "preview.md").read_text()
@@ -202,7 +204,7 @@ def test_stage_writes_curated_split_and_reports(tmp_path):
 
     # determinism: a rerun gives the same split and the same shard bytes
     before = (cur / "train" / "part-00000.parquet").read_bytes()
-    stage.run(p, **paths)
+    stage.run(p, paths)
     assert (cur / "train" / "part-00000.parquet").read_bytes() == before
     assert pq.read_table(cur / "split.parquet").to_pydict() == split
 
@@ -216,29 +218,29 @@ def test_stage_combined_backend_with_a_stub_describer(tmp_path):
         calls.append(len(images))
         return [f"a {im.width}px wide field" for im in images]
 
-    stats = stage.run(p, describe=describe, **paths)
+    stats = stage.run(p, paths, describe=describe)
     assert calls and max(calls) <= 2 and sum(calls) == 5
     assert stats["by_origin"] == {"combined": 5} and stats["by_split"] == {"train": 5}
-    caps = shards.read_table(paths["out_dir"] / "train")["caption"].to_pylist()
+    caps = shards.read_table(paths.curated / "train")["caption"].to_pylist()
     assert all(re.match(r"a \d+px wide field, scene \d+(, by \w+)?, impressionism style$", c) for c in caps)
-    assert shards.read_table(paths["out_dir"] / "holdout").num_rows == 0
+    assert shards.read_table(paths.curated / "holdout").num_rows == 0
 
 
 def test_stage_rejects_bad_inputs(tmp_path):
     p, paths, rows = _fixture(tmp_path, n=4)
-    shards.write_table(pa.table({"id": ["deadbeef"], "kept": [True], "reason": [None]}), paths["filter_path"])
+    shards.write_table(pa.table({"id": ["deadbeef"], "kept": [True], "reason": [None]}), paths.filter)
     with pytest.raises(SystemExit, match="not in"):
-        stage.run(p, **paths)
-    shards.write_table(pa.table({"id": [r["id"] for r in rows], "kept": [False] * 4}), paths["filter_path"])
+        stage.run(p, paths)
+    shards.write_table(pa.table({"id": [r["id"] for r in rows], "kept": [False] * 4}), paths.filter)
     with pytest.raises(SystemExit, match="kept no images"):
-        stage.run(p, **paths)
+        stage.run(p, paths)
     with pytest.raises(SystemExit, match="filter stage"):
-        stage.run(p, **{**paths, "filter_path": tmp_path / "missing.parquet"})
+        stage.run(p, replace(paths, filter=tmp_path / "missing.parquet"))
     vlm = params.validate({**p.model_dump(), "caption": {**p.caption.model_dump(), "backend": "vlm"}})
-    shards.write_table(pa.table({"id": [r["id"] for r in rows], "kept": [True] * 4}), paths["filter_path"])
+    shards.write_table(pa.table({"id": [r["id"] for r in rows], "kept": [True] * 4}), paths.filter)
     with pytest.raises(SystemExit, match="caption.model"):
-        stage.run(vlm, **paths)
-    assert not paths["out_dir"].exists()
+        stage.run(vlm, paths)
+    assert not paths.curated.exists()
 
 
 def test_clip_counts_are_open_clips_tokenizer_on_hard_text():
@@ -256,14 +258,14 @@ def test_user_captions_keep_their_words_get_the_trigger_once_and_repeats_carry_o
     p, paths, rows = _fixture(tmp_path, n=6, holdout=0.0)
     rows[2].update(caption="a haystack at dusk", repeats=10)
     rows[3].update(caption="poplars, Impressionism Style", repeats=3)
-    shards.write_shards(rows, paths["raw"], shard_rows=5)
-    stage.run(p, **paths)
-    out = {r["id"]: r for r in shards.read_table(paths["out_dir"] / "train").to_pylist()}
+    shards.write_shards(rows, paths.shards, shard_rows=5)
+    stage.run(p, paths)
+    out = {r["id"]: r for r in shards.read_table(paths.curated / "train").to_pylist()}
     assert out[rows[2]["id"]]["caption"] == "a haystack at dusk, impressionism style"
     assert out[rows[3]["id"]]["caption"] == "poplars, Impressionism Style"  # already there: not twice
     assert out[rows[4]["id"]]["caption"].startswith("scene 4")  # no user caption: the template
     assert (out[rows[2]["id"]]["repeats"], out[rows[3]["id"]]["repeats"], out[rows[4]["id"]]["repeats"]) == (10, 3, None)
     p2 = params.validate({**p.model_dump(), "caption": {**p.caption.model_dump(), "keep_existing": False}})
     stage.run(p2, **paths)
-    out = {r["id"]: r for r in shards.read_table(paths["out_dir"] / "train").to_pylist()}
+    out = {r["id"]: r for r in shards.read_table(paths.curated / "train").to_pylist()}
     assert out[rows[2]["id"]]["caption"].startswith("scene 2")  # configured: templates win

@@ -8,6 +8,7 @@ from PIL import Image
 from stages import caption as stage
 from stages.core import params, shards
 from stages.core.images import encode_png
+from stages.core.paths import Caption
 from stages.models.captioner import Captioner
 
 WORDS = "a the of river boat tree sky sun field bridge picture painting with and in on".split()
@@ -152,8 +153,8 @@ def test_stage_vlm_backend_loads_the_model_by_path(tmp_path, tiny_blip):
     raw["data"]["holdout"] = 0.34
     raw["caption"].update(backend="vlm", model=str(tiny_blip), prompt="a picture of", max_new_tokens=5,
                           template="{title} by {artist}", batch_size=4, trigger="sks")
-    stats = stage.run(params.validate(raw), raw=tmp_path / "raw", filter_path=tmp_path / "filter.parquet",
-                      out_dir=tmp_path / "curated", report_dir=tmp_path / "reports")
+    stats = stage.run(params.validate(raw), Caption(shards=tmp_path / "raw", filter=tmp_path / "filter.parquet",
+                                                    curated=tmp_path / "curated", reports=tmp_path / "reports"))
     assert stats["images"] == 6 and stats["by_split"] == {"train": 4, "holdout": 2}
     assert stats["by_origin"] == {"vlm": 5, "template (vlm failed: undecodable image)": 1}
     table = pa.concat_tables([shards.read_table(tmp_path / "curated" / s) for s in ("train", "holdout")])
