@@ -80,6 +80,7 @@ class Train(StagePaths):
     lora: Path = out("models/lora")
     reports: Path = out("reports/train")             # loss.tsv (DVC plot), validation/
     checkpoints: Path = local("models/checkpoints")  # resume state: gitignored, not a DVC output
+    snapshots: Path = local("models/snapshots")      # train.save_every adapters: gitignored, not a DVC output
     timings: Path = local("reports/train/timings.tsv")
     run_file: Path = local("reports/mlflow_run.json")
 
