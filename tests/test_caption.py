@@ -266,6 +266,6 @@ def test_user_captions_keep_their_words_get_the_trigger_once_and_repeats_carry_o
     assert out[rows[4]["id"]]["caption"].startswith("scene 4")  # no user caption: the template
     assert (out[rows[2]["id"]]["repeats"], out[rows[3]["id"]]["repeats"], out[rows[4]["id"]]["repeats"]) == (10, 3, None)
     p2 = params.validate({**p.model_dump(), "caption": {**p.caption.model_dump(), "keep_existing": False}})
-    stage.run(p2, **paths)
+    stage.run(p2, paths)
     out = {r["id"]: r for r in shards.read_table(paths.curated / "train").to_pylist()}
     assert out[rows[2]["id"]]["caption"].startswith("scene 2")  # configured: templates win

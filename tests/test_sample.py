@@ -9,8 +9,8 @@ from PIL import Image
 
 from stages import sample
 from stages.core import params
-from tests.samplekit import PROMPTS
-from tests.stagerun import write_params
+from tests.samplekit import PROMPTS, make_adapter
+from tests.stagerun import run_stage, write_params
 
 def test_read_prompts(tmp_path):
     f = tmp_path / "p.txt"
@@ -80,12 +80,10 @@ def test_adapter_step_renders_a_snapshot_and_names_the_saved_steps(tmp_path, mon
 
     from stages.models import snapshots
 
-    raw = params.Params().model_dump()
-    raw["sample"].update(prompts="prompts.txt", seeds=[0], steps=1, lora_scales=[1.0], adapter_step=4)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    sampling = ["sample.prompts=prompts.txt", "sample.seeds=[0]", "sample.steps=1", "sample.lora_scales=[1.0]"]
+    p = write_params(tmp_path, *sampling, "sample.adapter_step=4")
     (tmp_path / "prompts.txt").write_text("a bowl of pears\n")
     monkeypatch.chdir(tmp_path)
-    p = params.validate(raw)
     make_adapter(p, tmp_path / "models/lora")
     with pytest.raises(SystemExit, match=r"adapter_step=4.*saved steps: none"):
         sample.main()
@@ -96,7 +94,6 @@ def test_adapter_step_renders_a_snapshot_and_names_the_saved_steps(tmp_path, mon
     index = json.loads((tmp_path / "reports/samples/index.json").read_text())
     assert index["adapter_step"] == 4
     assert index["adapter_sha256"] == hashlib.sha256((snap / sample.LORA_FILE).read_bytes()).hexdigest()
-    raw["sample"]["adapter_step"] = 2
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    write_params(tmp_path, *sampling, "sample.adapter_step=2")
     with pytest.raises(SystemExit, match=r"saved steps: \[4\]"):
         sample.main()
