@@ -17,6 +17,7 @@ Writes ``reports/samples/``: ``images/p00-s0-l0.50.png``..., ``grids/seed-<seed>
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from pathlib import Path
 
@@ -25,13 +26,13 @@ import torch
 from stages.core import log, params, tracking
 from stages.core.device import default_device
 from stages.core.io import atomic_dir, write_json
+from stages.core.paths import Sample
 from stages.core.prompts import read_prompts, with_trigger  # noqa: F401 - sample.read_prompts is public
 from stages.models import snapshots
 
-OUT = Path("reports/samples")
-LORA_DIR = Path("models/lora")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 ADAPTER = "style"
+logger = logging.getLogger("stages.sample")
 
 
 def scale_label(scale: float) -> str:
@@ -63,27 +64,16 @@ def grid(rows: list[list], row_labels: list[str], col_labels: list[str], title: 
     return sheet
 
 
-def main() -> None:
-    p = params.load()
-    logger = log.setup("sample")
-    sp = p.sample
-    prompts = read_prompts(sp.prompts)
-    scales = sorted({float(s) for s in sp.lora_scales})
-    lora_dir = snapshots.resolve(sp.adapter_step, LORA_DIR)  # sample.adapter_step: a train.save_every snapshot
-    adapter = lora_dir / LORA_FILE
-    if any(s > 0 for s in scales) and not adapter.exists():
-        raise SystemExit(f"no adapter at {adapter}: run the train stage first (dvc repro train)")
-    full = [with_trigger(pr, p.caption.trigger) for pr in prompts]
-    logger.info("%d prompts x %d seeds x scales %s at %d px, %d steps, guidance %g", len(prompts),
-                len(sp.seeds), scales, sp.resolution, sp.steps, sp.guidance)
-
+def render_latents(p: params.Params, full: list[str], jobs: list[tuple[int, int]], scales: list[float],
+                   lora_dir: Path, device) -> dict:
+    """Latents per LoRA scale for every (prompt, seed) job: 1. the prompt embeddings, with the text
+    encoders alone on the device; 2. the latents, with the transformer (+ adapter) alone."""
     from stages.models import flux, memory, render
 
+    sp = p.sample
     t0 = time.perf_counter()
-    device = default_device()
     plan = memory.plan(p.model, device)
     flux.preflight("sample", p, device, plan)
-    jobs = [(pi, seed) for pi in range(len(prompts)) for seed in sp.seeds]
     # 1. prompt embeddings, with the text encoders alone on the device
     embeds, pooled = render.embed_prompts(p.model, full, p.train.max_sequence_length, plan, device=device)
     rows = torch.tensor([pi for pi, _ in jobs])
@@ -112,10 +102,18 @@ def main() -> None:
     bar.close()
     del pipe
     render.free_memory()
-    # 3. images, with the VAE alone on the device
+    return latents
+
+
+def write_samples(p: params.Params, out: Path, prompts: list[str], full: list[str], jobs: list[tuple[int, int]],
+                  scales: list[float], latents: dict, adapter: Path, device) -> dict:
+    """3. images, with the VAE alone on the device; the grids and ``index.json`` (returned) in ``out``."""
+    from stages.models import flux, render
+
+    sp = p.sample
     vae = flux.load_vae(p.model, device=device)
     records, by_scale = [], {}
-    with atomic_dir(OUT) as tmp:
+    with atomic_dir(out) as tmp:
         (tmp / "images").mkdir()
         (tmp / "grids").mkdir()
         for scale in scales:
@@ -133,17 +131,46 @@ def main() -> None:
             name = f"grids/seed-{seed}.png"
             grid(rows, prompts, [scale_label(s) for s in scales], f"seed {seed}").save(tmp / name)
             grids.append({"file": name, "seed": seed})
-        write_json(tmp / "index.json", {
+        index = {
             "prompts": prompts, "trigger": p.caption.trigger, "seeds": list(sp.seeds), "scales": scales,
             "steps": sp.steps, "guidance": sp.guidance, "resolution": sp.resolution,
             "model": p.model.base, "revision": p.model.revision, "adapter_step": sp.adapter_step,
             "adapter_sha256": hashlib.sha256(adapter.read_bytes()).hexdigest() if adapter.exists() else None,
-            "images": records, "grids": grids})
-    logger.info("wrote %d images and %d grids to %s in %.1f s", len(records), len(grids), OUT,
-                time.perf_counter() - t0)
+            "images": records, "grids": grids}
+        write_json(tmp / "index.json", index)
+    return index
+
+
+def run(p: params.Params, paths: Sample = Sample()) -> dict:
+    """The whole stage; returns the index written to ``paths.samples``/index.json."""
+    sp = p.sample
+    prompts = read_prompts(sp.prompts)
+    scales = sorted({float(s) for s in sp.lora_scales})
+    lora_dir = snapshots.resolve(sp.adapter_step, paths.lora, paths.snapshots)  # a train.save_every snapshot
+    adapter = lora_dir / LORA_FILE
+    if any(s > 0 for s in scales) and not adapter.exists():
+        raise SystemExit(f"no adapter at {adapter}: run the train stage first (dvc repro train)")
+    full = [with_trigger(pr, p.caption.trigger) for pr in prompts]
+    logger.info("%d prompts x %d seeds x scales %s at %d px, %d steps, guidance %g", len(prompts),
+                len(sp.seeds), scales, sp.resolution, sp.steps, sp.guidance)
+    t0 = time.perf_counter()
+    device = default_device()
+    jobs = [(pi, seed) for pi in range(len(prompts)) for seed in sp.seeds]
+    latents = render_latents(p, full, jobs, scales, lora_dir, device)
+    index = write_samples(p, paths.samples, prompts, full, jobs, scales, latents, adapter, device)
+    logger.info("wrote %d images and %d grids to %s in %.1f s", len(index["images"]), len(index["grids"]),
+                paths.samples, time.perf_counter() - t0)
+    return index
+
+
+def main() -> None:
+    p = params.load()
+    log.setup("sample")
+    paths = Sample()
+    index = run(p, paths)
     with tracking.run("sample", p):
-        tracking.log_artifacts([OUT / g["file"] for g in grids], artifact_path="samples/grids")
-        tracking.log_artifacts([OUT / "index.json"], artifact_path="samples")
+        tracking.log_artifacts([paths.samples / g["file"] for g in index["grids"]], artifact_path="samples/grids")
+        tracking.log_artifacts([paths.samples / "index.json"], artifact_path="samples")
 
 
 if __name__ == "__main__":

@@ -88,6 +88,7 @@ class Train(StagePaths):
 @dataclass(frozen=True)
 class Sample(StagePaths):
     lora: Path = inp("models/lora")
+    snapshots: Path = local("models/snapshots")       # sample.adapter_step renders one of train's snapshots
     samples: Path = out("reports/samples")            # the prompt file is a param: sample.prompts
 
 

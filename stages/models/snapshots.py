@@ -17,9 +17,10 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from stages.core import paths
 from stages.core.io import atomic_dir, write_json
 
-SNAPSHOTS = Path("models/snapshots")
+SNAPSHOTS = paths.Train().snapshots  # the default root (stages/core/paths.py)
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
 log = logging.getLogger(__name__)
