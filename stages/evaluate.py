@@ -22,8 +22,11 @@ reports/plots/{traits,sweep}.csv (DVC plots) and reports/report.html.
 """
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -31,26 +34,20 @@ from PIL import Image
 from stages.core import images as core_images
 from stages.core import log, params, registry, shards, tracking
 from stages.core.io import atomic_dir, read_json, write_json
+from stages.core.paths import Evaluate
 from stages.metrics import ab, fidelity, report, style, traits, vocab
 
-SAMPLES = Path("reports/samples")
-HOLDOUT = Path("data/curated/holdout")
-EMBEDDINGS = Path("data/interim/clip_embeddings.safetensors")
-METRICS = Path("reports/metrics.json")  # the headline (vocab.HEADLINE): what `dvc exp show` compares
-EVAL = Path("reports/eval")
-METRICS_ALL = EVAL / "metrics_all.json"  # every metric (a plain output, not a DVC metric)
-REPORT = Path("reports/report.html")
-PLOTS = Path("reports/plots")  # DVC plots (CSV); outside reports/eval, DVC outputs may not overlap
+logger = logging.getLogger("stages.evaluate")
 
 
 HOLDOUT_SIDE = 512  # held-out paintings are kept in memory at most this large (CLIP sees 224 px)
 
 
-def load_holdout(logger) -> tuple[list[str], list[Image.Image]]:
+def load_holdout(folder: Path) -> tuple[list[str], list[Image.Image]]:
     """Decode the held-out paintings, each shrunk to HOLDOUT_SIDE on its long side (WikiArt scans
     run to several megapixels; a thousand of them at full size would not fit in memory)."""
     ids, imgs = [], []
-    for row in shards.iter_rows(HOLDOUT, columns=["id", "image"]):
+    for row in shards.iter_rows(folder, columns=["id", "image"]):
         try:
             img = core_images.decode(row["image"])
             img.thumbnail((HOLDOUT_SIDE, HOLDOUT_SIDE), Image.LANCZOS)
@@ -59,19 +56,19 @@ def load_holdout(logger) -> tuple[list[str], list[Image.Image]]:
         except Exception as err:  # a broken held-out image is skipped, loudly
             logger.warning("held-out image %s unreadable (%s): skipped", row["id"], err)
     if len(imgs) < 2:
-        raise SystemExit(f"{HOLDOUT}: {len(imgs)} held-out images; need at least 2 (raise data.holdout)")
+        raise SystemExit(f"{folder}: {len(imgs)} held-out images; need at least 2 (raise data.holdout)")
     return ids, imgs
 
 
-def holdout_clip_embeddings(clip, ids, imgs, logger) -> np.ndarray:
-    """Reuse the filter stage's cached embeddings when they come from the same CLIP model."""
+def holdout_clip_embeddings(clip, ids, imgs, cache: Path) -> np.ndarray:
+    """Reuse the filter stage's cached embeddings (``cache``) when they come from the same CLIP model."""
     from stages.models.clip import load_embeddings
 
-    if EMBEDDINGS.exists():
-        cached_ids, emb, model = load_embeddings(EMBEDDINGS)
+    if cache.exists():
+        cached_ids, emb, model = load_embeddings(cache)
         row = {i: k for k, i in enumerate(cached_ids)}
         if model == clip.name and all(i in row for i in ids):
-            logger.info("held-out CLIP embeddings from %s", EMBEDDINGS)
+            logger.info("held-out CLIP embeddings from %s", cache)
             return emb[[row[i] for i in ids]]
         logger.info("embedding cache is for %r / misses ids: re-embedding the held-out set", model)
     return clip.embed_images(imgs)
@@ -112,60 +109,78 @@ def clean(d: dict) -> dict:
                 round(v, 6) if isinstance(v, float) else v) for k, v in d.items()}
 
 
-def main() -> None:
-    p = params.load()
-    logger = log.setup("evaluate")
-    from stages.models import aesthetic
-    from stages.models.clip import load_clip
-
-    if not (SAMPLES / "index.json").exists():
-        raise SystemExit(f"no {SAMPLES}/index.json: run the sample stage first (dvc repro sample)")
-    index = read_json(SAMPLES / "index.json")
+def read_index(samples: Path) -> tuple[dict, list[float]]:
+    """The sample stage's index and its LoRA scales (the base, 0, and at least one more)."""
+    if not (samples / "index.json").exists():
+        raise SystemExit(f"no {samples}/index.json: run the sample stage first (dvc repro sample)")
+    index = read_json(samples / "index.json")
     scales = sorted({float(im["scale"]) for im in index["images"]})
     if 0.0 not in scales or len(scales) < 2:
-        raise SystemExit(f"{SAMPLES}/index.json needs base (scale 0) and LoRA samples; scales = {scales}")
-    lora_scale = scales[-1]
-    hold_ids, hold_imgs = load_holdout(logger)
-    clip = load_clip(p.clip, seed=p.seed)
-    head = aesthetic.load_aesthetic_head(p.filter.aesthetic.head, clip.dim, seed=p.seed, device=clip.device)
-    csd = None
-    if p.eval.csd_weights:
-        from stages.metrics.csd import load_csd
-        csd = load_csd(p.eval.csd_weights, p.eval.csd_model, device=clip.device)
-    notes = [f"style embeddings: {csd.name if csd else clip.name} (CLIP image embeddings; set "
-             "eval.csd_weights for CSD)" if not csd else f"style embeddings: {csd.name}"]
+        raise SystemExit(f"{samples}/index.json needs base (scale 0) and LoRA samples; scales = {scales}")
+    return index, scales
 
-    hold_clip = holdout_clip_embeddings(clip, hold_ids, hold_imgs, logger)
-    hold_style = csd.embed_images(hold_imgs) if csd else hold_clip
-    metrics = {"n_holdout": len(hold_imgs), "lora_scale": lora_scale}
-    hold_metrics, hold_traits = set_metrics("holdout", hold_style, hold_style, hold_imgs,
-                                            head.score(hold_clip), None, p.eval.trait_size)
-    metrics.update(hold_metrics)
-    sweep, per_image = [], []
-    for scale in log.progress(scales, desc="evaluate scales", unit="scale"):
-        recs = [im for im in index["images"] if float(im["scale"]) == scale]
-        imgs = [core_images.load(SAMPLES / r["file"]) for r in recs]
-        img_clip = clip.embed_images(imgs)
-        sty = csd.embed_images(imgs) if csd else img_clip
-        txt = clip.embed_texts([r["prompt"] for r in recs])
-        aest = head.score(img_clip)
-        name = "base" if scale == 0 else "lora" if scale == lora_scale else f"scale{scale:g}"
-        m, _ = set_metrics(name, sty, hold_style, imgs, aest, [r["prompt_index"] for r in recs],
-                           p.eval.trait_size, hold_traits)
-        m[f"clip_score_{name}"] = fidelity.clip_score(img_clip, txt)
-        m[f"kid_{name}"], kid_std, kid_n = fidelity.kid(hold_style, sty, p.eval.kid_subset_size, seed=p.seed)
-        if min(len(sty), len(hold_style)) >= p.eval.fid_min_samples:
-            m[f"fid_{name}"] = fidelity.fid(hold_style, sty)
-        sweep.append({"scale": scale, **{k.rsplit("_", 1)[0]: v for k, v in m.items()}})
-        if name in ("base", "lora"):
-            metrics.update(m)
-            metrics[f"n_{name}"] = len(imgs)
-        notes.append(f"KID {name}: subset size {kid_n}, std over subsets {kid_std:.4g}")
-        per_image += [{**r, "aesthetic": float(a), "clip_score": fidelity.clip_score(e[None], t[None])}
-                      for r, a, e, t in zip(recs, aest, img_clip, txt)]
-    if "fid_lora" not in metrics:
-        notes.append(f"FID omitted: needs >= eval.fid_min_samples = {p.eval.fid_min_samples} images per "
-                     f"set (held-out {len(hold_imgs)}, samples {metrics['n_lora']} per scale)")
+
+@dataclass
+class Embedders:
+    """The models evaluate measures with: CLIP, the aesthetic head on CLIP, CSD when configured."""
+    clip: object
+    head: object
+    csd: Optional[object] = None
+
+    @classmethod
+    def load(cls, p: params.Params) -> "Embedders":
+        from stages.models import aesthetic
+        from stages.models.clip import load_clip
+
+        clip = load_clip(p.clip, seed=p.seed)
+        head = aesthetic.load_aesthetic_head(p.filter.aesthetic.head, clip.dim, seed=p.seed, device=clip.device)
+        csd = None
+        if p.eval.csd_weights:
+            from stages.metrics.csd import load_csd
+            csd = load_csd(p.eval.csd_weights, p.eval.csd_model, device=clip.device)
+        return cls(clip, head, csd)
+
+    def style(self, imgs, clip_embeddings: np.ndarray) -> np.ndarray:
+        """Style embeddings: CSD's when loaded, else the CLIP image embeddings."""
+        return self.csd.embed_images(imgs) if self.csd else clip_embeddings
+
+    def note(self) -> str:
+        return f"style embeddings: {self.csd.name}" if self.csd else \
+            f"style embeddings: {self.clip.name} (CLIP image embeddings; set eval.csd_weights for CSD)"
+
+
+@dataclass
+class Reference:
+    """The held-out paintings, measured once: what every sample set is compared against."""
+    ids: list[str]
+    imgs: list
+    clip: np.ndarray
+    style: np.ndarray
+    traits: dict = field(default_factory=dict)
+
+
+def measure_scale(p: params.Params, name: str, recs: list[dict], samples: Path, models: Embedders,
+                  ref: Reference) -> tuple[dict, list[dict], str]:
+    """The metrics of one LoRA scale's samples (``name``: base, lora or scale<s>), per-image rows
+    for details.json and a note on KID."""
+    imgs = [core_images.load(samples / r["file"]) for r in recs]
+    img_clip = models.clip.embed_images(imgs)
+    sty = models.style(imgs, img_clip)
+    txt = models.clip.embed_texts([r["prompt"] for r in recs])
+    aest = models.head.score(img_clip)
+    m, _ = set_metrics(name, sty, ref.style, imgs, aest, [r["prompt_index"] for r in recs],
+                       p.eval.trait_size, ref.traits)
+    m[f"clip_score_{name}"] = fidelity.clip_score(img_clip, txt)
+    m[f"kid_{name}"], kid_std, kid_n = fidelity.kid(ref.style, sty, p.eval.kid_subset_size, seed=p.seed)
+    if min(len(sty), len(ref.style)) >= p.eval.fid_min_samples:
+        m[f"fid_{name}"] = fidelity.fid(ref.style, sty)
+    per_image = [{**r, "aesthetic": float(a), "clip_score": fidelity.clip_score(e[None], t[None])}
+                 for r, a, e, t in zip(recs, aest, img_clip, txt)]
+    return m, per_image, f"KID {name}: subset size {kid_n}, std over subsets {kid_std:.4g}"
+
+
+def compare(metrics: dict) -> dict:
+    """LoRA - base deltas and the CLIP-score ratio, then the flat, ordered, JSON-clean dict."""
     for key in [k for k in metrics if k.endswith("_lora")]:
         stem = key[: -len("_lora")]
         raw_trait = stem.startswith("trait_") and not stem.endswith("_dist")  # only distances compare
@@ -173,26 +188,69 @@ def main() -> None:
             metrics[stem + "_delta"] = metrics[key] - metrics[stem + "_base"]
     metrics["clip_score_ratio"] = metrics["clip_score_lora"] / metrics["clip_score_base"] \
         if metrics["clip_score_base"] else float("nan")
-    metrics = clean(ordered(metrics))
+    return clean(ordered(metrics))
 
-    with atomic_dir(EVAL) as tmp:
-        report.write_trait_plot(metrics, PLOTS / "traits.csv", tmp / "traits.png")
-        report.write_csv(PLOTS / "sweep.csv", [clean(r) for r in sweep])
-        report.write_loss_plot(Path("reports/train/loss.tsv"), tmp / "loss.png")
-        ab.build_page(SAMPLES, tmp / "abtest", tmp / "abtest-key.json", p.eval.ab_scale, seed=p.seed)
-        write_json(tmp / METRICS_ALL.name, metrics)
-        write_json(tmp / "details.json", {"notes": notes, "clip": clip.name, "holdout_ids": hold_ids,
-                                          "images": per_image})
-    write_json(METRICS, vocab.headline(metrics))
-    report.write_report(REPORT, metrics, notes, index, p)
+
+def run(p: params.Params, paths: Evaluate = Evaluate()) -> dict:
+    """The whole stage; returns the metrics written to ``paths.metrics``."""
+    index, scales = read_index(paths.samples)
+    lora_scale = scales[-1]
+    models = Embedders.load(p)
+    ids, imgs = load_holdout(paths.curated / "holdout")
+    hold_clip = holdout_clip_embeddings(models.clip, ids, imgs, paths.embeddings)
+    ref = Reference(ids, imgs, hold_clip, models.style(imgs, hold_clip))
+    metrics = {"n_holdout": len(imgs), "lora_scale": lora_scale}
+    hold_metrics, ref.traits = set_metrics("holdout", ref.style, ref.style, imgs, models.head.score(hold_clip),
+                                           None, p.eval.trait_size)
+    metrics.update(hold_metrics)
+    notes, sweep, per_image = [models.note()], [], []
+    for scale in log.progress(scales, desc="evaluate scales", unit="scale"):
+        name = "base" if scale == 0 else "lora" if scale == lora_scale else f"scale{scale:g}"
+        recs = [im for im in index["images"] if float(im["scale"]) == scale]
+        m, rows, note = measure_scale(p, name, recs, paths.samples, models, ref)
+        sweep.append({"scale": scale, **{k.rsplit("_", 1)[0]: v for k, v in m.items()}})
+        if name in ("base", "lora"):
+            metrics.update(m)
+            metrics[f"n_{name}"] = len(recs)
+        notes.append(note)
+        per_image += rows
+    if "fid_lora" not in metrics:
+        notes.append(f"FID omitted: needs >= eval.fid_min_samples = {p.eval.fid_min_samples} images per "
+                     f"set (held-out {len(imgs)}, samples {metrics['n_lora']} per scale)")
+    metrics = compare(metrics)
+    write_outputs(p, paths, metrics, sweep, {"notes": notes, "clip": models.clip.name, "holdout_ids": ids,
+                                             "images": per_image}, index)
     logger.info("style centroid cos: held-out %.3f, base %.3f, LoRA %.3f; CLIP score ratio %.3f",
                 *(metrics.get(k) or float("nan") for k in ("style_centroid_holdout", "style_centroid_base",
                                                            "style_centroid_lora", "clip_score_ratio")))
+    return metrics
+
+
+def write_outputs(p: params.Params, paths: Evaluate, metrics: dict, sweep: list[dict], details: dict,
+                  index: dict) -> None:
+    """reports/eval/ (plots, the A/B page, metrics_all.json, details.json), the DVC plots, the headline
+    metrics.json, report.html."""
+    with atomic_dir(paths.eval) as tmp:
+        report.write_trait_plot(metrics, paths.plots / "traits.csv", tmp / "traits.png")
+        report.write_csv(paths.plots / "sweep.csv", [clean(r) for r in sweep])
+        report.write_loss_plot(paths.loss, tmp / "loss.png")
+        ab.build_page(paths.samples, tmp / "abtest", tmp / "abtest-key.json", p.eval.ab_scale, seed=p.seed)
+        write_json(tmp / "metrics_all.json", metrics)  # every metric (a plain output, not a DVC metric)
+        write_json(tmp / "details.json", details)
+    write_json(paths.metrics, vocab.headline(metrics))  # the headline (vocab.HEADLINE): what `dvc exp show` compares
+    report.write_report(paths.report, metrics, details["notes"], index, p)
+
+
+def main() -> None:
+    p = params.load()
+    log.setup("evaluate")
+    paths = Evaluate()
+    metrics = run(p, paths)
     with tracking.run("evaluate", p):
         tracking.log_metrics({k: v for k, v in metrics.items() if v is not None})
         registry.describe_version(p, metrics)  # the registered adapter: description, best-style alias
-        tracking.log_artifacts([METRICS, METRICS_ALL, REPORT, EVAL / "traits.png", PLOTS / "traits.csv", PLOTS / "sweep.csv"],
-                               artifact_path="eval")
+        tracking.log_artifacts([paths.metrics, paths.eval / "metrics_all.json", paths.report, paths.eval / "traits.png",
+                                paths.plots / "traits.csv", paths.plots / "sweep.csv"], artifact_path="eval")
 
 
 if __name__ == "__main__":

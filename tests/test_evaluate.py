@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 
 from stages import evaluate
 from stages.core import images, params, shards
+from stages.core.paths import Evaluate
 from stages.metrics import traits, vocab
 from tests.samplekit import PROMPTS
 from tests.stagerun import run_stage, write_params
@@ -113,13 +114,14 @@ def test_dvc_yaml_declares_what_evaluate_writes():
     outs = [next(iter(o)) if isinstance(o, dict) else o for o in stage["outs"]]
     metrics = [next(iter(o)) for o in stage["metrics"]]
     plots = [next(iter(o)) for o in stage["plots"]]
-    assert str(evaluate.EVAL) in outs and str(evaluate.REPORT) in outs
-    assert metrics == [str(evaluate.METRICS)]
-    assert sorted(plots) == sorted(str(evaluate.PLOTS / f) for f in ("traits.csv", "sweep.csv"))
+    where = Evaluate()
+    assert str(where.eval) in outs and str(where.report) in outs
+    assert metrics == [str(where.metrics)]
+    assert sorted(plots) == sorted(str(where.plots / f) for f in ("traits.csv", "sweep.csv"))
     assert {"eval", "clip", "seed", "filter.aesthetic.head"} <= set(stage["params"])
 
 
-def test_holdout_embeddings_reused_only_for_the_same_model(tmp_path, monkeypatch):
+def test_holdout_embeddings_reused_only_for_the_same_model(tmp_path):
     from stages.models.clip import save_embeddings
 
     class FakeClip:
@@ -128,17 +130,14 @@ def test_holdout_embeddings_reused_only_for_the_same_model(tmp_path, monkeypatch
         def embed_images(self, imgs):
             return np.full((len(imgs), 3), 7.0, np.float32)
 
-    monkeypatch.chdir(tmp_path)
     emb = np.eye(3, dtype=np.float32)
-    save_embeddings(evaluate.EMBEDDINGS, ["a", "b", "c"], emb, "tiny/seed=1")
-    import logging
-    log = logging.getLogger("t")
-    got = evaluate.holdout_clip_embeddings(FakeClip(), ["c", "a"], [None, None], log)
+    cache = save_embeddings(tmp_path / Evaluate().embeddings.name, ["a", "b", "c"], emb, "tiny/seed=1")
+    got = evaluate.holdout_clip_embeddings(FakeClip(), ["c", "a"], [None, None], cache)
     np.testing.assert_array_equal(got, emb[[2, 0]])
     FakeClip.name = "ViT-L-14/openai"  # another model: re-embed
-    assert evaluate.holdout_clip_embeddings(FakeClip(), ["c", "a"], [None, None], log)[0, 0] == 7.0
+    assert evaluate.holdout_clip_embeddings(FakeClip(), ["c", "a"], [None, None], cache)[0, 0] == 7.0
     FakeClip.name = "tiny/seed=1"  # an id the cache lacks: re-embed
-    assert evaluate.holdout_clip_embeddings(FakeClip(), ["z"], [None], log)[0, 0] == 7.0
+    assert evaluate.holdout_clip_embeddings(FakeClip(), ["z"], [None], cache)[0, 0] == 7.0
 
 
 @pytest.mark.slow
