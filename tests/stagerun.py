@@ -16,6 +16,13 @@ def override(key: str, value) -> str:
     return f"{key}={json.dumps(value)}"
 
 
+def overrides(key: str, value) -> list[str]:
+    """Hydra overrides for ``key``; a dict becomes one override per leaf (``key.sub=value``)."""
+    if isinstance(value, dict):
+        return [o for k, v in value.items() for o in overrides(f"{key}.{k}", v)]
+    return [override(key, value)]
+
+
 def write_params(root: Path, *overrides: str) -> params.Params:
     """``root/params.yaml`` = the smoke composition with Hydra ``overrides`` (``"train.steps=5"``)."""
     p = params.validate(params.compose(list(overrides)))

@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from stages.core import shards
+from stages.core import params, shards
 from stages.data import normalize
 from stages.data.normalize import Reject
-from tests.stagerun import override, run_stage, write_params
+from tests.stagerun import overrides, run_stage, write_params
 
 
 def _rgb(w=80, h=60, seed=0):
@@ -160,7 +160,7 @@ def _run_stage(workdir, data_overrides):
     from stages import download
 
     workdir.mkdir(exist_ok=True)
-    write_params(workdir, *(override(f"data.{k}", v) for k, v in data_overrides.items()))
+    write_params(workdir, *overrides("data", data_overrides))
     run_stage(download.main, workdir)
     return workdir
 

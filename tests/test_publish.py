@@ -178,7 +178,7 @@ def test_push_with_unreachable_hub_is_one_clear_line(project):
 
 def test_card_names_the_optimizer_and_its_settings(dry_run):
     from stages.core import params
-    from stages.core.modelcard import optimizer_text
+    from stages.modelcard import optimizer_text
 
     _, hub = dry_run
     assert "| optimizer | `adamw`, weight decay 0.0001 |" in (hub / "README.md").read_text()
