@@ -10,13 +10,15 @@ are not re-run because this stage re-ran); dvc.yaml tracks the whole params.yaml
 """
 from __future__ import annotations
 
-from pathlib import Path
+import logging
 
 from stages.core import log as logs
 from stages.core import params, preflight
+from stages.core.device import default_device
 from stages.core.io import write_text
+from stages.core.paths import Validate
 
-OUT = Path("reports/validated.txt")
+log = logging.getLogger("stages.validate")
 
 
 def memory_preflight(p) -> None:
@@ -24,7 +26,7 @@ def memory_preflight(p) -> None:
     too, so that a card that is too small stops the run before DVC removes models/lora."""
     from stages.models import flux, memory
 
-    device = flux.default_device()
+    device = default_device()
     if device.type != "cuda":
         return
     plan = memory.plan(p.model, device)
@@ -32,13 +34,18 @@ def memory_preflight(p) -> None:
         flux.preflight(stage, p, device, plan)
 
 
-def main() -> None:
-    p = params.load()
-    log = logs.setup("validate")
+def run(p: params.Params, paths: Validate = Validate()) -> None:
+    """Preflight for ``p`` (params.load() has validated it), then the constant marker file."""
     preflight.check(p)
     memory_preflight(p)
-    write_text(OUT, "params.yaml is valid and the preflight passed (stages/validate.py)\n")
+    write_text(paths.validated, "params.yaml is valid and the preflight passed (stages/validate.py)\n")
     log.info("params valid, profile %r: everything it needs is here", p.profile)
+
+
+def main() -> None:
+    p = params.load()
+    logs.setup("validate")
+    run(p, Validate())
 
 
 if __name__ == "__main__":

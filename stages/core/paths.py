@@ -37,20 +37,31 @@ class StagePaths:
 
 
 @dataclass(frozen=True)
-class Download(StagePaths):
+class Validate(StagePaths):
+    validated: Path = out("reports/validated.txt")  # constant: the stages after it depend on it
+
+
+@dataclass(frozen=True)
+class Checked(StagePaths):
+    """A stage that runs only after validate (DVC runs them in that order: this is their dep)."""
+    validated: Path = inp("reports/validated.txt")
+
+
+@dataclass(frozen=True)
+class Download(Checked):
     raw: Path = out("data/raw")              # shards/, rejects.parquet, truth.parquet, contrast/
     reports: Path = out("reports/data")      # download.json, sizes.csv, figures/
 
 
 @dataclass(frozen=True)
-class Dedupe(StagePaths):
+class Dedupe(Checked):
     shards: Path = inp("data/raw/shards")
     table: Path = out("data/interim/dedupe.parquet")
     reports: Path = out("reports/dedupe")
 
 
 @dataclass(frozen=True)
-class Filter(StagePaths):
+class Filter(Checked):
     shards: Path = inp("data/raw/shards")
     truth: Path = inp("data/raw/truth.parquet")   # synthetic sources only
     dedupe: Path = inp("data/interim/dedupe.parquet")
@@ -61,7 +72,7 @@ class Filter(StagePaths):
 
 
 @dataclass(frozen=True)
-class Caption(StagePaths):
+class Caption(Checked):
     shards: Path = inp("data/raw/shards")
     filter: Path = inp("data/interim/filter.parquet")
     curated: Path = out("data/curated")
@@ -69,13 +80,13 @@ class Caption(StagePaths):
 
 
 @dataclass(frozen=True)
-class Encode(StagePaths):
+class Encode(Checked):
     curated: Path = inp("data/curated")
     cache: Path = out("data/cache")
 
 
 @dataclass(frozen=True)
-class Train(StagePaths):
+class Train(Checked):
     cache: Path = inp("data/cache")
     lora: Path = out("models/lora")
     reports: Path = out("reports/train")             # loss.tsv (DVC plot), validation/
@@ -86,14 +97,14 @@ class Train(StagePaths):
 
 
 @dataclass(frozen=True)
-class Sample(StagePaths):
+class Sample(Checked):
     lora: Path = inp("models/lora")
     snapshots: Path = local("models/snapshots")       # sample.adapter_step renders one of train's snapshots
     samples: Path = out("reports/samples")            # the prompt file is a param: sample.prompts
 
 
 @dataclass(frozen=True)
-class Evaluate(StagePaths):
+class Evaluate(Checked):
     curated: Path = inp("data/curated")               # holdout/ is the reference set
     embeddings: Path = inp("data/interim/clip_embeddings.safetensors")
     samples: Path = inp("reports/samples")
@@ -104,6 +115,6 @@ class Evaluate(StagePaths):
     plots: Path = out("reports/plots")                # DVC plots; outside reports/eval: outputs may not overlap
 
 
-STAGES: dict[str, type[StagePaths]] = {"download": Download, "dedupe": Dedupe, "filter": Filter,
+STAGES: dict[str, type[StagePaths]] = {"validate": Validate, "download": Download, "dedupe": Dedupe, "filter": Filter,
                                        "caption": Caption, "encode": Encode, "train": Train,
                                        "sample": Sample, "evaluate": Evaluate}
