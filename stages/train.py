@@ -11,8 +11,8 @@
 - Logs loss, lr and grad norm per step to ``reports/train/loss.tsv`` (a DVC plot: the same on every
   run); step time, samples/s and peak GPU memory, which differ run to run, go to
   ``reports/train/timings.tsv`` (gitignored, never hashed). Every metric also goes to MLflow
-  (stages.core.tracking) and to any callback in :data:`CALLBACKS`; a progress bar (a log line off a terminal)
-  shows the ETA.
+  (stages.core.tracking) and to any ``callbacks`` passed to :func:`run`; a progress bar (a log
+  line off a terminal) shows the ETA.
 - Validation images every ``train.validate_every`` steps (stages.models.validation: the user's prompts,
   seeds, guidance and resolution; embedded before the transformer loads), also logged to MLflow.
 - ``train.save_every``: a loadable adapter every N steps in ``models/snapshots/step-<N>/`` (the last
@@ -31,24 +31,21 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from stages.core import log as logs, params, registry, tracking
 from stages.core.device import default_device
 from stages.core.io import atomic_dir, no_space_errors, write_json
+from stages.core.paths import Train
 from stages.models import checkpoint as ckpt, divergence, snapshots, validation
 from stages.models.cache import Cache
 from stages.models.trainer import Trainer, step_seed
 
-CACHE = Path("data/cache")
-LORA_DIR = Path("models/lora")
-CKPT_DIR = Path("models/checkpoints")
-REPORTS = Path("reports/train")
 COLUMNS = ["step", "loss", "lr", "grad_norm"]                   # loss.tsv: deterministic
 TIMING_COLUMNS = ["step", "step_time", "samples_per_s", "peak_mem_gib"]  # timings.tsv: not
-CALLBACKS: list[Callable[[dict, int], None]] = []  # extra per-step metric sinks: fn(metrics, step)
+Callback = Callable[[dict, int], None]  # a per-step metric sink: fn(metrics, step)
 log = logging.getLogger("stages.train")
 
 
@@ -93,21 +90,21 @@ def launch_distributed(p) -> int:
     return subprocess.call(cmd, env={**os.environ, "FLUXIMP_TRAIN_CHILD": "1"})
 
 
-def export(trainer: Trainer, cache: Cache, p, steps: int) -> None:
-    """The final adapter in ``models/lora/`` (and its EMA in ``models/lora/ema/`` with train.ema_decay)."""
+def export(trainer: Trainer, cache: Cache, p, steps: int, lora_dir: Path) -> None:
+    """The final adapter in ``lora_dir`` (and its EMA in ``lora_dir/ema/`` with train.ema_decay)."""
     info = snapshots.adapter_info(p, trainer, steps, cache.index["data_hash"], cache.index["key"])
-    with no_space_errors(LORA_DIR), atomic_dir(LORA_DIR) as tmp:
+    with no_space_errors(lora_dir), atomic_dir(lora_dir) as tmp:
         snapshots.write_adapter(trainer.transformer, tmp, info)
         if trainer.ema is not None:
             with trainer.ema_weights():
                 snapshots.write_adapter(trainer.transformer, tmp / "ema", {**info, "ema": True})
-    log.info("adapter exported to %s", LORA_DIR)
+    log.info("adapter exported to %s", lora_dir)
 
 
-def save_snapshot(trainer: Trainer, cache: Cache, p, step: int) -> None:
-    """``train.save_every``: a loadable adapter in models/snapshots/step-<N>/, logged to MLflow."""
+def save_snapshot(trainer: Trainer, cache: Cache, p, step: int, root: Path) -> None:
+    """``train.save_every``: a loadable adapter in ``root``/step-<N>/, logged to MLflow."""
     info = snapshots.adapter_info(p, trainer, step, cache.index["data_hash"], cache.index["key"])
-    folder = snapshots.save_snapshot(trainer.transformer, step, info, p.train.keep_last)
+    folder = snapshots.save_snapshot(trainer.transformer, step, info, p.train.keep_last, root)
     tracking.log_artifacts([folder], artifact_path="snapshots")
     tracking.log_metrics({"snapshot_step": step}, step=step, prefix="train/")
 
@@ -117,20 +114,19 @@ def check_batch_fits(p, cache: Cache) -> None:
     if p.train.batch_size * p.train.num_processes > len(cache):
         raise params.ParamsError(
             f"train.batch_size = {p.train.batch_size} (x {p.train.num_processes} processes) is larger than "
-            f"the {len(cache)} training images in {CACHE}: set train.batch_size to at most "
+            f"the {len(cache)} training images in {cache.folder}: set train.batch_size to at most "
             f"{max(1, len(cache) // p.train.num_processes)} (or add images)")
 
 
-def train(p, accelerator=None) -> dict:
-    """The training loop (one process of it); returns the last step's metrics."""
-    from stages.models import flux
+def prepare(p, paths: Train, accelerator, main_proc: bool):
+    """Everything a run trains with: the cache, the trainer (transformer + LoRA, restored from a
+    checkpoint when one may be resumed: stages.models.checkpoint), the validator, the checkpoint
+    identity and the step to start at."""
+    from stages.models import flux, memory, offload
 
-    main_proc = accelerator is None or accelerator.is_main_process
     device = accelerator.device if accelerator else default_device()
-    cache = Cache(CACHE)
+    cache = Cache(paths.cache)
     check_batch_fits(p, cache)
-    from stages.models import memory, offload
-
     plan = memory.plan(p.model, device)
     if main_proc:
         log.info("memory plan: %s", plan.describe())
@@ -142,27 +138,39 @@ def train(p, accelerator=None) -> dict:
                       empty_prompt=cache.empty,
                       offloader=offload.Offloader() if plan.offload_activations else None)
     ident = ckpt.identity(p, cache.index["key"])
-    resume = ckpt.plan(CKPT_DIR, ident, p.train) if main_proc else None
+    resume = ckpt.plan(paths.checkpoints, ident, p.train) if main_proc else None
     if accelerator is not None and accelerator.num_processes > 1:
         accelerator.wait_for_everyone()
         if not main_proc:  # rank 0 has removed what is stale; the others only read
-            resume = ckpt.plan(CKPT_DIR, ident, p.train, cleanup=False)
+            resume = ckpt.plan(paths.checkpoints, ident, p.train, cleanup=False)
     start = ckpt.restore(resume, trainer)
     log.info("%s", resume.reason)
-    sinks = []
-    if main_proc:
-        loss_log = LossLog(REPORTS / "loss.tsv", start)
-        loss_log.replay(CALLBACKS)
-        sinks = [loss_log, LossLog(REPORTS / "timings.tsv", start, TIMING_COLUMNS)] + CALLBACKS
-    val_dir = REPORTS / "validation"
-    if main_proc and start == 0:
+    if trainer.world > 1:
+        log.info("process %d of %d on %s", trainer.rank, trainer.world, device)
+    return cache, trainer, validator, ident, start
+
+
+def open_sinks(paths: Train, start: int, callbacks: Sequence[Callback]) -> list[Callback]:
+    """loss.tsv, timings.tsv and the callbacks (which first get the steps kept from before a resume),
+    with the outputs of an earlier run cleared: validation images, snapshots past ``start``."""
+    loss_log = LossLog(paths.reports / "loss.tsv", start)
+    loss_log.replay(callbacks)
+    val_dir = paths.reports / "validation"
+    if start == 0:
         shutil.rmtree(val_dir, ignore_errors=True)  # images of an earlier run
-    if main_proc:
-        val_dir.mkdir(parents=True, exist_ok=True)
-        snapshots.discard_after(start)  # snapshots of an earlier run, or of steps to be redone
+    val_dir.mkdir(parents=True, exist_ok=True)
+    snapshots.discard_after(start, paths.snapshots)  # snapshots of an earlier run, or of steps to be redone
+    return [loss_log, LossLog(paths.timings, start, TIMING_COLUMNS), *callbacks]
+
+
+def run(p: params.Params, paths: Train = Train(), accelerator=None, callbacks: Sequence[Callback] = ()) -> dict:
+    """The training loop (one process of it); returns the last step's metrics. ``callbacks`` get
+    every step's metrics on the main process (MLflow, tests)."""
+    main_proc = accelerator is None or accelerator.is_main_process
+    cache, trainer, validator, ident, start = prepare(p, paths, accelerator, main_proc)
+    sinks = open_sinks(paths, start, callbacks) if main_proc else []
+    val_dir = paths.reports / "validation"
     rank, world = trainer.rank, trainer.world
-    if world > 1:
-        log.info("process %d of %d on %s", rank, world, device)
     metrics: dict = {}
     bar = logs.progress(range(start, p.train.steps), initial=start, total=p.train.steps, desc="train",
                         unit="step", disable=not main_proc)
@@ -182,15 +190,15 @@ def train(p, accelerator=None) -> dict:
         if validator is not None and validator.due(done):
             validator.render(trainer, done, val_dir)
         if main_proc and p.train.save_every and done % p.train.save_every == 0:
-            save_snapshot(trainer, cache, p, done)
+            save_snapshot(trainer, cache, p, done, paths.snapshots)
         if done % p.train.checkpoint_every == 0 or done == p.train.steps:
             if main_proc:
-                ckpt.save(CKPT_DIR, trainer, done, ident, p.train.keep_checkpoints)
+                ckpt.save(paths.checkpoints, trainer, done, ident, p.train.keep_checkpoints)
             if world > 1:
                 accelerator.wait_for_everyone()
     if main_proc:
-        export(trainer, cache, p, p.train.steps)
-        ckpt.mark_finished(CKPT_DIR, p.train.steps)  # a rerun trains again instead of resuming it
+        export(trainer, cache, p, p.train.steps, paths.lora)
+        ckpt.mark_finished(paths.checkpoints, p.train.steps)  # a rerun trains again instead of resuming it
         write_json(val_dir / "index.json", {**(validator.index() if validator else {"prompts": []}),
                                             "images": sorted(x.name for x in val_dir.glob("*.png"))})
     return metrics
@@ -206,15 +214,14 @@ def main() -> None:
         from accelerate import Accelerator
 
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    main_proc = accelerator is None or accelerator.is_main_process
-    if not main_proc:  # rank 0 alone talks to MLflow
-        train(p, accelerator)
+    paths = Train()
+    if accelerator is not None and not accelerator.is_main_process:  # rank 0 alone talks to MLflow
+        run(p, paths, accelerator)
         return
     with tracking.run("train", p, new=True):
-        CALLBACKS.append(lambda m, s: tracking.log_metrics(m, step=s, prefix="train/"))
-        train(p, accelerator)
-        tracking.log_artifacts([REPORTS / "loss.tsv", LORA_DIR / "adapter.json"])
-        registry.register_adapter(LORA_DIR, p, final_step=p.train.steps)  # refused without its metrics
+        run(p, paths, accelerator, callbacks=[lambda m, s: tracking.log_metrics(m, step=s, prefix="train/")])
+        tracking.log_artifacts([paths.reports / "loss.tsv", paths.lora / "adapter.json"])
+        registry.register_adapter(paths.lora, p, final_step=p.train.steps)  # refused without its metrics
 
 
 if __name__ == "__main__":

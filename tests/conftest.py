@@ -39,12 +39,12 @@ def encoded(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("encoded")
     trainkit.make_curated(root, n=12, sizes=((32, 32),))
-    trainkit.write_params(root, **trainkit.FAST)
-    with pytest.MonkeyPatch.context() as mp, trainkit.tiny_cache(tmp_path_factory.getbasetemp() / "tiny-cache"):
-        mp.chdir(root)
+    p = trainkit.write_params(root, **trainkit.FAST)
+    with trainkit.tiny_cache(tmp_path_factory.getbasetemp() / "tiny-cache"):
         from stages import encode
+        from stages.core.paths import Encode
 
-        encode.main()
+        encode.run(p, Encode().under(root))
         yield root
 
 

@@ -47,8 +47,9 @@ def test_a_tab_in_params_yaml_is_named_with_its_line(tmp_path):
 
 def test_batch_larger_than_the_dataset_is_rejected_before_loading_the_model(workdir):
     from stages import train
+    from stages.core.paths import Train
     from tests.trainkit import write_params
 
     p = write_params(workdir, train__batch_size=64)
     with pytest.raises(params.ParamsError, match="train.batch_size = 64 .* larger than the 12 training images"):
-        train.train(p)
+        train.run(p, Train().under(workdir))

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from stages.models import checkpoint as ckpt
-from tests.trainkit import run_train
+from tests.trainkit import run_train, run_train_main
 
 RESUME = dict(train__steps=10, train__checkpoint_every=3, train__keep_checkpoints=3, lora__dropout=0.1,
               train__caption_dropout=0.3, train__sigma_sampling="shift", train__lr_scheduler="cosine",
@@ -22,27 +22,23 @@ class Interrupt(Exception):
 
 
 @pytest.fixture
-def steps_seen(monkeypatch):
-    """The steps the train stage reports to its per-step callbacks in this test."""
-    from stages import train
+def steps_seen():
+    """The steps the train stage reports to a per-step callback (``record(steps_seen)``)."""
+    return []
 
-    seen: list[int] = []
-    monkeypatch.setattr(train, "CALLBACKS", [lambda m, s: seen.append(s)])
-    return seen
+
+def record(seen: list[int]):
+    return lambda metrics, step: seen.append(step)
 
 
 def interrupted(workdir, monkeypatch, at: int, **params):
     """Run the train stage and crash it after step ``at`` (its checkpoints stay)."""
-    from stages import train
-
     def crash(metrics, step):
         if step == at:
             raise Interrupt
 
-    monkeypatch.setattr(train, "CALLBACKS", [crash])
     with pytest.raises(Interrupt):
-        run_train(workdir, **params)
-    monkeypatch.setattr(train, "CALLBACKS", [])
+        run_train(workdir, callbacks=[crash], **params)
 
 
 def adapter(workdir):
@@ -58,12 +54,7 @@ def reference(encoded, tmp_path_factory):
     """The adapter of an uninterrupted RESUME run (computed once per test that asks)."""
     root = tmp_path_factory.mktemp("reference")
     shutil.copytree(encoded / "data/cache", root / "data/cache")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        run_train(root, **RESUME)
-    finally:
-        os.chdir(cwd)
+    run_train(root, **RESUME)
     return adapter(root)
 
 
@@ -85,10 +76,7 @@ def test_code_hash_follows_the_train_stage_code_deps(tmp_path):
 def test_changed_code_does_not_resume(workdir, monkeypatch, capfd, steps_seen):
     interrupted(workdir, monkeypatch, 7, **RESUME)
     monkeypatch.setattr(ckpt, "code_hash", lambda *a, **k: "another-commit")
-    from stages import train
-
-    monkeypatch.setattr(train, "CALLBACKS", [lambda m, s: steps_seen.append(s)])
-    run_train(workdir, **RESUME)
+    run_train(workdir, callbacks=[record(steps_seen)], **RESUME)
     assert steps_seen == list(range(1, 11))
     assert "the train stage's code changed" in capfd.readouterr().err
 
@@ -96,10 +84,7 @@ def test_changed_code_does_not_resume(workdir, monkeypatch, capfd, steps_seen):
 # ----------------------------------------------------------------------------- interrupted vs finished
 def test_interrupted_run_resumes_and_matches(workdir, monkeypatch, reference, steps_seen):
     interrupted(workdir, monkeypatch, 7, **RESUME)
-    from stages import train
-
-    monkeypatch.setattr(train, "CALLBACKS", [lambda m, s: steps_seen.append(s)])
-    run_train(workdir, **RESUME)
+    run_train(workdir, callbacks=[record(steps_seen)], **RESUME)
     assert steps_seen == list(range(1, 11))  # 1-6 replayed from loss.tsv (MLflow gets them), 7-10 trained
     assert same(adapter(workdir), reference)
     meta = json.loads((workdir / "models/checkpoints/step-000010/meta.json").read_text())
@@ -196,9 +181,7 @@ def test_more_steps_continue_a_finished_run_with_a_constant_schedule(workdir, en
 
     longer = tmp_path_factory.mktemp("uninterrupted")
     shutil.copytree(encoded / "data/cache", longer / "data/cache")
-    os.chdir(longer)
     run_train(longer, train__steps=10, **CONSTANT)
-    os.chdir(workdir)
 
     run_train(workdir, train__steps=6, **CONSTANT)
     trained: list[int] = []
@@ -232,9 +215,21 @@ def test_a_resumed_run_reaches_mlflow_whole_and_registers_with_its_metrics(workd
     monkeypatch.setenv("DVC_ROOT", str(workdir))
     tracking.reset()
     try:
-        interrupted(workdir, monkeypatch, 5, train__steps=6, train__checkpoint_every=3)
+        from stages import train
+
+        real_step = train.Trainer.step
+
+        def crash_in_step_6(self, batches, step):  # steps 1-5 logged to MLflow, checkpoint at 3
+            if step == 5:
+                raise Interrupt
+            return real_step(self, batches, step)
+
+        with monkeypatch.context() as m:
+            m.setattr(train.Trainer, "step", crash_in_step_6)
+            with pytest.raises(Interrupt):
+                run_train_main(workdir, train__steps=6, train__checkpoint_every=3)
         tracking.reset()
-        run_train(workdir, train__steps=6, train__checkpoint_every=3)
+        run_train_main(workdir, train__steps=6, train__checkpoint_every=3)
     finally:
         tracking.end()
         tracking.reset()

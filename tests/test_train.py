@@ -63,8 +63,6 @@ class Interrupt(Exception):
 
 
 def test_interrupted_and_resumed_run_matches_uninterrupted(workdir, tmp_path_factory):
-    from stages import train
-
     params = dict(train__steps=10, train__checkpoint_every=3, train__keep_checkpoints=2, lora__dropout=0.1,
                   train__caption_dropout=0.3, train__sigma_sampling="shift", train__lr_scheduler="cosine",
                   train__warmup_steps=2)
@@ -73,18 +71,13 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(workdir, tmp_path_fac
 
     other = tmp_path_factory.mktemp("resumed")
     shutil.copytree(workdir / "data/cache", other / "data/cache")
-    os.chdir(other)
 
     def crash(metrics, step):
         if step == 7:  # after the step-6 checkpoint: steps 7.. must be redone on resume
             raise Interrupt
 
-    train.CALLBACKS.append(crash)
-    try:
-        with pytest.raises(Interrupt):
-            run_train(other, **params)
-    finally:
-        train.CALLBACKS.remove(crash)
+    with pytest.raises(Interrupt):
+        run_train(other, callbacks=[crash], **params)
     assert not (other / "models/lora").exists()
     assert sorted(p.name for p in (other / "models/checkpoints").iterdir()) == ["step-000003", "step-000006"]
     (other / "models/checkpoints/.step-000009.x.tmp").mkdir()  # a save killed half-way
@@ -192,8 +185,6 @@ def test_ema_adapter_is_its_own_loadable_adapter(workdir):
 
 def test_prodigy_and_ema_survive_an_interrupted_run(workdir, tmp_path_factory):
     """Prodigy's step-size estimate and the EMA live in the checkpoint: resuming gives the same adapters."""
-    from stages import train
-
     params = dict(train__steps=6, train__checkpoint_every=3, train__ema_decay=0.8, train__optimizer="prodigy",
                   train__lr=1.0)
     run_train(workdir, **params)
@@ -201,18 +192,13 @@ def test_prodigy_and_ema_survive_an_interrupted_run(workdir, tmp_path_factory):
                  for name in ("", "ema")}
     other = tmp_path_factory.mktemp("ema-resumed")
     shutil.copytree(workdir / "data/cache", other / "data/cache")
-    os.chdir(other)
 
     def crash(metrics, step):
         if step == 5:
             raise Interrupt
 
-    train.CALLBACKS.append(crash)
-    try:
-        with pytest.raises(Interrupt):
-            run_train(other, **params)
-    finally:
-        train.CALLBACKS.remove(crash)
+    with pytest.raises(Interrupt):
+        run_train(other, callbacks=[crash], **params)
     run_train(other, **params)
     for name, ref in reference.items():
         resumed = load_file(other / "models/lora" / name / "pytorch_lora_weights.safetensors")
@@ -257,9 +243,12 @@ def test_snapshots_and_validation_images_are_logged_to_mlflow_with_their_step(wo
     tracking.reset()
     try:
         smoke = trainkit.params.ROOT / "conf/prompts/smoke.txt"
-        run_train(workdir, train__steps=2, train__checkpoint_every=2, train__save_every=1, train__keep_last=0,
-                  train__validate_every=2, train__validation_steps=1, sample__prompts=str(smoke),
-                  train__optimizer="prodigy", train__lr=1.0)
+        trainkit.write_params(workdir, **{**trainkit.FAST, **dict(
+            train__steps=2, train__checkpoint_every=2, train__save_every=1, train__keep_last=0, train__validate_every=2,
+            train__validation_steps=1, sample__prompts=str(smoke), train__optimizer="prodigy", train__lr=1.0)})
+        from stages import train
+
+        train.main()  # the stage as DVC runs it: run() inside the MLflow run (the workdir is the cwd)
         run_id = json.loads((workdir / "reports/mlflow_run.json").read_text())["run_id"]
         client = mlflow.MlflowClient()
         assert [m.step for m in client.get_metric_history(run_id, "train/snapshot_step")] == [1, 2]

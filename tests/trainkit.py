@@ -55,12 +55,24 @@ FAST = dict(train__resolution=32, train__buckets=False, train__batch_size=4, tra
             lora__rank=4, train__lr=1e-2)
 
 
-def run_train(workdir: Path, **overrides) -> list[dict]:
-    """Write params (FAST + ``overrides``), run the train stage in ``workdir``; return loss.tsv rows."""
+def run_train(workdir: Path, callbacks=(), **overrides) -> list[dict]:
+    """Write params (FAST + ``overrides``), run the train stage on ``workdir``'s files with these
+    per-step ``callbacks``; return loss.tsv rows."""
     from stages import train
+    from stages.core import log
+    from stages.core.paths import Train
 
-    write_params(workdir, **{**FAST, **overrides})
-    train.main()
+    log.setup("train")  # as main() does: the stage's messages on stderr
+    train.run(write_params(workdir, **{**FAST, **overrides}), Train().under(workdir), callbacks=callbacks)
     rows = (workdir / "reports/train/loss.tsv").read_text().splitlines()
     header = rows[0].split("\t")
     return [dict(zip(header, map(float, r.split("\t")))) for r in rows[1:]]
+
+
+def run_train_main(workdir: Path, **overrides) -> None:
+    """The train stage as DVC runs it (``main()``: inside the MLflow run) in ``workdir``, the cwd."""
+    from stages import train
+
+    assert Path.cwd() == workdir.resolve(), "main() reads params.yaml and writes outputs in the cwd"
+    write_params(workdir, **{**FAST, **overrides})
+    train.main()
