@@ -19,7 +19,9 @@ from typing import Any
 
 import yaml
 
-CURATED = "data/curated"
+from stages.core import paths
+
+CURATED = str(paths.Caption().curated)
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|PASSPHRASE|CREDENTIAL|API_?KEY|ACCESS_?KEY|_KEY$|^KEY$|AUTH",
                          re.IGNORECASE)
 MASK = "***"

@@ -16,8 +16,8 @@ A stage does::
   it as ``DVC_ROOT``. A relative path there would land in the throw-away copy. A repo that was
   moved or copied (with its mlflow.db) has the artifact locations in the database pointed at its
   own ``mlartifacts`` on the next start, so artifacts never land in the old folder.
-- Which run: ``new=True`` starts a run and records its id in ``reports/mlflow_run.json`` (declare it
-  as a ``cache: false`` output of that stage); ``new=False`` resumes the recorded run (or, when there
+- Which run: ``new=True`` starts a run and records its id in ``reports/mlflow_run.json`` (local
+  state, gitignored, not a DVC output: a run id is new on every run); ``new=False`` resumes the recorded run (or, when there
   is none, logs to a run of its own without touching the file). What a run gets: the whole params.yaml flattened, and tags (git commit, dirty
   flag, DVC experiment name, base model + revision, curated dataset hash from dvc.lock, profile,
   host and pid of the stage). A run left RUNNING by a killed stage on this host is marked KILLED
@@ -46,10 +46,11 @@ from typing import Any, Iterable, Iterator
 
 from stages.core import mlflow_store
 from stages.core.lineage import MASK, SECRET_NAME, dataset_hash, flatten, git_state, repo_root, scrub, secret_values
+from stages.core.paths import Train
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = Path("reports/mlflow_run.json")
+RUN_FILE = Train().run_file  # local state (stages/core/paths.py)
 _state: dict[str, Any] = {"disabled": False, "warned": False, "run_id": None}
 
 
@@ -135,7 +136,7 @@ def _check_server(uri: str) -> None:
 def start(stage: str, p, new: bool = False) -> str | None:
     """Start (``new=True``) or resume the pipeline's run; return its id (None when tracking is off).
 
-    With ``new=True`` RUN_FILE is always written (a declared DVC output must exist), with
+    With ``new=True`` RUN_FILE is always written (sample and evaluate read it), with
     ``"run_id": null`` when tracking is off or failed."""
     run_id = _start(stage, p, new)
     if new and run_id is None:
@@ -172,7 +173,7 @@ def _start(stage: str, p, new: bool) -> str | None:
         mlflow_store.close_stale_runs(mlflow.MlflowClient(), exp_id)
         name = os.environ.get("DVC_EXP_NAME") or None
         run_id = mlflow.start_run(experiment_id=exp_id, run_name=name).info.run_id
-        if new:  # only the owner writes RUN_FILE: it is that stage's DVC output, nobody else's
+        if new:  # only the owner (train) writes RUN_FILE, nobody else
             from stages.core.io import write_json
             write_json(RUN_FILE, {"run_id": run_id, "experiment_id": exp_id, "tracking_uri": scrub(uri)})
         else:
