@@ -141,7 +141,8 @@ def test_stage_end_to_end(tmp_path, monkeypatch):
     assert 1 <= len(clip_rejects) <= 2
     emb_ids, emb, model = clip.load_embeddings("data/interim/clip_embeddings.safetensors")
     assert set(emb_ids) == set(ids.values()) - {ids["broken"]} and model.startswith("tiny")
-    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    # unit length up to the float16 grid the file is stored on (bit-stable across machines)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=2e-4)
     metrics = json.loads((tmp_path / "reports/curation.json").read_text())
     assert metrics["filter"]["recall"] == 1.0 and metrics["filter"]["good_lost"] == 0.0
     assert metrics["counts"]["after_dedupe"] == 15 and "dedupe" in metrics

@@ -80,7 +80,7 @@ def load_block(entry_dir: Path, prefix: str, block: nn.Module, device: torch.dev
     from safetensors.torch import load_file
 
     quant.empty_nf4(block, dtype)
-    state = load_file(_block_file(entry_dir, prefix), device=str(device))
+    state = load_file(_block_file(entry_dir, prefix), device=streaming.device_name(device))
     used = set()
     for name, module in block.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):

@@ -51,6 +51,12 @@ def weight_files(folder: Path) -> dict[str, Path]:
     return where
 
 
+def device_name(device: torch.device) -> str:
+    """What safetensors accepts: ``cpu`` (never ``cpu:0``, which accelerate hands out) or ``cuda:N``."""
+    device = torch.device(device)
+    return "cpu" if device.type == "cpu" else str(device)
+
+
 def read(names: Iterable[str], where: dict[str, Path], device: torch.device,
          dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
     """The named tensors, read file by file onto ``device`` (floats cast to ``dtype``). Each file is
@@ -62,7 +68,7 @@ def read(names: Iterable[str], where: dict[str, Path], device: torch.device,
         by_file[where[n]].append(n)
     out = {}
     for file, ns in by_file.items():
-        with safe_open(file, "pt", device=str(device)) as fh:
+        with safe_open(file, "pt", device=device_name(device)) as fh:
             for n in ns:
                 t = fh.get_tensor(n)
                 out[n] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
