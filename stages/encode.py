@@ -11,7 +11,6 @@ same inputs, the stage finds ``index.json`` with the same key and does nothing).
 """
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import logging
@@ -30,6 +29,7 @@ from stages.core.io import atomic_dir, read_json, write_json
 from stages.core.paths import Encode
 from stages.core.shards import iter_rows
 from stages.models import cache as cache_lib
+from stages.models import render
 
 log = logging.getLogger("stages.encode")
 VERSION = 1  # bump when the cache format changes
@@ -79,20 +79,10 @@ class TextEncoder:
 
         self.pipe = flux.load_text_encoders(p.model, device=device, dtype=dtype,
                                             text_quantization=plan.text_encoder_quantization)
-        # one "input was truncated" warning per batch is noise: the caption stage reports lengths
-        logging.getLogger("diffusers.pipelines.flux.pipeline_flux").setLevel(logging.ERROR)
-        self.device, self.seq, self.batch = device, p.train.max_sequence_length, plan.text_batch
+        self.seq, self.batch = p.train.max_sequence_length, plan.text_batch
 
-    @torch.no_grad()
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        embeds, pooled = [], []
-        for i in range(0, len(prompts), self.batch):
-            chunk = prompts[i:i + self.batch]
-            e, pl, _ = self.pipe.encode_prompt(prompt=chunk, prompt_2=chunk, device=self.device,
-                                               max_sequence_length=self.seq)
-            embeds.append(e.cpu())
-            pooled.append(pl.cpu())
-        return torch.cat(embeds), torch.cat(pooled)
+        return render.encode_texts(self.pipe, prompts, self.seq, self.batch)
 
 
 class ImageEncoder:
@@ -112,11 +102,6 @@ class ImageEncoder:
         return ((dist.sample(generator=self.gen) - self.shift) * self.scale).cpu()
 
 
-def free() -> None:
-    """Return the memory of a dropped model before the next one loads (one large model at a time)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def load_pixels(rows: list[dict], size, rejects: list[dict], shards: Path) -> list[dict]:
@@ -229,11 +214,11 @@ def run(p: params.Params, paths: Encode = Encode()) -> dict:
         text = TextEncoder(p, device, dtype, plan)  # T5-XXL is 8.9 GiB: freed before the VAE loads
         encode_texts(text, shards, tmp)
         del text
-        free()
+        render.free_memory()
         images = ImageEncoder(p, device, dtype)
         files = encode_latents(images, shards, paths.curated / "train", p.train.flip, rejects, tmp)
         del images
-        free()
+        render.free_memory()
         for (w, h), entries in sorted(files.items()):
             count = sum(n for _, n in entries)
             index["buckets"].append({"width": w, "height": h, "count": count, "files": [f for f, _ in entries]})

@@ -50,6 +50,22 @@ def prompt_cache_file(model_params, prompts: list[str], max_sequence_length: int
 
 
 @torch.no_grad()
+def encode_texts(pipe, prompts: list[str], max_sequence_length: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pipe.encode_prompt`` over ``prompts`` in batches of ``batch``: T5 embeddings (N, L, D) and
+    CLIP pooled embeddings (N, P), on the CPU (what the encode stage and :func:`embed_prompts` use)."""
+    logging.getLogger("diffusers.pipelines.flux.pipeline_flux").setLevel(logging.ERROR)  # truncation notes
+    device = pipe.text_encoder_2.device
+    embeds, pooled = [], []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        e, pl, _ = pipe.encode_prompt(prompt=chunk, prompt_2=chunk, device=device,
+                                      max_sequence_length=max_sequence_length)
+        embeds.append(e.cpu())
+        pooled.append(pl.cpu())
+    return torch.cat(embeds), torch.cat(pooled)
+
+
+@torch.no_grad()
 def embed_prompts(model_params, prompts: list[str], max_sequence_length: int, plan, *,
                   device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """T5 embeddings (N, L, D) and CLIP pooled embeddings (N, P) of ``prompts``, on the CPU. The
@@ -67,17 +83,9 @@ def embed_prompts(model_params, prompts: list[str], max_sequence_length: int, pl
         log.info("prompt embeddings from %s (no text encoder loaded)", cached)
         return t["prompt_embeds"], t["pooled"]
     pipe = flux.load_text_encoders(model_params, device=device, text_quantization=plan.text_encoder_quantization)
-    logging.getLogger("diffusers.pipelines.flux.pipeline_flux").setLevel(logging.ERROR)  # truncation notes
-    embeds, pooled = [], []
-    for i in range(0, len(prompts), plan.text_batch):
-        chunk = prompts[i:i + plan.text_batch]
-        e, pl, _ = pipe.encode_prompt(prompt=chunk, prompt_2=chunk, device=device,
-                                      max_sequence_length=max_sequence_length)
-        embeds.append(e.cpu())
-        pooled.append(pl.cpu())
+    embeds, pooled = encode_texts(pipe, prompts, max_sequence_length, plan.text_batch)
     del pipe
     free_memory()
-    embeds, pooled = torch.cat(embeds), torch.cat(pooled)
     try:
         with atomic_file(cached, suffix=".safetensors") as tmp:
             save_file({"prompt_embeds": embeds.contiguous(), "pooled": pooled.contiguous()}, tmp)
