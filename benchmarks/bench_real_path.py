@@ -131,7 +131,9 @@ def project(root: Path, base: Path, card: int, steps: int) -> Path:
 # ----------------------------------------------------------------------------- one stage
 def stage(name: str, root: Path, card: int, variant: str = "") -> dict:
     """Run ``stages.<name>.main()`` in this process (cwd = the project) under a ``card`` GiB limit.
-    ``variant`` changes the plan for a measurement: ``nooffload``."""
+    ``variant`` changes the plan for a measurement: ``nooffload``; ``validate`` turns on validation
+    images every 4 steps; ``profile`` also writes
+    profile-train-<card>.txt (see profile_train_steps) to $OUT or the project."""
     import dataclasses
 
     import torch
@@ -147,6 +149,7 @@ def stage(name: str, root: Path, card: int, variant: str = "") -> dict:
     if cuda:
         torch.cuda.set_per_process_memory_fraction(min(1.0, card * GIB / torch.cuda.get_device_properties(0).total_memory))
     os.chdir(root)
+    from stages.core import paths
     from stages.models import flux, render
 
     timings: dict = {}
@@ -163,6 +166,14 @@ def stage(name: str, root: Path, card: int, variant: str = "") -> dict:
             return out
         setattr(mod, attr, wrapper)
 
+    if variant == "validate":  # in-training validation images every 4 steps (the train.validate_every knob)
+        from stages.core import params as params_lib
+
+        real_load = params_lib.load
+        params_lib.load = lambda path=None: (lambda p: p.model_copy(update={"train": p.train.model_copy(
+            update={"validate_every": 4})}))(real_load(path))
+    if variant == "profile":
+        profile_train_steps(Path(os.environ.get("OUT", root)) / f"profile-{name}-{card}.txt")
     timed(flux, "load_transformer", "transformer_load_s")
     timed(flux, "load_text_encoders", "text_encoders_load_s")
     timed(render, "denoise", "denoise_s")
@@ -183,7 +194,7 @@ def stage(name: str, root: Path, card: int, variant: str = "") -> dict:
     if cuda:
         out["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
     if name == "train" and out["ok"]:
-        rows = [ln.split("\t") for ln in Path("reports/train/loss.tsv").read_text().splitlines()]
+        rows = [ln.split("\t") for ln in paths.Train().timings.read_text().splitlines()]
         col = rows[0].index("step_time")
         times = [float(r[col]) for r in rows[1:]][2:]  # after two warm-up steps
         out["s_per_step"] = round(statistics.median(times), 3)
@@ -191,6 +202,55 @@ def stage(name: str, root: Path, card: int, variant: str = "") -> dict:
         images = len(json.loads(Path("reports/samples/index.json").read_text())["images"])
         out["s_per_image"] = round(timings.get("denoise_s", 0) / images, 2)
     return out
+
+
+def profile_train_steps(path: Path, first: int = 3, count: int = 3) -> None:
+    """Variant ``profile``: the model the train stage built (module types, dtypes, LoRA, autocast) and a
+    torch.profiler table of steps ``first`` .. ``first + count - 1``, written to ``path``: where does
+    the stage's step spend its time compared with bench_gpu_train's step on a model built in place?"""
+    import collections
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from stages.models import trainer
+
+    real = trainer.Trainer.step
+    state = {"n": 0}
+
+    def step(self, batches, step_no):
+        if state["n"] == 0:
+            model = self.transformer
+            kinds = collections.Counter(type(m).__name__ for m in model.modules())
+            dtypes = collections.Counter(f"{p.dtype}/{p.device.type}/{'grad' if p.requires_grad else 'frozen'}"
+                                         for p in model.parameters())
+            q = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+            with open(path, "a") as fh:
+                fh.write(f"base_dtype {self.base_dtype} autocast {self.autocast} device {self.device}\n"
+                         f"modules {dict(kinds.most_common(15))}\nparams {dict(dtypes)}\n")
+                if q:
+                    w = q[0].weight
+                    fh.write(f"Linear4bit[0] compute_dtype {q[0].compute_dtype} weight {w.dtype} {tuple(w.shape)} "
+                             f"quant_state dtype {getattr(w.quant_state, 'dtype', None)} blocksize "
+                             f"{getattr(w.quant_state, 'blocksize', None)} nested {getattr(w.quant_state, 'nested', None)}\n")
+        state["n"] += 1
+        if state["n"] - 1 != first:
+            return real(self, batches, step_no)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.time()
+            out = real(self, batches, step_no)
+            for k in range(1, count):
+                real(self, batches, step_no + k)  # extra steps (repeats the batch; timing only)
+            wall = (time.time() - t0) / count
+        events = prof.key_averages()
+        gpu = sum(e.self_device_time_total for e in events) / 1e6 / count
+        with open(path, "a") as fh:
+            fh.write(f"# profile: wall {wall:.3f} s/step, GPU busy {gpu:.3f} s/step\n")
+            fh.write(events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=70) + "\n")
+            fh.write(events.table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=70) + "\n")
+        return out
+
+    trainer.Trainer.step = step
 
 
 # ----------------------------------------------------------------------------- loads and the recipe
@@ -354,7 +414,7 @@ def main() -> None:
     r.add_argument("--steps", type=int, default=8)
     r.add_argument("--phases", default="load,peer,t5,stages")
     r.add_argument("--stages", default=",".join(STAGES))
-    r.add_argument("--variants", default="", help="extra train runs in the first card's project, "
+    r.add_argument("--variants", default="", help="extra train runs in that card's project (else the first card's), "
                                                   "LIMIT:VARIANT (24:nooffload = unconstrained; 24: = that plan uncapped)")
     r.add_argument("--out", type=Path, default=REPO / "reports" / "bench")
     sub.add_parser("build").add_argument("dir", type=Path)
@@ -421,7 +481,8 @@ def main() -> None:
                     emit(child(["stage", name, str(root), str(card)], env))
         for v in filter(None, a.variants.split(",")):  # after the stages: they need the encode cache
             limit, _, v = v.rpartition(":")
-            root = a.work / f"card-{cards[0]}"
+            root = a.work / f"card-{limit}"  # the project of that card (its plan), else the first card's
+            root = root if (root / "params.yaml").exists() else a.work / f"card-{cards[0]}"
             fresh(root)
             emit(child(["stage", "train", str(root), limit or str(cards[0]), v], env))
         rows = [json.loads(ln) for ln in jsonl.read_text().splitlines() if ln.strip()]

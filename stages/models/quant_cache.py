@@ -32,7 +32,7 @@ from stages.core.io import atomic_dir, write_json
 from stages.models import quant, streaming
 
 log = logging.getLogger(__name__)
-VERSION = 1
+VERSION = 2  # 2: non-quantized tensors kept in the compute dtype (1 stored them in float32)
 CACHED_MODES = ("nf4",)  # torchao int8/fp8 quantize quickly on the GPU and are not cached
 
 
@@ -90,8 +90,8 @@ def load_block(entry_dir: Path, prefix: str, block: nn.Module, device: torch.dev
             module.weight = bnb.nn.Params4bit.from_prequantized(data=state[w], quantized_stats=stats,
                                                                 requires_grad=False, device=device)
     for name, t in state.items():
-        if name not in used:
-            set_module_tensor_to_device(block, name, device, value=t)
+        if name not in used:  # in the saved dtype (see streaming.assign)
+            set_module_tensor_to_device(block, name, device, value=t, dtype=t.dtype)
 
 
 def load(model_cls, folder: Path, name: str, *, mode: str, device, dtype: torch.dtype,

@@ -88,11 +88,14 @@ def empty_model(model_cls, folder: Path) -> nn.Module:
 
 
 def assign(model: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
-    """Put loaded tensors in place of the model's (meta) parameters and buffers."""
+    """Put loaded tensors in place of the model's (meta) parameters and buffers, in the tensors' own
+    dtype: without ``dtype=`` accelerate casts each value to the empty model's dtype (float32), which
+    left a bf16 load's norms and embedders in float32 and made the trainer run the whole transformer
+    in float32 (2.5 s instead of 1.0 s per nf4 1024² step on an H200: reports/bench/real_path.md)."""
     from accelerate.utils import set_module_tensor_to_device
 
     for name, t in tensors.items():
-        set_module_tensor_to_device(model, name, device, value=t)
+        set_module_tensor_to_device(model, name, device, value=t, dtype=t.dtype)
 
 
 def block_prefixes(model: nn.Module, block_lists: Iterable[str]) -> list[tuple[str, nn.Module]]:
