@@ -115,6 +115,16 @@ def fine_colour_share(lab):
     return float(within / (lab[..., 1:].reshape(-1, 2).var(0).sum() + 1e-6))
 
 
+def thirds(lab):
+    """The top and the bottom third of the picture."""
+    t = lab.shape[0] // 3
+    return lab[:t], lab[-t:]
+
+
+def texture(lab):
+    return float(np.abs(np.diff(lab[..., 0], axis=1)).mean() + 1e-4)
+
+
 def chroma(lab):
     return np.hypot(lab[..., 1], lab[..., 2])
 
@@ -147,6 +157,12 @@ CANDIDATES = {
                   "mean b / mean chroma (yellowed varnish, earth palette)"),
     "dark_lines": (lambda l: float((ndimage.grey_closing(l[..., 0], size=7) - l[..., 0] > 0.12).mean()), -1,
                    "black top-hat > 0.12 (dark thin lines)"),
+    "top_light": (lambda l: float(thirds(l)[0][..., 0].mean() - thirds(l)[1][..., 0].mean()), 1,
+                  "mean L of the top third - bottom third (a sky above)"),
+    "top_blue": (lambda l: float(thirds(l)[1][..., 2].mean() - thirds(l)[0][..., 2].mean()), 1,
+                 "OKLab b of the bottom third - top third (blue above)"),
+    "top_texture_ratio": (lambda l: float(np.log(texture(thirds(l)[0]) / texture(thirds(l)[1]))), -1,
+                          "log L texture of the top third / bottom third (smooth sky, textured ground)"),
     "iso_window_1pc": (lambda l: iso_window(l, 0.01), 1, "stroke isotropy with a 1 % window"),
     "iso_window_2pc": (lambda l: iso_window(l, 0.02), 1, "stroke isotropy with a 2 % window"),
     "iso_weighted_2pc": (lambda l: iso_weighted(l, 0.02), 1, "isotropy, 2 % window, gradient-energy weighted"),
