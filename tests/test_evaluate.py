@@ -28,8 +28,9 @@ def stroke_painting(seed: int, side: int = 96) -> Image.Image:
     for _ in range(250):
         x, y = rng.uniform(0, side, 2)
         a = rng.uniform(0, np.pi)
+        # light tints (colours mixed with white), not saturated primaries with hard edges
         draw.line([(x, y), (x + 5 * np.cos(a), y + 5 * np.sin(a))], width=2,
-                  fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+                  fill=tuple(int(v) for v in rng.integers(96, 255, 3)))
     return img
 
 

@@ -112,6 +112,59 @@ def test_light_key_is_key_minus_spread():
     assert light > measure(shadowed((0.02, 0.02, 0.02)))["light_key"] + 0.2
 
 
+def mondrian(lines=True, n=BIG) -> Image.Image:
+    """Modern flat colour: three primary blocks on off-white, optionally cut by black bars."""
+    img = Image.new("RGB", (n, n), (240, 238, 230))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((0, 0, 100, 90), (220, 30, 30))
+    draw.rectangle((170, 160, 255, 255), (20, 50, 170))
+    draw.rectangle((0, 200, 60, 255), (245, 210, 20))
+    if lines:
+        for x in (100, 170):
+            draw.rectangle((x - 3, 0, x + 3, n), (10, 10, 10))
+        for y in (90, 160, 200):
+            draw.rectangle((0, y - 3, n, y + 3), (10, 10, 10))
+    return img
+
+
+# Impressionist stand-in: short dabs of light tints (pure hues mixed with white) in all directions.
+TINTS = [(236, 200, 180), (180, 200, 230), (210, 225, 170), (240, 225, 160), (200, 180, 220)]
+
+
+def dab_field() -> Image.Image:
+    return strokes(TINTS, n=6000, length=5, width=4, side=BIG, bg=(225, 215, 200))
+
+
+def test_hard_edges_flat_shapes_and_outlines_versus_soft_dabs():
+    assert measure(flat((0.5, 0.5, 0.5), BIG), BIG)["hard_edges"] == 0.0
+    assert measure(gradient(n=BIG), BIG)["hard_edges"] == 0.0  # a smooth change is no edge
+    outlined, blocks, dabs = (measure(im, BIG)["hard_edges"] for im in (mondrian(), mondrian(False), dab_field()))
+    assert dabs < 0.005  # neighbouring tints differ by less than 0.1 OKLab per pixel
+    assert blocks > 0.005  # the borders of the colour blocks are hard edges ...
+    assert outlined > 4 * blocks  # ... and black bars across the picture add many more
+    assert measure(stripes(), BIG)["hard_edges"] > 0.4  # 0.2 / 0.9 grey bars every 4 px: edges everywhere
+
+
+def test_saturated_colour_primaries_versus_tints():
+    for primary in ((1.0, 0.0, 0.0), (0.0, 0.0, 1.0), (1.0, 1.0, 0.0)):
+        assert measure(flat(primary))["saturated_colour"] == 1.0
+    tint = (1.0, 0.6, 0.6)  # red mixed with white: still colourful (chroma 0.12), not a tube primary
+    chroma = np.hypot(*traits.srgb_to_oklab(np.array(tint))[1:])
+    assert 0.1 < chroma < traits.SAT_C
+    assert measure(flat(tint))["saturated_colour"] == 0.0
+    assert measure(dab_field(), BIG)["saturated_colour"] == 0.0
+    # the three primary blocks, less the black bars over them: about a quarter of the picture
+    assert measure(mondrian(), BIG)["saturated_colour"] == pytest.approx(0.28, abs=0.03)
+
+
+def test_composite_ranks_a_flat_colour_mondrian_under_a_dab_field():
+    flat_art, dabs = measure(mondrian(), BIG), measure(dab_field(), BIG)
+    assert flat_art["impressionism"] < 0.2 < 0.9 < dabs["impressionism"]
+    # the new components push the Mondrian down: at their corpus means it would score higher
+    neutral = {**flat_art, **{k: traits.COMPOSITE_WEIGHTS[k][0] for k in ("hard_edges", "saturated_colour")}}
+    assert traits.composite(neutral) > flat_art["impressionism"]
+
+
 def test_composite_follows_each_trait_in_its_direction():
     base = {k: mu for k, (mu, _, _) in traits.COMPOSITE_WEIGHTS.items()}
     mid = traits.composite(base)
