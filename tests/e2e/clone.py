@@ -10,16 +10,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def env() -> dict:
+def env(extra: dict | None = None) -> dict:
     e = dict(os.environ)
     e["PATH"] = f"{Path(sys.executable).parent}:{e['PATH']}"
     e.update(HF_HUB_OFFLINE="1", FLUXIMP_PROGRESS="0", PYTHONUNBUFFERED="1")
     e.pop("MLFLOW_TRACKING_URI", None)
+    e.update(extra or {})
     return e
 
 
-def run(cmd: str, cwd: Path, timeout: float = 900, stdout_only: bool = False) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout, shell=True)
+def run(cmd: str, cwd: Path, timeout: float = 900, stdout_only: bool = False, extra_env: dict | None = None) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env(extra_env), capture_output=True, text=True, timeout=timeout,
+                          shell=True)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{cmd} failed:\n{out[-6000:]}"
     return proc.stdout if stdout_only else out
