@@ -97,7 +97,8 @@ def main() -> None:
              "| pair | stages whose outputs differ | largest metric difference |", "|---|---|---|"]
     for pin in ("free", "pinned"):
         differ, worst, key = compare(results[f"{pin}, this CPU"], results[f"{pin}, other CPU"])
-        lines.append(f"| {pin}: this CPU vs other CPU | {', '.join(differ) or 'none'} | {worst:.3g} ({key}) |")
+        worst_cell = f"{worst:.3g} ({key})" if worst else "0 (every metric equal)"
+        lines.append(f"| {pin}: this CPU vs other CPU | {', '.join(differ) or 'none'} | {worst_cell} |")
     lines += ["", "| run | wall s | files changed vs the committed outputs |", "|---|---:|---|"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['seconds']:.0f} | {len(r['modified'])} |")

@@ -12,7 +12,7 @@ they reach every later output:
 
 Measured with `benchmarks/bench_determinism.py` (reports/bench/determinism.md): two `dvc repro` on one
 machine, the second emulating another CPU (AVX2 instead of AVX-512, one core instead of two), gave
-different filter embeddings and cut-offs and metrics up to 4e-6 apart; a oneDNN instruction set alone
+different filter embeddings and cut-offs and metrics up to 5e-6 apart; a oneDNN instruction set alone
 changed the filter's embeddings. With :func:`pin` they are identical, every stage.
 
 :func:`pin` runs when the ``stages`` package is imported, before anything imports torch. It sets, where the
