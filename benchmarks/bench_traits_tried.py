@@ -2,7 +2,7 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.bench_traits_tried [--corpus ../shared/realart] [--size 256]
 
-The record behind the composite in stages/metrics/traits.py: the pixel features tried while designing
+The record behind the global score (traits.composite, the composite before the texture model): the pixel features tried while designing
 it (all but a band-energy spectrum and model variants, described in reports/bench/traits_realart.md), on the same realart corpus, with the protocol of ``bench_traits_realart`` (AUC in the candidate's
 a-priori direction vs all others / old masters / modern, median scan noise × gap), and the artist-grouped
 cross-validated AUC of the frozen composite's components plus that candidate (C = 0.1, refit per

@@ -4,7 +4,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from stages.data import painting, scenes
-from stages.metrics import traits
+from stages.metrics import texture, texture_weights, traits
 
 S = 64
 BIG = 256  # the real profile's eval.trait_size: strokes of 1-3 % of the side span pixels
@@ -157,12 +157,69 @@ def test_saturated_colour_primaries_versus_tints():
     assert measure(mondrian(), BIG)["saturated_colour"] == pytest.approx(0.28, abs=0.03)
 
 
-def test_composite_ranks_a_flat_colour_mondrian_under_a_dab_field():
+def test_global_score_ranks_a_flat_colour_mondrian_under_a_dab_field():
     flat_art, dabs = measure(mondrian(), BIG), measure(dab_field(), BIG)
-    assert flat_art["impressionism"] < 0.2 < 0.9 < dabs["impressionism"]
+    assert flat_art[traits.GLOBAL] < 0.2 < 0.9 < dabs[traits.GLOBAL]
     # the new components push the Mondrian down: at their corpus means it would score higher
     neutral = {**flat_art, **{k: traits.COMPOSITE_WEIGHTS[k][0] for k in ("hard_edges", "saturated_colour")}}
-    assert traits.composite(neutral) > flat_art["impressionism"]
+    assert traits.composite(neutral) > flat_art[traits.GLOBAL]
+    assert traits.composite(flat_art) == flat_art[traits.GLOBAL]
+
+
+def hatching(n=BIG, period=6, width=2) -> Image.Image:
+    """Straight diagonal hatching: parallel lines of one orientation over a light ground."""
+    img = Image.new("RGB", (n, n), (225, 215, 200))
+    draw = ImageDraw.Draw(img)
+    for k in range(-n, n, period):
+        draw.line([(k, 0), (k + n, n)], fill=(90, 80, 110), width=width)
+    return img
+
+
+def test_texture_descriptor_shape_and_scale():
+    """64 patches of len(NAMES) numbers at every size (patches and filter scales are fractions of the
+    side); a flat patch has no texture energy, dabs have much, in all directions."""
+    for size in (64, 128, BIG):
+        lab = traits.srgb_to_oklab(traits.to_rgb_array(dab_field(), size))
+        d = texture.patch_descriptors(lab)
+        assert d.shape == (64, len(texture.NAMES)) and np.isfinite(d).all()
+    col = {k: i for i, k in enumerate(texture.NAMES)}
+    dabs = texture.patch_descriptors(traits.srgb_to_oklab(traits.to_rgb_array(dab_field(), BIG)))
+    lines = texture.patch_descriptors(traits.srgb_to_oklab(traits.to_rgb_array(hatching(), BIG)))
+    plain = texture.patch_descriptors(traits.srgb_to_oklab(flat((0.5, 0.6, 0.7), BIG)))
+    assert (plain[:, col["grad1"]] == np.log(texture.EPS)).all()
+    assert dabs[:, col["grad1"]].min() > plain[:, col["grad1"]].max() + 4  # e^4: 50 x the energy
+    # many directions vs one (the hatching's border patches mirror it into crossed lines: the median)
+    assert np.median(dabs[:, col["iso1"]]) > 0.5 > 0.2 > np.median(lines[:, col["iso1"]])
+    assert dabs[:, col["cgrad1"]].mean() > lines[:, col["cgrad1"]].mean()  # hue changes vs grey lines
+
+
+def test_texture_weights_are_complete_and_finite():
+    d = len(texture.NAMES)
+    assert tuple(texture_weights.DESCRIPTORS) == texture.NAMES
+    assert all(sd > 0 for _, sd, _ in texture_weights.DESCRIPTORS.values())
+    assert [len(r) for r in texture_weights.QUADRATIC] == list(range(d, 0, -1))
+    assert np.isfinite(np.concatenate([np.asarray(r) for r in texture_weights.QUADRATIC])).all()
+    # the patch logit is the documented quadratic form
+    z = np.random.default_rng(0).normal(size=(5, d))
+    mu, sd, lin = (np.array([v[i] for v in texture_weights.DESCRIPTORS.values()]) for i in range(3))
+    Q = np.zeros((d, d))
+    for i, row in enumerate(texture_weights.QUADRATIC):
+        Q[i, i:] = row
+    quad = np.concatenate([np.asarray(r) for r in texture_weights.QUADRATIC])
+    expect = texture_weights.BIAS + z @ lin + np.einsum("ni,ij,nj->n", z, Q, z)
+    assert np.allclose(texture.patch_logits(mu + sd * z, mu, sd, lin, quad, texture_weights.BIAS), expect)
+
+
+def test_impressionism_ranks_a_dab_field_over_flat_shapes_gradients_and_hatching():
+    """The frozen texture model: dabs in many directions and hues score high; a Mondrian, straight
+    hatching and a smooth gradient score low; a blank picture is in between (no texture either way)."""
+    dabs = measure(dab_field(), BIG)["impressionism"]
+    assert dabs > 0.7
+    for img in (mondrian(), hatching(), stripes(), gradient(n=BIG)):
+        assert measure(img, BIG)["impressionism"] < 0.25
+    assert measure(mondrian(lines=False), BIG)["impressionism"] < 0.4  # flat blocks, no black bars
+    assert measure(flat((0.5, 0.6, 0.7), BIG), BIG)["impressionism"] < dabs - 0.3
+    assert measure(dab_field(), 128)["impressionism"] > 0.5  # still textured at half the size
 
 
 def test_composite_follows_each_trait_in_its_direction():
@@ -185,7 +242,7 @@ def test_synthetic_paintings_show_the_traits_against_their_photo_rendering():
             for k in ("stroke_isotropy", "broken_colour", "light_key", "impressionism"):
                 assert paint[k] > photo[k], (size, i, k)
             assert paint["dark_share"] <= photo["dark_share"]
-            assert paint["impressionism"] > 0.8
+            assert paint[traits.GLOBAL] > 0.8 and paint["impressionism"] > 0.5
 
 
 def test_interface_resizing_and_mean_traits():
