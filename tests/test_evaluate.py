@@ -83,9 +83,13 @@ def test_metrics_json_has_every_family_for_every_set(evaluated):
     # the constructed held-out strokes (short dabs on a light ground) vs tiny-random's samples
     assert m["trait_stroke_isotropy_holdout"] > m["trait_stroke_isotropy_base"]
     # The composite (a texture model frozen at 256 px on real paintings) is not asked to rank these
-    # 96-px constructed strokes above tiny-random's samples at the smoke size (it does not: 0.55 vs
-    # 0.61 when written); its ranking on constructed images is tested in test_metrics_traits.py.
-    assert all(0.0 < m[f"trait_impressionism_{s}"] < 1.0 for s in SETS)
+    # 96-px constructed strokes above tiny-random's noise-like samples at the smoke size (it does not:
+    # 0.55 vs 0.61); its ranking is tested in test_metrics_traits.py. Here: every reported trait's
+    # held-out value is exactly the mean of traits.image_traits over the held-out paintings.
+    size = params.load(evaluated / "params.yaml").eval.trait_size
+    direct = traits.mean_traits([stroke_painting(i) for i in range(10)], size)
+    for t in traits.NAMES:
+        assert m[f"trait_{t}_holdout"] == pytest.approx(direct[t], abs=1e-6)
     assert -1 <= m["style_centroid_base"] <= 1
     details = json.loads((evaluated / "reports/eval/details.json").read_text())
     assert any(n.startswith("FID omitted") for n in details["notes"])
