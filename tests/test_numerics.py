@@ -39,6 +39,7 @@ def test_importing_stages_pins_the_cpu_arithmetic():
     pinned = probe()
     assert (pinned["mkldnn"], pinned["threads"], pinned["capability"]) == (False, 1, "DEFAULT")
     assert probe({"OMP_NUM_THREADS": "2"})["threads"] == 2  # the environment wins over the pin
+    assert probe({"OMP_NUM_THREADS": "2,1"})["threads"] == 2  # OpenMP's nested form does not break torch's import
     free = probe({numerics.SWITCH: "0"})
     assert free["mkldnn"] is True and free["threads"] == torch_default_threads()
 

@@ -50,7 +50,9 @@ def enabled() -> bool:
 def configure_torch(torch) -> None:
     """The settings that need the torch module: no oneDNN, and the thread count of ``OMP_NUM_THREADS``."""
     torch.backends.mkldnn.enabled = False
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    threads = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()  # OpenMP also allows "4,2"
+    if threads.isdigit() and int(threads) > 0:
+        torch.set_num_threads(int(threads))
 
 
 class _AfterTorchImport(importlib.abc.MetaPathFinder):
