@@ -14,7 +14,7 @@ per scale ``s`` of ``SCALES`` (1, 2, 4 px at 256: the width of a brush stroke an
     ``cgrad<s>`` log gradient energy of a and b (hue changes: broken colour);
 colour moments
     mean and sd of L, a, b and chroma in the patch;
-gradient statistics (colour gradient per pixel, as traits.colour_tensor)
+gradient statistics (colour gradient per pixel, :func:`colour_tensor`)
     ``hard_share`` share of pixels above ``HARD`` per pixel (hard edges), ``grad_tail`` log q90 / q50 of
     the gradient, ``flat_share`` share of pixels under 1 OKLab unit per image side (flat colour),
     ``local_iso`` 1 - the mean coherence of the 0.5 % window colour tensor (traits.stroke_isotropy
@@ -40,6 +40,17 @@ EPS = 1e-6                       # added to every energy before the log (OKLab u
 HARD = 0.1                       # colour step per pixel from which an edge counts as hard
 
 
+def colour_tensor(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-pixel gradient tensor (jxx, jyy, jxy) of ``lab`` (n, n, 3), in OKLab units per pixel:
+    Di Zenzo, the tensors of L, a and b summed (a hue edge is an edge too), after a 0.5 px blur."""
+    jxx = jyy = jxy = 0.0
+    for c in range(3):
+        g = ndimage.gaussian_filter(lab[..., c], 0.5)
+        gx, gy = ndimage.sobel(g, 1) / 8.0, ndimage.sobel(g, 0) / 8.0
+        jxx, jyy, jxy = jxx + gx * gx, jyy + gy * gy, jxy + gx * gy
+    return jxx, jyy, jxy
+
+
 def descriptor_names() -> list[str]:
     names = []
     for s in range(len(SCALES)):
@@ -63,8 +74,9 @@ def patch_quantile(x: np.ndarray, p: int, q) -> np.ndarray:
     return np.quantile(blocks, q, axis=1)
 
 
-def patch_descriptors(lab: np.ndarray) -> np.ndarray:
-    """(n_patches, len(NAMES)) descriptors of OKLab image ``lab`` (n, n, 3)."""
+def patch_descriptors(lab: np.ndarray, tensor=None) -> np.ndarray:
+    """(n_patches, len(NAMES)) descriptors of OKLab image ``lab`` (n, n, 3); ``tensor``: its
+    colour_tensor, when the caller has it already."""
     n = lab.shape[0]
     p = max(4, int(round(PATCH * n)))
     L, a, b = lab[..., 0], lab[..., 1], lab[..., 2]
@@ -93,12 +105,7 @@ def patch_descriptors(lab: np.ndarray) -> np.ndarray:
     sL, sa, sb, sC = (np.sqrt(np.maximum(patch_means(x * x, p) - m * m, 0))
                       for x, m in ((L, mL), (a, ma), (b, mb), (C, mC)))
     cols += [mL, sL, ma, mb, sa, sb, mC, sC]
-    # per-pixel colour gradient (Di Zenzo, 0.5 px blur as in traits.colour_tensor)
-    jxx = jyy = jxy = 0.0
-    for c in range(3):
-        g = ndimage.gaussian_filter(lab[..., c], 0.5)
-        gx, gy = ndimage.sobel(g, 1) / 8.0, ndimage.sobel(g, 0) / 8.0
-        jxx, jyy, jxy = jxx + gx * gx, jyy + gy * gy, jxy + gx * gy
+    jxx, jyy, jxy = colour_tensor(lab) if tensor is None else tensor
     g = np.sqrt(jxx + jyy)
     cols.append(patch_means((g > HARD).astype(float), p))
     q50, q90 = patch_quantile(g, p, [0.5, 0.9])
@@ -124,9 +131,9 @@ def patch_logits(desc: np.ndarray, mu, sd, lin, quad, bias: float) -> np.ndarray
     return bias + z @ np.asarray(lin) + quadratic(z) @ np.asarray(quad)
 
 
-def texture_logit(lab: np.ndarray) -> float:
+def texture_logit(lab: np.ndarray, tensor=None) -> float:
     """Mean patch logit of OKLab image ``lab`` (n, n, 3) under the frozen model (texture_weights)."""
     rows = [weights.DESCRIPTORS[k] for k in NAMES]
     mu, sd, lin = (np.array([r[i] for r in rows]) for i in range(3))
     quad = np.concatenate([np.asarray(r, dtype=float) for r in weights.QUADRATIC])
-    return float(patch_logits(patch_descriptors(lab), mu, sd, lin, quad, weights.BIAS).mean())
+    return float(patch_logits(patch_descriptors(lab, tensor), mu, sd, lin, quad, weights.BIAS).mean())

@@ -70,6 +70,7 @@ from PIL import Image
 from scipy import ndimage
 
 from stages.metrics import texture
+from stages.metrics.texture import colour_tensor  # noqa: F401  (traits.colour_tensor: used here and by the benchmarks)
 
 STROKE_SIGMA = 0.005   # structure tensor window (Gaussian sigma), fraction of the side
 TEXTURE_GRAD = 2.56    # |grad L| (L units per image side) from which a pixel counts as textured
@@ -150,17 +151,6 @@ def srgb_to_oklab(rgb: np.ndarray) -> np.ndarray:
                                     [0.0259040371, 0.7827717662, -0.8086757660]]).T
 
 
-def colour_tensor(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-pixel gradient tensor (jxx, jyy, jxy) of ``lab`` (n, n, 3), in OKLab units per pixel:
-    Di Zenzo, the tensors of L, a and b summed (a hue edge is an edge too), after a 0.5 px blur."""
-    jxx = jyy = jxy = 0.0
-    for c in range(3):
-        g = ndimage.gaussian_filter(lab[..., c], 0.5)
-        gx, gy = ndimage.sobel(g, 1) / 8.0, ndimage.sobel(g, 0) / 8.0
-        jxx, jyy, jxy = jxx + gx * gx, jyy + gy * gy, jxy + gx * gy
-    return jxx, jyy, jxy
-
-
 def stroke_isotropy(lab: np.ndarray, tensor=None) -> float:
     """1 - mean coherence of the colour structure tensor over the textured pixels of ``lab`` (n, n, 3);
     0 when nothing is textured (a flat picture or a smooth gradient)."""
@@ -222,7 +212,7 @@ def image_traits(img: Image.Image | np.ndarray, size: int = 64, diagnostics: boo
            "light_key": float(L.mean() - L.std()),
            "hard_edges": hard_edges(lab, tensor),
            "saturated_colour": float((chroma >= SAT_C).mean())}
-    out[COMPOSITE] = float(1.0 / (1.0 + np.exp(-texture.texture_logit(lab))))
+    out[COMPOSITE] = float(1.0 / (1.0 + np.exp(-texture.texture_logit(lab, tensor))))
     if not diagnostics:
         return {k: out[k] for k in NAMES}
     out[GLOBAL] = composite(out)
