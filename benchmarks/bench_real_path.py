@@ -100,7 +100,7 @@ def project(root: Path, base: Path, card: int, steps: int) -> Path:
 
     root.mkdir(parents=True, exist_ok=True)
     raw = params.Params().model_dump()
-    raw["model"].update(base=str(base), quantization="nf4", vram_gb=card)
+    raw["model"].update(base=str(base), quantization="auto", vram_gb=card)
     raw["lora"].update(rank=16)
     raw["train"].update(resolution=1024, batch_size=1, steps=steps, lr=1e-4, warmup_steps=0, buckets=False,
                         max_sequence_length=512, gradient_checkpointing=True, checkpoint_every=steps,
@@ -131,8 +131,9 @@ def project(root: Path, base: Path, card: int, steps: int) -> Path:
 # ----------------------------------------------------------------------------- one stage
 def stage(name: str, root: Path, card: int, variant: str = "") -> dict:
     """Run ``stages.<name>.main()`` in this process (cwd = the project) under a ``card`` GiB limit.
-    ``variant`` changes the plan for a measurement: ``nooffload``; ``validate`` turns on validation
-    images every 4 steps; ``profile`` also writes
+    ``variant`` (tokens joined by ``+``) changes the plan for a measurement: ``nooffload``; ``validate`` turns on
+    validation images every 4 steps; ``q=fp8`` / ``compile=0`` / ``cap=8.0`` set model.quantization,
+    train/sample.compile and a pretended GPU generation; ``profile`` also writes
     profile-train-<card>.txt (see profile_train_steps) to $OUT or the project."""
     import dataclasses
 
@@ -140,9 +141,15 @@ def stage(name: str, root: Path, card: int, variant: str = "") -> dict:
 
     from stages.models import memory
 
+    tokens = variant.split("+") if variant else []
     for cls, plan in list(memory.PLANS.items()):
-        if variant == "nooffload":
+        if "nooffload" in tokens:
             memory.PLANS[cls] = dataclasses.replace(plan, offload_activations=False)
+    # key=value tokens override params: q (model.quantization), compile (train/sample.compile), cap (a GPU
+    # generation to pretend: FLUXIMP_GPU_CAPABILITY, e.g. 8.0 for the Ampere fallback)
+    settings = dict(t.split("=", 1) for t in tokens if "=" in t)
+    if "cap" in settings:
+        os.environ["FLUXIMP_GPU_CAPABILITY"] = settings["cap"]
 
     cuda = torch.cuda.is_available()  # without one: a dry run of the driver on the tiny model
     os.environ["FLUXIMP_VRAM_LIMIT_GIB"] = str(card)  # what the memory preflight sees as free
@@ -158,21 +165,42 @@ def stage(name: str, root: Path, card: int, variant: str = "") -> dict:
         real = getattr(mod, attr)
 
         def wrapper(*a, **k):
+            if key == "denoise_s" and "warm" in tokens:  # compile / first-call costs out of the timing
+                real(*a, **k)
+            if cuda:
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             out = real(*a, **k)
             if cuda:
                 torch.cuda.synchronize()
             timings[key] = round(timings.get(key, 0) + time.perf_counter() - t0, 2)
+            timings.setdefault(key.replace("_s", "_calls_s"), []).append(round(time.perf_counter() - t0, 3))
             return out
         setattr(mod, attr, wrapper)
 
-    if variant == "validate":  # in-training validation images every 4 steps (the train.validate_every knob)
-        from stages.core import params as params_lib
+    from stages.core import params as params_lib
 
-        real_load = params_lib.load
-        params_lib.load = lambda path=None: (lambda p: p.model_copy(update={"train": p.train.model_copy(
-            update={"validate_every": 4})}))(real_load(path))
-    if variant == "profile":
+    real_load = params_lib.load
+
+    def load(path=None):
+        p = real_load(path)
+        train, model, sample = {}, {"vram_gb": card}, {}  # the card emulated, in any card's project
+        if "validate" in tokens:  # in-training validation images every 4 steps (the train.validate_every knob)
+            train["validate_every"] = 4
+        if "q" in settings:
+            model["quantization"] = settings["q"]
+        if "seeds" in settings:
+            sample["seeds"] = list(range(int(settings["seeds"])))
+        if "ssteps" in settings:
+            sample["steps"] = int(settings["ssteps"])
+        if "compile" in settings:
+            train["compile"] = sample["compile"] = settings["compile"] in ("1", "true", "on")
+        return p.model_copy(update={"train": p.train.model_copy(update=train),
+                                    "model": p.model.model_copy(update=model),
+                                    "sample": p.sample.model_copy(update=sample)})
+
+    params_lib.load = load
+    if "profile" in tokens:
         profile_train_steps(Path(os.environ.get("OUT", root)) / f"profile-{name}-{card}.txt")
     timed(flux, "load_transformer", "transformer_load_s")
     timed(flux, "load_text_encoders", "text_encoders_load_s")
@@ -198,9 +226,14 @@ def stage(name: str, root: Path, card: int, variant: str = "") -> dict:
         col = rows[0].index("step_time")
         times = [float(r[col]) for r in rows[1:]][2:]  # after two warm-up steps
         out["s_per_step"] = round(statistics.median(times), 3)
+        out["first_step_s"] = float(rows[1][col])  # compile (when on) + the first step
+        out["quantization"] = json.loads(Path("models/lora/adapter.json").read_text()).get("quantization")
     if name == "sample" and out["ok"]:
         images = len(json.loads(Path("reports/samples/index.json").read_text())["images"])
         out["s_per_image"] = round(timings.get("denoise_s", 0) / images, 2)
+        idx = json.loads(Path("reports/samples/index.json").read_text())
+        last = timings.get("denoise_calls_s", [0])[-1]  # the last LoRA scale: seeds x steps denoising steps
+        out["s_per_denoise_step"] = round(last / (len(idx["seeds"]) * idx["steps"]), 4)
     return out
 
 
@@ -481,10 +514,12 @@ def main() -> None:
                     emit(child(["stage", name, str(root), str(card)], env))
         for v in filter(None, a.variants.split(",")):  # after the stages: they need the encode cache
             limit, _, v = v.rpartition(":")
+            name, _, v = v.rpartition("/")  # "sample/q=fp8": another stage than train
             root = a.work / f"card-{limit}"  # the project of that card (its plan), else the first card's
             root = root if (root / "params.yaml").exists() else a.work / f"card-{cards[0]}"
-            fresh(root)
-            emit(child(["stage", "train", str(root), limit or str(cards[0]), v], env))
+            if (name or "train") == "train":
+                fresh(root)
+            emit(child(["stage", name or "train", str(root), limit or str(cards[0]), v], env))
         rows = [json.loads(ln) for ln in jsonl.read_text().splitlines() if ln.strip()]
         report(rows, a.out / "real_path.md", "python benchmarks/bench_real_path.py " + " ".join(sys.argv[1:]))
 

@@ -28,7 +28,7 @@ from stages.core.device import default_device
 from stages.core.io import atomic_dir, write_json
 from stages.core.paths import Sample
 from stages.core.prompts import read_prompts, with_trigger  # noqa: F401 - sample.read_prompts is public
-from stages.models import snapshots
+from stages.models import memory, snapshots
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 ADAPTER = "style"
@@ -68,7 +68,7 @@ def render_latents(p: params.Params, full: list[str], jobs: list[tuple[int, int]
                    lora_dir: Path, device) -> dict:
     """Latents per LoRA scale for every (prompt, seed) job: 1. the prompt embeddings, with the text
     encoders alone on the device; 2. the latents, with the transformer (+ adapter) alone."""
-    from stages.models import flux, memory, render
+    from stages.models import compiling, flux, render
 
     sp = p.sample
     t0 = time.perf_counter()
@@ -83,6 +83,8 @@ def render_latents(p: params.Params, full: list[str], jobs: list[tuple[int, int]
     pipe = render.transformer_pipeline(p.model, flux.load_transformer(p.model, device=device))
     if any(s > 0 for s in scales):
         pipe.load_lora_weights(str(lora_dir), weight_name=LORA_FILE, adapter_name=ADAPTER)
+    if compiling.enabled(sp.compile, device):  # after the adapter: its layers are part of the graphs
+        compiling.compile_blocks(pipe.transformer)
     logger.info("transformer ready in %.1f s", time.perf_counter() - t0)
     latents = {}
     bar = log.progress(total=len(scales) * len(jobs), desc="sample images", unit="img")
@@ -95,9 +97,10 @@ def render_latents(p: params.Params, full: list[str], jobs: list[tuple[int, int]
             pipe.enable_lora()
             pipe.set_adapters([ADAPTER], [scale])
         done = len(latents) * len(jobs)
-        latents[scale] = render.denoise(pipe, embeds, pooled, [s for _, s in jobs], steps=sp.steps,
-                                        guidance=sp.guidance, height=sp.resolution, width=sp.resolution,
-                                        batch_size=sp.batch_size, progress=lambda n: bar.update(done + n - bar.n))
+        latents[scale] = compiling.run_first(  # the first compiled call builds the graphs; eager if that fails
+            lambda: render.denoise(pipe, embeds, pooled, [s for _, s in jobs], steps=sp.steps, guidance=sp.guidance,
+                                   height=sp.resolution, width=sp.resolution, batch_size=sp.batch_size,
+                                   progress=lambda n: bar.update(done + n - bar.n)), pipe.transformer)
         logger.info("%s: %d images in %.1f s", scale_label(scale), len(jobs), time.perf_counter() - t1)
     bar.close()
     del pipe
@@ -155,6 +158,7 @@ def run(p: params.Params, paths: Sample = Sample()) -> dict:
                 len(sp.seeds), scales, sp.resolution, sp.steps, sp.guidance)
     t0 = time.perf_counter()
     device = default_device()
+    p = memory.resolve(p, device)  # model.quantization: auto -> the base this card renders with
     jobs = [(pi, seed) for pi in range(len(prompts)) for seed in sp.seeds]
     latents = render_latents(p, full, jobs, scales, lora_dir, device)
     index = write_samples(p, paths.samples, prompts, full, jobs, scales, latents, adapter, device)

@@ -166,7 +166,11 @@ def open_sinks(paths: Train, start: int, callbacks: Sequence[Callback]) -> list[
 def run(p: params.Params, paths: Train = Train(), accelerator=None, callbacks: Sequence[Callback] = ()) -> dict:
     """The training loop (one process of it); returns the last step's metrics. ``callbacks`` get
     every step's metrics on the main process (MLflow, tests)."""
+    from stages.models import memory
+
     main_proc = accelerator is None or accelerator.is_main_process
+    # model.quantization: auto becomes the base this card trains on, in the checkpoints and adapter.json too
+    p = memory.resolve(p, accelerator.device if accelerator else default_device())
     cache, trainer, validator, ident, start = prepare(p, paths, accelerator, main_proc)
     sinks = open_sinks(paths, start, callbacks) if main_proc else []
     val_dir = paths.reports / "validation"

@@ -227,3 +227,34 @@ def test_cache_key_follows_the_hub_revision(tmp_path):
         keys.append(quant_cache.key(snap, "nf4", torch.bfloat16))
     assert keys[0] != keys[1]
     assert quant_cache.key(snap, "nf4", torch.bfloat16) == keys[1]  # stable
+
+
+@pytest.mark.parametrize("card,total,cap,expected", [
+    (8, 8, (8, 9), "nf4"), (12, 12, (9, 0), "nf4"), (16, 16, (9, 0), "nf4"),  # small cards: nf4 everywhere
+    (24, 24, (8, 9), "fp8"), (24, 24, (9, 0), "fp8"), (24, 80, (9, 0), "fp8"), (24, 32, (12, 0), "fp8"),
+    (24, 24, (8, 6), "nf4"), (24, 24, (8, 0), "nf4"),                         # Ampere 24 GiB: bf16 does not fit
+    (24, 40, (8, 0), "none"), (24, 80, (8, 0), "none"),                       # A100 40/80 GB: bf16 with room
+    (12, 12, (7, 5), "nf4"), (24, 24, (7, 5), "nf4")])
+def test_auto_quantization_per_card_class_and_generation(card, total, cap, expected):
+    from stages.models.memory import pick_quantization
+
+    assert pick_quantization(card, total, cap) == expected
+
+
+def test_auto_resolves_to_none_without_a_gpu_and_explicit_modes_stay():
+    from stages.core.params import Params
+    from stages.models import memory
+
+    p = Params()
+    auto = p.model_copy(update={"model": p.model.model_copy(update={"quantization": "auto"})})
+    assert memory.resolve(auto, torch.device("cpu")).model.quantization == "none"
+    assert memory.resolve(p, torch.device("cpu")) is p  # nothing to resolve
+    for mode in ("nf4", "int8", "fp8", "none"):
+        assert memory.quantization(p.model.model_copy(update={"quantization": mode}), torch.device("cpu")) == mode
+
+
+def test_forced_capability_pretends_another_generation(monkeypatch):
+    from stages.models import memory
+
+    monkeypatch.setenv("FLUXIMP_GPU_CAPABILITY", "8.0")
+    assert memory.capability(torch.device("cpu")) == (8, 0)

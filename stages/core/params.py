@@ -191,7 +191,8 @@ class Caption(Section):
 class Model(Section):
     base: str = "tiny-random"       # hub id, local diffusers folder, or "tiny-random"
     revision: Optional[str] = None
-    quantization: Literal["none", "nf4", "int8", "fp8"] = "none"
+    quantization: Literal["auto", "none", "nf4", "int8", "fp8"] = Field(
+        "none", description="the transformer's base: auto = the fastest that fits the card (stages/models/memory.py)")
     vram_gb: Union[Literal["auto"], Literal[8, 12, 16, 24]] = Field(
         "auto", description="the GPU's memory class: picks the memory-saving settings (stages/models/memory.py)")
 
@@ -270,7 +271,8 @@ class Train(Section):
     keep_last: int = Field(3, ge=0, description="snapshots kept (the newest); 0 = all")
     max_sequence_length: int = Field(64, ge=8, le=512, description="T5 tokens per caption (FLUX.1-dev: 512)")
     num_processes: int = Field(1, ge=1)
-    compile: bool = False
+    compile: Union[Literal["auto"], bool] = Field("auto", description="torch.compile the transformer's blocks; "
+                                                  "auto = on a CUDA GPU, off on the CPU (stages/models/compiling.py)")
 
     _resolution_16 = field_validator("resolution")(multiple_of_16)
 
@@ -306,6 +308,8 @@ class Sample(Section):
     batch_size: int = Field(8, ge=1, description="images per pipeline call")
     adapter_step: Optional[int] = Field(None, ge=1, description="render models/snapshots/step-<N> "
                                         "(train.save_every) instead of the final adapter; None = final")
+    compile: Union[Literal["auto"], bool] = Field("auto", description="torch.compile the transformer's blocks; "
+                                                  "auto = on a CUDA GPU, off on the CPU")
 
     _resolution_16 = field_validator("resolution")(multiple_of_16)
 

@@ -229,8 +229,8 @@ def _prepare(model_params, device, dtype, components, text_quantization: str = "
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     memory.configure_allocator(device)
-    check_memory(source, model_params.revision, components, model_params.quantization, device, dtype,
-                 text_quantization=text_quantization)
+    check_memory(source, model_params.revision, components, memory.quantization(model_params, device), device,
+                 dtype, text_quantization=text_quantization)
     return source, device, dtype
 
 
@@ -255,14 +255,14 @@ def load_transformer(model_params, *, device=None, dtype=None):
     (stages.models.quant_cache). Frozen, on ``device``."""
     from diffusers import FluxTransformer2DModel
 
-    from stages.models import quant, quant_cache
+    from stages.models import memory, quant, quant_cache
 
     source, device, dtype = _prepare(model_params, device, dtype, ["transformer"])
-    log.info("loading transformer from %s (revision %s, quantization %s)", source, model_params.revision,
-             model_params.quantization)
+    mode = memory.quantization(model_params, device)
+    log.info("loading transformer from %s (revision %s, quantization %s)", source, model_params.revision, mode)
     folder = local_folder(source, model_params.revision, "transformer")
     return quant_cache.load(FluxTransformer2DModel, folder, _cache_name(source, "transformer"),
-                            mode=model_params.quantization, device=device, dtype=dtype,
+                            mode=mode, device=device, dtype=dtype,
                             block_lists=quant.BLOCK_LISTS)
 
 
@@ -330,7 +330,7 @@ def preflight(stage: str, p, device, plan) -> None:
     cfg = json.loads(config.read_text()) if config.exists() else {}
     hidden = cfg.get("num_attention_heads", 24) * cfg.get("attention_head_dim", 128)
     blocks = cfg.get("num_layers", 19) + cfg.get("num_single_layers", 38)
-    need = memory.estimate(stage, sizes, hidden, blocks, p, plan)
+    need = memory.estimate(stage, sizes, hidden, blocks, memory.resolve(p, device), plan)
     log.info("%s needs about %.1f GiB of GPU memory and %.1f GiB of host RAM (%s)", stage,
              need.vram / memory.GIB, need.host / memory.GIB, plan.describe())
     memory.check(need, stage, plan, torch.device(device))

@@ -85,6 +85,60 @@ def plan(model_params, device: Optional[torch.device] = None) -> Plan:
     return PLANS[card_class(int(total))]
 
 
+# ----------------------------------------------------------------------------- model.quantization: auto
+def pick_quantization(card_gib: Optional[int], total_gib: float, capability: tuple[int, int]) -> str:
+    """The fastest transformer base that fits, by card class and GPU generation (train step at
+    1024², rank 16; reports/bench/speed.md):
+
+    - 8, 12 and 16 GiB classes: nf4 (the only base that fits with room for activations);
+    - 24 GiB and up with fp8 tensor cores (compute capability >= 8.9: Ada, Hopper, Blackwell): fp8
+      compute (stages.models.fp8), faster than bf16 even where bf16 fits;
+    - without them (Ampere: RTX 3090, A100): bf16 where it fits with room (>= 40 GiB), else nf4
+      (torchao int8 weight-only fits 24 GiB too but trains about 2x slower than compiled nf4)."""
+    if card_gib is not None and card_gib <= 16:
+        return "nf4"
+    if tuple(capability) >= (8, 9):
+        return "fp8"
+    return "none" if total_gib >= 40 else "nf4"
+
+
+def capability(device: torch.device) -> tuple[int, int]:
+    """The GPU's compute capability; ``FLUXIMP_GPU_CAPABILITY=8.0`` pretends another (benchmarks:
+    the Ampere fallback measured on a Hopper card)."""
+    forced = os.environ.get("FLUXIMP_GPU_CAPABILITY")
+    if forced:
+        major, _, minor = forced.partition(".")
+        return int(major), int(minor or 0)
+    return torch.cuda.get_device_capability(device)
+
+
+def quantization(model_params, device) -> str:
+    """``model.quantization`` with ``auto`` resolved for ``device`` (CPU: none)."""
+    mode = model_params.quantization
+    if mode != "auto":
+        return mode
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "none"
+    total = torch.cuda.get_device_properties(device).total_memory
+    if os.environ.get("FLUXIMP_VRAM_LIMIT_GIB"):
+        total = min(total, float(os.environ["FLUXIMP_VRAM_LIMIT_GIB"]) * GIB)
+    return pick_quantization(plan(model_params, device).card_gib, total / GIB, capability(device))
+
+
+def resolve(p, device):
+    """``p`` with ``model.quantization: auto`` replaced by what this device gets (logged once): what
+    the stage loads, and what its checkpoints, adapter.json and the sample index record."""
+    mode = quantization(p.model, device)
+    if mode == p.model.quantization:
+        return p
+    pl = plan(p.model, device)
+    cap = capability(device)
+    log.info("model.quantization auto -> %s (%s, compute capability %d.%d)", mode, pl.describe().split(":")[0],
+             cap[0], cap[1])
+    return p.model_copy(update={"model": p.model.model_copy(update={"quantization": mode})})
+
+
 def configure_allocator(device: torch.device) -> None:
     """Expandable segments: reserved memory follows allocated memory instead of keeping
     fragmented blocks (what decides whether a stage fits an 8 GiB card)."""

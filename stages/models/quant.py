@@ -5,7 +5,9 @@
   rather than diffusers' ``BitsAndBytesConfig``, which refuses to run without a GPU: the same code
   runs the tiny model on CPU in the tests and FLUX.1-dev on a GPU.
 - ``int8``: torchao int8 weight-only (bitsandbytes' LLM.int8 trains ~2.4x slower: docs/training.md).
-- ``fp8``: torchao float8 weight-only; needs a GPU with FP8 (compute capability >= 8.9).
+- ``fp8``: e4m3 weights with per-row scales, the forward and grad-input products on the fp8 tensor
+  cores (stages.models.fp8); needs a GPU with FP8 (compute capability >= 8.9).
+- ``auto`` is resolved before loading to one of these per card class and GPU (stages.models.memory).
 
 Embedders, the final norm and projection stay in full precision (they are small and sensitive).
 The blocks are quantized one at a time on the target device, so peak memory stays near the
@@ -17,6 +19,8 @@ import logging
 
 import torch
 from torch import nn
+
+from stages.models import fp8
 
 log = logging.getLogger(__name__)
 MODES = ("none", "nf4", "int8", "fp8")
@@ -43,7 +47,7 @@ def check_supported(mode: str, device: torch.device) -> None:
             import bitsandbytes  # noqa: F401
         except ImportError as err:
             raise QuantizationError(f"model.quantization=nf4 needs bitsandbytes ({err})") from None
-    if mode in ("int8", "fp8"):
+    if mode == "int8":
         try:
             import torchao  # noqa: F401
         except ImportError as err:
@@ -93,10 +97,12 @@ def empty_nf4(module: nn.Module, compute_dtype: torch.dtype) -> int:
     return count
 
 
-def _torchao_config(mode: str):
-    import torchao.quantization as tq
-
-    return tq.Int8WeightOnlyConfig() if mode == "int8" else tq.Float8WeightOnlyConfig()
+def empty_linears(module: nn.Module, mode: str, compute_dtype: torch.dtype) -> int:
+    """Empty (meta) quantized shells for every linear below ``module``: what a saved quantized
+    state (stages.models.quant_cache) is loaded into."""
+    if mode == "fp8":
+        return fp8.swap_linears(module, compute_dtype, empty=True)
+    return empty_nf4(module, compute_dtype)
 
 
 def compute_dtype(model: nn.Module) -> torch.dtype:
@@ -110,11 +116,14 @@ def quantize_block(block: nn.Module, mode: str, device: torch.device, compute: t
     if mode == "nf4":
         count = _swap_nf4(block, device, compute)
         block.to(device)
+    elif mode == "fp8":
+        block.to(device)
+        count = fp8.swap_linears(block, compute)
     else:
-        from torchao.quantization import quantize_
+        import torchao.quantization as tq
 
         block.to(device)
-        quantize_(block, _torchao_config(mode), filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+        tq.quantize_(block, tq.Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
         count = sum(isinstance(m, nn.Linear) for m in block.modules())
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -151,6 +160,6 @@ def quantized_linears(model: nn.Module) -> int:
     n = 0
     for m in model.modules():
         w = getattr(m, "weight", None)
-        if type(m).__name__ == "Linear4bit" or (w is not None and type(w).__name__ not in ("Parameter", "Tensor", "Params4bit")):
+        if isinstance(m, fp8.Fp8Linear) or type(m).__name__ == "Linear4bit" or (w is not None and type(w).__name__ not in ("Parameter", "Tensor", "Params4bit")):
             n += 1
     return n

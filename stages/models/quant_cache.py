@@ -1,8 +1,9 @@
-"""Quantize once: the nf4 blocks of a base model, saved by the first run and read by later ones.
+"""Quantize once: the nf4 / fp8 blocks of a base model, saved by the first run and read by later ones.
 
-Quantizing FLUX.1-dev while loading streams 22 GiB of bf16 weights; the nf4 blocks are 6 GiB. The
-first run that loads a base with ``model.quantization: nf4`` saves each quantized block (packed
-weights + bitsandbytes quant state, one safetensors file a block) to ``<root>/<name>-<key>/``;
+Quantizing FLUX.1-dev while loading streams 22 GiB of bf16 weights; the nf4 blocks are 6 GiB, the
+fp8 ones 11. The first run that loads a base with ``model.quantization: nf4`` (or ``fp8``) saves each
+quantized block (packed weights + bitsandbytes quant state, or e4m3 weights + row scales; one
+safetensors file a block) to ``<root>/<name>-<key>/``;
 later runs, every ``dvc exp run`` included (whatever folder it runs in), read those instead. The
 small unquantized rest (embedders, norms) and the config still come from the base folder.
 
@@ -10,7 +11,7 @@ The key covers what the quantized weights are a function of: the checkpoint's fi
 and modification times; for a hub download, the content-addressed blob each file points to), the
 mode, the compute dtype, bitsandbytes' version and this module's :data:`VERSION`. Another base,
 revision or quantization gives another key, so a stale entry is never read; building a new entry
-removes the other entries of the same model name, so the cache holds one per model. It is derived
+removes the other entries of the same model name and mode, so the cache holds one per model and mode. It is derived
 from the base alone: not a DVC output, never committed.
 
 Root: ``$FLUXIMP_QUANT_CACHE``, else ``$FLUXIMP_CACHE/quantized``, else
@@ -33,7 +34,7 @@ from stages.models import quant, streaming
 
 log = logging.getLogger(__name__)
 VERSION = 2  # 2: non-quantized tensors kept in the compute dtype (1 stored them in float32)
-CACHED_MODES = ("nf4",)  # torchao int8/fp8 quantize quickly on the GPU and are not cached
+CACHED_MODES = ("nf4", "fp8")  # torchao int8 quantizes quickly on the GPU and is not cached
 
 
 def root() -> Path:
@@ -59,7 +60,7 @@ def key(folder: Path, mode: str, dtype: torch.dtype) -> str:
 
 
 def entry(folder: Path, name: str, mode: str, dtype: torch.dtype) -> Path:
-    return root() / f"{name}-{key(folder, mode, dtype)}"
+    return root() / f"{name}-{mode}-{key(folder, mode, dtype)}"
 
 
 def _block_file(entry_dir: Path, prefix: str) -> Path:
@@ -73,17 +74,19 @@ def save_block(entry_dir: Path, prefix: str, block: nn.Module) -> None:
     save_file(tensors, _block_file(entry_dir, prefix))
 
 
-def load_block(entry_dir: Path, prefix: str, block: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+def load_block(entry_dir: Path, prefix: str, block: nn.Module, device: torch.device, dtype: torch.dtype,
+               mode: str = "nf4") -> None:
     """Fill an empty (meta) block with the quantized tensors saved for it."""
-    import bitsandbytes as bnb
     from accelerate.utils import set_module_tensor_to_device
     from safetensors.torch import load_file
 
-    quant.empty_nf4(block, dtype)
+    quant.empty_linears(block, mode, dtype)
     state = load_file(_block_file(entry_dir, prefix), device=streaming.device_name(device))
     used = set()
     for name, module in block.named_modules():
-        if isinstance(module, bnb.nn.Linear4bit):
+        if type(module).__name__ == "Linear4bit":
+            import bitsandbytes as bnb
+
             w = f"{name}.weight"
             stats = {k[len(w) + 1:]: v for k, v in state.items() if k.startswith(w + ".")}
             used |= {w, *(f"{w}.{k}" for k in stats)}  # (from_prequantized consumes ``stats``)
@@ -92,6 +95,10 @@ def load_block(entry_dir: Path, prefix: str, block: nn.Module, device: torch.dev
     for name, t in state.items():
         if name not in used:  # in the saved dtype (see streaming.assign)
             set_module_tensor_to_device(block, name, device, value=t, dtype=t.dtype)
+    if mode == "fp8":
+        from stages.models import fp8
+
+        fp8.use_device(block, device)
 
 
 def load(model_cls, folder: Path, name: str, *, mode: str, device, dtype: torch.dtype,
@@ -105,7 +112,7 @@ def load(model_cls, folder: Path, name: str, *, mode: str, device, dtype: torch.
     if (target / "meta.json").exists():
         log.info("loading the %s blocks of %s from the quantize-once cache %s", mode, name, target)
         return streaming.load(model_cls, folder, mode=mode, device=device, dtype=dtype, block_lists=block_lists,
-                              load_block=lambda prefix, block, dev: load_block(target, prefix, block, dev, dtype))
+                              load_block=lambda prefix, block, dev: load_block(target, prefix, block, dev, dtype, mode))
     log.info("quantizing %s to %s while loading; saving the blocks to %s for later runs", name, mode, target)
     failed: list[OSError] = []
 
@@ -126,7 +133,7 @@ def load(model_cls, folder: Path, name: str, *, mode: str, device, dtype: torch.
     if failed:
         shutil.rmtree(target, ignore_errors=True)
         return model
-    for other in target.parent.glob(f"{name}-*"):
+    for other in target.parent.glob(f"{name}-{mode}-*"):
         if other != target and other.is_dir():
             log.info("removing the outdated cache entry %s", other)
             shutil.rmtree(other, ignore_errors=True)

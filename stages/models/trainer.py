@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from stages.models import flow, lora
+from stages.models import compiling, flow, lora
 from stages.models import offload as offload_lib
 from stages.models.cache import Batch
 
@@ -82,11 +82,8 @@ class Trainer:
         self.guidance = bool(transformer.config.guidance_embeds)
         if train_params.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
-        if train_params.compile:
-            # one static graph per bucket shape (few shapes) rather than a slower dynamic one
-            torch._dynamo.config.automatic_dynamic_shapes = False
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
-            transformer.compile_repeated_blocks(fullgraph=False)
+        if compiling.enabled(train_params.compile, self.device):  # on CUDA by default (stages.models.compiling)
+            compiling.compile_blocks(transformer)
         self.transformer = transformer
         self.model = transformer  # DDP-wrapped under accelerate
         self.optimizer = make_optimizer(self.params, train_params)
@@ -131,12 +128,8 @@ class Trainer:
         return flow.flow_loss(pred, target)
 
     # ------------------------------------------------------------------ one optimizer step
-    def step(self, batches: list[Batch], step: int) -> dict:
-        """One optimizer step over the micro-batches; returns the step's metrics."""
-        t0 = time.perf_counter()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        self.model.train()
+    def accumulate(self, batches: list[Batch], step: int) -> float:
+        """Forward and backward over the micro-batches (gradients summed); returns the mean loss."""
         total = 0.0
         for micro, batch in enumerate(batches):
             seed = step_seed(self.seed, step, self.rank, micro)
@@ -148,6 +141,17 @@ class Trainer:
                 loss = self.loss(batch, gen) / len(batches)
                 loss.backward()
             total += loss.detach().float().item()
+        return total
+
+    def step(self, batches: list[Batch], step: int) -> dict:
+        """One optimizer step over the micro-batches; returns the step's metrics."""
+        t0 = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.model.train()
+        # the first call of compiled blocks builds them; if that fails the step reruns eager
+        total = compiling.run_first(lambda: self.accumulate(batches, step), self.transformer,
+                                    on_fallback=lambda: self.optimizer.zero_grad(set_to_none=True))
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.train_params.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()

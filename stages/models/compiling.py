@@ -1,0 +1,111 @@
+"""torch.compile for the Flux transformer's repeated blocks, in the train and the sample stage.
+
+``train.compile`` / ``sample.compile``: ``auto`` (the default) compiles on a CUDA GPU and runs eager
+on the CPU (inductor's CPU code would take longer to build than the smoke profile takes to run, and
+its vectorised kernels differ by CPU, which would break "same bytes on every machine"); ``true`` /
+``false`` force it. diffusers' regional compilation (``compile_repeated_blocks``) compiles one double
+and one single block and reuses them for all 57: about 35 s the first time on an H200
+(reports/bench/speed.md).
+
+The compiled graphs are cached on disk under :func:`cache_dir` (inductor's FX graph cache, its
+AOTAutograd cache and Triton's kernels), beside the quantize-once cache: outside the repo, so every
+``dvc exp run`` on the machine, ``--temp`` and queued ones included, reuses them and a second run
+pays only dynamo's tracing. If compiling fails, one log line says so and the stage runs eager
+(:func:`run_first`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable, TypeVar, Union
+
+import torch
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def enabled(setting: Union[bool, str], device: torch.device) -> bool:
+    """``train.compile`` / ``sample.compile`` for ``device``: ``auto`` = on CUDA only."""
+    if setting == "auto":
+        return torch.device(device).type == "cuda"
+    return bool(setting)
+
+
+def cache_dir() -> Path:
+    """``$FLUXIMP_COMPILE_CACHE``, else ``$FLUXIMP_CACHE/compiled``, else
+    ``~/.cache/flux-impressionism/compiled`` (next to the quantize-once cache)."""
+    if os.environ.get("FLUXIMP_COMPILE_CACHE"):
+        return Path(os.environ["FLUXIMP_COMPILE_CACHE"])
+    if os.environ.get("FLUXIMP_CACHE"):
+        return Path(os.environ["FLUXIMP_CACHE"]) / "compiled"
+    return Path.home() / ".cache" / "flux-impressionism" / "compiled"
+
+
+def configure_cache() -> Path:
+    """Point inductor's and Triton's on-disk caches at :func:`cache_dir` (unless the user set them)."""
+    root = cache_dir()
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
+    return root
+
+
+def repeated_blocks(transformer) -> list[torch.nn.Module]:
+    names = set(getattr(transformer, "_repeated_blocks", []) or [])
+    return [m for m in transformer.modules() if type(m).__name__ in names]
+
+
+def compile_blocks(transformer, backend: Union[str, Callable] = "inductor") -> None:
+    """Compile the transformer's repeated blocks (lazily: the work happens at the first call)."""
+    configure_cache()
+    # one static graph per shape (few shapes: the buckets, the sampling batch) rather than a dynamic one
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+    for block in repeated_blocks(transformer):
+        block.compile(fullgraph=False, backend=backend)
+    transformer._fluximp_compiled = True
+
+
+def is_compiled(transformer) -> bool:
+    return bool(getattr(transformer, "_fluximp_compiled", False))
+
+
+def uncompile(transformer) -> None:
+    """Back to eager: drop every block's compiled call and dynamo's caches."""
+    for block in repeated_blocks(transformer):
+        block._compiled_call_impl = None
+    transformer._fluximp_compiled = False
+    torch._dynamo.reset()
+
+
+def is_compile_error(err: BaseException) -> bool:
+    """Errors raised by dynamo, AOTAutograd or inductor while building a graph (not an OOM, not a
+    bug in the model that eager would hit as well)."""
+    from torch._dynamo import exc as dynamo_exc
+
+    kinds: tuple = (dynamo_exc.TorchDynamoException,)
+    try:
+        from torch._inductor.exc import InductorError
+
+        kinds += (InductorError,)
+    except ImportError:  # older torch
+        pass
+    return isinstance(err, kinds) and not isinstance(err, torch.cuda.OutOfMemoryError)
+
+
+def run_first(fn: Callable[[], T], transformer, on_fallback: Callable[[], None] = lambda: None) -> T:
+    """``fn()``, the first call of a compiled transformer; if compiling fails, log one line, go
+    back to eager (``on_fallback`` resets what the failed call left, e.g. gradients) and call again."""
+    if not is_compiled(transformer):
+        return fn()
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001 - filtered by is_compile_error
+        if not is_compile_error(err):
+            raise
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        log.warning("torch.compile failed (%s: %s): running eager", type(err).__name__, first)
+        uncompile(transformer)
+        on_fallback()
+        return fn()

@@ -1,0 +1,83 @@
+"""torch.compile of the transformer's blocks (stages/models/compiling.py) on the tiny model: on by default
+on CUDA only, a compile failure falls back to eager with one log line, compiled training gives the
+eager adapter within float tolerance, and a resume under compile continues at the right step."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stages.models import compiling
+from tests import trainkit
+
+
+@pytest.mark.parametrize("setting,device,expected", [
+    ("auto", "cuda", True), ("auto", "cpu", False), (True, "cpu", True), (False, "cuda", False)])
+def test_auto_compiles_on_cuda_only(setting, device, expected):
+    assert compiling.enabled(setting, torch.device(device)) is expected
+
+
+def test_compiled_graphs_are_cached_outside_the_repo(monkeypatch, tmp_path):
+    for var in ("FLUXIMP_COMPILE_CACHE", "FLUXIMP_CACHE", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("FLUXIMP_CACHE", str(tmp_path))
+    root = compiling.configure_cache()
+    assert root == tmp_path / "compiled"
+    import os
+
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compiled" / "inductor")
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "compiled" / "triton")
+
+
+def adapter(workdir):
+    return load_file(workdir / "models/lora/pytorch_lora_weights.safetensors")
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_one_line(workdir, monkeypatch, capfd):
+    calls = []
+
+    def broken_backend(gm, example_inputs):
+        calls.append(1)
+        raise RuntimeError("no C++ compiler here")
+
+    real = compiling.compile_blocks
+    monkeypatch.setattr(compiling, "compile_blocks", lambda t, backend="inductor": real(t, backend=broken_backend))
+    log = trainkit.run_train(workdir, train__compile=True, train__steps=3, train__checkpoint_every=3)
+    assert calls, "the compiled blocks were never called"
+    warnings = [ln for ln in capfd.readouterr().err.splitlines() if "torch.compile failed" in ln]
+    assert len(warnings) == 1 and "running eager" in warnings[0]
+    compiled = adapter(workdir)
+    eager_dir = workdir / "eager"
+    eager_dir.mkdir()
+    import shutil
+
+    shutil.copytree(workdir / "data", eager_dir / "data")
+    monkeypatch.chdir(eager_dir)
+    eager_log = trainkit.run_train(eager_dir, train__compile=False, train__steps=3, train__checkpoint_every=3)
+    assert [r["loss"] for r in log] == [r["loss"] for r in eager_log]  # the fallback redid step 1 exactly
+    assert all(torch.equal(compiled[k], v) for k, v in adapter(eager_dir).items())
+
+
+@pytest.mark.slow
+def test_compiled_training_gives_the_eager_adapter_and_resumes(workdir, monkeypatch, tmp_path):
+    """inductor on the CPU (a C++ compiler builds the kernels): same adapter within float tolerance; a
+    run stopped after its checkpoint resumes at that step under compile."""
+    import shutil
+
+    monkeypatch.setenv("FLUXIMP_COMPILE_CACHE", str(tmp_path / "compile-cache"))
+    steps = dict(train__steps=6, train__checkpoint_every=3)
+    trainkit.run_train(workdir, train__compile=False, **steps)
+    eager = adapter(workdir)
+
+    compiled_dir = tmp_path / "compiled"
+    shutil.copytree(workdir / "data", compiled_dir / "data")
+    monkeypatch.chdir(compiled_dir)
+    executed = []
+    trainkit.run_train(compiled_dir, callbacks=[lambda m, s: executed.append(s)], train__compile=True,
+                       train__steps=3, train__checkpoint_every=3)
+    assert executed == [1, 2, 3]
+    executed.clear()  # the same run, longer: continues from the step-3 checkpoint (constant lr)
+    trainkit.run_train(compiled_dir, callbacks=[lambda m, s: executed.append(s)], train__compile=True, **steps)
+    assert executed[-3:] == [4, 5, 6] and 1 not in [s for s in executed if s > 0][-3:]
+    compiled = adapter(compiled_dir)
+    assert compiled.keys() == eager.keys()
+    for k, v in eager.items():
+        assert torch.allclose(compiled[k], v, rtol=1e-3, atol=1e-5), k
