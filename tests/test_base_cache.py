@@ -233,3 +233,15 @@ def test_unwritable_cache_only_warns(tmp_path, monkeypatch, caplog):
     stagecache.put("kind", "ab" * 32, {"x": 1}, b"payload")
     assert "could not write" in caplog.text
     assert stagecache.get("kind", "ab" * 32) is None
+
+
+def test_an_edit_of_the_render_code_misses(fields, tmp_path, monkeypatch):
+    p, common = fields
+    for src in base_cache.CODE:
+        (tmp_path / src).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(stagecache.CODE_ROOT / src, tmp_path / src)
+    monkeypatch.setattr(stagecache, "CODE_ROOT", tmp_path)
+    assert base_cache.run_fields(p, "cpu") == common
+    with open(tmp_path / "stages/models/render.py", "a") as fh:
+        fh.write("\n# a faster sampler\n")
+    assert first_key(base_cache.run_fields(p, "cpu")) != first_key(common)

@@ -31,7 +31,6 @@ VERSION = 1
 CODE = ("stages/evaluate.py", "stages/core/images.py", "stages/models/clip.py", "stages/metrics/csd.py",
         "stages/metrics/traits.py", "stages/metrics/texture.py", "stages/metrics/texture_weights.py",
         "stages/metrics/refcache.py")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _sha256(path: Path) -> Optional[str]:
@@ -60,7 +59,7 @@ def fields(p, holdout: Path, embeddings: Path, clip, side: int) -> dict:
             "csd": {"weights": _local_identity(p.eval.csd_weights), "model": p.eval.csd_model}
             if p.eval.csd_weights else None,
             "trait_size": p.eval.trait_size, "side": side,
-            "code": {c: _sha256(ROOT / c) for c in CODE},
+            "code": stagecache.code_identity(*CODE),
             "device": f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type,
             "torch": torch.__version__, "open_clip": open_clip.__version__}
 
