@@ -19,6 +19,10 @@ README). ``reports/metrics.json`` gets the headline (``vocab.HEADLINE``), report
 
 Also writes reports/eval/ (metrics_all.json, details.json, traits.png, loss.png, the blind A/B page and its key),
 reports/plots/{traits,sweep}.csv (DVC plots) and reports/report.html.
+
+The held-out paintings' embeddings and traits do not depend on the adapter: they are measured by the
+first experiment and read from the shared stage cache by the next ones (:func:`measure_reference`,
+stages.metrics.refcache; ``eval.reference_cache``), the same arrays bit for bit.
 """
 from __future__ import annotations
 
