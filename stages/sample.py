@@ -98,7 +98,6 @@ def render_latents(p: params.Params, embeds, pooled, jobs: list[tuple[int, int]]
     lora = any(s > 0 for s in todo)
     if lora:
         pipe.load_lora_weights(str(lora_dir), weight_name=LORA_FILE, adapter_name=ADAPTER)
-    render.maybe_compile(pipe.transformer, sp.compile)
     logger.info("transformer ready in %.1f s", time.perf_counter() - t0)
     latents = {}
     bar = log.progress(total=sum(len(ks) for ks in todo.values()), desc="sample images", unit="img")

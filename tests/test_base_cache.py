@@ -162,7 +162,6 @@ KEY_CHANGES = {  # field: (a params override, the prompt, the seed)
     "base revision": ("model.revision=abc123", PROMPT, 0),
     "quantization": ("model.quantization=nf4", PROMPT, 0),
     "max_sequence_length": ("train.max_sequence_length=128", PROMPT, 0),
-    "compile": ("sample.compile=true", PROMPT, 0),
 }
 
 
@@ -246,31 +245,3 @@ def test_an_edit_of_the_render_code_misses(fields, tmp_path, monkeypatch):
     with open(tmp_path / "stages/models/render.py", "a") as fh:
         fh.write("\n# a faster sampler\n")
     assert first_key(base_cache.run_fields(p, "cpu")) != first_key(common)
-
-
-@pytest.mark.slow
-def test_compiled_sampling_within_one_grey_level(tmp_path, cache, counted):
-    """sample.compile (render.maybe_compile): the same images within one grey level, and never the
-    eager run's base images from the cache (compile is part of the key)."""
-    import numpy as np
-    from PIL import Image
-
-    torch_dynamo = pytest.importorskip("torch._dynamo")
-    extra = ("sample.batch_size=4", "sample.lora_scales=[0.0,1.0]")
-    eager = project(tmp_path / "eager", *extra)
-    run_stage(sample.main, eager)
-    compiled = tmp_path / "compiled"
-    shutil.copytree(eager / "models", compiled / "models")
-    counted.update(images=0)
-    try:
-        run_stage(sample.main, project(compiled, *extra, "sample.compile=true"))
-    finally:
-        torch_dynamo.reset()
-    assert counted["images"] == 8  # base and LoRA rendered: the eager base images are not reused
-    for name in (eager / "reports/samples/images").iterdir():
-        a = np.asarray(Image.open(name), dtype=int)
-        b = np.asarray(Image.open(compiled / "reports/samples/images" / name.name), dtype=int)
-        assert np.abs(a - b).max() <= 1, name.name
-    keys = [[im.get("base_key") for im in json.loads((r / "reports/samples/index.json").read_text())["images"]]
-            for r in (eager, compiled)]
-    assert keys[0] != keys[1]

@@ -306,8 +306,6 @@ class Sample(Section):
     batch_size: int = Field(8, ge=1, description="images per pipeline call")
     adapter_step: Optional[int] = Field(None, ge=1, description="render models/snapshots/step-<N> "
                                         "(train.save_every) instead of the final adapter; None = final")
-    compile: bool = Field(False, description="compile the transformer's blocks (torch.compile; GPU: faster "
-                          "sampling after a first slow call; images within one grey level of eager ones)")
     base_cache: bool = Field(True, description="read/write the base images (scale 0) in the shared base-image "
                              "cache instead of rendering them in every experiment (stages/models/base_cache.py)")
 

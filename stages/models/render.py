@@ -109,18 +109,6 @@ def transformer_pipeline(model_params, transformer):
     return pipe
 
 
-def maybe_compile(transformer, enabled: bool):
-    """``sample.compile``: the transformer's repeated blocks compiled with torch.compile, as the
-    train step's ``train.compile`` (one graph per block type, recompiled when a LoRA scale changes
-    the adapter's state). Call it after the adapter is loaded. The images agree with the eager
-    ones within one grey level (tests/test_base_cache.py), not bit for bit, so the base-image
-    cache keys on it."""
-    if enabled:
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
-        transformer.compile_repeated_blocks(fullgraph=False)
-    return transformer
-
-
 @torch.no_grad()
 def denoise(pipe, embeds: torch.Tensor, pooled: torch.Tensor, seeds: list[int], *, steps: int,
             guidance: float, height: int, width: int, batch_size: int = 1,
