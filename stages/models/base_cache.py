@@ -11,7 +11,8 @@ everything the image is a function of (:func:`run_fields` + :func:`image_fields`
   transformer, VAE and scheduler files that were resolved (content hashes; stagecache.folder_identity);
 - the prompt: the full text (with the trigger), ``train.max_sequence_length`` and the sha256 of its
   T5 and CLIP embeddings (so the text encoders and their quantization count too);
-- the seed, ``sample.steps``, ``sample.guidance``, the resolution, the scheduler's config;
+- the seed, ``sample.steps``, ``sample.guidance``, the resolution, the scheduler's config,
+  ``sample.compile`` (compiled renders agree within a grey level, not bit for bit);
 - the compute dtype, the device class (``cpu``, or ``cuda:<card name>``: GPU models differ in the
   last bits), the torch, diffusers and peft versions, the source of the code that renders
   (:data:`CODE`: an edit there, e.g. a faster sampler, renders again); and
@@ -71,6 +72,9 @@ def run_fields(p, device) -> dict:
             "quantization": p.model.quantization, "files": files,
             "scheduler": {k: v for k, v in dict(scheduler_config).items() if k != "_diffusers_version"},
             "steps": p.sample.steps, "guidance": p.sample.guidance,
+            # sample.compile (the fast-sampler work; compiled images differ within a grey level): with the
+            # device class it says whether the blocks were compiled ("auto" = on CUDA)
+            "compile": getattr(p.sample, "compile", False),
             "height": p.sample.resolution, "width": p.sample.resolution,
             "max_sequence_length": p.train.max_sequence_length,
             "dtype": str(default_dtype(torch.device(device))), "device": device_class(device),
