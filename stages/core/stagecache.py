@@ -72,6 +72,14 @@ def folder_identity(folder: Path) -> dict[str, str]:
             if f.suffix in (".safetensors", ".json", ".bin")}
 
 
+def device_class(device) -> str:
+    """``cpu``, or ``cuda:<card name>``: results from different GPU models differ in the last bits."""
+    import torch
+
+    device = torch.device(device)
+    return f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type
+
+
 def code_identity(*sources: str) -> dict[str, str]:
     """``{path: sha256}`` of source files (paths from the repo root): the code that computes a
     cached result is part of its key, so an edit there computes it again."""

@@ -50,7 +50,6 @@ def fields(p, holdout: Path, embeddings: Path, clip, side: int) -> dict:
     """The key fields of the held-out measurements (``clip``: the loaded CLIP model)."""
     import open_clip
 
-    device = torch.device(clip.device)
     return {"version": VERSION,
             "holdout": {str(f.relative_to(holdout)): _sha256(f) for f in sorted(holdout.rglob("*")) if f.is_file()},
             "filter_embeddings": _sha256(embeddings) if embeddings.exists() else None,
@@ -60,7 +59,7 @@ def fields(p, holdout: Path, embeddings: Path, clip, side: int) -> dict:
             if p.eval.csd_weights else None,
             "trait_size": p.eval.trait_size, "side": side,
             "code": stagecache.code_identity(*CODE),
-            "device": f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type,
+            "device": stagecache.device_class(clip.device),
             "torch": torch.__version__, "open_clip": open_clip.__version__}
 
 

@@ -46,13 +46,6 @@ CODE = ("stages/sample.py", "stages/models/render.py", "stages/models/flux.py", 
         "stages/models/quant.py", "stages/models/quant_cache.py", "stages/models/base_cache.py")
 
 
-def device_class(device: torch.device) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    return device.type
-
-
 def tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
 
@@ -77,7 +70,7 @@ def run_fields(p, device) -> dict:
             "compile": getattr(p.sample, "compile", False),
             "height": p.sample.resolution, "width": p.sample.resolution,
             "max_sequence_length": p.train.max_sequence_length,
-            "dtype": str(default_dtype(torch.device(device))), "device": device_class(device),
+            "dtype": str(default_dtype(torch.device(device))), "device": stagecache.device_class(device),
             "code": stagecache.code_identity(*CODE),
             "torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__}
 
