@@ -310,6 +310,8 @@ class Sample(Section):
                                         "(train.save_every) instead of the final adapter; None = final")
     compile: Union[Literal["auto"], bool] = Field("auto", description="torch.compile the transformer's blocks; "
                                                   "auto = on a CUDA GPU, off on the CPU")
+    base_cache: bool = Field(True, description="read/write the base images (scale 0) in the shared base-image "
+                             "cache instead of rendering them in every experiment (stages/models/base_cache.py)")
 
     _resolution_16 = field_validator("resolution")(multiple_of_16)
 
@@ -321,6 +323,9 @@ class Eval(Section):
     fid_min_samples: int = Field(2048, ge=2)
     trait_size: int = Field(64, ge=16, description="side images are resized to for the trait metrics")
     ab_scale: Optional[float] = Field(None, gt=0, description="LoRA scale in the A/B page; None = largest")
+    reference_cache: bool = Field(True, description="keep the held-out paintings' embeddings and traits in the "
+                                  "shared stage cache instead of measuring them in every experiment "
+                                  "(stages/metrics/refcache.py)")
 
 
 class Mlflow(Section):
