@@ -202,7 +202,7 @@ def _flat_params(d: dict, prefix: str = "") -> list[list]:
 def write_report(out: Path, metrics: dict, notes: list[str], index: dict, p, root: Path = Path(".")) -> Path:
     """Write the report page at ``out`` from templates/report.html.j2; paths are resolved against
     ``root`` (the repo root); a figure or link appears only when its file exists."""
-    from stages.core import tracking
+    from stages.core.lineage import dir_md5
 
     base = (root / out).parent
 
@@ -230,8 +230,7 @@ def write_report(out: Path, metrics: dict, notes: list[str], index: dict, p, roo
     # Only what the content determines: this page is a DVC output kept in git, and a run id, an
     # experiment name or the commit it was made from would change it on every run. Those are tags
     # of the MLflow run (stages.core.tracking.run_tags) and lines of the model card.
-    tags = tracking.run_tags(p, "evaluate")
-    lineage = [["curated data md5 (dvc.lock)", tags.get("dataset.curated_md5")],
+    lineage = [["curated data md5 (DVC's hash of the files evaluate read)", dir_md5(root / "data/curated")],
                ["adapter sha256", index.get("adapter_sha256")]]
     page = pages.render(
         "report.html.j2", profile=p.profile, base_model=p.model.base, index=index,
