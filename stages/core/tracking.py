@@ -5,10 +5,12 @@ registry: stages.core.registry.)
 A stage does::
 
     from stages.core import registry, tracking
-    with tracking.run("train", p, new=True):       # train owns the run; sample/evaluate: new=False
+    with tracking.run("train", p, new=True, reads={"cache": "data/cache"}):   # train owns the run
         tracking.log_metrics({"loss": 0.3}, step=10)
         tracking.log_artifacts(["reports/train/loss.tsv"])
-        registry.register_adapter("models/lora", p, final_step=150)
+        registry.register_adapter("models/lora", p, final_step=150)  # tags run + version adapter.sha256
+    with tracking.run("evaluate", p, adapter_sha=lineage.adapter_hash("models/lora")):  # that adapter's run
+        ...
 
 - Where: ``MLFLOW_TRACKING_URI`` when set (a team server), else ``sqlite:///<repo root>/mlflow.db``
   with artifacts in ``<repo root>/mlartifacts``. The repo root is the *main* repo even when DVC runs
