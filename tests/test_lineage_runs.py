@@ -1,7 +1,7 @@
 """Issue 25, point 2, end to end in a real DVC repo (tests/tinydvc.py with a train that registers its
 adapter and an evaluate that attaches by the adapter's hash, as stages/train.py and stages/evaluate.py
 do): baseline, an experiment with another rank, back to the baseline (git checkout + dvc checkout),
-evaluate again, then `dvc exp apply` of the experiment and evaluate again. Each adapter's metrics go to
+evaluate again, then `dvc exp apply` of the experiment and evaluate again, then a `--temp` experiment. Each adapter's metrics go to
 the run that trained it; the other run and its registered version are never rewritten."""
 from pathlib import Path
 
@@ -105,3 +105,11 @@ def test_exp_back_to_baseline_and_exp_apply_evaluate_into_each_adapters_run(tmp_
     assert [m.value for m in client.get_metric_history(exp_run, metric)] == [0.75, 0.75]
     assert [m.value for m in client.get_metric_history(base_run, metric)] == [0.6, 0.6]
     assert len(client.search_runs([client.get_run(base_run).info.experiment_id])) == 2  # no stray run
+
+    # a --temp experiment (DVC runs it in a copy under .dvc/tmp/exps): its evaluate finds its own train run
+    dvc(root, "exp", "run", "--temp", "-n", "r8", "-S", "lora.rank=8")
+    r8 = by_rank()[8]
+    assert [m.value for m in client.get_metric_history(r8.run_id, metric)] == [0.65] and r8.tags[metric] == "0.65"
+    assert [m.value for m in client.get_metric_history(exp_run, metric)] == [0.75, 0.75]
+    assert [m.value for m in client.get_metric_history(base_run, metric)] == [0.6, 0.6]
+    assert len(client.search_runs([client.get_run(base_run).info.experiment_id])) == 3
