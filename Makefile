@@ -24,7 +24,7 @@ $(PY):
 	$(PIP) install -q --upgrade pip
 	# torch first, at the lock's pin (torch==2.13.0, no local label): pip's own index and config decide
 	# the build. PyPI alone gives its CUDA build (a GPU box); a machine whose pip config lists a CPU wheel
-	# folder or index (this workplace, or PIP_INDEX_URL as README says) gets torch 2.13.0+cpu, which the
+	# folder or index (this workplace, or PIP_EXTRA_INDEX_URL as README says) gets torch 2.13.0+cpu, which the
 	# same `==2.13.0` pin matches. Nothing later changes it: every install is constrained by the lock.
 	$(PIP) install -q -c requirements.lock torch
 
