@@ -87,11 +87,13 @@ def collect(root: Path | str, params: dict, lora_dir: str = "models/lora",
                          "run the evaluate stage first (dvc repro evaluate)")
     samples = _read_json(root / reports / "samples" / "index.json", "sample images",
                          "run the sample stage first (dvc repro sample)")
-    from stages.core.lineage import dataset_hash, git_state
+    from stages.core.lineage import adapter_hash, dataset_hash, git_state
     from stages.core.tracking import RUN_FILE
 
-    run_file = root / RUN_FILE  # the MLflow run id the stages logged to
+    run_file = root / RUN_FILE  # train's record of its MLflow run, and of the adapter that run made
     mlflow = json.loads(run_file.read_text()) if run_file.exists() else {}
+    if mlflow.get("adapter_sha256") != adapter_hash(root / lora_dir):  # another adapter's run (dvc checkout)
+        mlflow = {}
 
     commit, dirty = git_state(root)
     return Facts(

@@ -132,7 +132,7 @@ def test_one_run_per_pipeline_execution_in_the_main_repo_from_a_temp_copy(workdi
         tracking.log_artifacts(["loss.tsv"], artifact_path="curves")
         sha = fake_adapter(Path("lora"), b"adapter one")
         assert tracking.tag_adapter("lora") == sha
-    assert run_id and read_run_file()["run_id"] == run_id
+    assert run_id and read_run_file()["run_id"] == run_id and read_run_file()["adapter_sha256"] == sha
     with tracking.run("evaluate", p, adapter_sha=sha) as again:
         tracking.log_metrics({"style": {"csd": 0.25}, "ok": True, "label": "x"})
     assert again == run_id

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import shutil
@@ -233,6 +234,14 @@ def tag_adapter(lora_dir: os.PathLike | str) -> str | None:
     _state["adapter"] = sha
     if sha:
         set_tags({ADAPTER_TAG: sha})
+        if _active():  # RUN_FILE names the adapter too: a reader can tell whether it is the one on disk
+            from stages.core.io import write_json
+            try:
+                rec = json.loads(RUN_FILE.read_text())
+            except (OSError, ValueError):
+                rec = {}
+            if rec.get("run_id") == _state["run_id"]:
+                write_json(RUN_FILE, {**rec, "adapter_sha256": sha})
     return sha
 
 
