@@ -22,8 +22,11 @@ INSTALL = $(PIP) install -q -c requirements.lock
 $(PY):
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# torch first, from the pinned CPU wheel: nothing later may pull a CUDA build.
-	$(PIP) install -q torch==2.13.0
+	# torch first, at the lock's pin (torch==2.13.0, no local label): pip's own index and config decide
+	# the build. PyPI alone gives its CUDA build (a GPU box); a machine whose pip config lists a CPU wheel
+	# folder or index (this workplace, or PIP_EXTRA_INDEX_URL as README says) gets torch 2.13.0+cpu, which the
+	# same `==2.13.0` pin matches. Nothing later changes it: every install is constrained by the lock.
+	$(PIP) install -q -c requirements.lock torch
 
 $(VENV)/.installed: requirements.txt requirements.lock | $(PY)
 	$(INSTALL) -r requirements.txt
@@ -45,10 +48,15 @@ install-app: $(VENV)/.app-installed
 install-test: $(VENV)/.test-installed
 
 PIPTOOLS ?= .cache/pip-tools
-lock:                    ## recompile requirements.lock from requirements*.txt (pip-tools, in its own venv under .cache/)
-	test -x $(PIPTOOLS)/bin/pip-compile || { python3 -m venv $(PIPTOOLS) && $(PIPTOOLS)/bin/pip install -q pip-tools==7.6.2; }
-	$(PIPTOOLS)/bin/pip-compile -q --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
-	  -o requirements.lock requirements.txt requirements-gradio.txt requirements-test.txt
+# The lock is compiled against PyPI alone (pip's config, find-links, extra indexes and constraints of this
+# machine ignored), so it names no local build (`torch==2.13.0`, never `+cpu`) and resolves for every user.
+# fast-deps reads each wheel's metadata with HTTP range requests instead of downloading ~3 GB of torch/CUDA.
+PYPI_ONLY = env -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL -u PIP_FIND_LINKS -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null
+lock:                    ## recompile requirements.lock from requirements*.txt against PyPI alone (pip-tools, in its own venv under .cache/)
+	test -x $(PIPTOOLS)/bin/pip-compile || { python3 -m venv $(PIPTOOLS) && $(PYPI_ONLY) $(PIPTOOLS)/bin/pip install -q pip-tools==7.6.2; }
+	$(PYPI_ONLY) $(PIPTOOLS)/bin/pip-compile -q --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
+	  --pip-args "--use-feature=fast-deps" -o requirements.lock requirements.txt requirements-gradio.txt requirements-test.txt
+	! grep -nE '^[^#]*==[^ ]*\+' requirements.lock   # a local version label (+cpu, +cu..) exists on one machine only
 
 repro: install           ## run the whole pipeline (embedded smoke profile by default)
 	dvc repro

@@ -4,8 +4,10 @@
 
 One machine stands in for two. The "other CPU" is this one made to look like a smaller, older x86-64
 box the ways a real one differs: AVX2 instead of AVX-512 for ATen's kernels (``ATEN_CPU_CAPABILITY=avx2``),
-MKL and oneDNN capped at AVX2 (``MKL_ENABLE_INSTRUCTIONS``, ``ONEDNN_MAX_CPU_ISA``), one core instead of
-all of them (``taskset -c 0``, ``OMP_NUM_THREADS=1``). Each setting is applied only where it is not what
+MKL and oneDNN capped at AVX2 (``MKL_ENABLE_INSTRUCTIONS``, ``ONEDNN_MAX_CPU_ISA``), numpy's OpenBLAS on the
+kernels it picks on an AMD EPYC (``OPENBLAS_CORETYPE=Zen``; left alone where the machine sets it) and numpy's
+own loops at AVX2 (``NPY_DISABLE_CPU_FEATURES``), one core instead of all of them (``taskset -c 0``,
+``OMP_NUM_THREADS=1``). Each setting is applied only where it is not what
 stages/core/numerics.py pins, so with the pin on the "other CPU" differs from this one only in what the
 pin cannot pin by itself (MKL's and oneDNN's instruction sets, the cores it may use).
 
@@ -16,7 +18,8 @@ Four fresh clones of HEAD, each ``dvc repro -f`` from scratch:
 
 Printed per pair: the stages whose outputs differ (dvc.lock hashes), the largest difference between the
 two runs' metrics (reports/eval/metrics_all.json), and per run the wall time and whether the clone still
-matches the committed outputs (`git status` clean). Takes about 4 x 1.5-2.5 min on a 2-core machine.
+matches the committed outputs (`git status` clean). Takes about 4 x 1.5-2.5 min on a 2-core machine
+(``--pinned-only``: the two pinned runs).
 """
 from __future__ import annotations
 
@@ -34,7 +37,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 OTHER_CPU = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-             "OMP_NUM_THREADS": "1"}
+             "OMP_NUM_THREADS": "1", "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR",
+             **({} if os.environ.get("OPENBLAS_CORETYPE") else {"OPENBLAS_CORETYPE": "Zen"})}
 PINNED = {"ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS"}  # what the pin sets itself: left to it
 RUNS = {"free, this CPU": ({"FLUXIMP_REPRODUCIBLE_CPU": "0"}, False),
         "free, other CPU": ({"FLUXIMP_REPRODUCIBLE_CPU": "0", **OTHER_CPU}, True),
@@ -83,11 +87,13 @@ def compare(a: dict, b: dict) -> tuple[list[str], float, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "bench" / "determinism.md")
+    ap.add_argument("--pinned-only", action="store_true", help="only the two pinned runs (half the time)")
     args = ap.parse_args()
+    runs = {k: v for k, v in RUNS.items() if not args.pinned_only or k.startswith("pinned")}
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, (extra, one_core)) in enumerate(RUNS.items()):
+        for i, (name, (extra, one_core)) in enumerate(runs.items()):
             results[name] = repro(Path(tmp) / f"run{i}", extra, one_core)
             print(f"{name}: {results[name]['seconds']:.0f} s", flush=True)
     lines = [f"# Same outputs on two machines? (code at {head})", "",
@@ -95,7 +101,7 @@ def main() -> None:
              "(benchmarks/bench_determinism.py says how the other CPU is emulated). CPU: "
              f"{cpu_name()}, {os.cpu_count()} cores.", "",
              "| pair | stages whose outputs differ | largest metric difference |", "|---|---|---|"]
-    for pin in ("free", "pinned"):
+    for pin in ("pinned",) if args.pinned_only else ("free", "pinned"):
         differ, worst, key = compare(results[f"{pin}, this CPU"], results[f"{pin}, other CPU"])
         worst_cell = f"{worst:.3g} ({key})" if worst else "0 (every metric equal)"
         lines.append(f"| {pin}: this CPU vs other CPU | {', '.join(differ) or 'none'} | {worst_cell} |")

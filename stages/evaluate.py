@@ -26,6 +26,7 @@ stages.metrics.refcache; ``eval.reference_cache``), the same arrays bit for bit.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -272,7 +273,8 @@ def main() -> None:
     log.setup("evaluate")
     paths = Evaluate()
     metrics = run(p, paths)
-    with tracking.run("evaluate", p):
+    sampled = json.loads((paths.samples / "index.json").read_text())  # which adapter made the images evaluated
+    with tracking.run("evaluate", p, adapter_sha=sampled.get("adapter_sha256"), reads={"curated": paths.curated}):
         tracking.log_metrics({k: v for k, v in metrics.items() if v is not None})
         registry.describe_version(p, metrics)  # the registered adapter: description, best-style alias
         tracking.log_artifacts([paths.metrics, paths.eval / "metrics_all.json", paths.report, paths.eval / "traits.png",

@@ -87,11 +87,13 @@ def collect(root: Path | str, params: dict, lora_dir: str = "models/lora",
                          "run the evaluate stage first (dvc repro evaluate)")
     samples = _read_json(root / reports / "samples" / "index.json", "sample images",
                          "run the sample stage first (dvc repro sample)")
-    from stages.core.lineage import dataset_hash, git_state
+    from stages.core.lineage import adapter_hash, dataset_hash, git_state
     from stages.core.tracking import RUN_FILE
 
-    run_file = root / RUN_FILE  # the MLflow run id the stages logged to
+    run_file = root / RUN_FILE  # train's record of its MLflow run, and of the adapter that run made
     mlflow = json.loads(run_file.read_text()) if run_file.exists() else {}
+    if mlflow.get("adapter_sha256") != adapter_hash(root / lora_dir):  # another adapter's run (dvc checkout)
+        mlflow = {}
 
     commit, dirty = git_state(root)
     return Facts(
@@ -195,7 +197,6 @@ def _data_section(facts: Facts) -> str:
 
 def _usage(facts: Facts, repo_id: str) -> str:
     base = facts.adapter.get("base", "")
-    base_id = base if is_hub_id(base) else "black-forest-labs/FLUX.1-dev"
     s = facts.samples
     kohya = facts.adapter.get("files", {}).get("kohya", "lora_kohya.safetensors")
     first = (s.get("images") or [{}])[0]
@@ -206,7 +207,7 @@ def _usage(facts: Facts, repo_id: str) -> str:
 import torch
 from diffusers import FluxPipeline
 
-pipe = FluxPipeline.from_pretrained("{base_id}", torch_dtype=torch.bfloat16).to("cuda")
+{_load_base(base)}
 pipe.load_lora_weights("{repo_id}", weight_name="pytorch_lora_weights.safetensors", adapter_name="impressionism")
 image = pipe(
     "{example}",
@@ -226,6 +227,19 @@ Copy `{kohya}` (kohya/ComfyUI `lora_unet_*` keys, every module with its `.alpha`
 is right) into `ComfyUI/models/loras/`, then add a **LoraLoaderModelOnly** node between the FLUX.1-dev
 UNET loader and the sampler, `strength_model` 1.0 (0.5–0.8 for a lighter touch). Put `{facts.trigger}`
 in the prompt."""
+
+
+def _load_base(base: str) -> str:
+    """The snippet's line that loads the base the adapter was trained on (an adapter only fits its base)."""
+    if is_hub_id(base):
+        return f'pipe = FluxPipeline.from_pretrained({base!r}, torch_dtype=torch.bfloat16).to("cuda")'
+    if base == "tiny-random":
+        return ("# the smoke model: flux-impressionism's tiny random FLUX, built offline by the project (not on the\n"
+                "# Hub); this adapter only fits it. Run from a clone of the project.\n"
+                "from stages.models import flux\n"
+                "pipe = FluxPipeline.from_pretrained(flux.build_tiny_random(\"tiny-random-flux\")).to(\"cuda\")")
+    return (f"# the local base model the adapter was trained on (a folder on the training machine)\n"
+            f'pipe = FluxPipeline.from_pretrained({base!r}, torch_dtype=torch.bfloat16).to("cuda")')
 
 
 def optimizer_text(train: dict) -> str:
@@ -251,11 +265,14 @@ def render(facts: Facts, repo_id: str, widget: list[dict], grids: list[str]) -> 
     counts = ", ".join(f"{k[2:]} {v}" for k, v in m.items() if k.startswith("n_"))
     ratio = m.get("clip_score_ratio")
     commit = (facts.git_commit or "unknown") + (" (working tree had uncommitted changes)" if facts.git_dirty else "")
+    aim = ("that paints in the manner of the French Impressionists: short visible strokes, broken colour, pure "
+           "unmixed hues, coloured shadows instead of black, high-key light" if is_hub_id(a.get("base", "")) else
+           "trained by the pipeline's smoke run; the pipeline aims at the French Impressionists' manner, but a "
+           "test adapter on a tiny random model paints nothing recognisable")
     body = f"""
 # FLUX.1 Impressionism LoRA
 {base_note}
-A LoRA adapter for `{a.get('base')}` that paints in the manner of the French Impressionists: short
-visible strokes, broken colour, pure unmixed hues, coloured shadows instead of black, high-key light.
+A LoRA adapter for `{a.get('base')}` {aim}.
 Put the trigger **`{facts.trigger}`** in the prompt. Built by the flux-impressionism pipeline
 (curation → captions → LoRA → evaluation, versioned with DVC); `params.yaml` here is its full configuration.
 

@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     logger.info("assembled %s: %d files, %.2f MB", folder, len(files), total / 1e6)
     if api is None:
         print(f"dry run: would upload {len(files)} files ({total / 1e6:.2f} MB) from {folder}/ to "
-              f"https://huggingface.co/{repo_id} ({'private' if private else 'public'}); add --push to upload")
+              f"https://huggingface.co/{repo_id} ({'private' if private else 'public'}); `make publish PUSH=1` (or --push) uploads it")
         for fname, size in files:
             print(f"  {size:>12,d}  {fname}")
         return 0

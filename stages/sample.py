@@ -238,7 +238,8 @@ def main() -> None:
     log.setup("sample")
     paths = Sample()
     index = run(p, paths)
-    with tracking.run("sample", p):
+    # the run that trained the adapter just rendered (by its hash), not whatever ran last here
+    with tracking.run("sample", p, adapter_sha=index["adapter_sha256"]):
         tracking.log_artifacts([paths.samples / g["file"] for g in index["grids"]], artifact_path="samples/grids")
         tracking.log_artifacts([paths.samples / "index.json"], artifact_path="samples")
 

@@ -222,7 +222,7 @@ def main() -> None:
     if accelerator is not None and not accelerator.is_main_process:  # rank 0 alone talks to MLflow
         run(p, paths, accelerator)
         return
-    with tracking.run("train", p, new=True):
+    with tracking.run("train", p, new=True, reads={"cache": paths.cache}):
         run(p, paths, accelerator, callbacks=[lambda m, s: tracking.log_metrics(m, step=s, prefix="train/")])
         tracking.log_artifacts([paths.reports / "loss.tsv", paths.lora / "adapter.json"])
         registry.register_adapter(paths.lora, p, final_step=p.train.steps)  # refused without its metrics

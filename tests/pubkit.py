@@ -21,6 +21,7 @@ from PIL import Image
 
 from stages import modelcard
 from stages.core import params
+from stages.core.lineage import adapter_hash
 from stages.core.images import encode_png
 from stages.core.shards import content_id, write_shards
 
@@ -120,7 +121,8 @@ def make_project(root: Path, base: str = "tiny-random") -> dict:
     base_path = make_adapter(root / "models/lora", base=base)
     index = make_samples(root / "reports/samples")
     (root / "reports/metrics.json").write_text(json.dumps(METRICS, indent=2))
-    (root / "reports/mlflow_run.json").write_text(json.dumps({"run_id": "0123456789abcdef", "experiment_id": "1"}))
+    (root / "reports/mlflow_run.json").write_text(json.dumps({"run_id": "0123456789abcdef", "experiment_id": "1",
+                                                              "adapter_sha256": adapter_hash(root / "models/lora")}))
     make_curated(root / "data/curated")
     p = params.load(params.PARAMS_FILE).model_dump()
     (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))

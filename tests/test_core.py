@@ -15,6 +15,9 @@ def test_committed_params_equal_the_smoke_composition():
     committed = params.load(params.PARAMS_FILE)
     assert committed == composed
     assert composed.profile == "smoke"
+    # byte for byte what `dvc exp run` (Hydra) writes, so an experiment leaves no needless diff (issue 25:
+    # `profile: smoke` moved to the end on every run)
+    assert params.PARAMS_FILE.read_text() == params.compose_text()
 
 
 def test_schema_defaults_match_conf_defaults():

@@ -73,5 +73,36 @@ def test_every_plot_renders_in_a_browser_without_network(page, tmp_path):
                 break
             time.sleep(0.1)
         assert drawn == n, f"{drawn} of {n} plots drawn"
+
+        # the filter-score histograms draw their bars: one rect mark with a width per row of the data
+        scores = next(s for s in specs(page.read_text()) if s.get("facet"))
+        driver.set_script_timeout(30)
+        widths = driver.execute_async_script(BAR_WIDTHS, scores)
+        assert isinstance(widths, list), widths
+        assert len(widths) == len(scores["data"]["values"]) and min(widths) > 0, widths
+        # `dvc plots diff` of two revisions: grouped bars (xOffset by rev), each drawn
+        two = {**scores, "data": {"values": scores["data"]["values"] + [
+            {**r, "rev": "exp-r32"} for r in scores["data"]["values"]]}}
+        widths = driver.execute_async_script(BAR_WIDTHS, two)
+        assert len(widths) == 2 * len(scores["data"]["values"]) and min(widths) > 0, widths
     finally:
         driver.quit()
+
+
+# Renders ``spec`` with the page's vega-embed into a fresh div and returns the width of every rect mark
+# in vega's scenegraph (bars; a bar that is not drawn has width 0 or none).
+BAR_WIDTHS = """
+const spec = arguments[0], done = arguments[arguments.length - 1];
+const div = document.createElement('div');
+document.body.appendChild(div);
+vegaEmbed(div, spec, {renderer: 'svg', actions: false}).then(result => {
+  const widths = [];
+  const walk = node => {
+    if (!node) return;
+    if (node.marktype === 'rect') for (const item of node.items || []) widths.push(item.width || 0);
+    for (const child of node.items || []) if (child.items) walk(child);
+  };
+  walk(result.view.scenegraph().root);
+  done(widths);
+}).catch(err => done('vega error: ' + err));
+"""

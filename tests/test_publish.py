@@ -70,6 +70,7 @@ def test_dry_run_lists_the_folder_and_touches_no_network(dry_run):
                      "pytorch_lora_weights.safetensors", "lora_kohya.safetensors",
                      "images/seed-0.png", "images/seed-1.png", *widget}
     assert "dry run: would upload 10 files" in out and "someone/flux-impressionism-lora (private)" in out
+    assert "make publish PUSH=1" in out  # as the README says
     for name in files:
         assert name in out
     lora = hub.parent / "lora"
@@ -154,6 +155,16 @@ def test_smoke_adapter_is_not_pushed_without_force(tmp_path, monkeypatch, no_net
     assert "base_model" not in card.data.to_dict()
     assert card.data.license_name == "flux-1-dev-non-commercial-license"
     assert "Test adapter" in card.text
+    assert "0123456789abcdef" in card.text  # train's run, recorded for the adapter on disk
+    # another adapter on disk (dvc checkout of another experiment): the recorded run is not its run
+    (tmp_path / "models/lora/pytorch_lora_weights.safetensors").write_bytes(b"another adapter")
+    assert publish.main([]) == 0
+    other = ModelCard.load(tmp_path / "models/hub/README.md")
+    assert "0123456789abcdef" not in other.text and "not recorded" in other.text
+    assert "paints in the manner" not in card.text  # no claim the smoke adapter cannot keep
+    usage = card.text[card.text.index("```python"):]
+    usage = usage[:usage.index("```", 9)]
+    assert "build_tiny_random" in usage and "smoke model" in usage and FLUX_DEV not in usage  # its own base
 
 
 def test_missing_metrics_is_a_clear_error(tmp_path, monkeypatch):

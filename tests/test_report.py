@@ -89,11 +89,15 @@ def test_report_renders_and_links_only_existing_files(tmp_path, with_optional):
     assert "FID omitted: too few" in text and "0.9" in text
     assert "git commit" not in text  # the tracked page reads the same on every run (issue 18)
     assert "impressionism style" in text and "f" * 64 in text
+    html = out.read_text()
+    assert params.Params().mlflow.experiment in text  # lineage: the MLflow experiment, and how to find the run
+    assert f"tags.`adapter.sha256` = &#39;{'f' * 64}&#39;" in html
     if with_optional:
         assert "abc123runid" not in text and "eval/loss.png" in parser.links
         assert "eval/abtest/index.html" in parser.links
         assert "precision" in text and "0.97" in text and "LoRA win rate" in text
         assert "LoRA-scale sweep" in text
+        assert re.search(r"<li><a href=\"[^\"]*sweep.csv\">LoRA-scale sweep \(CSV\)</a></li>", html)  # one link each
         for fig in ("data/figures/counts.png", "filter/figures/scores.png", "dedupe/largest_clusters.png"):
             assert fig in parser.links  # the curation figures are embedded
         assert "by_split.holdout" not in text  # the dataset JSON is tables, not flattened keys

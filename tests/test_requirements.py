@@ -57,3 +57,68 @@ def test_targets_install_only_what_they_need(tmp_path, target, needs):
         (venv / stamp).write_text("")
     again = dry_run(target, venv)
     assert "pip install" not in again and "python3 -m venv" not in again
+
+
+# ----------------------------------------------------------------------------- PyPI alone
+# What a user's machine does: pip with PyPI as its only index (this machine's pip config, local wheel folder,
+# extra indexes and torch cap ignored). `--dry-run --report` resolves without installing; `fast-deps` reads
+# each wheel's METADATA with HTTP range requests, so no wheel is downloaded even where the index serves no
+# PEP 658 metadata files (plain --dry-run downloads the wheels: ~3 GB for torch and its CUDA libraries).
+PYPI_ONLY_UNSET = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_CONSTRAINT", "PIP_NO_INDEX")
+
+
+def pypi_only_env() -> dict[str, str]:
+    import os
+    env = {k: v for k, v in os.environ.items() if k not in PYPI_ONLY_UNSET}
+    env["PIP_CONFIG_FILE"] = os.devnull
+    return env
+
+
+@pytest.fixture(scope="module")
+def pypi():
+    import sys
+    try:
+        r = subprocess.run([sys.executable, "-m", "pip", "index", "versions", "torch"], env=pypi_only_env(),
+                           capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.skip("PyPI unreachable (pip index versions torch timed out after 60 s): no PyPI-only resolution")
+    if r.returncode != 0 or "2.13.0" not in r.stdout:
+        pytest.skip(f"PyPI unreachable or without torch 2.13.0 (pip index versions torch: "
+                    f"{(r.stderr or r.stdout).strip()[-300:]}): no PyPI-only resolution")
+
+
+def install_commands(target: str, venv: Path) -> list[list[str]]:
+    """The `pip install` commands `make <target>` runs in a fresh venv (the pip upgrade left out)."""
+    import shlex
+    cmds = []
+    for line in dry_run(target, venv).splitlines():
+        words = shlex.split(line)
+        if len(words) > 2 and words[0].endswith("/bin/pip") and words[1] == "install" and "--upgrade" not in words:
+            cmds.append([w for w in words[2:] if w != "-q"])
+    return cmds
+
+
+@pytest.mark.pypi
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["install", "install-app", "install-test"])
+def test_every_install_target_resolves_from_pypi_alone(pypi, tmp_path, target):
+    import json
+    import sys
+    cmds = install_commands(target, tmp_path / "venv")
+    assert cmds and cmds[0][-1] == "torch" and "requirements.lock" in cmds[0]  # torch first, at the lock's pin
+    assert any(f"requirements{'-test' if target == 'install-test' else ''}.txt" in c for c in cmds[-1])
+    lock = pins(REPO / "requirements.lock")
+    for i, args in enumerate(cmds):
+        report = tmp_path / f"report{i}.json"
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                            "--use-feature=fast-deps", "--report", str(report), *args],
+                           cwd=REPO, env=pypi_only_env(), capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, f"make {target}: pip install {' '.join(args)} does not resolve from PyPI " \
+                                  f"alone:\n{r.stderr[-3000:]}"
+        got = {re.sub(r"[-_.]+", "-", x["metadata"]["name"]).lower(): x["metadata"]["version"]
+               for x in json.loads(report.read_text())["install"]}
+        assert got["torch"] == "2.13.0"  # PyPI's build of the lock's pin (no local label)
+        assert all(got[k] == lock[k] for k in got if k in lock), {k: (got[k], lock[k]) for k in got
+                                                                    if k in lock and got[k] != lock[k]}
+        assert not [x for x in json.loads(report.read_text())["install"] if not x["is_direct"] and
+                    x["download_info"]["url"].startswith("file:")]  # nothing from this machine's disk

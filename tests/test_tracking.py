@@ -83,13 +83,37 @@ def test_flatten_scrub_and_dataset_hash(workdir, monkeypatch):
     assert lineage.dataset_hash(workdir / "missing.lock") is None
 
 
+def test_dir_md5_is_dvcs_hash_of_the_files_on_disk(tmp_path):
+    """dir_md5 gives the value `dvc add` records for the same folder (so tags compare with dvc.lock)."""
+    from tests import tinydvc
+
+    d = tmp_path / "proj"
+    (d / "data/sub").mkdir(parents=True)
+    (d / "data/a.parquet").write_bytes(bytes(range(256)) * 9)
+    (d / "data/sub/b.txt").write_text("line\r\nline\n")
+    tinydvc.sh(d, "git", "init", "-q")
+    tinydvc.dvc(d, "init", "-q")
+    tinydvc.dvc(d, "add", "-q", "data")
+    recorded = yaml.safe_load((d / "data.dvc").read_text())["outs"][0]["md5"]
+    assert lineage.dir_md5(d / "data") == recorded
+    (d / "data/a.parquet").write_bytes(b"other rows")
+    assert lineage.dir_md5(d / "data") != recorded and lineage.dir_md5(d / "missing") is None
+
+
 def read_run_file():
     return json.loads(Path(tracking.RUN_FILE).read_text())
 
 
+def fake_adapter(folder: Path, content: bytes) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / lineage.ADAPTER_WEIGHTS).write_bytes(content)
+    return lineage.adapter_hash(folder)
+
+
 def test_one_run_per_pipeline_execution_in_the_main_repo_from_a_temp_copy(workdir, monkeypatch):
-    """train starts the run, sample/evaluate resume it, from a copy under .dvc/tmp/exps; the
-    database and artifacts land in the main repo, the run file in the copy (a stage output)."""
+    """train starts the run and tags it with its adapter's hash, sample/evaluate attach to it by that
+    hash, from a copy under .dvc/tmp/exps; the database and artifacts land in the main repo, the run
+    file in the copy (a stage output)."""
     import mlflow
 
     main = workdir / "main"
@@ -106,8 +130,10 @@ def test_one_run_per_pipeline_execution_in_the_main_repo_from_a_temp_copy(workdi
             tracking.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
         Path("loss.tsv").write_text("step\tloss\n0\t1.0\n")
         tracking.log_artifacts(["loss.tsv"], artifact_path="curves")
-    assert run_id and read_run_file()["run_id"] == run_id
-    with tracking.run("evaluate", p) as again:
+        sha = fake_adapter(Path("lora"), b"adapter one")
+        assert tracking.tag_adapter("lora") == sha
+    assert run_id and read_run_file()["run_id"] == run_id and read_run_file()["adapter_sha256"] == sha
+    with tracking.run("evaluate", p, adapter_sha=sha) as again:
         tracking.log_metrics({"style": {"csd": 0.25}, "ok": True, "label": "x"})
     assert again == run_id
 
@@ -127,19 +153,29 @@ def test_one_run_per_pipeline_execution_in_the_main_repo_from_a_temp_copy(workdi
     # the next execution's train starts a new run; a later stage that sees changed params keeps the
     # first values (MLflow forbids changing a param) and records the new ones as tags
     with tracking.run("train", p, new=True) as second:
-        pass
+        sha2 = fake_adapter(Path("lora2"), b"adapter two")
+        tracking.tag_adapter("lora2")
     assert second != run_id
     p2 = p.model_copy(update={"seed": 99})
-    with tracking.run("evaluate", p2) as same:
+    with tracking.run("evaluate", p2, adapter_sha=sha2) as same:
         pass
     run2 = client.get_run(second)
     assert same == second and run2.data.params["seed"] == "1234" and run2.data.tags["param.seed"] == "99"
+    # the first adapter back on disk (dvc checkout): its own run again, whatever ran last; the run file
+    # (train's record of the newest run) plays no part
+    with tracking.run("sample", p, adapter_sha=sha) as back:
+        pass
+    assert back == run_id and read_run_file()["run_id"] == second
 
-    # a later stage with no recorded run logs to a run of its own and leaves train's output alone
+    # an adapter no run trained: a new run tagged with its hash, train's run file left alone
     Path(tracking.RUN_FILE).unlink()
-    with tracking.run("sample", p) as alone:
+    with tracking.run("sample", p, adapter_sha="f" * 64) as alone:
         pass
     assert alone not in (run_id, second) and not Path(tracking.RUN_FILE).exists()
+    assert client.get_run(alone).data.tags[tracking.ADAPTER_TAG] == "f" * 64
+    with tracking.run("evaluate", p, adapter_sha="f" * 64) as again_alone:  # found by that tag next time
+        pass
+    assert again_alone == alone
 
 
 def test_tags_describe_the_code_and_data_and_a_failed_stage_fails_the_run(workdir, monkeypatch):
@@ -147,15 +183,17 @@ def test_tags_describe_the_code_and_data_and_a_failed_stage_fails_the_run(workdi
 
     monkeypatch.setenv("DVC_EXP_NAME", "exp-tags")
     p = params.load()
+    (workdir / "data/curated/train").mkdir(parents=True)
+    (workdir / "data/curated/train/shard-0.parquet").write_bytes(b"rows")  # not dvc.lock's 0123abcd.dir
     with pytest.raises(RuntimeError):
-        with tracking.run("train", p, new=True) as run_id:
+        with tracking.run("train", p, new=True, reads={"curated": "data/curated"}) as run_id:
             raise RuntimeError("boom")
     run = mlflow.MlflowClient(tracking.tracking_uri()).get_run(run_id)
     assert run.info.status == "FAILED"
     tags = run.data.tags
     assert tags["git.commit"] == git(workdir, "rev-parse", "HEAD")
     assert tags["git.dirty"] == "false"
-    assert tags["dataset.curated_md5"] == "0123abcd.dir"
+    assert tags["dataset.curated_md5"] == lineage.dir_md5("data/curated") != "0123abcd.dir"  # what it read
     assert tags["model.base"] == p.model.base and tags["profile"] == p.profile
     assert tags["dvc.exp_name"] == "exp-tags"
 
@@ -254,6 +292,7 @@ def test_no_version_is_registered_without_its_metrics(workdir, tmp_path):
     import mlflow
 
     p = params.load()
+    (tmp_path / lineage.ADAPTER_WEIGHTS).write_bytes(b"weights")
     with pytest.raises(tracking.TrackingError, match="no metrics"):
         with tracking.run("train", p, new=True):
             registry.register_adapter(tmp_path, p, final_step=3)
@@ -339,7 +378,7 @@ def test_real_server_run_registry_and_no_secrets(mlflow_server, workdir, monkeyp
             tracking.log_metrics({"loss": 1.0 - step / 10, "lr": 1e-3}, step=step)
         tracking.set_tags({"note": f"token={SECRETS['HF_TOKEN']}"})
         version = registry.register_adapter(lora_dir, p, base_model=str(tiny))
-    with tracking.run("evaluate", p) as same:
+    with tracking.run("evaluate", p, adapter_sha=lineage.adapter_hash(lora_dir)) as same:  # found on the server
         tracking.log_metrics({"style_similarity": 0.4, "prompt_fidelity": 0.3})
         tracking.log_artifacts([report, blob, workdir / "grids"])
     assert run_id and same == run_id and version == "1"
@@ -367,6 +406,7 @@ def test_real_server_run_registry_and_no_secrets(mlflow_server, workdir, monkeyp
     # the registered version loads back into a pipeline through load_lora_weights
     mv = client.get_model_version("tiny-lora", version)
     assert mv.run_id == run_id and mv.tags["lora.rank"] == str(p.lora.rank)
+    assert mv.tags[tracking.ADAPTER_TAG] == run.data.tags[tracking.ADAPTER_TAG] == lineage.adapter_hash(lora_dir)
     adapter = registry.load_registered_adapter("tiny-lora", version, dst=tmp_path / "reg")
     mlmodel = yaml.safe_load((adapter.parent / "MLmodel").read_text())["flavors"]["diffusers"]
     assert mlmodel["base_model"] == str(tiny) and mlmodel["base_model_revision"] == "0123456789abcdef"

@@ -1,8 +1,9 @@
 """Lineage: where a run comes from, in plain values (no MLflow here).
 
 - :func:`repo_root`: the main repo's root, also from DVC's temp copies (``DVC_ROOT``);
-- :func:`git_state`: (commit, dirty) of a checkout; :func:`dataset_hash`: the md5 DVC recorded
-  for the curated dataset in dvc.lock;
+- :func:`git_state`: (commit, dirty) of a checkout; :func:`dir_md5`: DVC's md5 of a folder, computed
+  from the files a stage reads (the value dvc.lock records for the same bytes); :func:`adapter_hash`:
+  the sha256 of a LoRA adapter's weights (which MLflow run and registered version it belongs to);
 - :func:`secret_values` / :func:`scrub`: values of environment variables named like credentials,
   masked as ``***`` wherever a value leaves the process (MLflow, model cards, logs);
 - :func:`flatten`: ``{"lora": {"rank": 4}} -> {"lora.rank": 4}`` for params.
@@ -11,6 +12,8 @@ Used by stages.core.tracking (the MLflow run), the model card and the sweep summ
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import subprocess
@@ -85,8 +88,47 @@ def git_state(cwd=None) -> tuple[str | None, bool | None]:
     return _git("rev-parse", "HEAD", cwd=cwd), dirty
 
 
+def _file_md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dir_md5(path: os.PathLike | str = CURATED) -> str | None:
+    """DVC's hash of the folder ``path`` as it is on disk (None when it is missing): the md5 of the
+    sorted ``[{"md5": <file md5>, "relpath": <posix path>}]`` JSON, plus ``.dir``. It is what dvc.lock
+    records for the same files, but computed from the bytes a stage reads, so a run on other data (a
+    plain ``python -m stages.<x>``, a changed workspace) is tagged with that data. One pass of md5 over
+    the files (parquet shards: ~1 s per 500 MB)."""
+    root = Path(path)
+    if not root.is_dir():
+        return None
+    entries = sorted(({"md5": _file_md5(f), "relpath": f.relative_to(root).as_posix()}
+                      for f in root.rglob("*") if f.is_file()), key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
+
+
+ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+def adapter_hash(lora_dir: os.PathLike | str) -> str | None:
+    """sha256 of the adapter's weights file (``<lora_dir>/pytorch_lora_weights.safetensors``), None
+    when there is none: the key that ties an adapter on disk to the MLflow run that trained it."""
+    f = Path(lora_dir) / ADAPTER_WEIGHTS
+    if not f.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def dataset_hash(lock: os.PathLike | str = "dvc.lock", path: str = CURATED) -> str | None:
-    """The md5 DVC recorded for ``path`` (an output of some stage) in dvc.lock, if any."""
+    """The md5 DVC recorded for ``path`` (an output of some stage) in dvc.lock, if any: what a commit
+    claims (the model card of a published commit). A stage's own lineage uses :func:`dir_md5`."""
     try:
         stages = (yaml.safe_load(Path(lock).read_text()) or {}).get("stages", {})
     except (OSError, yaml.YAMLError):

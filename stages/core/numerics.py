@@ -8,7 +8,11 @@ they reach every later output:
   wider vector sums in another order;
 - MKL (matrix products) and oneDNN (convolutions) pick their kernels by the CPU model, its instruction
   set and its cache sizes;
-- reductions split across threads differently with another core count.
+- reductions split across threads differently with another core count;
+- numpy's matrix products run OpenBLAS, which picks its kernel by CPU (SkylakeX on an AVX-512 Xeon,
+  Haswell/Zen on an AMD EPYC). Not pinned here (some machines set ``OPENBLAS_CORETYPE`` themselves, to
+  work around OpenBLAS bugs): code whose results are stored does its matrix products in torch instead
+  (the filter's zero-shot scores, stages/models/clip.py; tests/test_numerics.py emulates an AMD EPYC).
 
 Measured with `benchmarks/bench_determinism.py` (reports/bench/determinism.md): two `dvc repro` on one
 machine, the second emulating another CPU (AVX2 instead of AVX-512, one core instead of two), gave

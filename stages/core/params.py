@@ -426,8 +426,8 @@ defaults:
 """
 
 
-def compose(overrides: list[str] | None = None, conf_dir: Path | None = None) -> dict:
-    """Compose conf/ the way ``dvc exp run -S`` does and return the dict."""
+def compose_text(overrides: list[str] | None = None, conf_dir: Path | None = None) -> str:
+    """The params.yaml text ``dvc exp run -S`` writes from conf/ (DVC's own composer and dumper)."""
     import tempfile
 
     from dvc.utils.hydra import compose_and_dump
@@ -435,7 +435,12 @@ def compose(overrides: list[str] | None = None, conf_dir: Path | None = None) ->
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "params.yaml"
         compose_and_dump(out, str(conf_dir or ROOT / "conf"), None, "config", tmp, overrides or [])
-        return yaml.safe_load(out.read_text())
+        return out.read_text()
+
+
+def compose(overrides: list[str] | None = None, conf_dir: Path | None = None) -> dict:
+    """Compose conf/ the way ``dvc exp run -S`` does and return the dict."""
+    return yaml.safe_load(compose_text(overrides, conf_dir))
 
 
 def sync() -> None:
@@ -445,8 +450,9 @@ def sync() -> None:
     defaults = Params().model_dump()
     defaults.pop("profile")
     write_text(ROOT / "conf" / "config.yaml", CONF_HEADER + yaml.safe_dump(defaults, sort_keys=False))
-    composed = validate(compose())
-    write_text(PARAMS_FILE, yaml.safe_dump(composed.model_dump(), sort_keys=False))
+    text = compose_text()
+    validate(yaml.safe_load(text))
+    write_text(PARAMS_FILE, text)  # byte for byte what `dvc exp run` writes: no needless diff after one
 
 
 if __name__ == "__main__":  # python -m stages.core.params [--sync | file]

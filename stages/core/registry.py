@@ -2,6 +2,9 @@
 with the ``mlflow.diffusers`` flavour, describe each version (data hash, changed params, headline
 metrics; the ``best-style`` alias), and load a registered version back for users.
 
+Each version is tagged ``adapter.sha256`` (the hash of its weights file, also on its run): evaluate
+describes a version, and moves ``best-style``, only with the metrics of that same adapter.
+
 A version is never registered without its metrics: the run must have some, and with
 ``final_step`` its ``train/loss`` history must reach that step (a run that trained nothing, say a
 resume at the last step, would otherwise register an adapter with an empty history).
@@ -40,6 +43,9 @@ def register_adapter(lora_dir: os.PathLike | str, p, name: str | None = None,
     name = name or p.mlflow.registered_model
     client = mlflow.MlflowClient()
     run_id = tracking.run_id()
+    sha = tracking.tag_adapter(lora_dir)  # the run's adapter, tagged even when registration is refused below
+    if sha is None:
+        raise RuntimeError(f"not registering {name}: {lora_dir} has no {lineage.ADAPTER_WEIGHTS}")
     if not client.get_run(run_id).data.metrics:
         raise RuntimeError(f"not registering {name}: run {run_id} has no metrics")
     if final_step is not None:
@@ -61,6 +67,7 @@ def register_adapter(lora_dir: os.PathLike | str, p, name: str | None = None,
         tracking.log_artifacts([out])
     version = mlflow.register_model(f"runs:/{run_id}/adapter", name)
     client.set_model_version_tag(name, version.version, "lora.rank", str(p.lora.rank))
+    client.set_model_version_tag(name, version.version, tracking.ADAPTER_TAG, sha)
     log.info("MLflow: registered %s version %s", name, version.version)
     describe_version(p, name=name)
     return version.version
@@ -75,12 +82,17 @@ def changed_params(p, baseline: str = "HEAD") -> dict[str, tuple[Any, Any]]:
     return {k: (base.get(k), v) for k, v in now.items() if k in base and str(base[k]) != str(v)}
 
 
-def version_description(p, metrics: dict | None = None) -> str:
-    """What a registered version is: run, DVC experiment, data hash, changed params, headline."""
+def version_description(p, metrics: dict | None = None, tags: dict | None = None) -> str:
+    """What a registered version is: run, DVC experiment, adapter and data hashes (the run's tags:
+    hashed from what its stages read), changed params, headline."""
+    tags = tags or {}
     changed = changed_params(p)
+    data = ", ".join(f"data/{k[len('dataset.'):-len('_md5')]} {v}" for k, v in sorted(tags.items())
+                     if k.startswith("dataset.") and k.endswith("_md5"))
     lines = [f"LoRA adapter of run {tracking.run_id()}"
-             + (f" (DVC experiment {os.environ['DVC_EXP_NAME']})" if os.environ.get("DVC_EXP_NAME") else ""),
-             f"data/curated: {lineage.dataset_hash() or 'unknown'} (dvc.lock); base {p.model.base}"
+             + (f" (DVC experiment {tags['dvc.exp_name']})" if tags.get("dvc.exp_name") else ""),
+             f"adapter sha256: {tags.get(tracking.ADAPTER_TAG, 'unknown')}",
+             f"data read: {data or 'unknown'}; base {p.model.base}"
              + (f" @ {p.model.revision}" if p.model.revision else ""),
              "params that differ from the commit: " + (", ".join(f"{k}={v} (was {b})" for k, (b, v) in changed.items())
                                                        or "none")]
@@ -95,9 +107,10 @@ def version_description(p, metrics: dict | None = None) -> str:
 
 @tracking.guarded
 def describe_version(p, metrics: dict | None = None, name: str | None = None) -> str | None:
-    """Describe this run's registered version; with ``metrics`` (evaluate) also tag it with the
-    headline and point the ``best-style`` alias at the version whose run has the best
-    ``vocab.BEST_STYLE``. MLflow reserves the name ``latest``: ``models:/<name>/latest`` is always
+    """Describe this run's registered version of the adapter on disk (its ``adapter.sha256`` tag must
+    be the hash of the adapter this run is about: another adapter's version is never rewritten); with
+    ``metrics`` (evaluate) also tag it with the headline and point the ``best-style`` alias at the
+    version with the best ``vocab.BEST_STYLE`` tag (each version's own adapter's value). MLflow reserves the name ``latest``: ``models:/<name>/latest`` is always
     the newest version."""
     import mlflow
 
@@ -105,11 +118,18 @@ def describe_version(p, metrics: dict | None = None, name: str | None = None) ->
         return None
     client = mlflow.MlflowClient()
     name = name or p.mlflow.registered_model
-    mine = client.search_model_versions(f"name='{name}' and run_id='{tracking.run_id()}'")
+    sha = tracking.adapter_sha256()
+    runs = client.search_model_versions(f"name='{name}' and run_id='{tracking.run_id()}'")
+    mine = [v for v in runs if sha and v.tags.get(tracking.ADAPTER_TAG) == sha]
     if not mine:
+        if runs:
+            log.warning("MLflow: run %s's registered version(s) %s hold another adapter than the one on disk "
+                        "(sha256 %s): not described", tracking.run_id(), ", ".join(str(v.version) for v in runs),
+                        (sha or "none")[:12])
         return None
     version = max(mine, key=lambda v: int(v.version)).version
-    client.update_model_version(name, version, description=version_description(p, metrics))
+    tags = client.get_run(tracking.run_id()).data.tags
+    client.update_model_version(name, version, description=version_description(p, metrics, tags))
     if not metrics:
         return version
     from stages.metrics import vocab  # evaluate only: train's code stays stages/models + stages/core
@@ -118,7 +138,7 @@ def describe_version(p, metrics: dict | None = None, name: str | None = None) ->
     best, best_value = None, None
     key, sign = vocab.BEST_STYLE, vocab.family(vocab.BEST_STYLE).better or 1
     for mv in client.search_model_versions(f"name='{name}'"):
-        value = client.get_run(mv.run_id).data.metrics.get(key) if mv.run_id else None
+        value = float(mv.tags[key]) if key in mv.tags else None  # set above, from that version's own adapter
         if value is not None and (best_value is None or sign * value > sign * best_value):
             best, best_value = mv.version, value
     if best is not None:

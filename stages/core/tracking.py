@@ -5,10 +5,12 @@ registry: stages.core.registry.)
 A stage does::
 
     from stages.core import registry, tracking
-    with tracking.run("train", p, new=True):       # train owns the run; sample/evaluate: new=False
+    with tracking.run("train", p, new=True, reads={"cache": "data/cache"}):   # train owns the run
         tracking.log_metrics({"loss": 0.3}, step=10)
         tracking.log_artifacts(["reports/train/loss.tsv"])
-        registry.register_adapter("models/lora", p, final_step=150)
+        registry.register_adapter("models/lora", p, final_step=150)  # tags run + version adapter.sha256
+    with tracking.run("evaluate", p, adapter_sha=lineage.adapter_hash("models/lora")):  # that adapter's run
+        ...
 
 - Where: ``MLFLOW_TRACKING_URI`` when set (a team server), else ``sqlite:///<repo root>/mlflow.db``
   with artifacts in ``<repo root>/mlartifacts``. The repo root is the *main* repo even when DVC runs
@@ -16,11 +18,17 @@ A stage does::
   it as ``DVC_ROOT``. A relative path there would land in the throw-away copy. A repo that was
   moved or copied (with its mlflow.db) has the artifact locations in the database pointed at its
   own ``mlartifacts`` on the next start, so artifacts never land in the old folder.
-- Which run: ``new=True`` starts a run and records its id in ``reports/mlflow_run.json`` (local
-  state, gitignored, not a DVC output: a run id is new on every run); ``new=False`` resumes the recorded run (or, when there
-  is none, logs to a run of its own without touching the file). What a run gets: the whole params.yaml flattened, and tags (git commit, dirty
-  flag, DVC experiment name, base model + revision, curated dataset hash from dvc.lock, profile,
-  host and pid of the stage). A run left RUNNING by a killed stage on this host is marked KILLED
+- Which run: ``new=True`` (train) starts a run and records its id in ``reports/mlflow_run.json`` (local
+  state, gitignored, not a DVC output: a run id is new on every run); at registration the run and its
+  model version are tagged ``adapter.sha256`` (the sha256 of the adapter's weights file). A later stage
+  (``new=False``, ``adapter_sha=`` the hash of the adapter it used) attaches to the run that trained **the adapter now on disk**,
+  found by that tag (registered versions first, then runs), never by the local file: after ``dvc exp
+  apply``, ``dvc checkout``, a queued or ``--temp`` experiment it is still the right run. When no run
+  matches it opens a new run tagged with the adapter's hash and says so. What a run gets: the whole
+  params.yaml flattened, and tags (git commit, dirty flag, DVC experiment name, base model + revision,
+  ``dataset.<name>_md5`` for each data folder the stage read, hashed from the files it read, profile,
+  host and pid of the stage). A resumed run keeps the tags its first stage set; a later stage's other
+  value goes to ``<stage>.<tag>``. A run left RUNNING by a killed stage on this host is marked KILLED
   on the next start; a stage that raises ends its run FAILED.
 - Secrets: values of environment variables whose name looks like a token/secret/key/password are
   replaced by ``***`` in params, tags, metrics names and text artifacts; a binary artifact that
@@ -45,13 +53,15 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from stages.core import mlflow_store
-from stages.core.lineage import MASK, SECRET_NAME, dataset_hash, flatten, git_state, repo_root, scrub, secret_values
+from stages.core.lineage import (MASK, SECRET_NAME, adapter_hash, dir_md5, flatten, git_state, repo_root, scrub,
+                                  secret_values)
 from stages.core.paths import Train
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = Train().run_file  # local state (stages/core/paths.py)
-_state: dict[str, Any] = {"disabled": False, "warned": False, "run_id": None}
+ADAPTER_TAG = "adapter.sha256"  # on a train run and its registered version: which adapter they hold
+_state: dict[str, Any] = {"disabled": False, "warned": False, "run_id": None, "adapter": None}
 
 
 class TrackingError(SystemExit):
@@ -70,7 +80,9 @@ def _optional() -> bool:
     return os.environ.get("FLUXIMP_MLFLOW_OPTIONAL", "0") not in ("", "0", "false", "False")
 
 
-def run_tags(p, stage: str) -> dict[str, str]:
+def run_tags(p, stage: str, reads: dict[str, Any] | None = None) -> dict[str, str]:
+    """Lineage tags; ``reads`` (name -> folder the stage read) gives ``dataset.<name>_md5``, DVC's
+    folder hash computed from those files (not copied from dvc.lock)."""
     commit, dirty = git_state()
     tags = {
         "git.commit": commit,
@@ -79,8 +91,8 @@ def run_tags(p, stage: str) -> dict[str, str]:
         "dvc.exp_baseline": os.environ.get("DVC_EXP_BASELINE_REV"),
         "model.base": p.model.base,
         "model.revision": p.model.revision,
-        "dataset.curated_md5": dataset_hash(),
         "profile": p.profile,
+        **{f"dataset.{name}_md5": dir_md5(folder) for name, folder in (reads or {}).items()},
     }
     return {k: str(v) for k, v in tags.items() if v is not None}
 
@@ -133,12 +145,17 @@ def _check_server(uri: str) -> None:
 
 
 # ----------------------------------------------------------------------------- the run
-def start(stage: str, p, new: bool = False) -> str | None:
-    """Start (``new=True``) or resume the pipeline's run; return its id (None when tracking is off).
+def start(stage: str, p, new: bool = False, adapter_sha: str | None = None,
+          reads: dict[str, Any] | None = None) -> str | None:
+    """Start (``new=True``) a run, or attach to the run that trained the adapter whose weights have the
+    sha256 ``adapter_sha`` (``lineage.adapter_hash(folder)``; found by its ``adapter.sha256`` tag; a new
+    run tagged with it when none did); return
+    the run id (None when tracking is off). ``reads``: data folders the stage read (lineage tags).
 
-    With ``new=True`` RUN_FILE is always written (sample and evaluate read it), with
-    ``"run_id": null`` when tracking is off or failed."""
-    run_id = _start(stage, p, new)
+    With ``new=True`` RUN_FILE is always written (a record for people and the model card; no stage
+    picks its run from it), with ``"run_id": null`` when tracking is off or failed."""
+    _state["adapter"] = adapter_sha
+    run_id = _start(stage, p, new, reads)
     if new and run_id is None:
         from stages.core.io import write_json
         write_json(RUN_FILE, {"run_id": None, "experiment_id": None, "tracking_uri": None,
@@ -148,7 +165,7 @@ def start(stage: str, p, new: bool = False) -> str | None:
 
 
 @guarded
-def _start(stage: str, p, new: bool) -> str | None:
+def _start(stage: str, p, new: bool, reads: dict[str, Any] | None = None) -> str | None:
     import mlflow
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -164,40 +181,73 @@ def _start(stage: str, p, new: bool) -> str | None:
     mlflow.set_tracking_uri(uri)
     if mlflow.active_run():
         mlflow.end_run()
-    run_id = None if new else _recorded_run(uri)
+    exp_id = _experiment_id(mlflow, p.mlflow.experiment, uri)
+    sha = _state["adapter"]
+    run_id = None if new or not sha else adapter_run(sha, p, exp_id)
+    tags = {**run_tags(p, stage, reads), "fluximp.host": socket.gethostname(), "fluximp.pid": str(os.getpid())}
     if run_id:
         mlflow.start_run(run_id=run_id)
-        log.info("MLflow: resuming run %s (%s)", run_id, scrub(uri))
+        log.info("MLflow: %s attaches to run %s, which trained the adapter on disk (sha256 %s) (%s)",
+                 stage, run_id, sha[:12], scrub(uri))
+        first = mlflow.get_run(run_id).data.tags  # the run's own lineage stays; this stage's other values aside
+        tags = {k if first.get(k, v) == v else f"{stage}.{k}": v for k, v in tags.items()}
     else:
-        exp_id = _experiment_id(mlflow, p.mlflow.experiment, uri)
         mlflow_store.close_stale_runs(mlflow.MlflowClient(), exp_id)
         name = os.environ.get("DVC_EXP_NAME") or None
         run_id = mlflow.start_run(experiment_id=exp_id, run_name=name).info.run_id
         if new:  # only the owner (train) writes RUN_FILE, nobody else
             from stages.core.io import write_json
             write_json(RUN_FILE, {"run_id": run_id, "experiment_id": exp_id, "tracking_uri": scrub(uri)})
+        elif sha:
+            log.warning("MLflow: no run in %s trained the adapter on disk (sha256 %s: no registered version or "
+                        "run carries that %s tag); %s logs to a NEW run %s tagged with it",
+                        scrub(uri), sha[:12], ADAPTER_TAG, stage, run_id)
+            tags[ADAPTER_TAG] = sha
         else:
-            log.warning("MLflow: no run recorded in %s; logging %s to a run of its own", RUN_FILE, stage)
+            log.warning("MLflow: no adapter on disk to find its run by; %s logs to a run of its own", stage)
         log.info("MLflow: new run %s in experiment %r (%s)", run_id, p.mlflow.experiment, scrub(uri))
     _state["run_id"] = run_id
-    set_tags({**run_tags(p, stage), f"stage.{stage}": "ran", "fluximp.host": socket.gethostname(),
-              "fluximp.pid": str(os.getpid())})
+    set_tags({**tags, f"stage.{stage}": "ran"})
     log_params(flatten(p.model_dump()))
     return run_id
 
 
-def _recorded_run(uri: str) -> str | None:
-    """The run id in RUN_FILE if it belongs to this tracking server and still exists there."""
+def adapter_run(sha: str, p, exp_id: str | None = None) -> str | None:
+    """The id of the run that trained the adapter whose weights have sha256 ``sha``: the run of the
+    newest registered version tagged with it, else the newest run (of the experiment) tagged with it."""
     import mlflow
 
-    try:
-        rec = json.loads(RUN_FILE.read_text())
-        if rec.get("tracking_uri") != scrub(uri):
-            return None
-        mlflow.MlflowClient().get_run(rec["run_id"])
-        return rec["run_id"]
-    except Exception:  # noqa: BLE001 - missing, unreadable or unknown: start a new run
-        return None
+    client = mlflow.MlflowClient()
+    versions = [v for v in client.search_model_versions(
+        f"name='{p.mlflow.registered_model}' and tags.`{ADAPTER_TAG}` = '{sha}'") if v.run_id]
+    if versions:
+        return max(versions, key=lambda v: int(v.version)).run_id
+    exps = [exp_id] if exp_id else [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(exps, f"tags.`{ADAPTER_TAG}` = '{sha}'", order_by=["attributes.start_time DESC"],
+                              max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def tag_adapter(lora_dir: os.PathLike | str) -> str | None:
+    """Record on the open run which adapter it produced (train, before registering it); return the hash."""
+    sha = adapter_hash(lora_dir)
+    _state["adapter"] = sha
+    if sha:
+        set_tags({ADAPTER_TAG: sha})
+        if _active():  # RUN_FILE names the adapter too: a reader can tell whether it is the one on disk
+            from stages.core.io import write_json
+            try:
+                rec = json.loads(RUN_FILE.read_text())
+            except (OSError, ValueError):
+                rec = {}
+            if rec.get("run_id") == _state["run_id"]:
+                write_json(RUN_FILE, {**rec, "adapter_sha256": sha})
+    return sha
+
+
+def adapter_sha256() -> str | None:
+    """The hash of the adapter this process's run is about (set by ``start(adapter=...)`` or ``tag_adapter``)."""
+    return _state["adapter"]
 
 
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on the runs table
@@ -244,9 +294,10 @@ def end(status: str = "FINISHED") -> None:
 
 
 @contextlib.contextmanager
-def run(stage: str, p, new: bool = False) -> Iterator[str | None]:
+def run(stage: str, p, new: bool = False, adapter_sha: str | None = None,
+        reads: dict[str, Any] | None = None) -> Iterator[str | None]:
     """``start`` ... ``end``; the run is marked FAILED if the block raises (and the error re-raised)."""
-    run_id = start(stage, p, new=new)
+    run_id = start(stage, p, new=new, adapter_sha=adapter_sha, reads=reads)
     try:
         yield run_id
     except BaseException:
@@ -365,4 +416,4 @@ def _scrub_file(path: Path, secrets: list[bytes]) -> None:
 
 def reset() -> None:
     """Forget the warning/disabled state (tests; a long-lived process starting a new pipeline)."""
-    _state.update(disabled=False, warned=False, run_id=None)
+    _state.update(disabled=False, warned=False, run_id=None, adapter=None)

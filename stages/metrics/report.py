@@ -202,7 +202,7 @@ def _flat_params(d: dict, prefix: str = "") -> list[list]:
 def write_report(out: Path, metrics: dict, notes: list[str], index: dict, p, root: Path = Path(".")) -> Path:
     """Write the report page at ``out`` from templates/report.html.j2; paths are resolved against
     ``root`` (the repo root); a figure or link appears only when its file exists."""
-    from stages.core import tracking
+    from stages.core.lineage import dir_md5
 
     base = (root / out).parent
 
@@ -227,12 +227,17 @@ def write_report(out: Path, metrics: dict, notes: list[str], index: dict, p, roo
                if (root / f).exists() and _read_json(root / f) is not None]
     curation_figures = [{"src": _rel(f, base), "caption": f.relative_to(root).as_posix()}
                         for pattern in CURATION_FIGURES for f in sorted(root.glob(pattern))]
-    # Only what the content determines: this page is a DVC output kept in git, and a run id, an
-    # experiment name or the commit it was made from would change it on every run. Those are tags
-    # of the MLflow run (stages.core.tracking.run_tags) and lines of the model card.
-    tags = tracking.run_tags(p, "evaluate")
-    lineage = [["curated data md5 (dvc.lock)", tags.get("dataset.curated_md5")],
-               ["adapter sha256", index.get("adapter_sha256")]]
+    # Only what the content determines: this page is a DVC output kept in git, and a run id or the
+    # commit it was made from would change it on every run (and a fresh clone's `make repro` would leave
+    # git status dirty). So the page names the MLflow experiment and how to find the run (by the adapter's
+    # hash: stages.core.tracking.adapter_run); the run holds the git commit, dirty flag and DVC experiment.
+    sha = index.get("adapter_sha256")
+    lineage = [["curated data md5 (DVC's hash of the files evaluate read)", dir_md5(root / "data/curated")],
+               ["adapter sha256", sha],
+               ["MLflow experiment", p.mlflow.experiment],
+               ["MLflow run (its tags hold the commit, dirty flag and DVC experiment)",
+                f"the run tagged adapter.sha256 = {sha}: search tags.`adapter.sha256` = '{sha}' in the MLflow UI"
+                if sha else "none (no adapter was sampled)"]]
     page = pages.render(
         "report.html.j2", profile=p.profile, base_model=p.model.base, index=index,
         n_prompts=len(index.get("prompts", [])), n_seeds=len(index.get("seeds", [])),

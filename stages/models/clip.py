@@ -121,13 +121,14 @@ class ClipModel:
         zero-shot classifier with its learnt temperature): one score in [0, 1] per image."""
         if not positive or not negative:
             raise ValueError("zero_shot needs at least one positive and one negative prompt")
-        text = self.embed_texts(list(positive) + list(negative))
+        text = torch.from_numpy(self.embed_texts(list(positive) + list(negative)))
         scale = float(self.model.logit_scale.detach().exp())
-        logits = scale * image_embeddings.astype(np.float32) @ text.T
-        logits -= logits.max(axis=1, keepdims=True)
-        probs = np.exp(logits)
-        probs /= probs.sum(axis=1, keepdims=True)
-        return probs[:, : len(positive)].sum(axis=1)
+        # in torch, not numpy: numpy's matrix product runs OpenBLAS, whose kernel is chosen by the CPU
+        # (SkylakeX on an AVX-512 Xeon, Haswell/Zen on an AMD EPYC: other last bits); torch's CPU
+        # arithmetic is pinned (stages/core/numerics.py)
+        emb = torch.from_numpy(np.ascontiguousarray(image_embeddings, dtype=np.float32))
+        probs = torch.softmax(scale * emb @ text.T, dim=1)
+        return probs[:, : len(positive)].sum(dim=1).numpy()
 
 
 def load_clip(clip_params, device: Optional[str] = None, seed: int = 0) -> ClipModel:
