@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from stages.core import lineage, tracking
+from stages.core import lineage, secrets, tracking
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +72,13 @@ def changed_params(p, baseline: str = "HEAD") -> dict[str, tuple[Any, Any]]:
     text = lineage._git("show", f"{baseline}:params.yaml")
     base = lineage.flatten(yaml.safe_load(text) or {}) if text else {}
     now = lineage.flatten(p.model_dump())
-    return {k: (base.get(k), v) for k, v in now.items() if k in base and str(base[k]) != str(v)}
+    return {k: (secrets.masked(k, base.get(k)), secrets.masked(k, v)) for k, v in now.items()
+            if k in base and str(base[k]) != str(v)}
 
 
 def version_description(p, metrics: dict | None = None) -> str:
-    """What a registered version is: run, DVC experiment, data hash, changed params, headline."""
+    """What a registered version is: run, DVC experiment, data hash, changed params, headline
+    (secrets masked: stages.core.lineage.scrub)."""
     changed = changed_params(p)
     lines = [f"LoRA adapter of run {tracking.run_id()}"
              + (f" (DVC experiment {os.environ['DVC_EXP_NAME']})" if os.environ.get("DVC_EXP_NAME") else ""),
@@ -90,7 +92,7 @@ def version_description(p, metrics: dict | None = None) -> str:
         lines.append("headline: " + ", ".join(f"{vocab.header(k)} {vocab.fmt(k, v)}" for k, v in head.items()))
     else:
         lines.append("headline: (after the evaluate stage)")
-    return "\n".join(lines)
+    return secrets.scrub("\n".join(lines))
 
 
 @tracking.guarded
