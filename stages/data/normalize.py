@@ -11,11 +11,13 @@ Reject reasons (the ``reason`` column of ``data/raw/rejects.parquet``):
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
@@ -101,11 +103,32 @@ def _png_bit_depth(data: bytes) -> int:
     return data[24] if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 24 else 8
 
 
+_pixels_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Pillow's decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``, process-wide) at
+    ``max_pixels`` for this block only; the caller's value is restored after. Threads of one
+    process normalise one at a time (the download stage uses processes)."""
+    with _pixels_lock:
+        old = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own guard fires at 2x; ours at 1x
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
+
+
 def normalize(data: bytes, min_side: int, max_pixels: int) -> Normalized:
     """Decode ``data``; return what to store, or raise :class:`Reject`."""
     if not data:
         raise Reject("empty", "zero-byte file")
-    Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own guard fires at 2x; ours below at 1x
+    with pixel_limit(max_pixels):
+        return _normalize(data, min_side, max_pixels)
+
+
+def _normalize(data: bytes, min_side: int, max_pixels: int) -> Normalized:
     try:
         with warnings.catch_warnings():  # over the limit is rejected below, not warned about
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
