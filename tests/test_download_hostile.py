@@ -62,6 +62,7 @@ def _hostile(tmp: Path) -> tuple[Path, Path]:
     os.mkfifo(root / "pipe.jpg")
     os.mkfifo(root / "fifo-cap.txt")
     _png(root / "fifo-cap.png", 6)
+    (root / "text.jpg").write_text("INSIDE-TEXT-9d1e not a picture")  # not_image: no bytes of it in rejects
     big = root / "big.png"
     _png(big, 7, size=(400, 400))  # ~480 kB > data.max_bytes below
     # sidecars: Latin-1 CSV with traversal rows, malformed JSON lines
@@ -113,11 +114,12 @@ def test_every_bad_entry_is_a_reject_with_a_reason(hostile_run):
         "metadata.csv:3": "outside_folder", "metadata.csv:4": "outside_folder", "metadata.csv:5": "outside_folder",
         "sub/metadata.jsonl:5": "outside_folder",
         "loop.jpg": "unreadable", "a-loop.png": "unreadable", "b-loop.png": "unreadable",
-        "pipe.jpg": "special_file", "fifo-cap.png": "bad_caption", "big.png": "too_large"}
+        "pipe.jpg": "special_file", "fifo-cap.png": "bad_caption", "big.png": "too_large", "text.jpg": "not_image"}
     assert all(r["detail"] for r in rejects.values())
     assert "caption file cap.txt" in rejects["cap.png"]["detail"]
     assert "loop" in rejects["loop.jpg"]["detail"] and "FIFO" in rejects["pipe.jpg"]["detail"]
     assert "data.max_bytes = 150000" in rejects["big.png"]["detail"]
+    assert not any("INSIDE-TEXT" in r["detail"] for r in rejects.values())
     rep = json.loads((work / "reports/data/download.json").read_text())
     assert rep["stored"] == 4 and rep["rejected"] == len(rejects)
     problems = " | ".join(rep["sidecar_problems"])
@@ -132,6 +134,10 @@ def test_nothing_outside_the_folder_is_read(hostile_run):
     for f in work.rglob("*"):
         if f.is_file():
             assert MARKER.encode() not in f.read_bytes(), f
+        if f.suffix == ".parquet":  # compressed: look in every decoded cell too
+            for row in pq.read_table(f).to_pylist():
+                for v in row.values():
+                    assert MARKER.encode() not in (v if isinstance(v, bytes) else str(v).encode()), f
 
 
 def test_an_inside_sidecar_row_through_a_folder_link_finds_its_image(tmp_path):
