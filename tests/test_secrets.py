@@ -152,3 +152,15 @@ def test_a_planted_secret_is_in_no_file_the_run_and_publish_write(project, monke
     artifacts = {f.name: f for f in written if "mlartifacts" in f.parts}
     assert "params-copy.yaml" in artifacts and "***" in artifacts["notes.md"].read_text()
     assert json.loads((hub / "metrics.json").read_text()) == pubkit.METRICS
+
+
+def test_an_uncaught_traceback_is_scrubbed(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("from stages.core import log; log.setup('x'); "
+            f"raise RuntimeError('GET https://u:{PLANTED['url_password']}@h/x?token={PLANTED['url_token']} failed')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 1 and "RuntimeError: GET https://***@h/x?token=*** failed" in proc.stderr
+    assert PLANTED["url_password"] not in proc.stderr and PLANTED["url_token"] not in proc.stderr

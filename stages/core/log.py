@@ -116,6 +116,15 @@ class ScrubSecrets(logging.Filter):
         return True
 
 
+def _scrubbed_excepthook(kind, value, tb) -> None:
+    """An uncaught exception's traceback with secrets masked (a URL with a token in an error)."""
+    import traceback
+
+    from stages.core.secrets import scrub
+
+    sys.stderr.write(scrub("".join(traceback.format_exception(kind, value, tb))))
+
+
 def setup(stage: str) -> logging.Logger:
     level = os.environ.get("FLUXIMP_LOG", "INFO").upper()
     logging.basicConfig(
@@ -127,6 +136,7 @@ def setup(stage: str) -> logging.Logger:
     )
     for handler in logging.getLogger().handlers:
         handler.addFilter(ScrubSecrets())
+    sys.excepthook = _scrubbed_excepthook
     for noisy in ("urllib3", "PIL", "matplotlib", "filelock", "httpx", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     quiet()
