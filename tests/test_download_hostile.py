@@ -75,7 +75,8 @@ def _hostile(tmp: Path) -> tuple[Path, Path]:
         "indir/good3.png,Berthe Morisot,\n".encode("latin-1"))
     (root / "sub" / "metadata.jsonl").write_text(
         '{"file_name": "good3.png", "title": "Haystack"}\n{"file_name": "good3.png", \n[1, 2]\n\n'
-        '{"file_name": "../../outside/secret.txt"}\n', encoding="utf-8")
+        '{"file_name": "../../outside/secret.txt"}\n'
+        '{"file_name": "good3.png", "n": ' + "9" * 5000 + '}\n' + "[" * 100_000 + "\n", encoding="utf-8")
     return root, out
 
 
@@ -125,6 +126,8 @@ def test_every_bad_entry_is_a_reject_with_a_reason(hostile_run):
     problems = " | ".join(rep["sidecar_problems"])
     assert "metadata.csv: not UTF-8 (byte" in problems and "read as cp1252" in problems
     assert "sub/metadata.jsonl:2: not valid JSON" in problems and "sub/metadata.jsonl:3: not a JSON object" in problems
+    assert "sub/metadata.jsonl:6: not valid JSON" in problems  # a 5000-digit number
+    assert "sub/metadata.jsonl:7: not valid JSON (too deeply nested)" in problems
     assert any(e.startswith("indir (symlink to a folder inside") for e in rep["ignored_examples"])
 
 

@@ -148,8 +148,9 @@ def _read_sidecar(entry: Entry, max_bytes: int) -> tuple[list[tuple[int, dict]],
             continue
         try:
             row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            problems.append(f"{entry.rel}:{n}: not valid JSON ({getattr(exc, 'msg', 'too deeply nested')})")
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, a 5000-digit number, deep nesting
+            why = getattr(exc, "msg", None) or (str(exc)[:100] if isinstance(exc, ValueError) else "too deeply nested")
+            problems.append(f"{entry.rel}:{n}: not valid JSON ({why})")
             continue
         if isinstance(row, dict):
             rows.append((n, row))
