@@ -290,8 +290,10 @@ def scan(root: str | Path, opts=None, max_bytes: int = 512 * 2 ** 20) -> tuple[l
             ignored.append(f"{rel} (caption file not used: an earlier data.folder.caption_extensions entry won)")
         else:
             ignored.append(rel + (" (caption file without an image)" if ext in lower_exts else ""))
-    for msg in problems:
+    for msg in problems[:20]:
         log.warning("folder: %s", msg)
+    if len(problems) > 20:
+        log.warning("folder: ... and %d more sidecar problems", len(problems) - 20)
     described = sum(1 for f in fields.values() if any(f.get(k) for k in ("title", "artist", "caption")))
     repeated = [c["repeats"] for c in candidates if c.get("repeats")]
     candidates = sorted(candidates + rejects, key=lambda c: c["path"])
