@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages.core import log as logs
+from stages.core import markdown as md
 from stages.core import params, shards
 from stages.core.images import decode
 from stages.core.io import atomic_dir, write_json, write_text
@@ -126,10 +127,11 @@ def write_reports(out: Path, records: list[dict], thumbs: list, stats: dict) -> 
     plt.close(fig)
 
     (out / "thumbs").mkdir()
+    # captions and the trigger are the user's text: escaped (stages.core.markdown), never raw HTML or images
     lines = ["# Captions preview", "",
-             f"{stats['images']} images ({stats['by_split']}), backend `{stats['backend']}`, "
-             f"trigger `{stats['trigger']}`; captions by origin: {stats['by_origin']}; CLIP truncations: "
-             f"{stats['clip_truncated']}, T5 truncations: {stats['t5_truncated']}.", "",
+             f"{stats['images']} images ({md.text(stats['by_split'])}), backend {md.code(stats['backend'])}, "
+             f"trigger {md.code(stats['trigger'])}; captions by origin: {md.text(stats['by_origin'])}; CLIP "
+             f"truncations: {stats['clip_truncated']}, T5 truncations: {stats['t5_truncated']}.", "",
              "![caption lengths](lengths.png)", "", "| image | split | caption |", "|---|---|---|"]
     for image_id, split, data, text in thumbs:
         try:
@@ -141,8 +143,7 @@ def write_reports(out: Path, records: list[dict], thumbs: list, stats: dict) -> 
             cell = f"![{image_id[:8]}](thumbs/{image_id[:16]}.jpg)"
         except Exception:  # noqa: BLE001 - an undecodable image still gets its caption listed
             cell = f"`{image_id[:8]}` (undecodable)"
-        safe = text.replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| {cell} | {split} | {safe} |")
+        lines.append(f"| {cell} | {md.text(split)} | {md.text(text)} |")
     write_text(out / "preview.md", "\n".join(lines) + "\n")
 
 

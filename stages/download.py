@@ -31,8 +31,8 @@ from stages.data.collect import Collector
 log = logging.getLogger("stages.download")
 
 
-def _ingest(candidate: dict, min_side: int, max_pixels: int) -> dict:
-    return normalize.process(candidate, min_side, max_pixels)
+def _ingest(candidate: dict, min_side: int, max_pixels: int, max_bytes: int | None = None) -> dict:
+    return normalize.process(candidate, min_side, max_pixels, max_bytes)
 
 
 def _synthetic_task(item, seed, size, min_side, max_pixels, original=None) -> dict:
@@ -71,7 +71,7 @@ def _candidates(p):
     """The chosen source's candidates (dicts with ``path``, maybe ``data``, metadata) and report extras."""
     d = p.data
     if d.source == "folder":
-        cands, extra = folder.scan(d.path, d.folder)
+        cands, extra = folder.scan(d.path, d.folder, d.max_bytes)
         if d.limit and len(cands) > d.limit:
             keep = sorted(random.Random(p.seed).sample(range(len(cands)), d.limit))
             cands = [cands[i] for i in keep]
@@ -96,8 +96,8 @@ def run(p: params.Params, paths: Download = Download()) -> dict:
     else:
         cands, extra = _candidates(p)
         total = len(cands) if isinstance(cands, list) else d.limit
-        results = parallel_map(functools.partial(_ingest, min_side=d.min_side, max_pixels=d.max_pixels),
-                               cands, d.workers)
+        results = parallel_map(functools.partial(_ingest, min_side=d.min_side, max_pixels=d.max_pixels,
+                                                 max_bytes=d.max_bytes), cands, d.workers)
     bar = logmod.progress(results, total=total, desc="download", unit="img")
     with atomic_dir(paths.raw) as tmp:
         shards = write_shards(collector.rows(bar), Path(tmp) / "shards", d.shard_rows)

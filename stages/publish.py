@@ -4,7 +4,9 @@ Not a DVC stage: run it after ``dvc repro`` (``make publish`` or ``python -m sta
 
 ``models/hub/`` gets the diffusers adapter, the kohya/ComfyUI copy, ``adapter.json``, the sample
 grids and widget images, ``metrics.json``, ``params.yaml`` and the model card ``README.md``
-(stages.modelcard: every number read from the pipeline's files). Without ``--push`` this is a
+(stages.modelcard: every number read from the pipeline's files). Secrets never reach the folder:
+params and every text file in it pass stages.core.secrets (a token inside a URL param is
+``***``), and a binary file holding one stops the publish. Without ``--push`` this is a
 dry run: it lists what would be uploaded and where, and never touches the network. With ``--push``
 it creates the repo (private unless ``--public``) and uploads the folder with ``huggingface_hub``;
 the token comes from ``HF_TOKEN`` or the login cache (``hf auth login``). A missing token or no
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -23,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from stages import modelcard
-from stages.core import log, params
+from stages.core import log, params, secrets
 from stages.core.io import atomic_dir
 
 LORA_DIR = Path("models/lora")
@@ -52,7 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def assemble(facts: modelcard.Facts, out: Path, repo_id: str) -> Path:
-    """Write the Hub folder atomically: adapter files, images, metrics, params, README.md."""
+    """Write the Hub folder atomically: adapter files, images, metrics, params, README.md; every
+    file scrubbed of secrets (a binary one that holds a secret is a CardError)."""
+    facts = dataclasses.replace(facts, params=secrets.masked("", facts.params))
     files = facts.adapter.get("files") or {"diffusers": "pytorch_lora_weights.safetensors"}
     widget = modelcard.widget_images(facts.samples)
     with atomic_dir(out) as tmp:
@@ -74,6 +79,11 @@ def assemble(facts: modelcard.Facts, out: Path, repo_id: str) -> Path:
         (tmp / "metrics.json").write_text(json.dumps(facts.metrics, indent=2) + "\n")
         (tmp / "params.yaml").write_text(yaml.safe_dump(facts.params, sort_keys=False))
         (tmp / "README.md").write_text(modelcard.render(facts, repo_id, widget, grids))
+        held = [f.relative_to(tmp).as_posix() for f in sorted(tmp.rglob("*"))
+                if f.is_file() and not secrets.scrub_file(f)]
+        if held:
+            raise modelcard.CardError(f"not publishing: {', '.join(held)} hold(s) a secret value (a token, a "
+                                      "URL password); remove it and rerun")
     return out
 
 

@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 
 from stages.core import log as stage_log
+from stages.core import markdown as md
 from stages.core.io import atomic_file, write_text
 from stages.experiments import META, collect as exp_rows
 from stages.metrics import vocab
@@ -55,10 +56,10 @@ def collect(param: str, metrics: list[str] | None = None, repo: str = ".") -> tu
 
 def markdown(rows: list[dict], columns: list[str], metrics: list[str] = ()) -> str:
     """Metric columns headed and formatted by the vocabulary (``style ↑``), the others as they are."""
-    def cell(c, v):
+    def cell(c, v):  # experiment names and param values are the user's text: escaped
         return vocab.fmt(c, v, "") if c in metrics else "" if v is None else \
-            f"{v:.4g}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(vocab.header(c) if c in metrics else c for c in columns) + " |",
+            f"{v:.4g}" if isinstance(v, float) else md.text(v)
+    lines = ["| " + " | ".join(vocab.header(c) if c in metrics else md.text(c) for c in columns) + " |",
              "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(c, r[c]) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"

@@ -206,3 +206,10 @@ def test_report_in_headless_chromium(tmp_path):
             driver.save_screenshot(os.environ["FLUXIMP_SCREENSHOT_REPORT"])
     finally:
         driver.quit()
+
+
+def test_report_params_table_holds_no_secret(tmp_path):
+    root = project(tmp_path, False)
+    p = params.Params(filter={"aesthetic": {"head": "https://al:PLANTED-pw-42@h.example/head.pt?token=PLANTED-t-43"}})
+    page = report.write_report(Path("reports/report.html"), metrics(), [], INDEX, p, root=root).read_text()
+    assert "PLANTED" not in page and "https://***@h.example/head.pt?token=***" in page

@@ -4,7 +4,8 @@ half-written (a temp file or folder is renamed over the target only once it is c
 - Temp siblings are named ``.<name>.<pid>-<random>[suffix].tmp``; the next write of the same
   target removes those of processes that are gone (a stage killed with -9 leaves no litter).
 - Files and folders get the mode the umask gives (``tempfile`` alone would make them 0600/0700,
-  unreadable to the rest of a team on a shared server).
+  unreadable to the rest of a team on a shared server); :func:`umask_mode` fixes a file a library
+  wrote 0600 (safetensors: stages/core/tensorfiles.py applies it to every safetensors we write).
 - :func:`no_space_errors` turns a full disk (``ENOSPC``, or torch's ``unexpected pos`` error
   that hides it) into "no space left on <path>".
 """
@@ -88,6 +89,13 @@ def no_space_errors(where: os.PathLike | str) -> Iterator[None]:
             raise NoSpaceError(f"no space left on {where} ({free / 2 ** 20:.0f} MiB free on its disk): "
                                f"free some space and rerun ({type(exc).__name__}: {exc})") from exc
         raise
+
+
+def umask_mode(path: os.PathLike | str) -> Path:
+    """Give a file a library created with its own mode (safetensors writes 0600) the mode the umask
+    gives, like every other output."""
+    os.chmod(path, 0o666 & ~umask())
+    return Path(path)
 
 
 def write_bytes(path: os.PathLike | str, data: bytes) -> Path:

@@ -4,8 +4,8 @@
 - :func:`git_state`: (commit, dirty) of a checkout; :func:`dir_md5`: DVC's md5 of a folder, computed
   from the files a stage reads (the value dvc.lock records for the same bytes); :func:`adapter_hash`:
   the sha256 of a LoRA adapter's weights (which MLflow run and registered version it belongs to);
-- :func:`secret_values` / :func:`scrub`: values of environment variables named like credentials,
-  masked as ``***`` wherever a value leaves the process (MLflow, model cards, logs);
+  :func:`dataset_hash`: what dvc.lock claims for the curated dataset (a published commit's card);
+- ``scrub``, ``masked``, ``secret_values``: the secret scrubber of stages.core.secrets, re-exported;
 - :func:`flatten`: ``{"lora": {"rank": 4}} -> {"lora.rank": 4}`` for params.
 
 Used by stages.core.tracking (the MLflow run), the model card and the sweep summary.
@@ -23,13 +23,9 @@ from typing import Any
 import yaml
 
 from stages.core import paths
+from stages.core.secrets import MASK, SECRET_NAME, masked, scrub, scrub_file, secret_values  # noqa: F401
 
 CURATED = str(paths.Caption().curated)
-SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|PASSPHRASE|CREDENTIAL|API_?KEY|ACCESS_?KEY|_KEY$|^KEY$|AUTH",
-                         re.IGNORECASE)
-MASK = "***"
-
-
 def repo_root() -> Path:
     """The main repo's root: ``DVC_ROOT`` (set by DVC, the parent repo even for temp/queued
     experiments), else the git top level of the working directory, else the working directory."""
@@ -42,19 +38,6 @@ def repo_root() -> Path:
             return Path(*parts[:i])
     top = _git("rev-parse", "--show-toplevel", cwd=cwd)
     return Path(top).resolve() if top else cwd
-
-
-def secret_values() -> list[str]:
-    """Values of environment variables named like credentials (long enough to be one)."""
-    vals = {v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 6}
-    return sorted(vals, key=len, reverse=True)
-
-
-def scrub(value: Any, secrets: list[str] | None = None) -> str:
-    text = str(value)
-    for s in secret_values() if secrets is None else secrets:
-        text = text.replace(s, MASK)
-    return text
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

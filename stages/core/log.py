@@ -99,6 +99,32 @@ def quiet() -> None:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+class ScrubSecrets(logging.Filter):
+    """Masks secrets in every record a handler emits (stages.core.secrets.scrub)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from stages.core.secrets import scrub
+
+        msg = record.getMessage()
+        clean = scrub(msg)
+        if clean != msg:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = scrub(record.exc_text)
+        return True
+
+
+def _scrubbed_excepthook(kind, value, tb) -> None:
+    """An uncaught exception's traceback with secrets masked (a URL with a token in an error)."""
+    import traceback
+
+    from stages.core.secrets import scrub
+
+    sys.stderr.write(scrub("".join(traceback.format_exception(kind, value, tb))))
+
+
 def setup(stage: str) -> logging.Logger:
     level = os.environ.get("FLUXIMP_LOG", "INFO").upper()
     logging.basicConfig(
@@ -108,6 +134,9 @@ def setup(stage: str) -> logging.Logger:
         stream=sys.stderr,
         force=True,
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(ScrubSecrets())
+    sys.excepthook = _scrubbed_excepthook
     for noisy in ("urllib3", "PIL", "matplotlib", "filelock", "httpx", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     quiet()

@@ -75,6 +75,8 @@ class Data(Section):
     limit: Optional[int] = Field(None, ge=1)
     min_side: int = Field(32, ge=1, description="download rejects smaller images; the filter stage has its own")
     max_pixels: int = Field(178_956_970, ge=1, description="decompression-bomb limit")
+    max_bytes: int = Field(512 * 2 ** 20, ge=1, description="a larger file (image or sidecar) is rejected unread "
+                                                           "(too_large)")
     shard_rows: int = Field(256, ge=1)
     holdout: float = Field(0.1, ge=0, lt=1, description="share of the set held out for evaluation")
     workers: int = Field(2, ge=1)

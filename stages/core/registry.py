@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from stages.core import lineage, tracking
+from stages.core import lineage, secrets, tracking
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +79,13 @@ def changed_params(p, baseline: str = "HEAD") -> dict[str, tuple[Any, Any]]:
     text = lineage._git("show", f"{baseline}:params.yaml")
     base = lineage.flatten(yaml.safe_load(text) or {}) if text else {}
     now = lineage.flatten(p.model_dump())
-    return {k: (base.get(k), v) for k, v in now.items() if k in base and str(base[k]) != str(v)}
+    return {k: (secrets.masked(k, base.get(k)), secrets.masked(k, v)) for k, v in now.items()
+            if k in base and str(base[k]) != str(v)}
 
 
 def version_description(p, metrics: dict | None = None, tags: dict | None = None) -> str:
     """What a registered version is: run, DVC experiment, adapter and data hashes (the run's tags:
-    hashed from what its stages read), changed params, headline."""
+    hashed from what its stages read), changed params, headline (secrets masked: stages.core.secrets)."""
     tags = tags or {}
     changed = changed_params(p)
     data = ", ".join(f"data/{k[len('dataset.'):-len('_md5')]} {v}" for k, v in sorted(tags.items())
@@ -102,7 +103,7 @@ def version_description(p, metrics: dict | None = None, tags: dict | None = None
         lines.append("headline: " + ", ".join(f"{vocab.header(k)} {vocab.fmt(k, v)}" for k, v in head.items()))
     else:
         lines.append("headline: (after the evaluate stage)")
-    return "\n".join(lines)
+    return secrets.scrub("\n".join(lines))
 
 
 @tracking.guarded

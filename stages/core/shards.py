@@ -4,9 +4,12 @@ A shard folder holds ``part-00000.parquet``, ``part-00001.parquet``, ... Each ro
 its encoded bytes (``image``) plus metadata. ``id`` is the sha256 of the bytes, so equal bytes
 are stored once. ``datasets.load_dataset("parquet", data_files=".../*.parquet")`` reads them.
 Intermediate stages write tables of ids and scores (``write_table``), not copies of images.
+A shard that cannot be read (truncated, not parquet, wrong columns) stops the reader with
+:class:`ShardError` naming the file and the stage to rerun, never a bare pyarrow traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -38,6 +41,20 @@ IMAGE_SCHEMA = pa.schema(
         ("repeats", pa.int32()),  # kohya N_name folders (data.source=folder): seen N times per epoch; null = 1
     ]
 )
+
+
+class ShardError(SystemExit):
+    """A parquet shard that cannot be read (exits with a message naming the file)."""
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except (pa.ArrowException, OSError) as exc:
+        raise ShardError(f"cannot read parquet shard {path}: {type(exc).__name__}: {str(exc)[:300]}. The file is "
+                         "corrupt or not a shard of this pipeline: rerun the stage that writes its folder "
+                         "(`dvc repro -f <stage>`, or `dvc checkout` to restore it from the cache)") from None
 
 
 def content_id(data: bytes) -> str:
@@ -85,7 +102,10 @@ def read_table(folder: Path | str, columns: Optional[list[str]] = None,
                ids: Optional[Iterable[str]] = None) -> pa.Table:
     """All shards of a folder as one table (``columns`` to skip image bytes; ``ids`` to select
     rows, returned in the shards' order)."""
-    tables = [pq.read_table(f, columns=columns) for f in shard_files(folder)]
+    tables = []
+    for f in shard_files(folder):
+        with _reading(f):
+            tables.append(pq.read_table(f, columns=columns))
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     if ids is not None:
         import pyarrow.compute as pc
@@ -98,8 +118,14 @@ def iter_rows(folder: Path | str, columns: Optional[list[str]] = None,
               ids: Optional[set[str]] = None, batch_size: int = 64) -> Iterator[dict]:
     """Stream rows (dicts) shard by shard without loading every image at once."""
     for f in shard_files(folder):
-        pf = pq.ParquetFile(f)
-        for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
-            for row in batch.to_pylist():
+        with _reading(f):
+            batches = iter(pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns))
+        while True:
+            with _reading(f):  # only pyarrow's reading, not the consumer's code, is in the guard
+                batch = next(batches, None)
+                rows = batch.to_pylist() if batch is not None else None
+            if rows is None:
+                break
+            for row in rows:
                 if ids is None or row["id"] in ids:
                     yield row

@@ -5,12 +5,16 @@ tensors and the same metadata give new bytes and a new DVC hash, and every later
 at most one metadata key the header has one order, so every file that is a DVC output is written
 through :func:`save` (one key: put several values into one JSON string), and files written by a
 library (diffusers' LoRA file) are cut down to their one meaningful key by :func:`keep_one_key`.
+safetensors creates its files 0600 whatever the umask: :func:`save` gives them the umask's mode
+(``stages.core.io.umask_mode``), so a team on a shared server can read the cache and adapters.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 from typing import Mapping, Optional
+
+from stages.core.io import umask_mode
 
 
 def _check(metadata: Optional[Mapping[str, str]]) -> Optional[dict]:
@@ -31,7 +35,7 @@ def save(tensors: dict, path: os.PathLike | str, metadata: Optional[Mapping[str,
     else:
         from safetensors.torch import save_file
     save_file(tensors, str(path), metadata=meta)
-    return Path(path)
+    return umask_mode(path)
 
 
 def metadata(path: os.PathLike | str) -> dict:

@@ -30,9 +30,10 @@ A stage does::
   host and pid of the stage). A resumed run keeps the tags its first stage set; a later stage's other
   value goes to ``<stage>.<tag>``. A run left RUNNING by a killed stage on this host is marked KILLED
   on the next start; a stage that raises ends its run FAILED.
-- Secrets: values of environment variables whose name looks like a token/secret/key/password are
-  replaced by ``***`` in params, tags, metrics names and text artifacts; a binary artifact that
-  contains one is not logged.
+- Secrets (stages.core.lineage.scrub: credential-named environment variables, URL passwords,
+  ``?token=``-like query parameters, ``hf_...`` tokens) are replaced by ``***`` in params, tags,
+  metrics names, version descriptions and text artifacts; a binary artifact that contains one is
+  not logged. A tracking URI with ``user:password@`` is never printed with its password.
 - Loud by default: a tracking error (server down, bad URI, a failing MLflow call) fails the stage
   with a message naming the URI, so metrics never go missing silently. ``FLUXIMP_MLFLOW=0`` turns
   tracking off; ``FLUXIMP_MLFLOW_OPTIONAL=1`` makes tracking best-effort: the first error logs a
@@ -40,6 +41,7 @@ A stage does::
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import json
@@ -48,13 +50,14 @@ import os
 import shutil
 import socket
 import tempfile
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from stages.core import mlflow_store
-from stages.core.lineage import (MASK, SECRET_NAME, adapter_hash, dir_md5, flatten, git_state, repo_root, scrub,
-                                  secret_values)
+from stages.core.lineage import adapter_hash, dir_md5, flatten, git_state, repo_root
+from stages.core.secrets import masked, scrub, scrub_file, secret_values
 from stages.core.paths import Train
 
 log = logging.getLogger(__name__)
@@ -140,7 +143,14 @@ def _abandon() -> None:
 def _check_server(uri: str) -> None:
     """A fast reachability check, so a down server costs seconds, not MLflow's long retries."""
     if uri.startswith(("http://", "https://")):
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
+        parts = urllib.parse.urlsplit(uri)
+        host = parts.hostname or ""
+        netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+        req = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=netloc)).rstrip("/") + "/health")
+        if parts.username is not None:  # user:password@ in the URI: basic auth, never part of a message
+            cred = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+            req.add_header("Authorization", "Basic " + base64.b64encode(cred.encode()).decode())
+        with urllib.request.urlopen(req, timeout=5) as resp:
             resp.read()
 
 
@@ -329,8 +339,7 @@ def log_params(params: dict[str, Any]) -> None:
     if not _active():
         return
     secrets = secret_values()
-    clean = {k: (MASK if SECRET_NAME.search(k.split(".")[-1]) else scrub(v, secrets)[:6000])
-             for k, v in params.items()}
+    clean = {k: scrub(masked(k, v, secrets), secrets)[:6000] for k, v in params.items()}
     logged = mlflow.get_run(_state["run_id"]).data.params
     fresh = {k: v for k, v in clean.items() if k not in logged}
     changed = {f"param.{k}": v for k, v in clean.items() if k in logged and logged[k] != v}
@@ -371,7 +380,7 @@ def log_artifacts(paths: Iterable[os.PathLike | str], artifact_path: str | None 
 
     if not _active():
         return
-    secrets = [s.encode() for s in secret_values()]
+    secrets = secret_values()
     with tempfile.TemporaryDirectory(prefix="mlflow-art-") as tmp:
         for path in map(Path, paths):
             if not path.exists():
@@ -385,7 +394,9 @@ def log_artifacts(paths: Iterable[os.PathLike | str], artifact_path: str | None 
                 shutil.copy2(path, dst)
                 files = [dst]
             for f in files:
-                _scrub_file(f, secrets)
+                if not scrub_file(f, secrets):
+                    log.warning("MLflow: %s contains a secret value and is binary: not logged", f.name)
+                    f.unlink()
         mlflow.log_artifacts(tmp, artifact_path=artifact_path)
 
 
@@ -396,22 +407,6 @@ def log_image(image, key: str, step: int | None = None) -> None:
 
     if _active():
         mlflow.log_image(image, key=key, step=step)
-
-
-def _scrub_file(path: Path, secrets: list[bytes]) -> None:
-    data = path.read_bytes()
-    found = [s for s in secrets if s in data]
-    if not found:
-        return
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        log.warning("MLflow: %s contains a secret value and is binary: not logged", path.name)
-        path.unlink()
-        return
-    for s in found:
-        text = text.replace(s.decode(), MASK)
-    path.write_text(text, encoding="utf-8")
 
 
 def reset() -> None:

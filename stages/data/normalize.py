@@ -11,20 +11,26 @@ Reject reasons (the ``reason`` column of ``data/raw/rejects.parquet``):
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
+from stages.core import files
 from stages.core.images import encode_png
 from stages.core.shards import content_id
 
 REASONS = {
-    "unreadable": "the path could not be read (permissions, vanished, a directory, ...)",
+    "unreadable": "the path could not be read (permissions, vanished, a directory, a symlink loop, a dangling link)",
+    "outside_folder": "a symlink or sidecar row (data.source=folder) leading outside data.path: never read",
+    "special_file": "a FIFO, device or socket under an image name: never opened",
+    "too_large": "a file over data.max_bytes: not read",
     "empty": "zero-byte file",
     "not_image": "content is not an image Pillow can identify (whatever the extension says)",
     "decompression_bomb": "more pixels than data.max_pixels",
@@ -32,7 +38,8 @@ REASONS = {
     "decode_error": "any other failure while opening or converting",
     "too_small": "shorter side under data.min_side (after EXIF rotation)",
     "duplicate_bytes": "byte-identical to an image already stored (same id): stored once",
-    "bad_caption": "its caption file (data.source=folder) is empty, not UTF-8 or over data.folder.caption_max_bytes",
+    "bad_caption": "its caption file (data.source=folder) is empty, not UTF-8, not a regular file or over "
+                   "data.folder.caption_max_bytes",
 }
 __doc__ += "\n".join(f"- ``{k}``: {v}" for k, v in REASONS.items()) + "\n"
 
@@ -96,17 +103,39 @@ def _png_bit_depth(data: bytes) -> int:
     return data[24] if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 24 else 8
 
 
+_pixels_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Pillow's decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``, process-wide) at
+    ``max_pixels`` for this block only; the caller's value is restored after. Threads of one
+    process normalise one at a time (the download stage uses processes)."""
+    with _pixels_lock:
+        old = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own guard fires at 2x; ours at 1x
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
+
+
 def normalize(data: bytes, min_side: int, max_pixels: int) -> Normalized:
     """Decode ``data``; return what to store, or raise :class:`Reject`."""
     if not data:
         raise Reject("empty", "zero-byte file")
-    Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own guard fires at 2x; ours below at 1x
+    with pixel_limit(max_pixels):
+        return _normalize(data, min_side, max_pixels)
+
+
+def _normalize(data: bytes, min_side: int, max_pixels: int) -> Normalized:
     try:
         with warnings.catch_warnings():  # over the limit is rejected below, not warned about
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise Reject("not_image", f"not a recognised image format (starts with {data[:12]!r})") from None
+        # no bytes of the file in the detail: rejects.parquet is tracked and shared
+        raise Reject("not_image", f"not a recognised image format ({len(data)} bytes)") from None
     except Image.DecompressionBombError as exc:
         raise Reject("decompression_bomb", str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - any parser error is a reject, never a crash
@@ -146,14 +175,15 @@ def normalize(data: bytes, min_side: int, max_pixels: int) -> Normalized:
     return Normalized(encode_png(out), "PNG", out.width, out.height, True, ", ".join(why))
 
 
-def read_bytes(path: str | Path) -> bytes:
+def read_bytes(path: str | Path, max_bytes: Optional[int] = None) -> bytes:
+    """A regular file's bytes, bounded (stages.core.files.read_regular), or a :class:`Reject`."""
     try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise Reject("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}") from None
+        return files.read_regular(path, max_bytes)
+    except files.Refused as exc:
+        raise Reject(exc.reason, exc.detail) from None
 
 
-def process(candidate: dict, min_side: int, max_pixels: int) -> dict:
+def process(candidate: dict, min_side: int, max_pixels: int, max_bytes: Optional[int] = None) -> dict:
     """One candidate (``path`` and ``data`` bytes, or ``file`` to read) -> an image row
     (``ok`` True, IMAGE_SCHEMA fields + the candidate's metadata) or a reject row (``ok`` False)."""
     data = candidate.get("data")
@@ -162,7 +192,7 @@ def process(candidate: dict, min_side: int, max_pixels: int) -> dict:
         if candidate.get("reject"):  # the source already found a reason (e.g. a bad caption file)
             raise Reject(*candidate["reject"])
         if data is None:
-            data = read_bytes(candidate.get("file") or path)
+            data = read_bytes(candidate.get("file") or path, max_bytes)
         norm = normalize(data, min_side, max_pixels)
     except Reject as rej:
         return {"ok": False, "path": path, "id": content_id(data) if data else None,

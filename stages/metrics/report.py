@@ -15,6 +15,7 @@ import csv
 import json
 from pathlib import Path
 
+from stages.core import secrets
 from stages.core.io import atomic_file, write_text
 from stages.metrics import pages, traits, vocab
 
@@ -250,6 +251,6 @@ def write_report(out: Path, metrics: dict, notes: list[str], index: dict, p, roo
         ab_page=existing("reports/eval/abtest/index.html"), human=human,
         loss_plot=existing("reports/eval/loss.png"), n_holdout=metrics.get("n_holdout"),
         dataset=dataset, curation_figures=curation_figures, lineage=lineage,
-        params=_flat_params(p.model_dump()))
+        params=_flat_params(secrets.masked("", p.model_dump())))
     write_text(root / out, page)
     return root / out

@@ -39,8 +39,9 @@ from typing import Optional
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from stages.core import tensorfiles
 from stages.core.io import atomic_dir, no_space_errors, write_json
 from stages.core.params import ROOT
 from stages.models.divergence import TrainingDiverged, nonfinite
@@ -182,7 +183,7 @@ def save(folder: Path | str, trainer, step: int, ident: dict, keep: int) -> Path
                                "training stopped, nothing saved; lower train.lr or raise train.warmup_steps")
     target = folder / f"step-{step:06d}"
     with no_space_errors(folder), atomic_dir(target) as tmp:
-        save_file(state.pop("lora"), tmp / "lora.safetensors")
+        tensorfiles.save(state.pop("lora"), tmp / "lora.safetensors")
         torch.save({**state, "rng": rng_state(), "step": step}, tmp / "state.pt")
         write_json(tmp / "meta.json", {"step": step, "identity": ident, "finished": False,
                                        "sha256": {f: _sha256(tmp / f) for f in FILES}})

@@ -167,8 +167,10 @@ def save_diffusers(transformer, out_dir) -> None:
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 
     from stages.core import tensorfiles
+    from stages.core.io import umask_mode
 
     state, cfg = fold_alpha(lora_state_dict(transformer), scales(transformer), adapter_config(transformer))
     FluxPipeline.save_lora_weights(out_dir, transformer_lora_layers=state,
                                    transformer_lora_adapter_metadata=cfg, safe_serialization=True)
     tensorfiles.keep_one_key(Path(out_dir) / "pytorch_lora_weights.safetensors", LORA_ADAPTER_METADATA_KEY)
+    umask_mode(Path(out_dir) / "pytorch_lora_weights.safetensors")  # diffusers' safetensors file is 0600

@@ -68,10 +68,10 @@ def _block_file(entry_dir: Path, prefix: str) -> Path:
 
 
 def save_block(entry_dir: Path, prefix: str, block: nn.Module) -> None:
-    from safetensors.torch import save_file
+    from stages.core import tensorfiles
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
-    save_file(tensors, _block_file(entry_dir, prefix))
+    tensorfiles.save(tensors, _block_file(entry_dir, prefix))
 
 
 def load_block(entry_dir: Path, prefix: str, block: nn.Module, device: torch.device, dtype: torch.dtype,

@@ -71,8 +71,9 @@ def embed_prompts(model_params, prompts: list[str], max_sequence_length: int, pl
     """T5 embeddings (N, L, D) and CLIP pooled embeddings (N, P) of ``prompts``, on the CPU. The
     text encoders are loaded for this and freed before returning; embeddings computed once are
     read back from the cache (:func:`prompt_cache_file`), so a rerun loads no text encoder."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
+    from stages.core import tensorfiles
     from stages.core.io import atomic_file
     from stages.models import flux
 
@@ -88,7 +89,7 @@ def embed_prompts(model_params, prompts: list[str], max_sequence_length: int, pl
     free_memory()
     try:
         with atomic_file(cached, suffix=".safetensors") as tmp:
-            save_file({"prompt_embeds": embeds.contiguous(), "pooled": pooled.contiguous()}, tmp)
+            tensorfiles.save({"prompt_embeds": embeds.contiguous(), "pooled": pooled.contiguous()}, tmp)
     except OSError as err:  # a cache: a full disk must not stop the stage
         log.warning("could not cache prompt embeddings in %s: %s", cached, err)
     return embeds, pooled
