@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 
 def validation_prompts(p) -> list[str]:
     """The validation prompts with the trigger, from ``train.validation_prompts`` or ``sample.prompts``."""
+    key = "train.validation_prompts" if p.train.validation_prompts else "sample.prompts"
     path = p.train.validation_prompts or p.sample.prompts
-    return [with_trigger(pr, p.caption.trigger) for pr in read_prompts(path)]
+    return [with_trigger(pr, p.caption.trigger) for pr in read_prompts(path, key)]
 
 
 def side(p) -> int:
