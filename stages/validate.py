@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from stages.core import log as logs
-from stages.core import params, preflight
+from stages.core import params, preflight, tracking
 from stages.core.device import default_device
 from stages.core.io import write_text
 from stages.core.paths import Validate
@@ -126,6 +126,7 @@ def run(p: params.Params, paths: Validate = Validate()) -> None:
     """Value checks and preflight for ``p`` (params.load() has validated the schema), then the
     constant marker file."""
     check_values(p)
+    tracking.check_database()  # an emptied/corrupt mlflow.db: stop before train would bury the history
     preflight.check(p)
     memory_preflight(p)
     write_text(paths.validated, "params.yaml is valid and the preflight passed (stages/validate.py)\n")

@@ -119,3 +119,16 @@ def test_validate_loads_no_model():
                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_validate_refuses_an_emptied_mlflow_db(tmp_path, monkeypatch):
+    from stages.core.paths import Validate
+
+    (tmp_path / "mlflow.db").write_bytes(b"")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.delenv("FLUXIMP_MLFLOW", raising=False)
+    with pytest.raises(SystemExit, match=f"MLflow database {tmp_path}/mlflow.db is empty .*not recreated"):
+        validate.run(params.Params(), Validate().under(tmp_path))
+    assert not (tmp_path / "reports").exists()
+    monkeypatch.setenv("FLUXIMP_MLFLOW", "0")  # tracking off: the database is not needed
+    validate.run(params.Params(), Validate().under(tmp_path))
