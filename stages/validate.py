@@ -17,12 +17,12 @@ from pathlib import Path
 
 from stages.core import log as logs
 from stages.core import params, preflight, tracking
-from stages.core.device import default_device
 from stages.core.io import write_text
 from stages.core.paths import Validate
 from stages.core.prompts import read_prompts
 
 log = logging.getLogger("stages.validate")
+GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/kfd")  # NVIDIA, AMD ROCm
 
 
 def _base_problems(p) -> list[str]:
@@ -42,9 +42,11 @@ def _base_problems(p) -> list[str]:
 
 def _block_problems(p) -> list[str]:
     """Block indices of lora.double_blocks / single_blocks within the base model's block counts."""
-    from stages.models import flux
+    if not (p.lora.double_blocks or p.lora.single_blocks):
+        return []
+    from stages.models import flux  # (imports torch: only when blocks are chosen)
 
-    counts = flux.block_counts(p.model) if (p.lora.double_blocks or p.lora.single_blocks) else None
+    counts = flux.block_counts(p.model)
     found = []
     for key, chosen, count in (("lora.double_blocks", p.lora.double_blocks, counts and counts[0]),
                                ("lora.single_blocks", p.lora.single_blocks, counts and counts[1])):
@@ -111,7 +113,11 @@ def check_values(p) -> None:
 
 def memory_preflight(p) -> None:
     """On a GPU: will encode, train and sample fit the card (stages.models.memory)? Checked here
-    too, so that a card that is too small stops the run before DVC removes models/lora."""
+    too, so that a card that is too small stops the run before DVC removes models/lora. Without a GPU
+    device node (NVIDIA or ROCm) torch is not even imported: validate stays a matter of a second."""
+    if not any(Path(dev).exists() for dev in GPU_DEVICE_NODES):
+        return
+    from stages.core.device import default_device
     from stages.models import flux, memory
 
     device = default_device()
