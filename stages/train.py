@@ -32,7 +32,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -92,7 +91,7 @@ def launch_distributed(p) -> int:
     cmd += ["--config_file", config] if config else ["--multi_gpu"]
     cmd += ["-m", "stages.train"]
     log.info("launching %d processes: %s", p.train.num_processes, " ".join(cmd))
-    return subprocess.call(cmd, env={**os.environ, "FLUXIMP_TRAIN_CHILD": "1"})
+    return lifecycle.call(cmd, env={**os.environ, "FLUXIMP_TRAIN_CHILD": "1"})  # signals passed on
 
 
 def export(trainer: Trainer, cache: Cache, p, steps: int, lora_dir: Path) -> None:

@@ -64,6 +64,8 @@ def value_problems(p) -> list[str]:
     from stages.data.folder import IMAGE_EXTENSIONS
 
     found = _base_problems(p) + _block_problems(p)
+    if p.data.source == "folder" and not Path(p.data.path).is_dir():  # (schema: a path is set, ~ expanded)
+        found.append(f"- data.path = {p.data.path!r}: no such directory (data.source=folder reads images from one)")
     try:
         template_fields(p.caption.template)
     except ValueError as err:

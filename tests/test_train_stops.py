@@ -176,3 +176,19 @@ def test_stop_signals_defer_the_first_signal_and_restore_the_handlers():
         assert signal.getsignal(signal.SIGTERM) == before  # a second one: the default action
         assert stop.exit("at step 3").code == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_relaunching_stage_passes_sigterm_on_to_its_processes(tmp_path):
+    """(train with train.num_processes > 1 runs `accelerate launch`: a SIGTERM must reach the workers.)"""
+    child = ("import signal, sys, time, pathlib\n"
+             "signal.signal(signal.SIGTERM, lambda *a: sys.exit(7))\n"
+             "pathlib.Path('ready').touch()\n"
+             "time.sleep(60)\n")
+    parent = ("import sys; from stages.core import lifecycle\n"
+              f"sys.exit(lifecycle.call([sys.executable, '-c', {child!r}], env=dict(__import__('os').environ)))\n")
+    proc = subprocess.Popen([sys.executable, "-c", parent], cwd=tmp_path, env=stage_env(tmp_path))
+    end = time.time() + 30
+    while not (tmp_path / "ready").exists() and time.time() < end:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 7  # the child got the signal and its exit status came back

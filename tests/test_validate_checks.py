@@ -48,6 +48,8 @@ CASES = [  # (key, value, what the message says besides key and value)
     ("train.lr", float("nan"), "finite"),
     ("data.holdout", 0, "holds out no image"),
     ("lora.rank", True, "not integers"),
+    ("lora.double_blocks", [True], "not integers"),
+    ("data.limit", 10.0, "not integers"),
     ("sample.prompts", "/etc/passwd", "is not a .txt file"),
     ("sample.prompts", "../../outside.txt", "leads out of the project"),
     ("sample.prompts", "fifo", "not a regular file"),
@@ -82,7 +84,7 @@ def test_a_folder_source_needs_an_existing_directory_and_home_is_expanded(tmp_pa
     raw = with_value("data.source", "folder")
     raw["data"]["path"] = "~/pics"
     message = refusal(raw)
-    assert f"data.path: {tmp_path}/pics is not a directory" in message
+    assert f"data.path = '{tmp_path}/pics': no such directory" in message
     (tmp_path / "pics").mkdir()
     (tmp_path / "pics" / "a.png").write_bytes(b"\x89PNG")
     p = params.validate(raw)

@@ -10,6 +10,8 @@
   ``stop.signal``; a long loop (train) checks it at a safe point, saves, and calls ``stop.exit``: one
   line on stderr and exit status 128 + the signal number. A second signal ends the process at once
   (the default action). Without a stop point (other stages) a signal ends the process as usual.
+- :func:`call`: a stage that relaunches itself (train with ``accelerate launch``) passes SIGTERM/SIGINT
+  on to the launched processes, which die with it.
 """
 from __future__ import annotations
 
@@ -84,6 +86,29 @@ def die_with_parent(sig: int = signal.SIGTERM, every: float = 0.5) -> bool:
     threading.Thread(target=_watch, args=(parent, watched, int(sig), every), daemon=True,
                      name="parent-watch").start()
     return True
+
+
+def _pdeathsig() -> None:  # in a child, before exec: SIGTERM when its parent (this stage) dies
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    except (OSError, AttributeError):
+        pass
+
+
+def call(cmd: list[str], env: dict) -> int:
+    """``subprocess.call`` for a stage that relaunches itself (train under ``accelerate launch``):
+    SIGTERM/SIGINT are passed on to the child (which stops cleanly), and the child gets SIGTERM if
+    this process dies."""
+    import subprocess
+
+    linux = sys.platform.startswith("linux")
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=_pdeathsig if linux else None)  # noqa: PLW1509
+    old = {s: signal.signal(s, lambda signum, frame: proc.send_signal(signum)) for s in StopSignals.SIGNALS}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 class StopSignals:
