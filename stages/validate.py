@@ -81,6 +81,7 @@ def value_problems(p) -> list[str]:
         found.append(f"- data.folder.caption_extensions = {p.data.folder.caption_extensions}: {images} are image "
                      "extensions (each such image would be taken for a caption); use text ones, e.g. "
                      "['.txt', '.caption']")
+    found += _batch_problems(p)
     cpus = os.cpu_count() or 1
     for key, workers in (("data.workers", p.data.workers), ("dedupe.workers", p.dedupe.workers),
                          ("filter.workers", p.filter.workers)):
@@ -88,6 +89,21 @@ def value_problems(p) -> list[str]:
             found.append(f"- {key} = {workers}: more than 4 per CPU core ({cpus} here); use at most {4 * cpus}")
     found += _process_problems(p, cpus)
     return found
+
+
+def _batch_problems(p) -> list[str]:
+    """One batch per process must fit in the training images (train refuses more); before download
+    their count is known only as an upper bound: data.synthetic.count or data.limit, less the held-out."""
+    most = p.data.limit or (p.data.synthetic.count if p.data.source == "synthetic" else None)
+    if most is None:
+        return []
+    train_images = most - max(1, round(most * p.data.holdout))
+    n = p.train.num_processes
+    if p.train.batch_size * n <= train_images:
+        return []
+    return [f"- train.batch_size = {p.train.batch_size} (x {n} processes) is larger than the at most "
+            f"{train_images} training images ({most} images less data.holdout): use at most "
+            f"{max(1, train_images // n)}"]
 
 
 def _process_problems(p, cpus: int) -> list[str]:

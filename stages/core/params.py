@@ -380,22 +380,6 @@ class Params(Section):
     mlflow: Mlflow = Mlflow()
 
 
-    @model_validator(mode="after")
-    def _batch_fits_the_set(self):
-        """One batch per process must fit in the training images; their count is known before any
-        stage only as an upper bound (data.synthetic.count or data.limit, less the held-out share)."""
-        most = self.data.limit or (self.data.synthetic.count if self.data.source == "synthetic" else None)
-        if most is not None:
-            train_images = most - max(1, round(most * self.data.holdout))
-            per_step = self.train.batch_size * self.train.num_processes
-            if per_step > train_images:
-                raise ValueError(f"train.batch_size = {self.train.batch_size} (x {self.train.num_processes} "
-                                 f"processes) is larger than the at most {train_images} training images "
-                                 f"({most} images less data.holdout): use at most "
-                                 f"{max(1, train_images // self.train.num_processes)}")
-        return self
-
-
 class ParamsError(SystemExit):
     """Raised (as a clean exit with a message) when params.yaml does not fit the schema."""
 
