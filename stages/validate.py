@@ -42,6 +42,9 @@ def _base_problems(p) -> list[str]:
 
 def _block_problems(p) -> list[str]:
     """Block indices of lora.double_blocks / single_blocks within the base model's block counts."""
+    if p.lora.double_blocks == [] and p.lora.single_blocks == []:
+        return ["- lora.double_blocks = [] and lora.single_blocks = []: no block would get an adapter; "
+                "use null (all) for one of them, or list indices"]
     if not (p.lora.double_blocks or p.lora.single_blocks):
         return []
     from stages.models import flux  # (imports torch: only when blocks are chosen)

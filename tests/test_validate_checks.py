@@ -44,6 +44,7 @@ CASES = [  # (key, value, what the message says besides key and value)
     ("lora.double_blocks", [-1, 2], "greater than or equal to 0"),
     ("lora.double_blocks", [0, 999], "indices [999] do not exist; use 0..1"),
     ("lora.single_blocks", [2], "indices [2] do not exist; use 0..1"),
+    ("lora.double_blocks", [], "no block would get an adapter"),  # with single_blocks [] (below)
     ("train.lr", float("inf"), "finite"),
     ("train.lr", float("nan"), "finite"),
     ("data.holdout", 0, "holds out no image"),
@@ -71,7 +72,10 @@ def test_validate_refuses_what_a_later_stage_would(key, value, why, tmp_path, mo
     if value in ("fifo", "binary", "huge"):
         value = prompt_file(tmp_path, value)
     monkeypatch.setenv("FLUXIMP_SKIP_PREFLIGHT", "1")  # value checks run even when the preflight is skipped
-    message = refusal(with_value(key, value))
+    raw = with_value(key, value)
+    if key == "lora.double_blocks" and value == []:
+        raw["lora"]["single_blocks"] = []
+    message = refusal(raw)
     shown = [repr(value), str(value)] + ([f"{key}.{i} = {v!r}" for i, v in enumerate(value)]
                                          if isinstance(value, list) else [])  # a list item named alone
     assert key in message and any(s in message for s in shown), message
