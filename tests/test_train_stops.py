@@ -192,3 +192,28 @@ def test_a_relaunching_stage_passes_sigterm_on_to_its_processes(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 7  # the child got the signal and its exit status came back
+
+
+@pytest.mark.slow
+def test_kill_of_dvc_repro_ends_its_stage(tmp_path):
+    """The real process tree: `kill <dvc repro>` (SIGTERM) while a stage runs; the stage ends too."""
+    import yaml
+
+    from tests.tinydvc import BIN, env, make_project
+
+    root = make_project(tmp_path / "proj")
+    stage = ("python -c \"from stages.core import log; log.setup('slow'); import os, time, pathlib; "
+             "pathlib.Path('stage.pid').write_text(str(os.getpid())); time.sleep(300)\"")
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"slow": {"cmd": stage}}}))
+    dvc = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=root, env=env(), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    end = time.time() + 120
+    while not (root / "stage.pid").exists() and time.time() < end:
+        time.sleep(0.1)
+    pid = int((root / "stage.pid").read_text())
+    dvc.terminate()
+    dvc.wait(timeout=30)
+    end = time.time() + 10
+    while lifecycle.alive(pid) and time.time() < end:
+        time.sleep(0.1)
+    assert not lifecycle.alive(pid), "the stage outlived `dvc repro`"
