@@ -213,7 +213,7 @@ def write_samples(p: params.Params, out: Path, prompts: list[str], full: list[st
 def run(p: params.Params, paths: Sample = Sample()) -> dict:
     """The whole stage; returns the index written to ``paths.samples``/index.json."""
     sp = p.sample
-    prompts = read_prompts(sp.prompts)
+    prompts = read_prompts(sp.prompts, "sample.prompts")
     scales = sorted({float(s) for s in sp.lora_scales})
     lora_dir = snapshots.resolve(sp.adapter_step, paths.lora, paths.snapshots)  # a train.save_every snapshot
     adapter = lora_dir / LORA_FILE

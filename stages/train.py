@@ -8,11 +8,15 @@
   run; a finished run is never resumed (``dvc repro -f`` trains again), except to train more steps
   with a constant lr schedule. What may resume what: stages.models.checkpoint.
 - Stops at the first non-finite loss or gradient norm, naming the step; never exports NaN weights.
+- Checkpoints of another run (other params, data or code) are removed only once this run has saved its
+  first checkpoint, so a run that fails early loses nothing.
 - Logs loss, lr and grad norm per step to ``reports/train/loss.tsv`` (a DVC plot: the same on every
-  run); step time, samples/s and peak GPU memory, which differ run to run, go to
-  ``reports/train/timings.tsv`` (gitignored, never hashed). Every metric also goes to MLflow
-  (stages.core.tracking) and to any ``callbacks`` passed to :func:`run`; a progress bar (a log
-  line off a terminal) shows the ETA.
+  run). The tracked reports (loss.tsv, validation/ with index.json) are written while training into
+  ``models/checkpoints/progress/`` (kept with the checkpoints, for a resume) and replace the tracked ones
+  only when the run has finished: a failed or stopped run leaves them byte-identical. Step time,
+  samples/s and peak GPU memory, which differ run to run, go to ``reports/train/timings.tsv``
+  (gitignored, never hashed). Every metric also goes to MLflow (stages.core.tracking) and to any
+  ``callbacks`` passed to :func:`run`; a progress bar (a log line off a terminal) shows the ETA.
 - Validation images every ``train.validate_every`` steps (stages.models.validation: the user's prompts,
   seeds, guidance and resolution; embedded before the transformer loads), also logged to MLflow.
 - ``train.save_every``: a loadable adapter every N steps in ``models/snapshots/step-<N>/`` (the last
@@ -28,16 +32,15 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from stages.core import log as logs, params, registry, tracking
+from stages.core import lifecycle, log as logs, params, registry, tracking
 from stages.core.device import default_device
-from stages.core.io import atomic_dir, no_space_errors, write_json
+from stages.core.io import atomic_dir, no_space_errors, write_json, write_text
 from stages.core.paths import Train
 from stages.models import checkpoint as ckpt, divergence, snapshots, validation
 from stages.models.cache import Cache
@@ -53,10 +56,11 @@ class LossLog:
     """A per-step TSV (``reports/train/loss.tsv`` by default): one row per step; on resume, rows
     after the checkpoint go."""
 
-    def __init__(self, path: Path, start: int, columns: list[str] = COLUMNS):
+    def __init__(self, path: Path, start: int, columns: list[str] = COLUMNS, fallback: Path | None = None):
         self.path, self.columns = path, columns
         path.parent.mkdir(parents=True, exist_ok=True)
-        rows = path.read_text().splitlines()[1:] if path.exists() and start > 0 else []
+        source = path if path.exists() or fallback is None else fallback  # fallback: the finished run's
+        rows = source.read_text().splitlines()[1:] if source.exists() and start > 0 else []
         rows = [r for r in rows if r and int(r.split("\t")[0]) <= start]
         path.write_text("\t".join(columns) + "\n" + "".join(r + "\n" for r in rows))
         self.kept = [dict(zip(columns, map(float, r.split("\t")))) for r in rows]
@@ -87,7 +91,7 @@ def launch_distributed(p) -> int:
     cmd += ["--config_file", config] if config else ["--multi_gpu"]
     cmd += ["-m", "stages.train"]
     log.info("launching %d processes: %s", p.train.num_processes, " ".join(cmd))
-    return subprocess.call(cmd, env={**os.environ, "FLUXIMP_TRAIN_CHILD": "1"})
+    return lifecycle.call(cmd, env={**os.environ, "FLUXIMP_TRAIN_CHILD": "1"})  # signals passed on
 
 
 def export(trainer: Trainer, cache: Cache, p, steps: int, lora_dir: Path) -> None:
@@ -121,7 +125,7 @@ def check_batch_fits(p, cache: Cache) -> None:
 def prepare(p, paths: Train, accelerator, main_proc: bool):
     """Everything a run trains with: the cache, the trainer (transformer + LoRA, restored from a
     checkpoint when one may be resumed: stages.models.checkpoint), the validator, the checkpoint
-    identity and the step to start at."""
+    identity and the resume plan (its step to start at, the stale checkpoints to remove)."""
     from stages.models import flux, memory, offload
 
     device = accelerator.device if accelerator else default_device()
@@ -143,42 +147,109 @@ def prepare(p, paths: Train, accelerator, main_proc: bool):
         accelerator.wait_for_everyone()
         if not main_proc:  # rank 0 has removed what is stale; the others only read
             resume = ckpt.plan(paths.checkpoints, ident, p.train, cleanup=False)
-    start = ckpt.restore(resume, trainer)
+    ckpt.restore(resume, trainer)
     log.info("%s", resume.reason)
     if trainer.world > 1:
         log.info("process %d of %d on %s", trainer.rank, trainer.world, device)
-    return cache, trainer, validator, ident, start
+    return cache, trainer, validator, ident, resume
+
+
+def progress_dir(paths: Train) -> Path:
+    """The run's loss.tsv and validation/ while it trains (gitignored, with the checkpoints)."""
+    return paths.checkpoints / "progress"
 
 
 def open_sinks(paths: Train, start: int, callbacks: Sequence[Callback]) -> list[Callback]:
-    """loss.tsv, timings.tsv and the callbacks (which first get the steps kept from before a resume),
-    with the outputs of an earlier run cleared: validation images, snapshots past ``start``."""
-    loss_log = LossLog(paths.reports / "loss.tsv", start)
-    loss_log.replay(callbacks)
-    val_dir = paths.reports / "validation"
+    """loss.tsv (in progress_dir), timings.tsv and the callbacks (which first get the steps kept from
+    before a resume), with the outputs of an earlier run cleared: its progress, snapshots past ``start``.
+    The tracked reports are not touched here (publish_reports, at the end)."""
+    work = progress_dir(paths)
     if start == 0:
-        shutil.rmtree(val_dir, ignore_errors=True)  # images of an earlier run
-    val_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(work, ignore_errors=True)  # an earlier run's curve and images
+    loss_log = LossLog(work / "loss.tsv", start, fallback=paths.reports / "loss.tsv")
+    loss_log.replay(callbacks)
+    tracked = paths.reports / "validation"
+    if start > 0 and not (work / "validation").exists() and tracked.is_dir():  # continuing a finished run
+        shutil.copytree(tracked, work / "validation")
+    (work / "validation").mkdir(parents=True, exist_ok=True)
     snapshots.discard_after(start, paths.snapshots)  # snapshots of an earlier run, or of steps to be redone
     return [loss_log, LossLog(paths.timings, start, TIMING_COLUMNS), *callbacks]
 
 
-def run(p: params.Params, paths: Train = Train(), accelerator=None, callbacks: Sequence[Callback] = ()) -> dict:
+class Checkpoints:
+    """This run's checkpoints (stages.models.checkpoint): written by the main process while the others
+    wait; an earlier run's stale ones go with the first. ``last``: the newest one's step (None: none)."""
+
+    def __init__(self, paths: Train, trainer: Trainer, ident: dict, resume: ckpt.Resume, keep: int, accelerator):
+        self.folder, self.trainer, self.ident, self.keep = paths.checkpoints, trainer, ident, keep
+        self.stale, self.accelerator = resume.stale, accelerator
+        self.last = resume.start or None
+
+    def save(self, done: int) -> None:
+        if self.accelerator is None or self.accelerator.is_main_process:
+            ckpt.save(self.folder, self.trainer, done, self.ident, self.keep, stale=self.stale)
+            self.stale = []
+        if self.trainer.world > 1:
+            self.accelerator.wait_for_everyone()
+        self.last = done
+
+
+def halt_if_stopped(stop: lifecycle.StopSignals | None, checkpoints: Checkpoints, done: int) -> None:
+    """At a step boundary (``done`` steps trained): after SIGTERM/SIGINT, save a checkpoint of step
+    ``done`` (unless there is one), print one line and exit."""
+    if not stop_requested(stop, checkpoints.trainer):
+        return
+    if done and checkpoints.last != done:
+        checkpoints.save(done)
+    if stop.signal is None:  # another process was signalled
+        raise SystemExit(1)
+    raise stop.exit(f"at step {done}; checkpoint saved; rerun to resume" if done
+                    else "before the first step; nothing to save")
+
+
+def publish_reports(paths: Train, validator) -> None:
+    """Replace the tracked reports by this finished run's, each in one step."""
+    work = progress_dir(paths)
+    with atomic_dir(paths.reports / "validation") as tmp:
+        images = sorted(x.name for x in (work / "validation").glob("*.png"))
+        for name in images:
+            shutil.copy2(work / "validation" / name, tmp / name)
+        write_json(tmp / "index.json", {**(validator.index() if validator else {"prompts": []}), "images": images})
+    write_text(paths.reports / "loss.tsv", (work / "loss.tsv").read_text())
+
+
+def stop_requested(stop: lifecycle.StopSignals | None, trainer: Trainer) -> bool:
+    """Whether SIGTERM/SIGINT asked to stop; with several processes, whether any one was asked (all
+    stop at the same step)."""
+    flag = stop is not None and stop.signal is not None
+    if trainer.world > 1:
+        t = torch.tensor([int(flag)], device=trainer.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        flag = bool(t.item())
+    return flag
+
+
+def run(p: params.Params, paths: Train = Train(), accelerator=None, callbacks: Sequence[Callback] = (),
+        stop: lifecycle.StopSignals | None = None) -> dict:
     """The training loop (one process of it); returns the last step's metrics. ``callbacks`` get
-    every step's metrics on the main process (MLflow, tests)."""
+    every step's metrics on the main process (MLflow, tests). With ``stop`` (main()), SIGTERM/SIGINT
+    end the run at the next step boundary with a checkpoint of it (exit status 128 + signal)."""
     from stages.models import memory
 
     main_proc = accelerator is None or accelerator.is_main_process
     # model.quantization: auto becomes the base this card trains on, in the checkpoints and adapter.json too
     p = memory.resolve(p, accelerator.device if accelerator else default_device())
-    cache, trainer, validator, ident, start = prepare(p, paths, accelerator, main_proc)
+    cache, trainer, validator, ident, resume = prepare(p, paths, accelerator, main_proc)
+    start = resume.start
+    checkpoints = Checkpoints(paths, trainer, ident, resume, p.train.keep_checkpoints, accelerator)
     sinks = open_sinks(paths, start, callbacks) if main_proc else []
-    val_dir = paths.reports / "validation"
+    val_dir = progress_dir(paths) / "validation"
     rank, world = trainer.rank, trainer.world
     metrics: dict = {}
     bar = logs.progress(range(start, p.train.steps), initial=start, total=p.train.steps, desc="train",
                         unit="step", disable=not main_proc)
     for step in bar:
+        halt_if_stopped(stop, checkpoints, step)
         batches = []
         for micro in range(p.train.grad_accum):
             gen = torch.Generator().manual_seed(step_seed(p.seed, step, rank, 1000 + micro))
@@ -186,7 +257,7 @@ def run(p: params.Params, paths: Train = Train(), accelerator=None, callbacks: S
                                        rank=rank, world=world, flip=p.train.flip, generator=gen))
         metrics = trainer.step(batches, step)
         done = step + 1
-        divergence.check_step(metrics, done)
+        divergence.check_step(metrics, done, checkpoints.last)
         for sink in sinks:
             sink(metrics, done)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
@@ -196,15 +267,12 @@ def run(p: params.Params, paths: Train = Train(), accelerator=None, callbacks: S
         if main_proc and p.train.save_every and done % p.train.save_every == 0:
             save_snapshot(trainer, cache, p, done, paths.snapshots)
         if done % p.train.checkpoint_every == 0 or done == p.train.steps:
-            if main_proc:
-                ckpt.save(paths.checkpoints, trainer, done, ident, p.train.keep_checkpoints)
-            if world > 1:
-                accelerator.wait_for_everyone()
+            checkpoints.save(done)
+    halt_if_stopped(stop, checkpoints, p.train.steps)
     if main_proc:
         export(trainer, cache, p, p.train.steps, paths.lora)
+        publish_reports(paths, validator)
         ckpt.mark_finished(paths.checkpoints, p.train.steps)  # a rerun trains again instead of resuming it
-        write_json(val_dir / "index.json", {**(validator.index() if validator else {"prompts": []}),
-                                            "images": sorted(x.name for x in val_dir.glob("*.png"))})
     return metrics
 
 
@@ -219,13 +287,17 @@ def main() -> None:
 
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
     paths = Train()
-    if accelerator is not None and not accelerator.is_main_process:  # rank 0 alone talks to MLflow
-        run(p, paths, accelerator)
-        return
-    with tracking.run("train", p, new=True, reads={"cache": paths.cache}):
-        run(p, paths, accelerator, callbacks=[lambda m, s: tracking.log_metrics(m, step=s, prefix="train/")])
-        tracking.log_artifacts([paths.reports / "loss.tsv", paths.lora / "adapter.json"])
-        registry.register_adapter(paths.lora, p, final_step=p.train.steps)  # refused without its metrics
+    with lifecycle.StopSignals("train") as stop:
+        if accelerator is not None and not accelerator.is_main_process:  # rank 0 alone talks to MLflow
+            run(p, paths, accelerator, stop=stop)
+            return
+        with tracking.run("train", p, new=True, reads={"cache": paths.cache}):
+            run(p, paths, accelerator, callbacks=[lambda m, s: tracking.log_metrics(m, step=s, prefix="train/")],
+                stop=stop)
+            tracking.log_artifacts([paths.reports / "loss.tsv", paths.lora / "adapter.json"])
+            if stop.signal is not None:  # stopped while exporting (DVC may be gone): register nothing
+                raise stop.exit("after the export; not registered; rerun to train and register again")
+            registry.register_adapter(paths.lora, p, final_step=p.train.steps)  # refused without its metrics
 
 
 if __name__ == "__main__":

@@ -157,9 +157,10 @@ def _fixture(tmp_path, n=12, holdout=0.25, **caption):
     shards.write_table(pa.table({"id": [r["id"] for r in rows], "kept": kept,
                                  "reason": [None if k else "blur" for k in kept]}), filt)
     raw_p = params.Params().model_dump()
-    raw_p["data"].update(holdout=holdout, shard_rows=4)
+    raw_p["data"].update(shard_rows=4)
     raw_p["caption"].update(caption)
     p = params.validate(raw_p)
+    p.data.holdout = holdout  # validate refuses 0 (evaluate needs held-out paintings); the stage copes with it
     paths = Caption(shards=raw, filter=filt, curated=tmp_path / "curated", reports=tmp_path / "reports")
     return p, paths, rows
 
@@ -265,7 +266,7 @@ def test_user_captions_keep_their_words_get_the_trigger_once_and_repeats_carry_o
     assert out[rows[3]["id"]]["caption"] == "poplars, Impressionism Style"  # already there: not twice
     assert out[rows[4]["id"]]["caption"].startswith("scene 4")  # no user caption: the template
     assert (out[rows[2]["id"]]["repeats"], out[rows[3]["id"]]["repeats"], out[rows[4]["id"]]["repeats"]) == (10, 3, None)
-    p2 = params.validate({**p.model_dump(), "caption": {**p.caption.model_dump(), "keep_existing": False}})
+    p2 = p.model_copy(update={"caption": p.caption.model_copy(update={"keep_existing": False})})
     stage.run(p2, paths)
     out = {r["id"]: r for r in shards.read_table(paths.curated / "train").to_pylist()}
     assert out[rows[2]["id"]]["caption"].startswith("scene 2")  # configured: templates win

@@ -248,6 +248,46 @@ def test_a_failing_mlflow_call_mid_run_fails_the_stage_and_the_run(workdir, monk
     assert run.info.status == "FAILED" and run.data.tags["fluximp.tracking_error"] == "true"
 
 
+@pytest.mark.parametrize("damage", ["emptied", "truncated", "not_mlflow"])
+def test_an_emptied_or_corrupt_mlflow_db_is_refused_not_recreated(workdir, damage):
+    """(An emptied mlflow.db was silently recreated by MLflow: the history gone without a word.)"""
+    import sqlite3
+
+    p = params.load()
+    with tracking.run("train", p, new=True):
+        tracking.log_metrics({"loss": 1.0})
+    db = workdir / "mlflow.db"
+    good = db.read_bytes()
+    if damage == "emptied":
+        db.write_bytes(b"")
+    elif damage == "truncated":
+        db.write_bytes(good[:4096] + b"\x00" * 4096)
+    else:
+        db.unlink()
+        sqlite3.connect(db).execute("CREATE TABLE notes (x)").connection.commit()
+    damaged = db.read_bytes()
+    for start in (lambda: tracking.run("train", p, new=True).__enter__(), tracking.check_database):
+        tracking.reset()
+        with pytest.raises(tracking.TrackingError, match=f"MLflow database {db} .*not recreated.*mv {db}"):
+            start()
+        assert db.read_bytes() == damaged  # left as it was, for the user to restore
+
+
+def test_out_of_memory_in_an_mlflow_call_is_not_reported_as_a_server_problem(workdir, monkeypatch, caplog):
+    import mlflow
+
+    p = params.load()
+    for oom in (MemoryError(), RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                OSError(12, "Cannot allocate memory")):
+        tracking.reset()
+        with tracking.run("train", p, new=True), monkeypatch.context() as m:
+            m.setattr(mlflow, "log_metrics", lambda *a, oom=oom, **k: (_ for _ in ()).throw(oom))
+            with pytest.raises(type(oom)) as exc:
+                tracking.log_metrics({"loss": 1.0})
+        assert exc.value is oom and not isinstance(exc.value, tracking.TrackingError)
+        assert "not an MLflow problem" in caplog.text and "Fix the server" not in caplog.text
+
+
 def test_a_run_left_running_by_a_killed_stage_is_closed_on_the_next_start(workdir):
     import mlflow
 

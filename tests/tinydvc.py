@@ -98,6 +98,8 @@ def make_project(root: Path, count: int = 8) -> Path:
     (root / "conf" / "profile").mkdir(parents=True)
     (root / "conf" / "config.yaml").write_text(params.CONF_HEADER + yaml.safe_dump(defaults, sort_keys=False))
     (root / "conf" / "profile" / "smoke.yaml").write_text("# @package _global_\nprofile: smoke\n")
+    (root / "conf" / "prompts").mkdir()
+    (root / "conf" / "prompts" / "smoke.txt").write_text("a harbour at dawn\n")  # sample.prompts (validate)
     (root / "params.yaml").write_text(yaml.safe_dump({"profile": "smoke", **defaults}, sort_keys=False))
     (root / "make_data.py").write_text(MAKE_DATA)
     (root / "train.py").write_text(TRAIN)

@@ -140,6 +140,9 @@ def setup(stage: str) -> logging.Logger:
     for noisy in ("urllib3", "PIL", "matplotlib", "filelock", "httpx", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     quiet()
+    from stages.core import lifecycle
+
+    lifecycle.die_with_parent()  # run by DVC: the stage ends with DVC (no orphan writing outputs)
     return logging.getLogger(f"stages.{stage}")
 
 

@@ -6,6 +6,8 @@
   artifacts land here and old ones are found here.
 - :func:`close_stale_runs`: a stage killed with -9 leaves its run RUNNING forever; runs of this host
   whose stage process (tags ``fluximp.host`` / ``fluximp.pid``) is gone are marked KILLED.
+- :func:`database_problem`: an emptied or corrupt mlflow.db is refused, never silently recreated by
+  MLflow (which would start a new, empty history over the old one without a word).
 """
 from __future__ import annotations
 
@@ -26,6 +28,32 @@ def sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
     return Path(urllib.parse.unquote(uri[len("sqlite:///"):]))
+
+
+def database_problem(db: Path) -> str | None:
+    """Why the existing sqlite file ``db`` is no usable MLflow database (None when it is, or does not
+    exist yet: MLflow creates a new one). Opened read-only: the check changes nothing."""
+    if not db.exists():
+        return None
+    why = None
+    if db.stat().st_size == 0:
+        why = "is empty (0 bytes)"
+    else:
+        try:
+            with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as con:
+                tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if con.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                    why = "is corrupt (sqlite quick_check failed)"
+        except sqlite3.Error as err:
+            why = f"is not a readable sqlite database ({err})"
+        else:
+            if why is None and not {"experiments", "runs", "alembic_version"} <= tables:
+                why = "holds no MLflow tables (emptied or another database)"
+    if why is None:
+        return None
+    return (f"MLflow database {db} {why}. It is not recreated: MLflow would start an empty history over "
+            f"it. Restore it from a backup, or move it aside to start a new history (`mv {db} {db}.bad`), "
+            "or set FLUXIMP_MLFLOW=0 to run without tracking.")
 
 
 def relocate_artifacts(db: Path, root: Path) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,8 +18,35 @@ ROOT = Path(__file__).resolve().parents[2]
 PARAMS_FILE = ROOT / "params.yaml"
 
 
+Index = Annotated[int, Field(ge=0)]  # a block index; the model's block count is checked by validate
+MAX_WORKERS = 64       # processes/threads/GPUs: more is a typo (validate also bounds by this machine)
+MAX_RESOLUTION = 4096  # px; FLUX.1-dev is trained up to 2 MP (~1440 px): 4096 is already 8x that
+
+
+def _int_items(annotation) -> str | None:
+    """'value' when a field holds an int, 'items' when a list/dict of ints, else None."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if annotation is int or (get_origin(annotation) is Union and args == [int]):
+        return "value"
+    inner = [a for arg in [annotation, *args] for a in get_args(arg)]
+    if get_origin(annotation) in (list, dict) or any(get_origin(a) in (list, dict) for a in args):
+        return "items" if any(a is int or get_args(a)[:1] == (int,) for a in inner) else None
+    return None
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # Floats must be finite everywhere: `inf` / `nan` are refused.
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _ints_are_ints(cls, v, info):
+        """`true` or 1e9 is no integer (pydantic would quietly make them 1 and 1000000000)."""
+        kind = _int_items(cls.model_fields[info.field_name].annotation)
+        items = [v] if kind == "value" else (list(v.values()) if isinstance(v, dict) else v) if kind else []
+        if isinstance(items, list) and any(isinstance(x, (bool, float)) for x in items):
+            raise ValueError("booleans and floats are not integers here: write a whole number, e.g. 4")
+        return v
 
 
 # ----------------------------------------------------------------------------- value checks
@@ -74,12 +101,14 @@ class Data(Section):
     path: Optional[str] = None
     limit: Optional[int] = Field(None, ge=1)
     min_side: int = Field(32, ge=1, description="download rejects smaller images; the filter stage has its own")
-    max_pixels: int = Field(178_956_970, ge=1, description="decompression-bomb limit")
+    max_pixels: int = Field(178_956_970, ge=1 << 20, description="decompression-bomb limit (Pillow's "
+                            "default); below 1 MP (1024 x 1024) ordinary paintings would be refused")
     max_bytes: int = Field(512 * 2 ** 20, ge=1, description="a larger file (image or sidecar) is rejected unread "
                                                            "(too_large)")
     shard_rows: int = Field(256, ge=1)
-    holdout: float = Field(0.1, ge=0, lt=1, description="share of the set held out for evaluation")
-    workers: int = Field(2, ge=1)
+    holdout: float = Field(0.1, ge=0, lt=1, description="share of the set held out for evaluation "
+                           "(evaluate compares the samples with them: more than 0)")
+    workers: int = Field(2, ge=1, le=MAX_WORKERS)
     synthetic: SyntheticSource = SyntheticSource()
     wikiart: WikiartSource = WikiartSource()
     folder: FolderSource = FolderSource()
@@ -87,10 +116,19 @@ class Data(Section):
     @field_validator("holdout")
     @classmethod
     def _holdout_leaves_a_training_set(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("holds out no image, and evaluate compares the samples with held-out paintings "
+                             "(it would fail after every other stage ran): use 0.05-0.2")
         if v > 0.5:
             raise ValueError(f"holds out {v:.0%} of the images, leaving {1 - v:.0%} to train on: "
                              "use 0.05-0.2 (at most 0.5)")
         return v
+
+    @field_validator("path")
+    @classmethod
+    def _expand_home(cls, v: Optional[str]) -> Optional[str]:
+        """``~/pics`` means the user's folder for every stage (validate checks that it exists)."""
+        return os.path.expanduser(v) if v else v
 
     @model_validator(mode="after")
     def _folder_needs_path(self):
@@ -109,7 +147,7 @@ class Dedupe(Section):
     # 0.6: on ../shared/realart distinct works (series included) match at <= 0.34, a copy and its
     # source at >= 0.75; the synthetic generator's series siblings at <= 0.40 (bench_curation_realart.py)
     verify_min: float = Field(0.6, ge=-1, le=1, description="min detail correlation of a confirmed pair")
-    workers: int = Field(2, ge=1, description="processes that hash (and threads that search)")
+    workers: int = Field(2, ge=1, le=MAX_WORKERS, description="processes that hash (and threads that search)")
 
 
 class Clip(Section):
@@ -155,7 +193,7 @@ class Filter(Section):
     std_min: float = Field(0.0, ge=0, description="0 = off: low contrast (fog, snow) is no defect")
     border_detect: bool = False
     border_max: float = Field(0.06, ge=0, le=1, description="max uniform band at an edge (share of the side)")
-    workers: int = Field(2, ge=1, description="threads that decode and measure images")
+    workers: int = Field(2, ge=1, le=MAX_WORKERS, description="threads that decode and measure images")
     # CLIP scores from random weights (smoke) mean nothing: "percentile" rejects the lowest
     # aesthetic/zeroshot.percentile % of the images that pass the heuristics instead of an absolute cut.
     threshold_mode: Literal["absolute", "percentile"] = "percentile"
@@ -204,8 +242,8 @@ class Lora(Section):
     alpha: Optional[float] = Field(None, gt=0, description="None = rank")
     dropout: float = Field(0.0, ge=0, lt=1)
     targets: Literal["attention", "attention+ff", "all"] = "attention"
-    double_blocks: Optional[list[int]] = None  # None = all
-    single_blocks: Optional[list[int]] = None  # None = all
+    double_blocks: Optional[list[Index]] = None  # None = all
+    single_blocks: Optional[list[Index]] = None  # None = all
     rank_map: dict[str, int] = {}               # module-name pattern -> rank
 
     @field_validator("rank_map")
@@ -237,10 +275,10 @@ class AdafactorOpts(Section):
 
 
 class Train(Section):
-    resolution: int = Field(64, ge=16)
+    resolution: int = Field(64, ge=16, le=MAX_RESOLUTION)
     buckets: bool = True
     flip: bool = False
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(4, ge=1, le=1024, description="per process; also at most the training images")
     grad_accum: int = Field(1, ge=1)
     steps: int = Field(150, ge=1)
     lr: float = Field(1e-2, gt=0)  # smoke: tiny model, loss must visibly fall; flux-dev: 1e-4
@@ -268,11 +306,13 @@ class Train(Section):
                                               "None = sample.prompts")
     validation_seeds: list[int] = Field([0], min_length=1)
     validation_guidance: float = Field(3.5, ge=0)
-    validation_resolution: Optional[int] = Field(None, ge=16, description="None = train.resolution")
+    validation_resolution: Optional[int] = Field(None, ge=16, le=MAX_RESOLUTION,
+                                                 description="None = train.resolution")
     save_every: int = Field(0, ge=0, description="a loadable adapter in models/snapshots/ every N steps; 0 = none")
     keep_last: int = Field(3, ge=0, description="snapshots kept (the newest); 0 = all")
     max_sequence_length: int = Field(64, ge=8, le=512, description="T5 tokens per caption (FLUX.1-dev: 512)")
-    num_processes: int = Field(1, ge=1)
+    num_processes: int = Field(1, ge=1, le=MAX_WORKERS, description="training processes (one per GPU; "
+                               "validate checks the GPUs or CPUs this machine has)")
     compile: Union[Literal["auto"], bool] = Field("auto", description="torch.compile the transformer's blocks; "
                                                   "auto = on a CUDA GPU, off on the CPU (stages/models/compiling.py)")
 
@@ -302,11 +342,11 @@ class Train(Section):
 
 class Sample(Section):
     prompts: str = "conf/prompts/smoke.txt"
-    seeds: list[int] = [0, 1]
+    seeds: list[int] = Field([0, 1], min_length=1)
     steps: int = Field(4, ge=1)
     guidance: float = Field(3.5, ge=0)
-    lora_scales: list[float] = [0.0, 0.5, 1.0]
-    resolution: int = Field(64, ge=16)
+    lora_scales: list[float] = Field([0.0, 0.5, 1.0], min_length=1)
+    resolution: int = Field(64, ge=16, le=MAX_RESOLUTION)
     batch_size: int = Field(8, ge=1, description="images per pipeline call")
     adapter_step: Optional[int] = Field(None, ge=1, description="render models/snapshots/step-<N> "
                                         "(train.save_every) instead of the final adapter; None = final")
@@ -337,7 +377,7 @@ class Mlflow(Section):
 
 class Params(Section):
     profile: str = "smoke"
-    seed: int = 1234
+    seed: int = Field(1234, ge=0, le=2**32 - 1, description="numpy and torch take seeds in 0..2**32-1")
     data: Data = Data()
     dedupe: Dedupe = Dedupe()
     clip: Clip = Clip()
@@ -374,7 +414,8 @@ def _lookup(raw, loc: tuple):
 
 
 def _describe(err: dict, raw: dict) -> str:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    # drop pydantic's validator and union-member tags ("function-after[...]", "literal['auto']")
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p.startswith("function-") or "[" in p)))
     key = ".".join(str(p) for p in loc)
     value = _lookup(raw, loc)
     if err["type"] == "extra_forbidden":
@@ -382,7 +423,7 @@ def _describe(err: dict, raw: dict) -> str:
     allowed = err.get("ctx", {}).get("expected")
     msg = err["msg"].removeprefix("Value error, ") + (f" (allowed: {allowed})" if allowed else "")
     if isinstance(value, dict):  # a check across keys of a section: the message names them
-        return f"  {key}: {msg}"
+        return f"  {key}: {msg}" if key else f"  {msg}"
     return f"  {key} = {value!r}: {msg}"
 
 
@@ -390,7 +431,7 @@ def validate(raw: dict) -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        lines = [_describe(e, raw) for e in exc.errors()]
+        lines = list(dict.fromkeys(_describe(e, raw) for e in exc.errors()))
         raise ParamsError("invalid params.yaml:\n" + "\n".join(lines) + "\n" + RESTORE_HINT) from None
 
 

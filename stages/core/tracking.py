@@ -37,12 +37,15 @@ A stage does::
 - Loud by default: a tracking error (server down, bad URI, a failing MLflow call) fails the stage
   with a message naming the URI, so metrics never go missing silently. ``FLUXIMP_MLFLOW=0`` turns
   tracking off; ``FLUXIMP_MLFLOW_OPTIONAL=1`` makes tracking best-effort: the first error logs a
-  warning, the run (if any) is ended FAILED and the stage goes on without tracking.
+  warning, the run (if any) is ended FAILED and the stage goes on without tracking. Out of memory in
+  an MLflow call is re-raised as what it is (a memory limit), never reported as a server problem; an
+  emptied or corrupt local mlflow.db stops the stage (stages.core.mlflow_store.database_problem).
 """
 from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -111,6 +114,10 @@ def guarded(fn):
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - every MLflow failure gets the same treatment
+            if _out_of_memory(exc):  # this process's memory limit, not the server: say so, as it is
+                log.error("out of memory in %s (%s): a memory limit of this machine or process, not an "
+                          "MLflow problem", fn.__name__, type(exc).__name__)
+                raise
             what = (f"MLflow tracking failed in {fn.__name__} ({type(exc).__name__}: {scrub(exc)}; "
                     f"tracking URI {scrub(tracking_uri())})")
             if not _optional():
@@ -154,6 +161,23 @@ def _check_server(uri: str) -> None:
             resp.read()
 
 
+def check_database(uri: str | None = None) -> None:
+    """A local sqlite store that exists must be an intact MLflow database (TrackingError otherwise,
+    also with FLUXIMP_MLFLOW_OPTIONAL=1: going on would bury the history). No-op when tracking is off."""
+    db = mlflow_store.sqlite_path(uri or tracking_uri()) if enabled() else None
+    problem = mlflow_store.database_problem(db) if db is not None else None
+    if problem:
+        raise TrackingError(problem)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """A memory limit (MemoryError, CUDA/MPS out of memory, a killed allocation), not a tracking problem."""
+    text = str(exc)
+    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM)
+            or any(s in text for s in ("out of memory", "Cannot allocate memory", "failed to map segment")))
+
+
 # ----------------------------------------------------------------------------- the run
 def start(stage: str, p, new: bool = False, adapter_sha: str | None = None,
           reads: dict[str, Any] | None = None) -> str | None:
@@ -185,6 +209,7 @@ def _start(stage: str, p, new: bool, reads: dict[str, Any] | None = None) -> str
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     uri = tracking_uri()
     _check_server(uri)
+    check_database(uri)
     db = mlflow_store.sqlite_path(uri)
     if db is not None and db.resolve() == (repo_root() / "mlflow.db").resolve():  # the repo's own database
         mlflow_store.relocate_artifacts(db, repo_root())

@@ -11,7 +11,8 @@ training params (base, quantization, LoRA, train.* except the bookkeeping keys i
 :data:`NEUTRAL`), the data (the encode cache's key) and the code (the sha256 of the train stage's
 code deps as listed in dvc.yaml). :func:`plan` decides, and logs why:
 
-- no checkpoint of this identity (other params, data or code): start fresh; stale ones removed;
+- no checkpoint of this identity (other params, data or code): start fresh; the stale ones are removed
+  by the new run's first :func:`save` (``Resume.stale``), so a run that fails before it loses nothing;
 - the newest one is of an **interrupted** run (not ``finished``): resume from it;
 - the newest one is of a **finished** run (the train stage marks its last checkpoint after the
   export): a rerun (``dvc repro -f``, the same params) trains from step 0 again. Only when
@@ -32,9 +33,9 @@ import logging
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -174,7 +175,9 @@ def _complete(folder: Path) -> list[Checkpoint]:
     return sorted(out, key=lambda c: c.step)
 
 
-def save(folder: Path | str, trainer, step: int, ident: dict, keep: int) -> Path:
+def save(folder: Path | str, trainer, step: int, ident: dict, keep: int, stale: Sequence[Path] = ()) -> Path:
+    """Write ``step-<step>/`` atomically, then remove ``stale`` (an earlier run's checkpoints) and all
+    but the newest ``keep``."""
     folder = Path(folder)
     state = trainer.state_dict()
     bad = nonfinite(state["lora"])
@@ -187,6 +190,10 @@ def save(folder: Path | str, trainer, step: int, ident: dict, keep: int) -> Path
         torch.save({**state, "rng": rng_state(), "step": step}, tmp / "state.pt")
         write_json(tmp / "meta.json", {"step": step, "identity": ident, "finished": False,
                                        "sha256": {f: _sha256(tmp / f) for f in FILES}})
+    for old in stale:
+        if Path(old) != target:  # (the same step of an earlier run was just replaced by this one)
+            log.info("removing checkpoint %s of an earlier run", old.name)
+            shutil.rmtree(old, ignore_errors=True)
     for old in _complete(folder)[:-keep]:
         shutil.rmtree(old.path, ignore_errors=True)
     return target
@@ -226,11 +233,13 @@ class Resume:
     state: Optional[dict] = None
     path: Optional[Path] = None
     continued: bool = False   # True: a finished run trained further ("train N more steps")
+    stale: list[Path] = field(default_factory=list)  # an earlier run's checkpoints: go with the first save
 
 
 def plan(folder: Path | str, ident: dict, train_params, cleanup: bool = True) -> Resume:
-    """Decide where this run starts (see the module docstring); stale checkpoints are removed
-    (``cleanup``), damaged ones set aside."""
+    """Decide where this run starts (see the module docstring); stale checkpoints are listed in
+    ``Resume.stale`` (``cleanup``: :func:`save` removes them after the new run's first), damaged ones
+    set aside."""
     folder = Path(folder)
     if not folder.exists():
         return Resume(0, "no checkpoint: training from step 0")
@@ -239,29 +248,36 @@ def plan(folder: Path | str, ident: dict, train_params, cleanup: bool = True) ->
             shutil.rmtree(junk, ignore_errors=True)
     ignore_steps = not schedule_depends_on_total(train_params)
     steps = train_params.steps
-    matching, why_not = [], ""
+    matching, stale, why_not = [], [], ""
     for ck in _complete(folder):
         why = _differences(ck.meta.get("identity"), ident, ignore_steps)
         if why:
             why_not = why
             if cleanup:
-                log.info("removing checkpoint %s: %s", ck.path.name, why)
-                shutil.rmtree(ck.path, ignore_errors=True)
+                log.info("checkpoint %s is of another run (%s): removed once this run saves its first",
+                         ck.path.name, why)
+                stale.append(ck.path)
         else:
             matching.append(ck)
     if not matching:
-        return Resume(0, f"no checkpoint of this run ({why_not or 'none saved'}): training from step 0")
+        return Resume(0, f"no checkpoint of this run ({why_not or 'none saved'}): training from step 0",
+                      stale=stale)
     newest = matching[-1]
     if newest.finished:
         if ignore_steps and newest.step < steps:
-            return _first_good(matching[::-1][:1], continued=True, steps=steps) or _fresh(
-                folder, matching, cleanup, "its final checkpoint is damaged")
-        return _fresh(folder, matching, cleanup,
-                      f"the run with these data, params and code finished at step {newest.step}; "
-                      "a rerun trains again from step 0")
+            return _with_stale(_first_good(matching[::-1][:1], continued=True, steps=steps) or _fresh(
+                folder, matching, cleanup, "its final checkpoint is damaged"), stale)
+        return _with_stale(_fresh(folder, matching, cleanup,
+                                  f"the run with these data, params and code finished at step {newest.step}; "
+                                  "a rerun trains again from step 0"), stale)
     usable = [ck for ck in matching if ck.step <= steps][::-1]
-    return _first_good(usable, continued=False, steps=steps) or _fresh(
-        folder, matching, cleanup, f"no usable checkpoint at or below step {steps}")
+    return _with_stale(_first_good(usable, continued=False, steps=steps) or _fresh(
+        folder, matching, cleanup, f"no usable checkpoint at or below step {steps}"), stale)
+
+
+def _with_stale(resume: Resume, stale: list[Path]) -> Resume:
+    resume.stale = stale + resume.stale
+    return resume
 
 
 def _first_good(candidates: list[Checkpoint], continued: bool, steps: int) -> Optional[Resume]:
@@ -280,10 +296,8 @@ def _first_good(candidates: list[Checkpoint], continued: bool, steps: int) -> Op
 
 
 def _fresh(folder: Path, matching: list[Checkpoint], cleanup: bool, why: str) -> Resume:
-    if cleanup:  # a fresh run's checkpoints must not mix with an older run's
-        for ck in matching:
-            shutil.rmtree(ck.path, ignore_errors=True)
-    return Resume(0, f"{why}: training from step 0")
+    # a fresh run's checkpoints must not mix with an older run's: they go with its first save
+    return Resume(0, f"{why}: training from step 0", stale=[ck.path for ck in matching] if cleanup else [])
 
 
 def restore(resume: Resume, trainer) -> int:

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 TINY = "tiny-random"
 TINY_VERSION = 1  # bump when the tiny architecture changes: a new cache folder is built
+TINY_BLOCKS = (2, 2)     # (double, single) transformer blocks of tiny-random
+FLUX_BLOCKS = (19, 38)   # FLUX.1-dev / FLUX.1-schnell
 ROOT = Path(__file__).resolve().parents[2]
 T5_BLOCKS = ("encoder.block",)
 
@@ -72,8 +74,8 @@ def build_tiny_random(path: os.PathLike | str, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = FluxTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=hidden, pooled_projection_dim=hidden,
+            patch_size=1, in_channels=16, num_layers=TINY_BLOCKS[0], num_single_layers=TINY_BLOCKS[1],
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=hidden, pooled_projection_dim=hidden,
             guidance_embeds=True, axes_dims_rope=(4, 6, 6))
         torch.manual_seed(seed + 1)
         vae = AutoencoderKL(
@@ -127,6 +129,30 @@ def resolve_base(model_params) -> str:
     if base.startswith((".", "/", "~")):
         raise ModelLoadError(f"model.base={base!r}: no such folder")
     return base
+
+
+def block_counts(model_params) -> Optional[tuple[int, int]]:
+    """(double, single) transformer blocks of ``model.base`` without loading it: known for tiny-random
+    and FLUX.1, else read from transformer/config.json (local folder or the Hugging Face cache);
+    None when that is not at hand."""
+    import json
+
+    base = model_params.base
+    if base == TINY:
+        return TINY_BLOCKS
+    if base.startswith("black-forest-labs/FLUX.1-"):
+        return FLUX_BLOCKS
+    from huggingface_hub import try_to_load_from_cache
+
+    config: Optional[Path] = Path(base).expanduser() / "transformer" / "config.json"
+    try:
+        if not config.is_file():
+            found = try_to_load_from_cache(base, "transformer/config.json", revision=model_params.revision)
+            config = Path(found) if isinstance(found, str) else None
+        cfg = json.loads(config.read_text()) if config else {}
+        return int(cfg["num_layers"]), int(cfg["num_single_layers"])
+    except Exception:  # noqa: BLE001 - not a hub id, not cached, a broken config: the loader will say
+        return None
 
 
 # ----------------------------------------------------------------------------- checks

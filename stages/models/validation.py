@@ -11,8 +11,9 @@ embeddings cached between runs) and loads the VAE, so validation adds the VAE an
 activations to the training budget, never T5 (~9 GB in bf16 on FLUX.1-dev). Rendering is render's
 pipeline in parts: the training transformer denoises, the VAE decodes.
 
-Images go to ``reports/train/validation/step-<N>-p<prompt>-s<seed>.png`` and to MLflow as images with
-their step (``validation/p<prompt>-s<seed>``).
+Images go to ``step-<N>-p<prompt>-s<seed>.png`` in the run's progress folder (stages/train.py copies
+them to ``reports/train/validation/`` when the run has finished) and to MLflow as images with their
+step (``validation/p<prompt>-s<seed>``).
 """
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ log = logging.getLogger(__name__)
 
 def validation_prompts(p) -> list[str]:
     """The validation prompts with the trigger, from ``train.validation_prompts`` or ``sample.prompts``."""
+    key = "train.validation_prompts" if p.train.validation_prompts else "sample.prompts"
     path = p.train.validation_prompts or p.sample.prompts
-    return [with_trigger(pr, p.caption.trigger) for pr in read_prompts(path)]
+    return [with_trigger(pr, p.caption.trigger) for pr in read_prompts(path, key)]
 
 
 def side(p) -> int:
