@@ -162,10 +162,8 @@ KEY_CHANGES = {  # field: (a params override, the prompt, the seed)
     "base revision": ("model.revision=abc123", PROMPT, 0),
     "quantization": ("model.quantization=nf4", PROMPT, 0),
     "max_sequence_length": ("train.max_sequence_length=128", PROMPT, 0),
+    "compile": ("sample.compile=true", PROMPT, 0),
 }
-HAS_COMPILE = "compile" in params.Sample.model_fields  # sample.compile: the fast-sampler work (issue 24)
-if HAS_COMPILE:
-    KEY_CHANGES["compile"] = ("sample.compile=true", PROMPT, 0)
 
 
 def first_key(common: dict, prompt: str = PROMPT, seed: int = 0, scale: float = 1.0, batch_size: int = 2) -> str:
@@ -251,7 +249,6 @@ def test_an_edit_of_the_render_code_misses(fields, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_COMPILE, reason="no sample.compile switch yet")
 def test_compiled_sampling_within_one_grey_level(tmp_path, cache, counted):
     """sample.compile=true: the same images within one grey level, and never the eager run's base
     images from the cache (the switch is part of the key)."""
