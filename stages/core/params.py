@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -304,10 +304,42 @@ class Sample(Section):
     lora_scales: list[float] = [0.0, 0.5, 1.0]
     resolution: int = Field(64, ge=16)
     batch_size: int = Field(8, ge=1, description="images per pipeline call")
-    adapter_step: Optional[int] = Field(None, ge=1, description="render models/snapshots/step-<N> "
-                                        "(train.save_every) instead of the final adapter; None = final")
+    adapter_step: Optional[Union[int, str]] = Field(
+        None, description="render models/snapshots/step-<N> (train.save_every) instead of the final adapter; "
+                          "best = the operating point's step (eval.grid); None = final")
+    lora_scale: Optional[Union[float, str]] = Field(
+        None, description="the LoRA scale evaluate's headline measures (added to lora_scales); "
+                          "best = the operating point's scale (eval.grid); None = the largest of lora_scales")
 
     _resolution_16 = field_validator("resolution")(multiple_of_16)
+
+    @field_validator("adapter_step", "lora_scale", mode="before")
+    @classmethod
+    def _number_or_best(cls, v, info):
+        if v is None or v == "best":
+            return v
+        number = int if info.field_name == "adapter_step" else float
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (number is int and v != int(v)) or v <= 0:
+            raise ValueError(f"must be {'a step >= 1' if number is int else 'a scale > 0'}, 'best' (the "
+                             "operating point, eval.grid) or null")
+        return number(v)
+
+
+class Grid(Section):
+    """The operating point (stages/operating_point.py): style vs content over snapshot step x LoRA scale
+    on the first ``prompts`` prompts of sample.prompts and ``seeds``, at sample's steps/guidance/resolution.
+    Cost: (steps) x len(scales) x prompts x len(seeds) LoRA images (flux-dev: 3 x 2 x 5 x 2 = 60, a quarter of
+    sample's 240); the base images come from the cache."""
+    enabled: bool = Field(False, description="render and measure the grid; false = operating_point.json says so")
+    steps: Union[Literal["all"], list[Annotated[int, Field(ge=1)]]] = Field(
+        "all", description="snapshot steps (train.save_every) to try; all = every saved one; the final "
+                           "adapter (train.steps) is always in")
+    scales: list[Annotated[float, Field(gt=0)]] = Field([0.75, 1.0], min_length=1)
+    prompts: int = Field(5, ge=1, description="the first N prompts of sample.prompts")
+    seeds: list[int] = Field([0, 1], min_length=1)
+    content_min: float = Field(0.9, gt=0, description="least content kept: CLIP-score ratio to the base "
+                               "(LoRA image's CLIP score / the same prompt and seed's base image's)")
+    bootstrap: int = Field(1000, ge=100, description="bootstrap resamples of the (prompt, seed) pairs")
 
 
 class Eval(Section):
@@ -317,6 +349,7 @@ class Eval(Section):
     fid_min_samples: int = Field(2048, ge=2)
     trait_size: int = Field(64, ge=16, description="side images are resized to for the trait metrics")
     ab_scale: Optional[float] = Field(None, gt=0, description="LoRA scale in the A/B page; None = largest")
+    grid: Grid = Grid()
 
 
 class Mlflow(Section):
@@ -338,6 +371,14 @@ class Params(Section):
     sample: Sample = Sample()
     eval: Eval = Eval()
     mlflow: Mlflow = Mlflow()
+
+    @model_validator(mode="after")
+    def _best_needs_the_grid(self):
+        best = [k for k in ("adapter_step", "lora_scale") if getattr(self.sample, k) == "best"]
+        if best and not self.eval.grid.enabled:
+            raise ValueError(f"sample.{best[0]}=best reads the operating point, which eval.grid.enabled=false "
+                             "does not compute: set eval.grid.enabled=true (or give a number)")
+        return self
 
 
 class ParamsError(SystemExit):

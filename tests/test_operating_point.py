@@ -1,0 +1,235 @@
+"""Which step, which strength (stages/metrics/operating_point.py, stages/operating_point.py): the Pareto
+front and the constraint on constructed scores, honest intervals, ``best`` in the sample stage, and the
+stage on a tiny model."""
+import json
+
+import numpy as np
+import pytest
+
+from stages.metrics import operating_point as op
+
+
+def pt(step, scale, style, content, style_ci=None, content_ci=None):
+    return op.Point(step, scale, style, content, style_ci or (style - 0.001, style + 0.001),
+                    content_ci or (content - 0.01, content + 0.01))
+
+
+def test_front_drops_dominated_points_and_keeps_ties():
+    pts = [pt(100, 1.0, 0.80, 0.85), pt(100, 0.5, 0.70, 0.95), pt(50, 0.5, 0.60, 0.90),  # dominated by 100/0.5
+           pt(50, 1.0, 0.80, 0.85)]  # an exact tie of 100/1.0: both stay
+    front = op.pareto_front(pts)
+    assert [p.label for p in front] == ["50/1", "100/1", "100/0.5"]  # style desc, then earlier step
+
+
+def test_recommends_the_highest_style_that_keeps_content():
+    pts = [pt(100, 1.0, 0.90, 0.80), pt(100, 0.5, 0.75, 0.93), pt(50, 1.0, 0.70, 0.95), pt(50, 0.5, 0.60, 0.99)]
+    best = op.recommend(pts, content_min=0.9, n_pairs=8)
+    assert (best["step"], best["scale"]) == (100, 0.5)  # 100/1.0 has more style but loses content
+    assert not best["fallback"] and "content >= 0.9" in best["reason"]
+    assert best["indistinguishable"] == []
+    assert [p.feasible for p in pts] == [False, True, True, True]
+    assert best["front"] == ["100/1", "100/0.5", "50/1", "50/0.5"]
+
+
+def test_ties_prefer_more_content_then_the_earlier_step():
+    pts = [pt(100, 1.0, 0.8, 0.92), pt(50, 1.0, 0.8, 0.95)]
+    assert op.recommend(pts, 0.9, 8)["step"] == 50  # same style, more content
+    pts = [pt(100, 1.0, 0.8, 0.95), pt(50, 1.0, 0.8, 0.95)]
+    assert op.recommend(pts, 0.9, 8)["step"] == 50  # identical: the earlier step
+
+
+def test_nothing_meets_the_threshold_falls_back_explicitly():
+    pts = [pt(100, 1.0, 0.9, 0.6), pt(100, 0.5, 0.8, 0.8), pt(50, 0.5, 0.5, 0.7)]
+    best = op.recommend(pts, 0.9, 8)
+    assert best["fallback"] and (best["step"], best["scale"]) == (100, 0.5)
+    assert best["reason"].startswith("no point keeps content >= 0.9") and "fell back" in best["reason"]
+    nan = float("nan")
+    best = op.recommend([pt(100, 1.0, 0.9, nan, content_ci=(nan, nan)), pt(50, 1.0, 0.7, nan, content_ci=(nan, nan))],
+                        0.9, 8)
+    assert best["fallback"] and best["step"] == 100 and best["reason"].startswith("content is not measurable")
+
+
+def test_overlapping_intervals_are_indistinguishable_with_the_pairs_to_separate_them():
+    a = pt(100, 1.0, 0.80, 0.95, style_ci=(0.76, 0.84))
+    b = pt(50, 1.0, 0.78, 0.96, style_ci=(0.74, 0.82))
+    c = pt(50, 0.5, 0.60, 0.99, style_ci=(0.58, 0.62))  # on the front, clearly lower
+    best = op.recommend([a, b, c], 0.9, n_pairs=8)
+    assert (best["step"], best["scale"]) == (100, 1.0)
+    assert [(t["step"], t["scale"]) for t in best["indistinguishable"]] == [(50, 1.0)]
+    # half-widths 0.04 + 0.04 against a gap of 0.02: (0.08 / 0.02)^2 = 16 times the 8 pairs
+    assert best["indistinguishable"][0]["pairs_to_separate"] == 128
+    assert "indistinguishable at this sample size (8 prompt-seed pairs) from 50/1" in best["reason"]
+    assert "about 128 pairs" in best["reason"]
+    assert op.pairs_to_separate(a, pt(1, 1, 0.80, 0.9, style_ci=(0.7, 0.9)), 8) is None  # equal style
+
+
+def test_trend_names_overtraining_when_the_best_step_is_not_the_last():
+    pts = [pt(50, 1.0, 0.70, 0.95), pt(100, 1.0, 0.80, 0.85), pt(50, 0.5, 0.6, 0.99), pt(100, 0.5, 0.65, 0.97)]
+    best = op.recommend(pts, 0.9, 8)
+    assert (best["step"], best["scale"]) == (50, 1.0)
+    assert best["trend"].startswith("overtraining shows: from step 50 to 100 at scale 1")
+    assert "style still rises while content falls" in best["trend"]
+    assert op.recommend([pt(50, 1.0, 0.9, 0.95), pt(100, 1.0, 0.8, 0.96)], 0.9, 8)["trend"].startswith(
+        "style peaks at step 50")
+    assert op.recommend([pt(100, 1.0, 0.8, 0.95)], 0.9, 8)["trend"] is None
+
+
+def test_measure_bootstraps_pairs_with_a_seeded_generator():
+    rng = np.random.default_rng(0)
+    style, clip, base = rng.uniform(0.5, 0.9, 12), rng.uniform(20, 30, 12), rng.uniform(25, 30, 12)
+    boot = op.resamples(12, 500, seed=7)
+    a = op.measure(10, 1.0, style, clip, base, boot)
+    assert a.style == pytest.approx(style.mean()) and a.content == pytest.approx(clip.mean() / base.mean())
+    assert a.style_ci[0] < a.style < a.style_ci[1] and a.content_ci[0] < a.content < a.content_ci[1]
+    b = op.measure(10, 1.0, style, clip, base, op.resamples(12, 500, seed=7))
+    assert (a.style_ci, a.content_ci) == (b.style_ci, b.content_ci)
+    with pytest.raises(ValueError):
+        op.measure(10, 1.0, style[:3], clip, base, boot)
+
+
+def test_table_and_figure(tmp_path):
+    pts = [pt(100, 1.0, 0.9, 0.8), pt(100, 0.5, 0.75, 0.93)]
+    best = op.recommend(pts, 0.9, 8)
+    md = op.table(pts, best)
+    assert "| **100** | **0.5** |" in md and md.count("\n") == 4
+    op.plot(pts, tmp_path / "g.png", "t", 0.9, (100, 0.5), 0.5)
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_best_resolves_to_the_recorded_point(tmp_path):
+    from stages.models import snapshots
+
+    path = tmp_path / "operating_point.json"
+    with pytest.raises(SystemExit, match="run the operating_point stage"):
+        snapshots.resolve_best("best", None, path)
+    path.write_text(json.dumps({"enabled": False, "reason": "off"}))
+    with pytest.raises(SystemExit, match="holds no operating point"):
+        snapshots.resolve_best(None, "best", path)
+    assert snapshots.resolve_best(40, 0.5, path) == (40, 0.5)  # numbers never read the file
+    path.write_text(json.dumps({"enabled": True, "final_step": 150, "recommended": {"step": 100, "scale": 0.75}}))
+    assert snapshots.resolve_best("best", "best", path) == (100, 0.75)
+    assert snapshots.resolve_best(None, "best", path) == (None, 0.75)
+    path.write_text(json.dumps({"enabled": True, "final_step": 150, "recommended": {"step": 150, "scale": 1.0}}))
+    assert snapshots.resolve_best("best", None, path) == (None, None)  # the final adapter itself
+
+
+# ----------------------------------------------------------------------------- the stage on a tiny model
+GRID = ["eval.grid.enabled=true", "eval.grid.prompts=2", "eval.grid.seeds=[0,1]", "eval.grid.scales=[0.5,1.0]",
+        "eval.grid.bootstrap=200"]
+
+
+def grid_project(root):
+    """samplekit's project (2 prompts, a random LoRA as the final adapter, 2 sampling steps) with a held-out
+    set and one snapshot (step 40, another random LoRA) beside the final adapter (step 150)."""
+    from stages.models import snapshots
+    from tests import samplekit
+    from tests.stagerun import write_params
+    from tests.test_evaluate import write_holdout
+
+    samplekit.build_project(root)
+    p = write_params(root, "sample.prompts=prompts.txt", "sample.seeds=[0,1]", "sample.steps=2",
+                     "sample.lora_scales=[0.0,0.5,1.0]", "sample.batch_size=4", "data.holdout=0.2", *GRID)
+    snap = snapshots.snapshot_dir(40, root / "models/snapshots")
+    samplekit.make_adapter(p, snap)
+    (snap / "adapter.json").write_text("{}")
+    write_holdout(root)
+    return p
+
+
+@pytest.fixture(scope="module")
+def gridded(tmp_path_factory):
+    from stages import operating_point
+    from tests.stagerun import run_stage
+
+    root = tmp_path_factory.mktemp("grid")
+    grid_project(root)
+    run_stage(operating_point.main, root)
+    return root
+
+
+def outputs(root):
+    files = sorted((root / "reports/operating_point").iterdir()) + [root / "reports/plots/operating_point.csv"]
+    return {f.name: f.read_bytes() for f in files}
+
+
+def test_stage_writes_the_point_the_table_the_figure_and_the_plot(gridded):
+    rec = json.loads((gridded / "reports/operating_point/operating_point.json").read_text())
+    assert rec["enabled"] and rec["steps"] == [40, 150] and rec["final_step"] == 150 and rec["pairs"] == 4
+    assert sorted((pt["step"], pt["scale"]) for pt in rec["points"]) == [(40, 0.5), (40, 1.0), (150, 0.5), (150, 1.0)]
+    best = rec["recommended"]
+    assert (best["step"], best["scale"]) in {(pt["step"], pt["scale"]) for pt in rec["points"] if pt["front"]}
+    for pt in rec["points"]:
+        assert pt["style_lo"] <= pt["style"] <= pt["style_hi"]
+        if pt["content"] is not None:  # the tiny random CLIP may score every base image 0: content unmeasurable
+            assert pt["content_lo"] <= pt["content"] <= pt["content_hi"]
+    ok = [pt for pt in rec["points"] if pt["feasible"]]
+    if ok:
+        assert not best["fallback"] and best["style"] == max(pt["style"] for pt in ok)
+    else:
+        assert best["fallback"] and best["reason"].startswith(("no point keeps", "content is not measurable"))
+    md = (gridded / "reports/operating_point/grid.md").read_text()
+    assert md.count("\n| ") == 5 and best["reason"] in md
+    assert (gridded / "reports/operating_point/grid.png").read_bytes()[:4] == b"\x89PNG"
+    rows = (gridded / "reports/plots/operating_point.csv").read_text().splitlines()
+    assert rows[0].startswith("label,step,scale,style") and len(rows) == 5
+
+
+def test_a_second_run_gives_identical_files(gridded):
+    from stages import operating_point
+    from tests.stagerun import run_stage
+
+    first = outputs(gridded)
+    run_stage(operating_point.main, gridded)
+    assert outputs(gridded) == first
+
+
+def test_sample_best_renders_the_recorded_point(gridded, monkeypatch):
+    import hashlib
+
+    from stages import sample
+    from stages.models import snapshots
+    from tests.stagerun import run_stage, write_params
+
+    rec = json.loads((gridded / "reports/operating_point/operating_point.json").read_text())
+    rec["recommended"].update(step=40, scale=0.75)  # a point the test chooses: best must follow the file
+    (gridded / "reports/operating_point/operating_point.json").write_text(json.dumps(rec))
+    write_params(gridded, "sample.prompts=prompts.txt", "sample.seeds=[0]", "sample.steps=1",
+                 "sample.lora_scales=[0.0,1.0]", "sample.adapter_step=best", "sample.lora_scale=best", *GRID)
+    run_stage(sample.main, gridded)
+    index = json.loads((gridded / "reports/samples/index.json").read_text())
+    assert index["adapter_step"] == 40 and index["lora_scale"] == 0.75 and index["scales"] == [0.0, 0.75, 1.0]
+    assert index["best"] == ["adapter_step", "lora_scale"]
+    snap = snapshots.snapshot_dir(40, gridded / "models/snapshots") / sample.LORA_FILE
+    assert index["adapter_sha256"] == hashlib.sha256(snap.read_bytes()).hexdigest()
+
+
+def test_grid_off_records_that_and_best_then_refuses(tmp_path):
+    from stages import operating_point
+    from stages.core import params
+    from stages.core.paths import OperatingPoint
+    from tests.stagerun import write_params
+
+    p = write_params(tmp_path, "eval.grid.enabled=false")
+    rec = operating_point.run(p, OperatingPoint().under(tmp_path))
+    assert rec == {"enabled": False, "reason": "eval.grid.enabled is false: no grid rendered, no operating point"}
+    assert (tmp_path / "reports/plots/operating_point.csv").read_text().startswith("label,step")
+    with pytest.raises(params.ParamsError, match="sample.adapter_step=best reads the operating point"):
+        write_params(tmp_path, "eval.grid.enabled=false", "sample.adapter_step=best")
+
+
+def test_grid_steps_must_be_saved_snapshots(tmp_path):
+    from stages import operating_point
+    from stages.models import snapshots
+
+    root = tmp_path / "snaps"
+    for step, data in ((20, "a"), (40, "b")):
+        d = snapshots.snapshot_dir(step, root)
+        d.mkdir(parents=True)
+        (d / "adapter.json").write_text(json.dumps({"data_hash": data, "steps": step}))
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora/adapter.json").write_text(json.dumps({"data_hash": "b", "steps": 60}))
+    got = operating_point.grid_adapters("all", tmp_path / "lora", root, 150)
+    assert [s for s, _ in got] == [40, 60]  # step 20 is another run's (other data): left out
+    assert [s for s, _ in operating_point.grid_adapters([60, 40], tmp_path / "lora", root, 150)] == [40, 60]
+    with pytest.raises(SystemExit, match=r"no snapshot of this run for steps \[20\].*saved: \[40\]"):
+        operating_point.grid_adapters([20], tmp_path / "lora", root, 150)
