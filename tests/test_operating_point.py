@@ -233,3 +233,40 @@ def test_grid_steps_must_be_saved_snapshots(tmp_path):
     assert [s for s, _ in operating_point.grid_adapters([60, 40], tmp_path / "lora", root, 150)] == [40, 60]
     with pytest.raises(SystemExit, match=r"no snapshot of this run for steps \[20\].*saved: \[40\]"):
         operating_point.grid_adapters([20], tmp_path / "lora", root, 150)
+
+
+def test_publish_best_ships_the_snapshot_and_the_card_carries_the_strength(tmp_path, monkeypatch):
+    """``make publish ADAPTER=best``: the operating point's snapshot, its recommended scale in the card's
+    diffusers and ComfyUI snippets; the final adapter gets its own step's best scale from the grid."""
+    from stages import publish
+    from stages.models import snapshots
+    from tests import pubkit
+
+    root = tmp_path / "project"
+    pubkit.make_project(root, base="black-forest-labs/FLUX.1-dev")
+    snap = snapshots.snapshot_dir(40, root / "models/snapshots")
+    pubkit.make_adapter(snap, base="black-forest-labs/FLUX.1-dev", seed=1)
+    info = json.loads((snap / "adapter.json").read_text())
+    (snap / "adapter.json").write_text(json.dumps({**info, "steps": 40}))
+    points = [{"step": s, "scale": c, "style": st, "content": ct, "feasible": ct >= 0.9, "front": True}
+              for s, c, st, ct in ((40, 0.7, 0.81, 0.93), (40, 1.0, 0.85, 0.8), (60, 0.7, 0.80, 0.95),
+                                   (60, 1.0, 0.82, 0.91))]
+    rec = {"enabled": True, "final_step": 60, "pairs": 8, "points": points,
+           "recommended": {"step": 40, "scale": 0.7, "style": 0.81, "content": 0.93, "reason": "the highest style",
+                           "trend": "overtraining shows: style and content both fall", "fallback": False}}
+    (root / "reports/eval").mkdir(parents=True, exist_ok=True)
+    (root / "reports/eval/operating_point.json").write_text(json.dumps(rec))
+    monkeypatch.chdir(root)
+    assert publish.main(["--adapter", "best"]) == 0
+    hub = root / "models/hub"
+    assert json.loads((hub / "adapter.json").read_text())["steps"] == 40
+    assert (hub / "pytorch_lora_weights.safetensors").read_bytes() == (snap / "pytorch_lora_weights.safetensors").read_bytes()
+    card = (hub / "README.md").read_text()
+    assert 'joint_attention_kwargs={"scale": 0.7}' in card and "`strength_model` 0.7." in card
+    assert "Recommended strength **0.7**" in card and "this adapter at scale **0.7**" in card
+    assert "Overtraining shows" in card
+    assert publish.main([]) == 0  # the final adapter (step 60): the grid's best scale at step 60 keeping content
+    card = (hub / "README.md").read_text()
+    assert 'joint_attention_kwargs={"scale": 1.0}' in card and "step 40 (this adapter is step 60)" in card
+    with pytest.raises(SystemExit, match="use final, best or a step number"):
+        publish.main(["--adapter", "latest"])

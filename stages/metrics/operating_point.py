@@ -232,3 +232,20 @@ def plot(points: list[Point], path, title: str, content_min: float | None = None
         fig.savefig(tmp, dpi=100, format="png", metadata={"Software": None})
     plt.close(fig)
 
+
+def strength_for(rec: dict, step: int) -> dict | None:
+    """The scale to recommend for the adapter of ``step`` from a recorded grid (``operating_point.json``):
+    the recommended point at its own step, else that step's highest-style point that keeps the content
+    threshold (else its highest-content point); None when the grid did not run or did not try ``step``."""
+    if not rec or not rec.get("enabled"):
+        return None
+    best = rec["recommended"]
+    if best["step"] == step:
+        return {"scale": best["scale"], "style": best["style"], "content": best["content"], "recommended": True}
+    mine = [p for p in rec.get("points", []) if p["step"] == step]
+    if not mine:
+        return None
+    ok = [p for p in mine if p["feasible"]]
+    pick = max(ok, key=lambda p: (p["style"], p["content"])) if ok else \
+        max(mine, key=lambda p: (p["content"] if p["content"] is not None else -math.inf))
+    return {"scale": pick["scale"], "style": pick["style"], "content": pick["content"], "recommended": False}
