@@ -4,8 +4,9 @@ Runs after train and before sample (``sample.adapter_step: best`` / ``sample.lor
 its answer). With ``eval.grid.enabled`` it renders the first ``eval.grid.prompts`` prompts of
 ``sample.prompts`` (with the trigger, as sample does) at ``eval.grid.seeds`` for every snapshot step
 (``eval.grid.steps``: ``all`` = every ``train.save_every`` snapshot of this run, plus the final adapter
-in ``models/lora``) and LoRA scale (``eval.grid.scales``), at sample's steps, guidance and resolution, and
-the base images of the same prompts and seeds. Each point gets (stages.metrics.operating_point):
+in ``models/lora``) and LoRA scale (``eval.grid.scales``), at sample's steps, guidance and resolution; the
+base images of the same prompts and seeds come from the base-image cache it shares with sample
+(stages.models.base_cache), rendered only when missing. Each point gets (stages.metrics.operating_point):
 
 - style: cosine of each image's style embedding (CSD when ``eval.csd_weights``, else CLIP) to the
   held-out paintings' centroid — the per-image terms of evaluate's headline ``style_centroid``;
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.core import gpus, log, params, tracking
+from stages.core import images as core_images
 from stages.core.io import atomic_dir, read_json, write_json, write_text
 from stages.core.paths import OperatingPoint
 from stages.core.prompts import read_prompts, with_trigger
@@ -65,19 +67,12 @@ def grid_adapters(steps, lora: Path, root: Path, final_default: int) -> list[tup
     return [(s, snapshots.snapshot_dir(s, root)) for s in chosen] + [(final, lora)]
 
 
-def base_latents(pipe, embeds, pooled, seeds: list[int], sp) -> list:
-    """The base (no LoRA) latents of the grid's (prompt, seed) pairs, rendered through the same path as
-    the sample stage's scale-0 images (stages.models.render)."""
-    from stages.models import render
-
-    return render.denoise(pipe, embeds, pooled, seeds, steps=sp.steps, guidance=sp.guidance,
-                          height=sp.resolution, width=sp.resolution, batch_size=sp.batch_size)
-
-
 def render_grid(p: params.Params, full: list[str], jobs: list[tuple[int, int]],
                 adapters: list[tuple[int, Path]], scales: list[float], device) -> tuple[list, dict]:
-    """Images: the base ones, then {(step, scale): images} — one transformer, one adapter per step."""
-    from stages.models import flux, memory, render
+    """Images: the base ones, then {(step, scale): images} — one transformer, one adapter per step.
+    The base images come from the base-image cache the sample stage shares (stages.models.base_cache,
+    ``sample.base_cache``): in a second experiment the grid renders LoRA images only."""
+    from stages.models import base_cache, flux, memory, render
 
     sp = p.sample
     plan = memory.plan(p.model, device)
@@ -86,8 +81,15 @@ def render_grid(p: params.Params, full: list[str], jobs: list[tuple[int, int]],
     rows = [pi for pi, _ in jobs]
     embeds, pooled = embeds[rows], pooled[rows]
     seeds = [s for _, s in jobs]
+    keyed = base_cache.keys(base_cache.run_fields(p, device), [full[pi] for pi in rows], seeds, embeds, pooled,
+                            sp.batch_size)
+    cached, todo = base_cache.lookup(keyed, sp.batch_size) if sp.base_cache else ({}, list(range(len(jobs))))
     pipe = render.transformer_pipeline(p.model, flux.load_transformer(p.model, device=device))
-    latents = {"base": base_latents(pipe, embeds, pooled, seeds, sp)}
+    latents = {}
+    if todo:  # whole batches only (lookup), so the images are those of a cold run
+        latents["base"] = render.denoise(pipe, embeds[todo], pooled[todo], [seeds[k] for k in todo], steps=sp.steps,
+                                         guidance=sp.guidance, height=sp.resolution, width=sp.resolution,
+                                         batch_size=sp.batch_size)
     bar = log.progress(total=len(adapters) * len(scales) * len(jobs), desc="grid images", unit="img")
     for step, folder in adapters:
         name = f"step{step}"
@@ -106,7 +108,12 @@ def render_grid(p: params.Params, full: list[str], jobs: list[tuple[int, int]],
     images = {k: render.decode(vae, v, sp.resolution, sp.resolution) for k, v in latents.items()}
     del vae
     render.free_memory()
-    return images.pop("base"), images
+    pngs = dict(cached)
+    for k, img in zip(todo, images.pop("base", [])):
+        pngs[k] = core_images.encode_png(img)  # the bytes the sample stage writes for this image
+        if sp.base_cache:
+            base_cache.store(*keyed[k], pngs[k])
+    return [core_images.decode(pngs[k]) for k in range(len(jobs))], images
 
 
 def measure(p: params.Params, paths: OperatingPoint, prompts: list[str], jobs, base, grid) -> tuple[list, float]:

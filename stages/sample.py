@@ -15,12 +15,19 @@ The trigger (``caption.trigger``) is appended to every prompt, for the base too
 (``"<prompt>, <trigger>"``): the LoRA was trained on captions that contain it, and giving the base
 the very same text keeps the comparison about the adapter alone, not about the wording.
 
+The base images (scale 0) do not depend on the adapter: they are read from the base-image cache
+shared by all experiments (stages.models.base_cache; ``sample.base_cache``) and only rendered (and
+stored) where it lacks them, so a second experiment renders only its LoRA images. The files are
+the same bytes either way.
+
 Writes ``reports/samples/``: ``images/p00-s0-l0.50.png``..., ``grids/seed-<seed>.png`` (prompts x
-(base | LoRA scales)) and ``index.json`` describing every image (prompt, seed, scale, file).
+(base | LoRA scales)) and ``index.json`` describing every image (prompt, seed, scale, file; a base
+image's cache key ``base_key``, whether or not the cache was used).
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import time
 from pathlib import Path
@@ -68,68 +75,127 @@ def grid(rows: list[list], row_labels: list[str], col_labels: list[str], title: 
     return sheet
 
 
-def render_latents(p: params.Params, full: list[str], jobs: list[tuple[int, int]], scales: list[float],
-                   lora_dir: Path, device) -> dict:
-    """Latents per LoRA scale for every (prompt, seed) job: 1. the prompt embeddings, with the text
-    encoders alone on the device; 2. the latents, with the transformer (+ adapter) alone."""
-    from stages.models import flux, memory, render
+def embed(p: params.Params, full: list[str], jobs: list[tuple[int, int]], plan, device) -> tuple:
+    """1. the prompt embeddings of every job, with the text encoders alone on the device (or from
+    the prompt-embedding cache)."""
+    from stages.models import render
 
-    sp = p.sample
     t0 = time.perf_counter()
-    plan = memory.plan(p.model, device)
-    flux.preflight("sample", p, device, plan)
-    # 1. prompt embeddings, with the text encoders alone on the device
     embeds, pooled = render.embed_prompts(p.model, full, p.train.max_sequence_length, plan, device=device)
     rows = torch.tensor([pi for pi, _ in jobs])
-    embeds, pooled = embeds[rows], pooled[rows]
     logger.info("prompt embeddings in %.1f s (%s)", time.perf_counter() - t0, plan.describe())
-    # 2. latents for every scale, with the transformer (+ adapter) alone on the device
+    return embeds[rows], pooled[rows]
+
+
+def render_latents(p: params.Params, embeds, pooled, jobs: list[tuple[int, int]], todo: dict[float, list[int]],
+                   lora_dir: Path, device) -> dict:
+    """2. latents of the jobs ``todo[scale]`` (indices into ``jobs``) for every scale, with the
+    transformer (+ adapter) alone on the device; nothing is loaded when there is nothing to do."""
+    from stages.models import flux, render
+
+    sp = p.sample
+    todo = {scale: ks for scale, ks in todo.items() if ks}
+    if not todo:
+        return {}
+    t0 = time.perf_counter()
     pipe = render.transformer_pipeline(p.model, flux.load_transformer(p.model, device=device))
-    if any(s > 0 for s in scales):
+    lora = any(s > 0 for s in todo)
+    if lora:
         pipe.load_lora_weights(str(lora_dir), weight_name=LORA_FILE, adapter_name=ADAPTER)
     logger.info("transformer ready in %.1f s", time.perf_counter() - t0)
     latents = {}
-    bar = log.progress(total=len(scales) * len(jobs), desc="sample images", unit="img")
-    for scale in scales:
+    bar = log.progress(total=sum(len(ks) for ks in todo.values()), desc="sample images", unit="img")
+    for scale, ks in todo.items():
         t1 = time.perf_counter()
         if scale == 0:
-            if any(s > 0 for s in scales):
+            if lora:
                 pipe.disable_lora()
         else:
             pipe.enable_lora()
             pipe.set_adapters([ADAPTER], [scale])
-        done = len(latents) * len(jobs)
-        latents[scale] = render.denoise(pipe, embeds, pooled, [s for _, s in jobs], steps=sp.steps,
-                                        guidance=sp.guidance, height=sp.resolution, width=sp.resolution,
-                                        batch_size=sp.batch_size, progress=lambda n: bar.update(done + n - bar.n))
-        logger.info("%s: %d images in %.1f s", scale_label(scale), len(jobs), time.perf_counter() - t1)
+        done = bar.n
+        rows = torch.tensor(ks)
+        latents[scale] = dict(zip(ks, render.denoise(
+            pipe, embeds[rows], pooled[rows], [jobs[k][1] for k in ks], steps=sp.steps, guidance=sp.guidance,
+            height=sp.resolution, width=sp.resolution, batch_size=sp.batch_size,
+            progress=lambda n: bar.update(done + n - bar.n))))
+        logger.info("%s: %d images in %.1f s", scale_label(scale), len(ks), time.perf_counter() - t1)
     bar.close()
     del pipe
     render.free_memory()
     return latents
 
 
-def write_samples(p: params.Params, out: Path, prompts: list[str], full: list[str], jobs: list[tuple[int, int]],
-                  scales: list[float], latents: dict, adapter: Path, device, chosen: dict) -> dict:
-    """3. images, with the VAE alone on the device; the grids and ``index.json`` (returned) in ``out``.
-    ``chosen``: the adapter step and headline LoRA scale rendered (``best`` resolved), and which were ``best``."""
+def png_bytes(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_pngs(p: params.Params, latents: dict, device) -> dict:
+    """3. PNG bytes of the latents (``{scale: {job: bytes}}``), with the VAE alone on the device."""
     from stages.models import flux, render
 
-    sp = p.sample
+    if not latents:
+        return {}
     vae = flux.load_vae(p.model, device=device)
+    res = p.sample.resolution
+    out = {scale: dict(zip(lat, map(png_bytes, render.decode(vae, list(lat.values()), res, res))))
+           for scale, lat in latents.items()}
+    del vae
+    render.free_memory()
+    return out
+
+
+def render_pngs(p: params.Params, full: list[str], jobs: list[tuple[int, int]], scales: list[float],
+                lora_dir: Path, device) -> tuple[dict, dict]:
+    """PNG bytes of every (scale, job) (``{scale: {job index: bytes}}``) and the base images' cache
+    keys (``{job index: key}``): the LoRA images are rendered; the base ones (scale 0) are read
+    from the base-image cache (stages.models.base_cache) where it holds them, rendered and stored
+    where not."""
+    from stages.models import base_cache, flux, memory
+
+    sp = p.sample
+    plan = memory.plan(p.model, device)
+    flux.preflight("sample", p, device, plan)
+    embeds, pooled = embed(p, full, jobs, plan, device)
+    todo = {scale: list(range(len(jobs))) for scale in scales}
+    keyed, cached = [], {}
+    if 0.0 in scales:
+        keyed = base_cache.keys(base_cache.run_fields(p, device), [full[pi] for pi, _ in jobs],
+                                [seed for _, seed in jobs], embeds, pooled, sp.batch_size)
+        if sp.base_cache:
+            cached, todo[0.0] = base_cache.lookup(keyed, sp.batch_size)
+    pngs = decode_pngs(p, render_latents(p, embeds, pooled, jobs, todo, lora_dir, device), device)
+    if 0.0 in scales:
+        if sp.base_cache:
+            for k, png in pngs.get(0.0, {}).items():
+                base_cache.store(*keyed[k], png)
+        pngs[0.0] = {**pngs.get(0.0, {}), **cached}
+    return pngs, {k: key for k, (key, _) in enumerate(keyed)}
+
+
+def write_samples(p: params.Params, out: Path, prompts: list[str], full: list[str], jobs: list[tuple[int, int]],
+                  scales: list[float], pngs: dict, base_keys: dict, adapter: Path, chosen: dict) -> dict:
+    """The images, the grids and ``index.json`` (returned) in ``out``. ``chosen``: the adapter step and
+    headline LoRA scale rendered (``best`` resolved), and which were ``best``."""
+    from PIL import Image
+
+    sp = p.sample
     records, by_scale = [], {}
     with atomic_dir(out) as tmp:
         (tmp / "images").mkdir()
         (tmp / "grids").mkdir()
         for scale in scales:
-            imgs = render.decode(vae, latents[scale], sp.resolution, sp.resolution)
-            for (pi, seed), img in zip(jobs, imgs):
+            for k, (pi, seed) in enumerate(jobs):
                 name = f"images/p{pi:02d}-s{seed}-l{scale:.2f}.png"
-                img.save(tmp / name)
-                by_scale[(pi, seed, scale)] = img
-                records.append({"file": name, "prompt_index": pi, "prompt": prompts[pi],
-                                "full_prompt": full[pi], "seed": seed, "scale": scale,
-                                "kind": "base" if scale == 0 else "lora"})
+                (tmp / name).write_bytes(pngs[scale][k])
+                by_scale[(pi, seed, scale)] = Image.open(io.BytesIO(pngs[scale][k]))
+                record = {"file": name, "prompt_index": pi, "prompt": prompts[pi], "full_prompt": full[pi],
+                          "seed": seed, "scale": scale, "kind": "base" if scale == 0 else "lora"}
+                if scale == 0:
+                    record["base_key"] = base_keys[k]  # which base render this is (stages.models.base_cache)
+                records.append(record)
         grids = []
         for seed in sp.seeds:
             rows = [[by_scale[(pi, seed, s)] for s in scales] for pi in range(len(prompts))]
@@ -173,8 +239,8 @@ def run(p: params.Params, paths: Sample = Sample()) -> dict:
     t0 = time.perf_counter()
     device = default_device()
     jobs = [(pi, seed) for pi in range(len(prompts)) for seed in sp.seeds]
-    latents = render_latents(p, full, jobs, scales, lora_dir, device)
-    index = write_samples(p, paths.samples, prompts, full, jobs, scales, latents, adapter, device,
+    pngs, base_keys = render_pngs(p, full, jobs, scales, lora_dir, device)
+    index = write_samples(p, paths.samples, prompts, full, jobs, scales, pngs, base_keys, adapter,
                           chosen(sp, step, headline))
     logger.info("wrote %d images and %d grids to %s in %.1f s", len(index["images"]), len(index["grids"]),
                 paths.samples, time.perf_counter() - t0)

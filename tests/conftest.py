@@ -18,10 +18,12 @@ from tests.stagerun import run_stage  # noqa: E402
 
 @pytest.fixture(autouse=True, scope="session")
 def _quant_cache(tmp_path_factory):
-    """The quantize-once and prompt-embedding caches (stages.models.quant_cache) live in the
-    session's temp dir, never in the user's ~/.cache."""
+    """The quantize-once and prompt-embedding caches (stages.models.quant_cache) and the stage
+    cache (base images, held-out measurements: stages.core.stagecache) live in the session's temp
+    dir, never in the user's ~/.cache."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLUXIMP_QUANT_CACHE", str(tmp_path_factory.mktemp("quant-cache")))
+        mp.setenv("FLUXIMP_STAGE_CACHE", str(tmp_path_factory.mktemp("stage-cache")))
         yield
 
 

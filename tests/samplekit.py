@@ -8,8 +8,8 @@ from tests.stagerun import write_params
 PROMPTS = ["a harbour at dawn with fishing boats", "a bowl of pears on a table"]
 
 
-def make_adapter(p, out: Path) -> None:
-    """A rank-4 LoRA on the attention projections with random (non-zero) B matrices."""
+def make_adapter(p, out: Path, rank: int = 4) -> None:
+    """A rank-``rank`` LoRA on the attention projections with random (non-zero) B matrices."""
     import torch
     from diffusers import FluxPipeline
     from peft import LoraConfig
@@ -18,7 +18,7 @@ def make_adapter(p, out: Path) -> None:
     from stages.models import flux
 
     transformer = flux.load_transformer(p.model)
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                        target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     gen = torch.Generator().manual_seed(0)
     for name, prm in transformer.named_parameters():

@@ -270,3 +270,41 @@ def test_publish_best_ships_the_snapshot_and_the_card_carries_the_strength(tmp_p
     assert 'joint_attention_kwargs={"scale": 1.0}' in card and "step 40 (this adapter is step 60)" in card
     with pytest.raises(SystemExit, match="use final, best or a step number"):
         publish.main(["--adapter", "latest"])
+
+
+def test_grid_base_images_come_from_the_cache(tmp_path, monkeypatch):
+    """A second experiment's grid renders LoRA images only: its base images (and their bytes) come from
+    the base-image cache the sample stage shares (stages.models.base_cache); counted transformer calls."""
+    from diffusers import FluxTransformer2DModel
+
+    from stages import operating_point
+    from stages.models import render
+    from tests.stagerun import run_stage
+
+    monkeypatch.setenv("FLUXIMP_STAGE_CACHE", str(tmp_path / "stage-cache"))
+    counts = {"images": 0, "forward": 0}
+    denoise, forward = render.denoise, FluxTransformer2DModel.forward
+
+    def counting_denoise(pipe, embeds, pooled, seeds, **kw):
+        counts["images"] += len(seeds)
+        return denoise(pipe, embeds, pooled, seeds, **kw)
+
+    def counting_forward(self, *a, **kw):
+        counts["forward"] += 1
+        return forward(self, *a, **kw)
+
+    monkeypatch.setattr(render, "denoise", counting_denoise)
+    monkeypatch.setattr(FluxTransformer2DModel, "forward", counting_forward)
+    import shutil
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    grid_project(first)
+    shutil.copytree(first, second)  # another experiment of the same adapters (a fresh checkout)
+    run_stage(operating_point.main, first)  # cold: 4 base + 2 steps x 2 scales x 4 LoRA images
+    # one pipeline call per 4 images (sample.batch_size 4), 2 transformer calls each (sample.steps 2)
+    assert counts["images"] == 4 + 16 and counts["forward"] == 2 * 5
+    counts.update(images=0, forward=0)
+    run_stage(operating_point.main, second)  # warm: the LoRA images only
+    assert counts["images"] == 16 and counts["forward"] == 2 * 4
+    assert outputs(first) == outputs(second)  # the same numbers from cached base images

@@ -310,6 +310,8 @@ class Sample(Section):
     lora_scale: Optional[Union[float, str]] = Field(
         None, description="the LoRA scale evaluate's headline measures (added to lora_scales); "
                           "best = the operating point's scale (eval.grid); None = the largest of lora_scales")
+    base_cache: bool = Field(True, description="read/write the base images (scale 0) in the shared base-image "
+                             "cache instead of rendering them in every experiment (stages/models/base_cache.py)")
 
     _resolution_16 = field_validator("resolution")(multiple_of_16)
 
