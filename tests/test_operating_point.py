@@ -308,3 +308,52 @@ def test_grid_base_images_come_from_the_cache(tmp_path, monkeypatch):
     run_stage(operating_point.main, second)  # warm: the LoRA images only
     assert counts["images"] == 16 and counts["forward"] == 2 * 4
     assert outputs(first) == outputs(second)  # the same numbers from cached base images
+
+
+# ----------------------------------------------------------------------------- across experiments
+def op_rows():
+    return [
+        {"Experiment": None, "rev": "workspace", "lora.rank": 4.0, "style_centroid_lora": 0.8},
+        {"Experiment": None, "rev": "main", "lora.rank": 4.0, "style_centroid_lora": 0.8, "op_step": 150.0,
+         "op_scale": 1.0, "op_style": 0.80, "op_content": 0.95},
+        {"Experiment": "rank8", "rev": "abc1234", "lora.rank": 8.0, "style_centroid_lora": 0.85, "op_step": 100.0,
+         "op_scale": 0.5, "op_style": 0.84, "op_content": 0.91},
+        {"Experiment": "rank2", "rev": "def5678", "lora.rank": 2.0, "style_centroid_lora": 0.7, "op_step": 150.0,
+         "op_scale": 1.0, "op_style": 0.70, "op_content": 0.90},  # dominated by main
+    ]
+
+
+def test_sweep_summary_draws_each_experiments_point_and_names_the_gpus(tmp_path, monkeypatch):
+    import dvc.api
+    import yaml
+
+    from stages import sweep
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"lora": {"rank": 4}}))
+    claims = tmp_path / ".cache/gpu-claims"
+    claims.mkdir(parents=True)
+    (claims / "claims.jsonl").write_text("".join(json.dumps(e) + "\n" for e in [
+        {"devices": ["1"], "stage": "train", "experiment": "rank8"}, {"devices": ["1"], "stage": "sample",
+                                                                      "experiment": "rank8"},
+        {"devices": ["0"], "stage": "train", "experiment": "rank2"}]))
+    monkeypatch.setattr(dvc.api, "exp_show", lambda repo=None: op_rows())
+    monkeypatch.chdir(tmp_path)
+    sweep.main(["--param", "lora.rank", "--repo", str(tmp_path), "--out", str(tmp_path / "out")])
+    table = (tmp_path / "out/summary.md").read_text().splitlines()
+    assert table[0] == "| experiment | rev | lora.rank | style ↑ | op step | op scale | op style ↑ | op content ↑ | gpus |"
+    assert table[2] == "| rank2 | def5678 | 2 | 0.7000 | 150 | 1 | 0.7000 | 0.900 | train:0 |"
+    assert table[4].endswith("| train:1 sample:1 |") and table[3].endswith("|  |")  # main ran on no claimed GPU
+    assert (tmp_path / "out/operating_points.png").read_bytes()[:4] == b"\x89PNG"
+    pts = [op.Point(int(r["op_step"]), r["op_scale"], r["op_style"], r["op_content"]) for r in op_rows()[1:]]
+    assert [p.label for p in op.pareto_front(pts)] == ["100/0.5", "150/1"]  # rank8 and main; rank2 dominated
+
+
+def test_make_exps_adds_each_experiments_operating_point():
+    from stages import experiments
+
+    header, cells, notes = experiments.operating_points(op_rows(), sort="style_centroid_lora")
+    assert header == ["Experiment", "step", "scale", "op style ↑", "op content ↑"]
+    assert cells == [["rank8 (abc1234)", "100", "0.5", "0.8400", "0.910"], ["main", "150", "1", "0.8000", "0.950"],
+                     ["rank2 (def5678)", "150", "1", "0.7000", "0.900"]]
+    assert "content_min" in notes[0]
+    assert experiments.operating_points(op_rows()[:1])[1] == []  # no grid ran: no second table
