@@ -58,6 +58,9 @@ def grid_adapters(steps, lora: Path, root: Path, final_default: int) -> list[tup
         saved.append(s)
     if steps == "all":
         chosen = saved
+        if not saved:
+            logger.warning("no snapshot of this run in %s (train.save_every = 0, or the folder was cleared): the grid "
+                           "has the final adapter's step only", root)
     else:
         missing = [s for s in steps if s != final and s not in saved]
         if missing:
