@@ -266,7 +266,8 @@ class Train(Section):
     validation_seeds: list[int] = Field([0], min_length=1)
     validation_guidance: float = Field(3.5, ge=0)
     validation_resolution: Optional[int] = Field(None, ge=16, description="None = train.resolution")
-    save_every: int = Field(0, ge=0, description="a loadable adapter in models/snapshots/ every N steps; 0 = none")
+    save_every: int = Field(50, ge=0, description="a loadable adapter in models/snapshots/ every N steps; 0 = none "
+                            "(smoke: 50 of 150 steps, for the operating-point grid, eval.grid)")
     keep_last: int = Field(3, ge=0, description="snapshots kept (the newest); 0 = all")
     max_sequence_length: int = Field(64, ge=8, le=512, description="T5 tokens per caption (FLUX.1-dev: 512)")
     num_processes: int = Field(1, ge=1)
@@ -330,14 +331,14 @@ class Sample(Section):
 class Grid(Section):
     """The operating point (stages/operating_point.py): style vs content over snapshot step x LoRA scale
     on the first ``prompts`` prompts of sample.prompts and ``seeds``, at sample's steps/guidance/resolution.
-    Cost: (steps) x len(scales) x prompts x len(seeds) LoRA images (flux-dev: 3 x 2 x 5 x 2 = 60, a quarter of
-    sample's 240); the base images come from the cache."""
-    enabled: bool = Field(False, description="render and measure the grid; false = operating_point.json says so")
+    Cost: (steps) x len(scales) x prompts x len(seeds) LoRA images (smoke: 3 x 2 x 4 x 2 = 48 tiny ones;
+    flux-dev: 3 x 2 x 5 x 2 = 60, a quarter of sample's 240); the base images come from the cache."""
+    enabled: bool = Field(True, description="render and measure the grid; false = operating_point.json says so")
     steps: Union[Literal["all"], list[Annotated[int, Field(ge=1)]]] = Field(
         "all", description="snapshot steps (train.save_every) to try; all = every saved one; the final "
                            "adapter (train.steps) is always in")
-    scales: list[Annotated[float, Field(gt=0)]] = Field([0.75, 1.0], min_length=1)
-    prompts: int = Field(5, ge=1, description="the first N prompts of sample.prompts")
+    scales: list[Annotated[float, Field(gt=0)]] = Field([0.5, 1.0], min_length=1)
+    prompts: int = Field(4, ge=1, description="the first N prompts of sample.prompts")
     seeds: list[int] = Field([0, 1], min_length=1)
     content_min: float = Field(0.9, gt=0, description="least content kept: CLIP-score ratio to the base "
                                "(LoRA image's CLIP score / the same prompt and seed's base image's)")
