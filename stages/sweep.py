@@ -96,20 +96,25 @@ def plot_operating_points(rows: list[dict], param: str, path: Path) -> bool:
     with the param and the recommended step/scale, and the experiments' Pareto front; False when none has one."""
     from stages.metrics import operating_point as op
 
-    points = []
+    by_value: dict[tuple, op.Point] = {}  # experiments with the very same point share it (and one label)
     for r in rows:
         if None in (r.get("op_style"), r.get("op_content"), r.get("op_step"), r.get("op_scale")):
             continue
-        pt = op.Point(int(r["op_step"]), r["op_scale"], r["op_style"], r["op_content"], (math.nan, math.nan),
-                      (math.nan, math.nan))
-        pt.extra["label"] = f"{r['experiment']} ({param}={r[param]:g}): {int(r['op_step'])}/{r['op_scale']:g}"
-        points.append(pt)
+        key = (int(r["op_step"]), r["op_scale"], r["op_style"], r["op_content"], r[param])
+        if key not in by_value:
+            by_value[key] = op.Point(key[0], key[1], key[2], key[3], (math.nan, math.nan), (math.nan, math.nan))
+            by_value[key].extra["names"] = []
+        by_value[key].extra["names"].append(r["experiment"])
+    points = list(by_value.values())
+    for (step, scale, _, _, value), pt in by_value.items():
+        pt.extra["label"] = f"{', '.join(pt.extra['names'])} ({param}={value:g}): {step}/{scale:g}"
     if not points:
         return False
     front = {id(p) for p in op.pareto_front(points)}
     for p in points:
         p.front = id(p) in front
-    op.plot(points, path, f"operating points of {len(points)} experiments (sweep over {param})")
+    n = sum(len(p.extra["names"]) for p in points)
+    op.plot(points, path, f"operating points of {n} experiments (sweep over {param})")
     return True
 
 

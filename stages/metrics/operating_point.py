@@ -213,8 +213,9 @@ def plot(points: list[Point], path, title: str, content_min: float | None = None
                     yerr=yerr if math.isfinite(p.style_ci[0]) else None, fmt="*" if mine else "o",
                     ms=12 if mine else 5, color="tab:red" if mine else "tab:blue" if p.front else "tab:gray",
                     elinewidth=0.6, capsize=2, alpha=0.9)
+        right = p.content > (min(q.content for q in points) + max(q.content for q in points)) / 2
         ax.annotate(p.extra.get("label", p.label), (p.content, p.style), fontsize=7, textcoords="offset points",
-                    xytext=(3, 3))
+                    xytext=(-3 if right else 3, 3), ha="right" if right else "left")
     front = sorted((p for p in points if p.front), key=lambda p: p.content)
     if len(front) > 1:
         ax.plot([p.content for p in front], [p.style for p in front], "-", color="tab:blue", lw=1,
@@ -226,7 +227,9 @@ def plot(points: list[Point], path, title: str, content_min: float | None = None
     ax.set_xlabel("content: CLIP-score ratio to the base (→ keeps the prompt)")
     ax.set_ylabel("style: cosine to the held-out centroid (↑)")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="best")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best")
+    ax.margins(x=0.2, y=0.1)  # room for the labels
     fig.tight_layout()
     with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png", metadata={"Software": None})
