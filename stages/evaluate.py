@@ -1,7 +1,7 @@
 """evaluate stage: held-out paintings vs base samples vs LoRA samples -> reports/metrics.json.
 
 Sets: ``holdout`` (data/curated/holdout), ``base`` (samples at LoRA scale 0) and ``lora`` (samples
-at the largest scale); every scale of the sweep also gets a row in ``reports/plots/sweep.csv``.
+at ``sample.lora_scale``, by default the largest scale); every scale of the sweep also gets a row in ``reports/plots/sweep.csv``.
 Metrics (flat keys ``<family>_<set>``, named in stages.metrics.vocab; the meaning of each is in the
 README). ``reports/metrics.json`` gets the headline (``vocab.HEADLINE``), reports/eval/metrics_all.json all:
 
@@ -16,6 +16,9 @@ README). ``reports/metrics.json`` gets the headline (``vocab.HEADLINE``), report
   ``trait_<name>_dist_base|lora``: distance of that mean to the held-out mean in held-out standard
   deviations (closer is better: a trait that overshoots the held-out paintings is not "more
   Impressionist"); ``*_delta`` = LoRA - base (for traits only of the distance: negative = LoRA closer).
+
+The operating point of the grid (stages/operating_point.py) joins them as ``op_step``, ``op_scale``,
+``op_style``, ``op_content`` (headline too) and its record is copied to reports/eval/operating_point.json.
 
 Also writes reports/eval/ (metrics_all.json, details.json, traits.png, loss.png, the blind A/B page and its key),
 reports/plots/{traits,sweep}.csv (DVC plots) and reports/report.html.
