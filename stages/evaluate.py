@@ -22,12 +22,17 @@ The operating point of the grid (stages/operating_point.py) joins them as ``op_s
 
 Also writes reports/eval/ (metrics_all.json, details.json, traits.png, loss.png, the blind A/B page and its key),
 reports/plots/{traits,sweep}.csv (DVC plots) and reports/report.html.
+
+The held-out paintings' embeddings and traits do not depend on the adapter: they are measured by the
+first experiment and read from the shared stage cache by the next ones (:func:`measure_reference`,
+stages.metrics.refcache; ``eval.reference_cache``), the same arrays bit for bit.
 """
 from __future__ import annotations
 
 import logging
 import math
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,21 +42,22 @@ from stages.core import gpus, log, params, registry, tracking
 from stages.core.io import atomic_dir, read_json, write_json
 from stages.core.paths import Evaluate
 from stages.metrics import ab, fidelity, report, style, traits, vocab
-from stages.metrics.reference import (Embedders, Reference, holdout_clip_embeddings,  # noqa: F401 (public)
-                                     load_holdout)
+from stages.metrics.reference import HOLDOUT_SIDE, Embedders, holdout_clip_embeddings, load_holdout
 
 logger = logging.getLogger("stages.evaluate")
 
 
 def set_metrics(name: str, emb: np.ndarray, ref: np.ndarray, imgs: list, aest: np.ndarray,
-                groups, size: int, ref_traits: dict[str, np.ndarray] | None = None) -> dict:
-    """One set's metrics; ``ref_traits`` (held-out per-image traits) adds the trait distances."""
+                groups, size: int, ref_traits: dict[str, np.ndarray] | None = None,
+                table: dict[str, np.ndarray] | None = None) -> dict:
+    """One set's metrics; ``ref_traits`` (held-out per-image traits) adds the trait distances;
+    ``table``: the set's per-image traits when already measured (else measured on ``imgs``)."""
     is_ref = name == "holdout"
     out = {f"style_centroid_{name}": style.centroid_cosine(emb, ref, leave_one_out=is_ref),
            f"style_nn_{name}": style.nn_cosine(emb, ref, leave_one_out=is_ref),
            f"aesthetic_{name}": float(np.mean(aest)),
            f"diversity_{name}": style.diversity(emb, groups)}
-    table = traits.trait_table(imgs, size)
+    table = traits.trait_table(imgs, size) if table is None else table
     out.update({f"trait_{k}_{name}": float(v.mean()) for k, v in table.items()})
     if ref_traits is not None:
         out.update({f"trait_{k}_dist_{name}": d for k, d in traits.distance(table, ref_traits).items()})
@@ -87,6 +93,38 @@ def read_index(samples: Path) -> tuple[dict, list[float]]:
     if 0.0 not in scales or len(scales) < 2:
         raise SystemExit(f"{samples}/index.json needs base (scale 0) and LoRA samples; scales = {scales}")
     return index, scales
+
+
+@dataclass
+class Reference:
+    """The held-out paintings, measured once: what every sample set is compared against."""
+    ids: list[str]
+    clip: np.ndarray
+    style: np.ndarray
+    traits: dict = field(default_factory=dict)  # per-image trait table (traits.trait_table)
+
+
+def measure_reference(p: params.Params, paths: Evaluate, models: Embedders) -> Reference:
+    """The held-out paintings' ids, CLIP and style embeddings and traits: from the stage cache
+    (stages.metrics.refcache; ``eval.reference_cache``) when it holds them, else measured and stored."""
+    from stages.core import stagecache
+    from stages.metrics import refcache
+
+    holdout = paths.curated / "holdout"
+    use_cache = p.eval.reference_cache
+    if use_cache:
+        fields = refcache.fields(p, holdout, paths.embeddings, models.clip, HOLDOUT_SIDE)
+        key = stagecache.digest(fields)
+        payload = stagecache.get(refcache.KIND, key)
+        if payload is not None:
+            logger.info("held-out measurements from the stage cache (%s/%s)", refcache.KIND, key[:16])
+            return Reference(*refcache.unpack(payload))
+    ids, imgs = load_holdout(holdout)
+    hold_clip = holdout_clip_embeddings(models.clip, ids, imgs, paths.embeddings)
+    ref = Reference(ids, hold_clip, models.style(imgs, hold_clip), traits.trait_table(imgs, p.eval.trait_size))
+    if use_cache:
+        stagecache.put(refcache.KIND, key, fields, refcache.pack(ref.ids, ref.clip, ref.style, ref.traits))
+    return ref
 
 
 def measure_scale(p: params.Params, name: str, recs: list[dict], samples: Path, models: Embedders,
@@ -133,12 +171,10 @@ def run(p: params.Params, paths: Evaluate = Evaluate()) -> dict:
     index, scales = read_index(paths.samples)
     lora_scale = float(index.get("lora_scale") or scales[-1])  # sample.lora_scale (e.g. best), else the largest
     models = Embedders.load(p)
-    ids, imgs = load_holdout(paths.curated / "holdout")
-    hold_clip = holdout_clip_embeddings(models.clip, ids, imgs, paths.embeddings)
-    ref = Reference(ids, imgs, hold_clip, models.style(imgs, hold_clip))
-    metrics = {"n_holdout": len(imgs), "lora_scale": lora_scale}
-    hold_metrics, ref.traits = set_metrics("holdout", ref.style, ref.style, imgs, models.head.score(hold_clip),
-                                           None, p.eval.trait_size)
+    ref = measure_reference(p, paths, models)
+    metrics = {"n_holdout": len(ref.ids), "lora_scale": lora_scale}
+    hold_metrics, _ = set_metrics("holdout", ref.style, ref.style, [], models.head.score(ref.clip), None,
+                                  p.eval.trait_size, table=ref.traits)
     metrics.update(hold_metrics)
     notes, sweep, per_image = [models.note()], [], []
     for scale in log.progress(scales, desc="evaluate scales", unit="scale"):
@@ -153,10 +189,10 @@ def run(p: params.Params, paths: Evaluate = Evaluate()) -> dict:
         per_image += rows
     if "fid_lora" not in metrics:
         notes.append(f"FID omitted: needs >= eval.fid_min_samples = {p.eval.fid_min_samples} images per "
-                     f"set (held-out {len(imgs)}, samples {metrics['n_lora']} per scale)")
+                     f"set (held-out {len(ref.ids)}, samples {metrics['n_lora']} per scale)")
     metrics.update(operating_point_metrics(paths.operating_point))
     metrics = compare(metrics)
-    write_outputs(p, paths, metrics, sweep, {"notes": notes, "clip": models.clip.name, "holdout_ids": ids,
+    write_outputs(p, paths, metrics, sweep, {"notes": notes, "clip": models.clip.name, "holdout_ids": ref.ids,
                                              "images": per_image}, index)
     logger.info("style centroid cos: held-out %.3f, base %.3f, LoRA %.3f; CLIP score ratio %.3f",
                 *(metrics.get(k) or float("nan") for k in ("style_centroid_holdout", "style_centroid_base",

@@ -163,6 +163,9 @@ KEY_CHANGES = {  # field: (a params override, the prompt, the seed)
     "quantization": ("model.quantization=nf4", PROMPT, 0),
     "max_sequence_length": ("train.max_sequence_length=128", PROMPT, 0),
 }
+HAS_COMPILE = "compile" in params.Sample.model_fields  # sample.compile: the fast-sampler work (issue 24)
+if HAS_COMPILE:
+    KEY_CHANGES["compile"] = ("sample.compile=true", PROMPT, 0)
 
 
 def first_key(common: dict, prompt: str = PROMPT, seed: int = 0, scale: float = 1.0, batch_size: int = 2) -> str:
@@ -233,3 +236,44 @@ def test_unwritable_cache_only_warns(tmp_path, monkeypatch, caplog):
     stagecache.put("kind", "ab" * 32, {"x": 1}, b"payload")
     assert "could not write" in caplog.text
     assert stagecache.get("kind", "ab" * 32) is None
+
+
+def test_an_edit_of_the_render_code_misses(fields, tmp_path, monkeypatch):
+    p, common = fields
+    for src in base_cache.CODE:
+        (tmp_path / src).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(stagecache.CODE_ROOT / src, tmp_path / src)
+    monkeypatch.setattr(stagecache, "CODE_ROOT", tmp_path)
+    assert base_cache.run_fields(p, "cpu") == common
+    with open(tmp_path / "stages/models/render.py", "a") as fh:
+        fh.write("\n# a faster sampler\n")
+    assert first_key(base_cache.run_fields(p, "cpu")) != first_key(common)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_COMPILE, reason="no sample.compile switch yet")
+def test_compiled_sampling_within_one_grey_level(tmp_path, cache, counted):
+    """sample.compile=true: the same images within one grey level, and never the eager run's base
+    images from the cache (the switch is part of the key)."""
+    import numpy as np
+    import torch._dynamo
+    from PIL import Image
+
+    extra = ("sample.batch_size=4", "sample.lora_scales=[0.0,1.0]")
+    eager = project(tmp_path / "eager", *extra)
+    run_stage(sample.main, eager)
+    compiled = tmp_path / "compiled"
+    shutil.copytree(eager / "models", compiled / "models")
+    counted.update(images=0)
+    try:
+        run_stage(sample.main, project(compiled, *extra, "sample.compile=true"))
+    finally:
+        torch._dynamo.reset()
+    assert counted["images"] == 8  # base and LoRA rendered: the eager base images are not reused
+    for name in (eager / "reports/samples/images").iterdir():
+        a = np.asarray(Image.open(name), dtype=int)
+        b = np.asarray(Image.open(compiled / "reports/samples/images" / name.name), dtype=int)
+        assert np.abs(a - b).max() <= 1, name.name
+    keys = [[im.get("base_key") for im in json.loads((r / "reports/samples/index.json").read_text())["images"]]
+            for r in (eager, compiled)]
+    assert keys[0] != keys[1]

@@ -352,6 +352,9 @@ class Eval(Section):
     fid_min_samples: int = Field(2048, ge=2)
     trait_size: int = Field(64, ge=16, description="side images are resized to for the trait metrics")
     ab_scale: Optional[float] = Field(None, gt=0, description="LoRA scale in the A/B page; None = largest")
+    reference_cache: bool = Field(True, description="keep the held-out paintings' embeddings and traits in the "
+                                  "shared stage cache instead of measuring them in every experiment "
+                                  "(stages/metrics/refcache.py)")
     grid: Grid = Grid()
 
 

@@ -34,6 +34,7 @@ from stages.core.io import atomic_file
 
 log = logging.getLogger(__name__)
 HASH_FILES_BELOW = 64 * 2**20  # folder_identity: smaller files are identified by their content
+CODE_ROOT = Path(__file__).resolve().parents[2]
 
 
 def root() -> Path:
@@ -69,6 +70,20 @@ def folder_identity(folder: Path) -> dict[str, str]:
     model copied elsewhere, e.g. rebuilt in a temp experiment's copy, has the same identity)."""
     return {f.name: file_identity(f) for f in sorted(Path(folder).iterdir())
             if f.suffix in (".safetensors", ".json", ".bin")}
+
+
+def device_class(device) -> str:
+    """``cpu``, or ``cuda:<card name>``: results from different GPU models differ in the last bits."""
+    import torch
+
+    device = torch.device(device)
+    return f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type
+
+
+def code_identity(*sources: str) -> dict[str, str]:
+    """``{path: sha256}`` of source files (paths from the repo root): the code that computes a
+    cached result is part of its key, so an edit there computes it again."""
+    return {src: hashlib.sha256((CODE_ROOT / src).read_bytes()).hexdigest() for src in sources}
 
 
 def _files(kind: str, key: str) -> tuple[Path, Path]:

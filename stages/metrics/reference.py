@@ -8,7 +8,7 @@ CSD when ``eval.csd_weights`` is set (the style embeddings: CSD's, else CLIP's).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -82,13 +82,3 @@ class Embedders:
     def note(self) -> str:
         return f"style embeddings: {self.csd.name}" if self.csd else \
             f"style embeddings: {self.clip.name} (CLIP image embeddings; set eval.csd_weights for CSD)"
-
-
-@dataclass
-class Reference:
-    """The held-out paintings, measured once: what every sample set is compared against."""
-    ids: list[str]
-    imgs: list
-    clip: np.ndarray
-    style: np.ndarray
-    traits: dict = field(default_factory=dict)

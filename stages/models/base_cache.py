@@ -11,9 +11,11 @@ everything the image is a function of (:func:`run_fields` + :func:`image_fields`
   transformer, VAE and scheduler files that were resolved (content hashes; stagecache.folder_identity);
 - the prompt: the full text (with the trigger), ``train.max_sequence_length`` and the sha256 of its
   T5 and CLIP embeddings (so the text encoders and their quantization count too);
-- the seed, ``sample.steps``, ``sample.guidance``, the resolution, the scheduler's config;
+- the seed, ``sample.steps``, ``sample.guidance``, the resolution, the scheduler's config,
+  ``sample.compile`` (compiled renders agree within a grey level, not bit for bit);
 - the compute dtype, the device class (``cpu``, or ``cuda:<card name>``: GPU models differ in the
-  last bits), the torch and diffusers versions, :data:`VERSION` of this module; and
+  last bits), the torch, diffusers and peft versions, the source of the code that renders
+  (:data:`CODE`: an edit there, e.g. a faster sampler, renders again); and
 - the number of images in the pipeline call that renders it (:func:`batches`): a batch of one
   differs from a batch of several in the last bit even on the CPU, so an image is only reused
   from a call of the same size, and a miss re-renders its whole batch, exactly as a cold run would.
@@ -38,14 +40,10 @@ from stages.core.device import default_dtype
 
 log = logging.getLogger(__name__)
 KIND = "base-images"
-VERSION = 1  # bump when a change of the render code changes the pixels
-
-
-def device_class(device: torch.device) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    return device.type
+VERSION = 1
+# the code an image's pixels come from (any edit there renders again)
+CODE = ("stages/sample.py", "stages/models/render.py", "stages/models/flux.py", "stages/models/streaming.py",
+        "stages/models/quant.py", "stages/models/quant_cache.py", "stages/models/base_cache.py")
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -55,6 +53,7 @@ def tensor_sha256(t: torch.Tensor) -> str:
 def run_fields(p, device) -> dict:
     """The key fields shared by every base image of a sample run."""
     import diffusers
+    import peft
 
     from stages.models import flux
 
@@ -66,10 +65,14 @@ def run_fields(p, device) -> dict:
             "quantization": p.model.quantization, "files": files,
             "scheduler": {k: v for k, v in dict(scheduler_config).items() if k != "_diffusers_version"},
             "steps": p.sample.steps, "guidance": p.sample.guidance,
+            # sample.compile (the fast-sampler work; compiled images differ within a grey level): with the
+            # device class it says whether the blocks were compiled ("auto" = on CUDA)
+            "compile": getattr(p.sample, "compile", False),
             "height": p.sample.resolution, "width": p.sample.resolution,
             "max_sequence_length": p.train.max_sequence_length,
-            "dtype": str(default_dtype(torch.device(device))), "device": device_class(device),
-            "torch": torch.__version__, "diffusers": diffusers.__version__}
+            "dtype": str(default_dtype(torch.device(device))), "device": stagecache.device_class(device),
+            "code": stagecache.code_identity(*CODE),
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__}
 
 
 def image_fields(common: dict, prompt: str, seed: int, batch: int, embeds: torch.Tensor,
