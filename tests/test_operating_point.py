@@ -357,3 +357,20 @@ def test_make_exps_adds_each_experiments_operating_point():
                      ["rank2 (def5678)", "150", "1", "0.7000", "0.900"]]
     assert "content_min" in notes[0]
     assert experiments.operating_points(op_rows()[:1])[1] == []  # no grid ran: no second table
+
+
+def test_params_check_the_grid_before_any_stage_runs():
+    """Caught by the schema (the validate stage), before DVC removes any output."""
+    from stages.core import params
+
+    assert params.validate({"eval": {"grid": {"steps": [50, 150]}}}).eval.grid.steps == [50, 150]
+    for raw, msg in [({"eval": {"grid": {"steps": [60]}}}, r"eval.grid.steps \[60\]: training keeps no adapter.*"
+                                                           r"kept: \[50, 100, 150\]"),
+                     ({"eval": {"grid": {"steps": [50]}}, "train": {"keep_last": 1}}, r"kept: \[150\]"),
+                     ({"eval": {"grid": {"steps": "some"}}}, "must be all .* or a non-empty list of steps"),
+                     ({"eval": {"grid": {"scales": [0.0]}}}, "greater than 0"),
+                     ({"sample": {"lora_scale": "max"}}, "must be a scale > 0, 'best'"),
+                     ({"sample": {"lora_scale": "best"}, "eval": {"grid": {"enabled": False}}},
+                      "sample.lora_scale=best reads the operating point")]:
+        with pytest.raises(params.ParamsError, match=msg):
+            params.validate(raw)

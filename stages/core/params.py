@@ -334,7 +334,7 @@ class Grid(Section):
     Cost: (steps) x len(scales) x prompts x len(seeds) LoRA images (smoke: 3 x 2 x 4 x 2 = 48 tiny ones;
     flux-dev: 3 x 2 x 5 x 2 = 60, a quarter of sample's 240); the base images come from the cache."""
     enabled: bool = Field(True, description="render and measure the grid; false = operating_point.json says so")
-    steps: Union[Literal["all"], list[Annotated[int, Field(ge=1)]]] = Field(
+    steps: Union[str, list[int]] = Field(
         "all", description="snapshot steps (train.save_every) to try; all = every saved one; the final "
                            "adapter (train.steps) is always in")
     scales: list[Annotated[float, Field(gt=0)]] = Field([0.5, 1.0], min_length=1)
@@ -343,6 +343,16 @@ class Grid(Section):
     content_min: float = Field(0.9, gt=0, description="least content kept: CLIP-score ratio to the base "
                                "(LoRA image's CLIP score / the same prompt and seed's base image's)")
     bootstrap: int = Field(1000, ge=100, description="bootstrap resamples of the (prompt, seed) pairs")
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _all_or_steps(cls, v):
+        ok = v == "all" or (isinstance(v, list) and v and all(isinstance(s, int) and not isinstance(s, bool)
+                                                              and s >= 1 for s in v))
+        if not ok:
+            raise ValueError("must be all (every train.save_every snapshot) or a non-empty list of steps >= 1, "
+                             "e.g. [500, 1000]")
+        return v
 
 
 class Eval(Section):
@@ -379,11 +389,20 @@ class Params(Section):
     mlflow: Mlflow = Mlflow()
 
     @model_validator(mode="after")
-    def _best_needs_the_grid(self):
+    def _grid_and_best(self):
         best = [k for k in ("adapter_step", "lora_scale") if getattr(self.sample, k) == "best"]
         if best and not self.eval.grid.enabled:
             raise ValueError(f"sample.{best[0]}=best reads the operating point, which eval.grid.enabled=false "
                              "does not compute: set eval.grid.enabled=true (or give a number)")
+        g, t = self.eval.grid, self.train
+        if g.enabled and g.steps != "all":  # the snapshots this training will leave (train.save_every, keep_last)
+            saved = list(range(t.save_every, t.steps + 1, t.save_every)) if t.save_every else []
+            kept = set(saved[-t.keep_last:] if t.keep_last else saved) | {t.steps}
+            missing = sorted(set(g.steps) - kept)
+            if missing:
+                raise ValueError(f"eval.grid.steps {missing}: training keeps no adapter at these steps (kept: "
+                                 f"{sorted(kept)} with train.save_every={t.save_every}, keep_last={t.keep_last}, "
+                                 f"steps={t.steps}); use all or some of those")
         return self
 
 
