@@ -233,8 +233,8 @@ def run(p: params.Params, paths: Encode = Encode()) -> dict:
 
 
 def main() -> None:
-    gpus.claim("encode")  # a free GPU, before CUDA starts (stages/core/gpus.py)
     p = params.load()
+    gpus.claim("encode")  # a free GPU before CUDA starts (stages/core/gpus.py)
     logs.setup("encode")
     run(p, Encode())
 

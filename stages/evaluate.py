@@ -218,8 +218,8 @@ def write_outputs(p: params.Params, paths: Evaluate, metrics: dict, sweep: list[
 
 
 def main() -> None:
-    gpus.claim("evaluate")  # a free GPU, before CUDA starts (stages/core/gpus.py)
     p = params.load()
+    gpus.claim("evaluate")  # a free GPU before CUDA starts (stages/core/gpus.py)
     log.setup("evaluate")
     paths = Evaluate()
     metrics = run(p, paths)

@@ -193,8 +193,8 @@ def write_outputs(paths: OperatingPoint, rec: dict, points: list) -> None:
 
 
 def main() -> None:
-    gpus.claim("operating_point")  # before anything initialises CUDA (stages/core/gpus.py)
     p = params.load()
+    gpus.claim("operating_point")  # a free GPU before CUDA starts (stages/core/gpus.py)
     log.setup("operating_point")
     paths = OperatingPoint()
     rec = run(p, paths)

@@ -248,8 +248,8 @@ def run(p: params.Params, paths: Sample = Sample()) -> dict:
 
 
 def main() -> None:
-    gpus.claim("sample")  # a free GPU, before CUDA starts (stages/core/gpus.py)
     p = params.load()
+    gpus.claim("sample")  # a free GPU before CUDA starts (stages/core/gpus.py)
     log.setup("sample")
     paths = Sample()
     index = run(p, paths)
