@@ -2,6 +2,7 @@
 front and the constraint on constructed scores, honest intervals, ``best`` in the sample stage, and the
 stage on a tiny model."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -374,3 +375,37 @@ def test_params_check_the_grid_before_any_stage_runs():
                       "sample.lora_scale=best reads the operating point")]:
         with pytest.raises(params.ParamsError, match=msg):
             params.validate(raw)
+
+
+def test_evaluate_and_the_report_carry_the_recorded_point(tmp_path):
+    """evaluate's op_* keys (headline, so dvc exp show, make exps and the registry tags get them) and the
+    report's section: recommendation, intervals, reason, trend, figure, all escaped by jinja2."""
+    from stages import evaluate
+    from stages.core import params
+    from stages.metrics import report, vocab
+
+    rec = {"enabled": True, "final_step": 150, "pairs": 8, "prompts": 4, "seeds": [0, 1], "content_min": 0.9,
+           "style_metric": "style_centroid", "content_metric": "clip_score_ratio <b>",
+           "points": [{"step": 100, "scale": 1.0, "style": 0.8, "style_lo": 0.79, "style_hi": 0.81, "content": 0.95,
+                       "content_lo": 0.9, "content_hi": 1.0, "front": True, "feasible": True}],
+           "recommended": {"step": 100, "scale": 1.0, "style": 0.8, "content": 0.95, "style_ci": [0.79, 0.81],
+                           "content_ci": [0.9, 1.0], "reason": "the highest style", "fallback": False,
+                           "trend": "overtraining shows: from step 100 to 150", "indistinguishable": []}}
+    path = tmp_path / "reports/operating_point/operating_point.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(rec))
+    (path.parent / "grid.png").write_bytes(b"\x89PNG")
+    got = evaluate.operating_point_metrics(path)
+    assert got == {"op_step": 100, "op_scale": 1.0, "op_style": 0.8, "op_content": 0.95}
+    assert list(vocab.headline({"style_centroid_lora": 0.9, **got})) == ["style_centroid_lora", *got]
+    assert evaluate.operating_point_metrics(tmp_path / "missing.json") == {}
+    index = {"prompts": ["a"], "seeds": [0], "grids": []}
+    html = report.write_report(Path("reports/report.html"), {"n_holdout": 2}, [], index, params.Params(),
+                               root=tmp_path).read_text()
+    assert "Recommended: step 100, LoRA scale 1" in html and "[0.79, 0.81]" in html
+    assert "The highest style. Overtraining shows: from step 100 to 150." in html
+    assert 'src="operating_point/grid.png"' in html and "clip_score_ratio &lt;b&gt;" in html
+    path.write_text(json.dumps({"enabled": False, "reason": "eval.grid.enabled is false"}))
+    html = report.write_report(Path("reports/report.html"), {"n_holdout": 2}, [], index, params.Params(),
+                               root=tmp_path).read_text()
+    assert "eval.grid.enabled is false" in html and "Recommended" not in html
