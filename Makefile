@@ -70,8 +70,8 @@ test-fast: install-test  ## skip tests marked slow
 params: install          ## regenerate conf/config.yaml from the schema and params.yaml from conf/
 	$(PY) -m stages.core.params --sync
 
-publish: install         ## assemble models/hub (adapter, samples, metrics, model card); PUSH=1 uploads it
-	$(PY) -m stages.publish $(if $(PUSH),--push) $(if $(REPO),--repo-id $(REPO))
+publish: install         ## assemble models/hub (adapter, samples, metrics, model card); PUSH=1 uploads it; ADAPTER=best ships the operating point's step
+	$(PY) -m stages.publish $(if $(PUSH),--push) $(if $(REPO),--repo-id $(REPO)) $(if $(ADAPTER),--adapter $(ADAPTER))
 
 demo: install-app        ## the Gradio app on the smoke profile's tiny model + models/lora (after `make repro`)
 	@test -f models/lora/pytorch_lora_weights.safetensors || { echo "no adapter in models/lora: run 'make repro' first"; exit 1; }

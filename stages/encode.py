@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from stages.core import log as logs, params, tensorfiles
+from stages.core import gpus, log as logs, params, tensorfiles
 from stages.core.device import default_device, default_dtype
 from stages.core.images import decode
 from stages.core.io import atomic_dir, read_json, write_json
@@ -234,6 +234,7 @@ def run(p: params.Params, paths: Encode = Encode()) -> dict:
 
 def main() -> None:
     p = params.load()
+    gpus.claim("encode")  # a free GPU before CUDA starts (stages/core/gpus.py)
     logs.setup("encode")
     run(p, Encode())
 

@@ -1,7 +1,7 @@
 """evaluate stage: held-out paintings vs base samples vs LoRA samples -> reports/metrics.json.
 
 Sets: ``holdout`` (data/curated/holdout), ``base`` (samples at LoRA scale 0) and ``lora`` (samples
-at the largest scale); every scale of the sweep also gets a row in ``reports/plots/sweep.csv``.
+at ``sample.lora_scale``, by default the largest scale); every scale of the sweep also gets a row in ``reports/plots/sweep.csv``.
 Metrics (flat keys ``<family>_<set>``, named in stages.metrics.vocab; the meaning of each is in the
 README). ``reports/metrics.json`` gets the headline (``vocab.HEADLINE``), reports/eval/metrics_all.json all:
 
@@ -17,6 +17,9 @@ README). ``reports/metrics.json`` gets the headline (``vocab.HEADLINE``), report
   deviations (closer is better: a trait that overshoots the held-out paintings is not "more
   Impressionist"); ``*_delta`` = LoRA - base (for traits only of the distance: negative = LoRA closer).
 
+The operating point of the grid (stages/operating_point.py) joins them as ``op_step``, ``op_scale``,
+``op_style``, ``op_content`` (headline too) and its record is copied to reports/eval/operating_point.json.
+
 Also writes reports/eval/ (metrics_all.json, details.json, traits.png, loss.png, the blind A/B page and its key),
 reports/plots/{traits,sweep}.csv (DVC plots) and reports/report.html.
 
@@ -29,54 +32,20 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
-from PIL import Image
 
 from stages.core import images as core_images
-from stages.core import log, params, registry, shards, tracking
+from stages.core import gpus, log, params, registry, tracking
 from stages.core.io import atomic_dir, read_json, write_json
 from stages.core.paths import Evaluate
 from stages.metrics import ab, fidelity, report, style, traits, vocab
+from stages.metrics.reference import HOLDOUT_SIDE, Embedders, holdout_clip_embeddings, load_holdout
 
 logger = logging.getLogger("stages.evaluate")
-
-
-HOLDOUT_SIDE = 512  # held-out paintings are kept in memory at most this large (CLIP sees 224 px)
-
-
-def load_holdout(folder: Path) -> tuple[list[str], list[Image.Image]]:
-    """Decode the held-out paintings, each shrunk to HOLDOUT_SIDE on its long side (WikiArt scans
-    run to several megapixels; a thousand of them at full size would not fit in memory)."""
-    ids, imgs = [], []
-    for row in shards.iter_rows(folder, columns=["id", "image"]):
-        try:
-            img = core_images.decode(row["image"])
-            img.thumbnail((HOLDOUT_SIDE, HOLDOUT_SIDE), Image.LANCZOS)
-            imgs.append(img)
-            ids.append(row["id"])
-        except Exception as err:  # a broken held-out image is skipped, loudly
-            logger.warning("held-out image %s unreadable (%s): skipped", row["id"], err)
-    if len(imgs) < 2:
-        raise SystemExit(f"{folder}: {len(imgs)} held-out images; need at least 2 (raise data.holdout)")
-    return ids, imgs
-
-
-def holdout_clip_embeddings(clip, ids, imgs, cache: Path) -> np.ndarray:
-    """Reuse the filter stage's cached embeddings (``cache``) when they come from the same CLIP model."""
-    from stages.models.clip import load_embeddings
-
-    if cache.exists():
-        cached_ids, emb, model = load_embeddings(cache)
-        row = {i: k for k, i in enumerate(cached_ids)}
-        if model == clip.name and all(i in row for i in ids):
-            logger.info("held-out CLIP embeddings from %s", cache)
-            return emb[[row[i] for i in ids]]
-        logger.info("embedding cache is for %r / misses ids: re-embedding the held-out set", model)
-    return clip.embed_images(imgs)
 
 
 def set_metrics(name: str, emb: np.ndarray, ref: np.ndarray, imgs: list, aest: np.ndarray,
@@ -125,35 +94,6 @@ def read_index(samples: Path) -> tuple[dict, list[float]]:
     if 0.0 not in scales or len(scales) < 2:
         raise SystemExit(f"{samples}/index.json needs base (scale 0) and LoRA samples; scales = {scales}")
     return index, scales
-
-
-@dataclass
-class Embedders:
-    """The models evaluate measures with: CLIP, the aesthetic head on CLIP, CSD when configured."""
-    clip: object
-    head: object
-    csd: Optional[object] = None
-
-    @classmethod
-    def load(cls, p: params.Params) -> "Embedders":
-        from stages.models import aesthetic
-        from stages.models.clip import load_clip
-
-        clip = load_clip(p.clip, seed=p.seed)
-        head = aesthetic.load_aesthetic_head(p.filter.aesthetic.head, clip.dim, seed=p.seed, device=clip.device)
-        csd = None
-        if p.eval.csd_weights:
-            from stages.metrics.csd import load_csd
-            csd = load_csd(p.eval.csd_weights, p.eval.csd_model, device=clip.device)
-        return cls(clip, head, csd)
-
-    def style(self, imgs, clip_embeddings: np.ndarray) -> np.ndarray:
-        """Style embeddings: CSD's when loaded, else the CLIP image embeddings."""
-        return self.csd.embed_images(imgs) if self.csd else clip_embeddings
-
-    def note(self) -> str:
-        return f"style embeddings: {self.csd.name}" if self.csd else \
-            f"style embeddings: {self.clip.name} (CLIP image embeddings; set eval.csd_weights for CSD)"
 
 
 @dataclass
@@ -220,10 +160,17 @@ def compare(metrics: dict) -> dict:
     return clean(ordered(metrics))
 
 
+def operating_point_metrics(path: Path) -> dict:
+    """``op_step``, ``op_scale``, ``op_style``, ``op_content`` of the grid's recommendation (none when it did not run)."""
+    rec = read_json(path) if path.exists() else {}
+    best = rec.get("recommended") if rec.get("enabled") else None
+    return {f"op_{k}": best[k] for k in ("step", "scale", "style", "content")} if best else {}
+
+
 def run(p: params.Params, paths: Evaluate = Evaluate()) -> dict:
     """The whole stage; returns the metrics written to ``paths.metrics``."""
     index, scales = read_index(paths.samples)
-    lora_scale = scales[-1]
+    lora_scale = float(index.get("lora_scale") or scales[-1])  # sample.lora_scale (e.g. best), else the largest
     models = Embedders.load(p)
     ref = measure_reference(p, paths, models)
     metrics = {"n_holdout": len(ref.ids), "lora_scale": lora_scale}
@@ -244,6 +191,7 @@ def run(p: params.Params, paths: Evaluate = Evaluate()) -> dict:
     if "fid_lora" not in metrics:
         notes.append(f"FID omitted: needs >= eval.fid_min_samples = {p.eval.fid_min_samples} images per "
                      f"set (held-out {len(ref.ids)}, samples {metrics['n_lora']} per scale)")
+    metrics.update(operating_point_metrics(paths.operating_point))
     metrics = compare(metrics)
     write_outputs(p, paths, metrics, sweep, {"notes": notes, "clip": models.clip.name, "holdout_ids": ref.ids,
                                              "images": per_image}, index)
@@ -264,12 +212,15 @@ def write_outputs(p: params.Params, paths: Evaluate, metrics: dict, sweep: list[
         ab.build_page(paths.samples, tmp / "abtest", tmp / "abtest-key.json", p.eval.ab_scale, seed=p.seed)
         write_json(tmp / "metrics_all.json", metrics)  # every metric (a plain output, not a DVC metric)
         write_json(tmp / "details.json", details)
+        if paths.operating_point.exists():  # the grid's record beside the metrics (report, model card, MLflow)
+            shutil.copyfile(paths.operating_point, tmp / "operating_point.json")
     write_json(paths.metrics, vocab.headline(metrics))  # the headline (vocab.HEADLINE): what `dvc exp show` compares
     report.write_report(paths.report, metrics, details["notes"], index, p)
 
 
 def main() -> None:
     p = params.load()
+    gpus.claim("evaluate")  # a free GPU before CUDA starts (stages/core/gpus.py)
     log.setup("evaluate")
     paths = Evaluate()
     metrics = run(p, paths)
@@ -278,7 +229,8 @@ def main() -> None:
         tracking.log_metrics({k: v for k, v in metrics.items() if v is not None})
         registry.describe_version(p, metrics)  # the registered adapter: description, best-style alias
         tracking.log_artifacts([paths.metrics, paths.eval / "metrics_all.json", paths.report, paths.eval / "traits.png",
-                                paths.plots / "traits.csv", paths.plots / "sweep.csv"], artifact_path="eval")
+                                paths.plots / "traits.csv", paths.plots / "sweep.csv",
+                                *[f for f in [paths.eval / "operating_point.json"] if f.exists()]], artifact_path="eval")
 
 
 if __name__ == "__main__":

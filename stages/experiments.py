@@ -7,7 +7,9 @@ differ between them and the headline metrics, in at most 15 columns and 150 char
 ``dvc exp show`` prints every param, dependency hash and metric (255 columns on this project);
 this reads the same data (``dvc.api.exp_show``) and keeps what tells experiments apart: params
 whose value differs between the rows, and ``reports/metrics.json`` (the headline of
-``stages.metrics.vocab``), headed and formatted by the vocabulary.
+``stages.metrics.vocab``), headed and formatted by the vocabulary. When the experiments' grids ran
+(eval.grid), a second table gives each one's operating point: the recommended snapshot step and LoRA
+scale, and the style and content there.
 """
 from __future__ import annotations
 
@@ -89,6 +91,25 @@ def table(rows: list[dict], params_keys: set[str], sort: str | None = None,
     return header, cells, [textwrap.fill(n, width) for n in notes]
 
 
+def operating_points(rows: list[dict], sort: str | None = None) -> tuple[list[str], list[list[str]], list[str]]:
+    """(header, cells, notes) of each experiment's operating point (``vocab.OPERATING_POINT`` from
+    reports/metrics.json); no rows when no experiment has one. Same order as :func:`table`."""
+    have = [r for r in rows if _number(r.get("op_step")) is not None]
+    if not have:
+        return ["Experiment"], [], []
+    if sort:
+        fam = vocab.family(sort)
+        have.sort(key=lambda r: (_number(r.get(sort)) is None,
+                                 -(fam.better or 1) * (_number(r.get(sort)) or 0.0)))
+    header = ["Experiment", "step", "scale", vocab.header("op_style"), vocab.header("op_content")]
+    cells = [[label(r), f"{_number(r['op_step']):.0f}", vocab.fmt("op_scale", _number(r.get("op_scale")), ""),
+              vocab.fmt("op_style", _number(r.get("op_style")), ""),
+              vocab.fmt("op_content", _number(r.get("op_content")), "")] for r in have]
+    return header, cells, [textwrap.fill("operating point: the highest style keeping content (CLIP-score ratio to "
+                                         "the base) >= eval.grid.content_min; intervals in each run's "
+                                         "reports/eval/operating_point.json", WIDTH)]
+
+
 def _param(v) -> str:
     """A param value as written in params.yaml (DVC's API hands back 4.0 for 4)."""
     if v is None:
@@ -118,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     rows, params_keys = collect(args.repo)
     print(render(*table(rows, params_keys, args.sort)), end="")
+    header, cells, notes = operating_points(rows, args.sort)
+    if cells:
+        print("\n" + render(header, cells, notes), end="")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ class Facts:
     mlflow: dict = field(default_factory=dict)   # reports/mlflow_run.json
     dataset_md5: Optional[str] = None            # dvc.lock md5 of data/curated
     data: dict = field(default_factory=dict)     # split counts, sources, licences
+    operating_point: dict = field(default_factory=dict)  # reports/eval/operating_point.json (eval.grid)
 
 
 def _read_json(path: Path, what: str, hint: str) -> dict:
@@ -102,12 +103,21 @@ def collect(root: Path | str, params: dict, lora_dir: str = "models/lora",
         mlflow = {}
 
     commit, dirty = git_state(root)
+    opoint = root / reports / "eval" / "operating_point.json"
     return Facts(
         adapter=adapter, metrics=metrics, samples=samples, params=params,
         trigger=samples.get("trigger") or params.get("caption", {}).get("trigger", ""),
         git_commit=commit, git_dirty=bool(dirty),
         mlflow={k: v for k, v in mlflow.items() if k in ("run_id", "experiment_id")},
-        dataset_md5=dataset_hash(root / "dvc.lock"), data=data_summary(root / "data" / "curated"))
+        dataset_md5=dataset_hash(root / "dvc.lock"), data=data_summary(root / "data" / "curated"),
+        operating_point=json.loads(opoint.read_text()) if opoint.exists() else {})
+
+
+def strength(facts: Facts) -> dict | None:
+    """The recommended LoRA strength for the shipped adapter (its step in adapter.json), from the grid."""
+    from stages.metrics.operating_point import strength_for
+
+    return strength_for(facts.operating_point, facts.adapter.get("steps"))
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -208,7 +218,11 @@ def _usage(facts: Facts, repo_id: str) -> str:
     kohya = facts.adapter.get("files", {}).get("kohya", "lora_kohya.safetensors")
     first = (s.get("images") or [{}])[0]
     example = first.get("full_prompt") or f"a harbour at dawn with fishing boats, {facts.trigger}"
-    return f"""### diffusers
+    rec = strength(facts)
+    scale = float(rec["scale"]) if rec else 1.0  # a number in a code snippet, never text from the file
+    note = (f"Recommended strength **{scale:g}** (the evaluation's operating point for this step: "
+            f"style {fmt(rec['style'])}, content {fmt(rec['content'])} of the base's CLIP score).\n\n" if rec else "")
+    return f"""{note}### diffusers
 
 ```python
 import torch
@@ -219,7 +233,7 @@ pipe.load_lora_weights({py(repo_id)}, weight_name="pytorch_lora_weights.safetens
 image = pipe(
     {py(example)},
     num_inference_steps={_number(s.get('steps', 28))}, guidance_scale={_number(s.get('guidance', 3.5))},
-    joint_attention_kwargs={{"scale": 1.0}},  # lora_scale: 0 = base model, 0.5 = half strength
+    joint_attention_kwargs={{"scale": {_number(scale)}}},  # lora_scale: 0 = base model, 0.5 = half strength
     generator=torch.Generator("cuda").manual_seed(0),
 ).images[0]
 ```
@@ -232,7 +246,7 @@ image = pipe(
 
 Copy {code(kohya)} (kohya/ComfyUI `lora_unet_*` keys, every module with its `.alpha`, so the strength
 is right) into `ComfyUI/models/loras/`, then add a **LoraLoaderModelOnly** node between the FLUX.1-dev
-UNET loader and the sampler, `strength_model` 1.0 (0.5–0.8 for a lighter touch). Put {code(facts.trigger)}
+UNET loader and the sampler, `strength_model` {text(fmt(scale))}{'' if rec else ' (0.5–0.8 for a lighter touch)'}. Put {code(facts.trigger)}
 in the prompt."""
 
 
@@ -257,6 +271,19 @@ def _counts(counter: dict) -> str:
 def _number(v: Any) -> str:
     """A number for a code snippet (anything else becomes its string literal)."""
     return repr(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else py(v)
+
+
+def _operating_point(facts: Facts) -> str:
+    """One paragraph on the recorded operating point (which step, which strength), or nothing."""
+    rec = facts.operating_point
+    if not rec.get("enabled"):
+        return ""
+    b = rec["recommended"]
+    shipped = facts.adapter.get("steps")
+    which = "this adapter" if b["step"] == shipped else f"step {b['step']} (this adapter is step {shipped})"
+    return (f"\n\nWhich step, which strength (`reports/eval/operating_point.json`, {rec['pairs']} prompt-seed pairs): "
+            f"{which} at scale **{fmt(b['scale'])}**, style {fmt(b['style'])}, content {fmt(b['content'])}: "
+            f"{text(b['reason'])}." + (f" {text(b['trend'][:1].upper() + b['trend'][1:])}." if b.get("trend") else ""))
 
 
 def optimizer_text(train: dict) -> str:
@@ -319,7 +346,7 @@ Prompts never seen in training, same seeds, LoRA scale {text(', '.join(fmt(x) fo
 
 From `reports/metrics.json` (held-out paintings vs base vs base + LoRA at scale {text(fmt(m.get('lora_scale')))};
 images per set: {counts or 'not recorded'}). CLIP-score ratio LoRA / base: **{text(fmt(ratio))}** (1.0 = prompt
-fidelity kept).
+fidelity kept).{_operating_point(facts)}
 
 {metrics_table(m)}
 

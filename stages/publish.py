@@ -2,7 +2,9 @@
 
 Not a DVC stage: run it after ``dvc repro`` (``make publish`` or ``python -m stages.publish``).
 
-``models/hub/`` gets the diffusers adapter, the kohya/ComfyUI copy, ``adapter.json``, the sample
+``--adapter best`` ships the operating point's snapshot (``reports/eval/operating_point.json``) instead of
+the final adapter, ``--adapter <step>`` a snapshot; the card writes the recommended strength into its usage
+snippets. ``models/hub/`` gets the diffusers adapter, the kohya/ComfyUI copy, ``adapter.json``, the sample
 grids and widget images, ``metrics.json``, ``params.yaml`` and the model card ``README.md``
 (stages.modelcard: every number read from the pipeline's files). Secrets never reach the folder:
 params and every text file in it pass stages.core.secrets (a token inside a URL param is
@@ -30,6 +32,8 @@ from stages.core import log, params, secrets
 from stages.core.io import atomic_dir
 
 LORA_DIR = Path("models/lora")
+SNAPSHOTS = Path("models/snapshots")
+OPERATING_POINT = Path("reports/eval/operating_point.json")
 SAMPLES = Path("reports/samples")
 OUT = Path("models/hub")
 DEFAULT_NAME = "flux-impressionism-lora"
@@ -51,10 +55,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--public", action="store_true", help="create the repo public (default private)")
     ap.add_argument("--force", action="store_true", help="push even an adapter trained on a test (non-hub) base")
     ap.add_argument("--out", type=Path, default=OUT, help=f"folder to assemble (default {OUT})")
+    ap.add_argument("--adapter", default="final", help="final (models/lora), best (the operating point's step, "
+                    "reports/eval/operating_point.json) or a snapshot step (train.save_every)")
     return ap.parse_args(argv)
 
 
-def assemble(facts: modelcard.Facts, out: Path, repo_id: str) -> Path:
+def adapter_dir(choice: str) -> Path:
+    """The adapter folder ``--adapter`` names: models/lora, the operating point's snapshot, or a step's."""
+    from stages.models import snapshots
+
+    if choice == "final":
+        return LORA_DIR
+    if choice == "best":
+        step, _ = snapshots.resolve_best("best", None, OPERATING_POINT)
+    elif choice.isdigit():
+        step = int(choice)
+    else:
+        raise SystemExit(f"--adapter {choice!r}: use final, best or a step number")
+    return snapshots.resolve(step, LORA_DIR, SNAPSHOTS) if step else LORA_DIR
+
+
+def assemble(facts: modelcard.Facts, out: Path, repo_id: str, lora_dir: Path = LORA_DIR) -> Path:
     """Write the Hub folder atomically: adapter files, images, metrics, params, README.md; every
     file scrubbed of secrets (a binary one that holds a secret is a CardError)."""
     facts = dataclasses.replace(facts, params=secrets.masked("", facts.params))
@@ -62,7 +83,7 @@ def assemble(facts: modelcard.Facts, out: Path, repo_id: str) -> Path:
     widget = modelcard.widget_images(facts.samples)
     with atomic_dir(out) as tmp:
         for name in [*files.values(), "adapter.json"]:
-            src = LORA_DIR / name
+            src = lora_dir / name
             if not src.exists():
                 raise modelcard.CardError(f"{src} listed in adapter.json but missing: rerun the train stage")
             shutil.copy2(src, tmp / name)
@@ -85,6 +106,12 @@ def assemble(facts: modelcard.Facts, out: Path, repo_id: str) -> Path:
             raise modelcard.CardError(f"not publishing: {', '.join(held)} hold(s) a secret value (a token, a "
                                       "URL password); remove it and rerun")
     return out
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def listing(folder: Path) -> list[tuple[str, int]]:
@@ -144,7 +171,8 @@ def main(argv=None) -> int:
     p = params.load()
     logger = log.setup("publish")
     name = args.repo_id or os.environ.get("HF_REPO_ID") or DEFAULT_NAME
-    facts = modelcard.collect(Path.cwd(), p.model_dump())
+    lora_dir = adapter_dir(args.adapter)
+    facts = modelcard.collect(Path.cwd(), p.model_dump(), lora_dir=str(lora_dir))
     private = not args.public
     api = None
     if args.push:
@@ -155,7 +183,11 @@ def main(argv=None) -> int:
         repo_id = resolve_repo_id(name, api)
     else:  # dry run: no network, so no user name lookup
         repo_id = name if "/" in name else f"<your-hf-user>/{name}"
-    folder = assemble(facts, args.out, repo_id)
+    shipped = lora_dir / "pytorch_lora_weights.safetensors"
+    if shipped.exists() and facts.samples.get("adapter_sha256") not in (None, _sha256(shipped)):
+        logger.warning("the sample images were rendered from another adapter than %s: rerun the sample stage "
+                       "with sample.adapter_step set to its step (best) so the card shows what it ships", lora_dir)
+    folder = assemble(facts, args.out, repo_id, lora_dir)
     files = listing(folder)
     total = sum(size for _, size in files)
     logger.info("assembled %s: %d files, %.2f MB", folder, len(files), total / 1e6)

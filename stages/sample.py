@@ -7,6 +7,10 @@ model (``model.*``) and the adapter in ``models/lora``. For every prompt, seed a
 ``train.max_sequence_length`` tokens as in training; the latents of a (prompt, seed)
 are the same for every scale (one CPU generator per image), so only the adapter differs.
 
+``sample.lora_scale`` (added to the scales) is the scale evaluate's headline measures (default: the largest);
+``best`` for it or for ``sample.adapter_step`` takes the operating point the grid recorded
+(``reports/operating_point/operating_point.json``, stages/operating_point.py, which runs before this stage).
+
 The trigger (``caption.trigger``) is appended to every prompt, for the base too
 (``"<prompt>, <trigger>"``): the LoRA was trained on captions that contain it, and giving the base
 the very same text keeps the comparison about the adapter alone, not about the wording.
@@ -30,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from stages.core import log, params, tracking
+from stages.core import gpus, log, params, tracking
 from stages.core.device import default_device
 from stages.core.io import atomic_dir, write_json
 from stages.core.paths import Sample
@@ -175,8 +179,9 @@ def render_pngs(p: params.Params, full: list[str], jobs: list[tuple[int, int]], 
 
 
 def write_samples(p: params.Params, out: Path, prompts: list[str], full: list[str], jobs: list[tuple[int, int]],
-                  scales: list[float], pngs: dict, base_keys: dict, adapter: Path) -> dict:
-    """The images, the grids and ``index.json`` (returned) in ``out``."""
+                  scales: list[float], pngs: dict, base_keys: dict, adapter: Path, chosen: dict) -> dict:
+    """The images, the grids and ``index.json`` (returned) in ``out``. ``chosen``: the adapter step and
+    headline LoRA scale rendered (``best`` resolved), and which were ``best``."""
     from PIL import Image
 
     sp = p.sample
@@ -203,19 +208,31 @@ def write_samples(p: params.Params, out: Path, prompts: list[str], full: list[st
         index = {
             "prompts": prompts, "trigger": p.caption.trigger, "seeds": list(sp.seeds), "scales": scales,
             "steps": sp.steps, "guidance": sp.guidance, "resolution": sp.resolution,
-            "model": p.model.base, "revision": p.model.revision, "adapter_step": sp.adapter_step,
+            "model": p.model.base, "revision": p.model.revision, **chosen,
             "adapter_sha256": hashlib.sha256(adapter.read_bytes()).hexdigest() if adapter.exists() else None,
             "images": records, "grids": grids}
         write_json(tmp / "index.json", index)
     return index
 
 
+def chosen(sp, step, headline) -> dict:
+    """What index.json records of the adapter and the headline scale: the step rendered, and when asked
+    for, the headline scale evaluate measures and which of the two came from the operating point (``best``)."""
+    out = {"adapter_step": step}
+    if headline is not None:
+        out["lora_scale"] = headline
+    best = [k for k in ("adapter_step", "lora_scale") if getattr(sp, k) == "best"]
+    return {**out, **({"best": best} if best else {})}
+
+
 def run(p: params.Params, paths: Sample = Sample()) -> dict:
     """The whole stage; returns the index written to ``paths.samples``/index.json."""
     sp = p.sample
     prompts = read_prompts(sp.prompts, "sample.prompts")
-    scales = sorted({float(s) for s in sp.lora_scales})
-    lora_dir = snapshots.resolve(sp.adapter_step, paths.lora, paths.snapshots)  # a train.save_every snapshot
+    # "best": the operating point the grid recorded (stages/operating_point.py)
+    step, headline = snapshots.resolve_best(sp.adapter_step, sp.lora_scale, paths.operating_point)
+    scales = sorted({float(s) for s in sp.lora_scales} | ({headline} if headline else set()))
+    lora_dir = snapshots.resolve(step, paths.lora, paths.snapshots)  # a train.save_every snapshot
     adapter = lora_dir / LORA_FILE
     if any(s > 0 for s in scales) and not adapter.exists():
         raise SystemExit(f"no adapter at {adapter}: run the train stage first (dvc repro train)")
@@ -227,7 +244,8 @@ def run(p: params.Params, paths: Sample = Sample()) -> dict:
     p = memory.resolve(p, device)  # model.quantization: auto -> the base this card renders with
     jobs = [(pi, seed) for pi in range(len(prompts)) for seed in sp.seeds]
     pngs, base_keys = render_pngs(p, full, jobs, scales, lora_dir, device)
-    index = write_samples(p, paths.samples, prompts, full, jobs, scales, pngs, base_keys, adapter)
+    index = write_samples(p, paths.samples, prompts, full, jobs, scales, pngs, base_keys, adapter,
+                          chosen(sp, step, headline))
     logger.info("wrote %d images and %d grids to %s in %.1f s", len(index["images"]), len(index["grids"]),
                 paths.samples, time.perf_counter() - t0)
     return index
@@ -235,6 +253,7 @@ def run(p: params.Params, paths: Sample = Sample()) -> dict:
 
 def main() -> None:
     p = params.load()
+    gpus.claim("sample")  # a free GPU before CUDA starts (stages/core/gpus.py)
     log.setup("sample")
     paths = Sample()
     index = run(p, paths)

@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from stages.core import lifecycle, log as logs, params, registry, tracking
+from stages.core import gpus, lifecycle, log as logs, params, registry, tracking
 from stages.core.device import default_device
 from stages.core.io import atomic_dir, no_space_errors, write_json, write_text
 from stages.core.paths import Train
@@ -279,6 +279,7 @@ def run(p: params.Params, paths: Train = Train(), accelerator=None, callbacks: S
 def main() -> None:
     p = params.load()
     logs.setup("train")
+    gpus.claim("train", n=p.train.num_processes)  # free GPUs, before CUDA starts (stages/core/gpus.py)
     if p.train.num_processes > 1 and os.environ.get("FLUXIMP_TRAIN_CHILD") != "1":
         sys.exit(launch_distributed(p))
     accelerator = None

@@ -139,7 +139,7 @@ def test_model_modules_work_when_imported_first_in_a_fresh_process():
 
 
 @pytest.mark.parametrize("stage", ["validate", "download", "dedupe", "filter", "caption", "encode", "train",
-                                   "sample", "evaluate"])
+                                   "operating_point", "sample", "evaluate"])
 def test_every_stage_validates_params_before_doing_anything(stage, tmp_path):
     raw = params.Params().model_dump()
     raw["model"]["quantization"] = "int3"

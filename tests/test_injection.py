@@ -117,9 +117,8 @@ def test_caption_preview_escapes_captions(tmp_path):
     shards.write_shards(rows, tmp_path / "raw", shard_rows=5)
     shards.write_table(pa.table({"id": [r["id"] for r in rows], "kept": [True] * 3, "reason": [None] * 3}),
                        tmp_path / "filter.parquet")
-    raw = params.Params().model_dump()
-    raw["data"]["holdout"] = 0.0
-    p = params.validate(raw)
+    p = params.validate(params.Params().model_dump())
+    p = p.model_copy(update={"data": p.data.model_copy(update={"holdout": 0.0})})  # the stage keeps every image
     paths = Caption(shards=tmp_path / "raw", filter=tmp_path / "filter.parquet", curated=tmp_path / "curated",
                     reports=tmp_path / "reports")
     caption_stage.run(p, paths)

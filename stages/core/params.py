@@ -308,7 +308,8 @@ class Train(Section):
     validation_guidance: float = Field(3.5, ge=0)
     validation_resolution: Optional[int] = Field(None, ge=16, le=MAX_RESOLUTION,
                                                  description="None = train.resolution")
-    save_every: int = Field(0, ge=0, description="a loadable adapter in models/snapshots/ every N steps; 0 = none")
+    save_every: int = Field(50, ge=0, description="a loadable adapter in models/snapshots/ every N steps; 0 = none "
+                            "(smoke: 50 of 150 steps, for the operating-point grid, eval.grid)")
     keep_last: int = Field(3, ge=0, description="snapshots kept (the newest); 0 = all")
     max_sequence_length: int = Field(64, ge=8, le=512, description="T5 tokens per caption (FLUX.1-dev: 512)")
     num_processes: int = Field(1, ge=1, le=MAX_WORKERS, description="training processes (one per GPU; "
@@ -348,14 +349,56 @@ class Sample(Section):
     lora_scales: list[float] = Field([0.0, 0.5, 1.0], min_length=1)
     resolution: int = Field(64, ge=16, le=MAX_RESOLUTION)
     batch_size: int = Field(8, ge=1, description="images per pipeline call")
-    adapter_step: Optional[int] = Field(None, ge=1, description="render models/snapshots/step-<N> "
-                                        "(train.save_every) instead of the final adapter; None = final")
+    adapter_step: Optional[Union[int, str]] = Field(
+        None, description="render models/snapshots/step-<N> (train.save_every) instead of the final adapter; "
+                          "best = the operating point's step (eval.grid); None = final")
+    lora_scale: Optional[Union[float, str]] = Field(
+        None, description="the LoRA scale evaluate's headline measures (added to lora_scales); "
+                          "best = the operating point's scale (eval.grid); None = the largest of lora_scales")
     compile: Union[Literal["auto"], bool] = Field("auto", description="torch.compile the transformer's blocks; "
                                                   "auto = on a CUDA GPU, off on the CPU")
     base_cache: bool = Field(True, description="read/write the base images (scale 0) in the shared base-image "
                              "cache instead of rendering them in every experiment (stages/models/base_cache.py)")
 
     _resolution_16 = field_validator("resolution")(multiple_of_16)
+
+    @field_validator("adapter_step", "lora_scale", mode="before")
+    @classmethod
+    def _number_or_best(cls, v, info):
+        if v is None or v == "best":
+            return v
+        number = int if info.field_name == "adapter_step" else float
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (number is int and v != int(v)) or v <= 0:
+            raise ValueError(f"must be {'a step >= 1' if number is int else 'a scale > 0'}, 'best' (the "
+                             "operating point, eval.grid) or null")
+        return number(v)
+
+
+class Grid(Section):
+    """The operating point (stages/operating_point.py): style vs content over snapshot step x LoRA scale
+    on the first ``prompts`` prompts of sample.prompts and ``seeds``, at sample's steps/guidance/resolution.
+    Cost: (steps) x len(scales) x prompts x len(seeds) LoRA images (smoke: 3 x 2 x 4 x 2 = 48 tiny ones;
+    flux-dev: 3 x 2 x 5 x 2 = 60, a quarter of sample's 240); the base images come from the cache."""
+    enabled: bool = Field(True, description="render and measure the grid; false = operating_point.json says so")
+    steps: Union[str, list[int]] = Field(
+        "all", description="snapshot steps (train.save_every) to try; all = every saved one; the final "
+                           "adapter (train.steps) is always in")
+    scales: list[Annotated[float, Field(gt=0)]] = Field([0.5, 1.0], min_length=1)
+    prompts: int = Field(4, ge=1, description="the first N prompts of sample.prompts")
+    seeds: list[int] = Field([0, 1], min_length=1)
+    content_min: float = Field(0.9, gt=0, description="least content kept: CLIP-score ratio to the base "
+                               "(LoRA image's CLIP score / the same prompt and seed's base image's)")
+    bootstrap: int = Field(1000, ge=100, description="bootstrap resamples of the (prompt, seed) pairs")
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _all_or_steps(cls, v):
+        ok = v == "all" or (isinstance(v, list) and v and all(isinstance(s, int) and not isinstance(s, bool)
+                                                              and s >= 1 for s in v))
+        if not ok:
+            raise ValueError("must be all (every train.save_every snapshot) or a non-empty list of steps >= 1, "
+                             "e.g. [500, 1000]")
+        return v
 
 
 class Eval(Section):
@@ -368,6 +411,7 @@ class Eval(Section):
     reference_cache: bool = Field(True, description="keep the held-out paintings' embeddings and traits in the "
                                   "shared stage cache instead of measuring them in every experiment "
                                   "(stages/metrics/refcache.py)")
+    grid: Grid = Grid()
 
 
 class Mlflow(Section):
@@ -389,6 +433,23 @@ class Params(Section):
     sample: Sample = Sample()
     eval: Eval = Eval()
     mlflow: Mlflow = Mlflow()
+
+    @model_validator(mode="after")
+    def _grid_and_best(self):
+        best = [k for k in ("adapter_step", "lora_scale") if getattr(self.sample, k) == "best"]
+        if best and not self.eval.grid.enabled:
+            raise ValueError(f"sample.{best[0]}=best reads the operating point, which eval.grid.enabled=false "
+                             "does not compute: set eval.grid.enabled=true (or give a number)")
+        g, t = self.eval.grid, self.train
+        if g.enabled and g.steps != "all":  # the snapshots this training will leave (train.save_every, keep_last)
+            saved = list(range(t.save_every, t.steps + 1, t.save_every)) if t.save_every else []
+            kept = set(saved[-t.keep_last:] if t.keep_last else saved) | {t.steps}
+            missing = sorted(set(g.steps) - kept)
+            if missing:
+                raise ValueError(f"eval.grid.steps {missing}: training keeps no adapter at these steps (kept: "
+                                 f"{sorted(kept)} with train.save_every={t.save_every}, keep_last={t.keep_last}, "
+                                 f"steps={t.steps}); use all or some of those")
+        return self
 
 
 class ParamsError(SystemExit):

@@ -97,8 +97,24 @@ class Train(Checked):
 
 
 @dataclass(frozen=True)
+class OperatingPoint(Checked):
+    """The (snapshot step x LoRA scale) grid: after train, before sample (which may render its 'best')."""
+    lora: Path = inp("models/lora")
+    snapshots: Path = local("models/snapshots")       # train.save_every adapters, the grid's other steps
+    curated: Path = inp("data/curated")               # holdout/: the style reference
+    embeddings: Path = inp("data/interim/clip_embeddings.safetensors")
+    reports: Path = out("reports/operating_point")    # operating_point.json, grid.md, grid.png
+    plot: Path = out("reports/plots/operating_point.csv")  # DVC plot: style vs content
+
+    @property
+    def record(self) -> Path:
+        return self.reports / "operating_point.json"
+
+
+@dataclass(frozen=True)
 class Sample(Checked):
     lora: Path = inp("models/lora")
+    operating_point: Path = inp("reports/operating_point/operating_point.json")  # sample.*=best
     snapshots: Path = local("models/snapshots")       # sample.adapter_step renders one of train's snapshots
     samples: Path = out("reports/samples")            # the prompt file is a param: sample.prompts
 
@@ -109,6 +125,7 @@ class Evaluate(Checked):
     embeddings: Path = inp("data/interim/clip_embeddings.safetensors")
     samples: Path = inp("reports/samples")
     loss: Path = inp("reports/train/loss.tsv")
+    operating_point: Path = inp("reports/operating_point/operating_point.json")
     eval: Path = out("reports/eval")
     report: Path = out("reports/report.html")
     metrics: Path = out("reports/metrics.json")
@@ -117,4 +134,4 @@ class Evaluate(Checked):
 
 STAGES: dict[str, type[StagePaths]] = {"validate": Validate, "download": Download, "dedupe": Dedupe, "filter": Filter,
                                        "caption": Caption, "encode": Encode, "train": Train,
-                                       "sample": Sample, "evaluate": Evaluate}
+                                       "operating_point": OperatingPoint, "sample": Sample, "evaluate": Evaluate}

@@ -3,7 +3,8 @@
 ``write_report`` renders a single static page (``reports/report.html``, template
 ``templates/report.html.j2``) with relative links, every section a table or a figure: the metrics
 table (held-out | base | LoRA | LoRA - base), notes, the trait table (set means and distance to the
-held-out paintings: closer is better) with the trait plot and the LoRA-scale sweep, the sample grids,
+held-out paintings: closer is better) with the trait plot and the LoRA-scale sweep, the operating point
+(which step, which strength: its table and style-content figure, when the grid ran), the sample grids,
 the A/B page and the human scores when present, the training curve, the dataset reports (each JSON as
 tables) with the curation figures, and the lineage (git commit, curated-data md5 from dvc.lock, MLflow
 run id, params). A link or image is written only when its file exists, so the page never points at
@@ -29,6 +30,9 @@ DATASET_JSON = ["reports/data/download.json", "reports/dedupe/summary.json", "re
 SWEEP_COLS = ["scale", "style_centroid", "style_nn", "clip_score", "kid", "aesthetic", "diversity",
               f"trait_{traits.COMPOSITE}", f"trait_{traits.COMPOSITE}_dist"]
 SWEEP_CSV = "reports/plots/sweep.csv"
+OPERATING_POINT = "reports/operating_point/operating_point.json"  # the grid (stages/operating_point.py)
+OPERATING_POINT_COLS = ["step", "scale", "style", "style_lo", "style_hi", "content", "content_lo", "content_hi",
+                        "front", "feasible"]
 HUMAN = "reports/human.json"
 # figures the curation stages write (download, dedupe, filter), shown in the Dataset section
 CURATION_FIGURES = ["reports/data/figures/*.png", "reports/dedupe/*.png", "reports/filter/figures/*.png"]
@@ -224,6 +228,10 @@ def write_report(out: Path, metrics: dict, notes: list[str], index: dict, p, roo
                       "low": q["ci95_low"], "high": q["ci95_high"]} for q in data["questions"].values()]
         except (TypeError, KeyError):
             human = "unreadable"
+    opoint = _read_json(root / OPERATING_POINT) if (root / OPERATING_POINT).exists() else None
+    if opoint and opoint.get("enabled"):
+        opoint["rows"] = [[("●" if pt[c] else "") if c in ("front", "feasible") else pt[c]
+                           for c in OPERATING_POINT_COLS] for pt in opoint["points"]]
     dataset = [{"file": f, "tables": json_tables(_read_json(root / f))} for f in DATASET_JSON
                if (root / f).exists() and _read_json(root / f) is not None]
     curation_figures = [{"src": _rel(f, base), "caption": f.relative_to(root).as_posix()}
@@ -248,7 +256,8 @@ def write_report(out: Path, metrics: dict, notes: list[str], index: dict, p, roo
         traits_csv=existing("reports/plots/traits.csv"), sweep_csv=existing(SWEEP_CSV), sweep=sweep,
         grids=[{"src": existing(f"reports/samples/{g['file']}"), "seed": g.get("seed")}
                for g in index.get("grids", []) if existing(f"reports/samples/{g['file']}")],
-        ab_page=existing("reports/eval/abtest/index.html"), human=human,
+        ab_page=existing("reports/eval/abtest/index.html"), human=human, opoint=opoint,
+        opoint_plot=existing("reports/operating_point/grid.png"), opoint_csv=existing("reports/plots/operating_point.csv"),
         loss_plot=existing("reports/eval/loss.png"), n_holdout=metrics.get("n_holdout"),
         dataset=dataset, curation_figures=curation_figures, lineage=lineage,
         params=_flat_params(secrets.masked("", p.model_dump())))

@@ -35,6 +35,13 @@ def centroid_cosine(samples: np.ndarray, reference: np.ndarray, leave_one_out: b
     return float(np.mean(s @ _unit(r.mean(axis=0))))
 
 
+def centroid_cosines(samples: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Each sample's cosine to the reference centroid: the terms whose mean is :func:`centroid_cosine`
+    (the operating-point grid bootstraps over them)."""
+    s, r = _unit(samples), _unit(reference)
+    return s @ _unit(r.mean(axis=0))
+
+
 def nn_cosine(samples: np.ndarray, reference: np.ndarray, leave_one_out: bool = False) -> float:
     """Mean over samples of the highest cosine to any reference row (self excluded with
     ``leave_one_out``, where samples and reference are the same set)."""

@@ -57,6 +57,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("aesthetic", "aesthetic", "LAION aesthetic score", 1),
     Family("diversity", "diversity", "diversity: mean pairwise distance across seeds", 1),
     *_trait_families(),
+    Family("op_step", "op step", "operating point: recommended snapshot step", 0, ".0f"),
+    Family("op_scale", "op scale", "operating point: recommended LoRA scale", 0, ".3g"),
+    Family("op_style", "op style", "operating point: style there (grid prompts; cosine to the held-out centroid)",
+           1, ".4f"),
+    Family("op_content", "op content", "operating point: content there (CLIP-score ratio to the base)", 1, ".3f"),
 ]}
 
 # The headline: style, prompt fidelity, distance to the held-out paintings, and the traits' composite
@@ -66,6 +71,9 @@ HEADLINE: tuple[str, ...] = (
     "style_centroid_lora", "style_nn_lora", "clip_score_lora", "clip_score_ratio", "kid_lora",
     f"trait_{traits.COMPOSITE}_lora", f"trait_{traits.COMPOSITE}_dist_lora",
 )
+# The operating point (stages/operating_point.py, when eval.grid ran): the recommended snapshot step and
+# LoRA scale, with the grid's style and content there; in reports/metrics.json after the HEADLINE keys.
+OPERATING_POINT: tuple[str, ...] = ("op_step", "op_scale", "op_style", "op_content")
 # the metric `best-style` (MLflow alias) and the sweep default sort by
 BEST_STYLE = "style_centroid_lora"
 
@@ -117,5 +125,5 @@ def rows(metrics: dict) -> list[tuple[Family, dict]]:
 
 
 def headline(metrics: dict) -> dict:
-    """The ``HEADLINE`` keys of ``metrics`` that are present, in HEADLINE order."""
-    return {k: metrics[k] for k in HEADLINE if k in metrics}
+    """The ``HEADLINE`` keys of ``metrics`` that are present, in HEADLINE order, then the operating point's."""
+    return {k: metrics[k] for k in HEADLINE + OPERATING_POINT if k in metrics}

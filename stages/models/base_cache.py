@@ -44,7 +44,8 @@ VERSION = 1
 # the code an image's pixels come from (any edit there renders again)
 CODE = ("stages/sample.py", "stages/models/render.py", "stages/models/flux.py", "stages/models/streaming.py",
         "stages/models/quant.py", "stages/models/quant_cache.py", "stages/models/fp8.py",
-        "stages/models/compiling.py", "stages/models/base_cache.py")
+        "stages/models/compiling.py", "stages/models/base_cache.py",
+        "stages/operating_point.py", "stages/core/images.py")  # the grid stores base images too (encode_png)
 
 
 def tensor_sha256(t: torch.Tensor) -> str:

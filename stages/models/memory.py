@@ -185,7 +185,7 @@ def estimate(stage: str, sizes: dict[str, int], hidden: int, n_blocks: int, p, p
         lora_state = 16 * 20e6 * max(1, p.lora.rank / 16)
         return Need(int(tr + saved + work + lora_state), host_base + 2 * n_blocks * tokens * hidden * 2,
                     "the quantized transformer + training activations")
-    if stage == "sample":
+    if stage in ("sample", "operating_point"):  # the grid renders as sample does
         sres = p.sample.resolution
         tokens = _tokens(sres, p.train.max_sequence_length) * p.sample.batch_size
         return Need(int(max(t5 + clip + text_act, tr + 24 * tokens * hidden * 2, vae + 1400 * sres * sres)),

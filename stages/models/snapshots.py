@@ -8,7 +8,8 @@
 ``models/snapshots/step-<N>/`` and keeps the newest ``train.keep_last`` (0 = all). Snapshots hold no
 optimizer state (that is models/checkpoints/, for resuming) and are not a DVC output: DVC does not hash
 or cache them and experiment commits never contain them (.gitignore). ``sample.adapter_step`` renders
-one of them instead of the final adapter, so a user can pick the best step.
+one of them instead of the final adapter, so a user can pick the best step; ``best`` (:func:`resolve_best`)
+takes the step, and ``sample.lora_scale: best`` the scale, that the operating-point grid recorded.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from stages.core import paths
-from stages.core.io import atomic_dir, write_json
+from stages.core.io import atomic_dir, read_json, write_json
 
 SNAPSHOTS = paths.Train().snapshots  # the default root (stages/core/paths.py)
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
@@ -110,3 +111,30 @@ def resolve(step: Optional[int], final: Path, root: Path = SNAPSHOTS) -> Path:
         raise SystemExit(f"sample.adapter_step={step}: no snapshot {folder} (saved steps: {saved or 'none'}; "
                          "set train.save_every to write them)")
     return folder
+
+
+def recorded(path) -> dict:
+    """The recorded operating point (``operating_point.json``) for ``sample.*=best``: a clear error when
+    the grid did not run or chose nothing."""
+    path = Path(path)
+    if not path.exists():
+        raise SystemExit(f"sample.*=best: no {path}: run the operating_point stage first (dvc repro operating_point)")
+    rec = read_json(path)
+    if not rec.get("enabled") or not rec.get("recommended"):
+        raise SystemExit(f"sample.*=best: {path} holds no operating point ({rec.get('reason', 'grid off')}); "
+                         "set eval.grid.enabled=true")
+    return rec
+
+
+def resolve_best(adapter_step, lora_scale, path) -> tuple[int | None, float | None]:
+    """``sample.adapter_step`` / ``sample.lora_scale`` with ``best`` replaced by the recorded point; the
+    final adapter's step becomes None (render models/lora itself, not a snapshot of the same step)."""
+    if "best" not in (adapter_step, lora_scale):
+        return adapter_step, lora_scale
+    rec = recorded(path)
+    best = rec["recommended"]
+    if adapter_step == "best":
+        adapter_step = None if best["step"] == rec["final_step"] else int(best["step"])
+    if lora_scale == "best":
+        lora_scale = float(best["scale"])
+    return adapter_step, lora_scale

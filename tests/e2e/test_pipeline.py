@@ -46,9 +46,10 @@ def test_repro_builds_every_declared_output(repo):
     # cached output must run. sample/evaluate may be skipped when the retrained adapter is
     # byte-identical to the committed run's (training is deterministic on CPU); then their committed
     # outputs are already the right ones.
-    for stage in ("download", "dedupe", "filter", "caption", "encode", "train", "sample", "evaluate"):
+    for stage in ("download", "dedupe", "filter", "caption", "encode", "train", "operating_point", "sample",
+                  "evaluate"):
         assert f"Running stage '{stage}'" in out or (
-            stage in ("sample", "evaluate") and f"Stage '{stage}' didn't change" in out), out[-3000:]
+            stage in ("operating_point", "sample", "evaluate") and f"Stage '{stage}' didn't change" in out), out[-3000:]
     missing = [str(p.relative_to(repo)) for p in declared_outputs(repo) if not p.exists()]
     assert not missing, f"declared outputs not written: {missing}"
     assert (repo / "models/lora/pytorch_lora_weights.safetensors").stat().st_size > 0
@@ -60,6 +61,10 @@ def test_repro_builds_every_declared_output(repo):
     from stages.metrics import vocab
     assert json.loads((repo / "reports/metrics.json").read_text()) == vocab.headline(metrics)
     assert list((repo / "reports/samples").rglob("*.png")), "no sample images"
+    # the smoke profile turns the operating-point grid on (train.save_every 50: steps 50, 100 and the final 150)
+    rec = json.loads((repo / "reports/operating_point/operating_point.json").read_text())
+    assert rec["enabled"] and rec["steps"] == [50, 100, 150] and len(rec["points"]) == 6
+    assert json.loads((repo / "reports/eval/operating_point.json").read_text()) == rec
 
 
 def test_second_repro_is_a_noop(repo):
@@ -77,8 +82,8 @@ def test_experiment_reruns_only_train_sample_evaluate(repo):
     out = run("dvc exp run -S lora.rank=8", repo)
     ran = set(re.findall(r"Running stage '(\w+)'", out))
     # validate (params + preflight, no data outputs) checks every params.yaml change first; of the
-    # stages that produce something, only train -> sample -> evaluate rerun
-    assert ran == {"validate", "train", "sample", "evaluate"}, out[-3000:]
+    # stages that produce something, only train -> operating_point -> sample -> evaluate rerun
+    assert ran == {"validate", "train", "operating_point", "sample", "evaluate"}, out[-3000:]
     assert lora_ranks(repo / "models/lora/pytorch_lora_weights.safetensors") == {8}
     shown = json.loads(run("dvc exp show --json", repo, timeout=300, stdout_only=True))
     ranks = set(_find(shown, "lora", "rank"))
