@@ -132,10 +132,12 @@ def resolve(p, device):
     mode = quantization(p.model, device)
     if mode == p.model.quantization:
         return p
-    pl = plan(p.model, device)
-    cap = capability(device)
-    log.info("model.quantization auto -> %s (%s, compute capability %d.%d)", mode, pl.describe().split(":")[0],
-             cap[0], cap[1])
+    if torch.device(device).type == "cuda":
+        cap = capability(device)
+        log.info("model.quantization auto -> %s (%s, compute capability %d.%d)", mode,
+                 plan(p.model, device).describe().split(":")[0], cap[0], cap[1])
+    else:
+        log.info("model.quantization auto -> %s (no GPU)", mode)
     return p.model_copy(update={"model": p.model.model_copy(update={"quantization": mode})})
 
 
