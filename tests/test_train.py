@@ -62,7 +62,7 @@ class Interrupt(Exception):
     pass
 
 
-def test_interrupted_and_resumed_run_matches_uninterrupted(workdir, tmp_path_factory):
+def test_interrupted_and_resumed_run_matches_uninterrupted(workdir, tmp_path_factory, monkeypatch):
     params = dict(train__steps=10, train__checkpoint_every=3, train__keep_checkpoints=2, lora__dropout=0.1,
                   train__caption_dropout=0.3, train__sigma_sampling="shift", train__lr_scheduler="cosine",
                   train__warmup_steps=2)
@@ -81,7 +81,14 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(workdir, tmp_path_fac
     assert not (other / "models/lora").exists()
     assert sorted(p.name for p in (other / "models/checkpoints").iterdir()) == ["step-000003", "step-000006"]
     (other / "models/checkpoints/.step-000009.x.tmp").mkdir()  # a save killed half-way
+    from stages import train
+
+    trained = []
+    real_step = train.Trainer.step
+    monkeypatch.setattr(train.Trainer, "step", lambda self, batches, step: trained.append(step) or
+                        real_step(self, batches, step))
     log = run_train(other, **params)
+    assert trained == [6, 7, 8, 9]  # the resumed process trained steps 7-10 only, from the step-6 checkpoint
     resumed = load_file(other / "models/lora/pytorch_lora_weights.safetensors")
     assert [int(r["step"]) for r in log] == list(range(1, 11))
     assert resumed.keys() == reference.keys()
