@@ -37,7 +37,7 @@ import torch
 
 from stages.core import log as logs, params, registry, tracking
 from stages.core.device import default_device
-from stages.core.io import atomic_dir, no_space_errors, write_json
+from stages.core.io import atomic_dir, no_space_errors, write_json, write_text
 from stages.core.paths import Train
 from stages.models import checkpoint as ckpt, divergence, snapshots, validation
 from stages.models.cache import Cache
@@ -50,15 +50,16 @@ log = logging.getLogger("stages.train")
 
 
 class LossLog:
-    """A per-step TSV (``reports/train/loss.tsv`` by default): one row per step; on resume, rows
-    after the checkpoint go."""
+    """A per-step TSV (``reports/train/loss.tsv`` by default): one row per step, appended as the
+    run goes; on resume, rows after the checkpoint go (the kept rows are rewritten atomically)."""
 
     def __init__(self, path: Path, start: int, columns: list[str] = COLUMNS):
         self.path, self.columns = path, columns
         path.parent.mkdir(parents=True, exist_ok=True)
         rows = path.read_text().splitlines()[1:] if path.exists() and start > 0 else []
-        rows = [r for r in rows if r and int(r.split("\t")[0]) <= start]
-        path.write_text("\t".join(columns) + "\n" + "".join(r + "\n" for r in rows))
+        # a row cut short by a kill (steps are appended) is dropped with the rows past the checkpoint
+        rows = [r for r in rows if len(r.split("\t")) == len(columns) and int(r.split("\t")[0]) <= start]
+        write_text(path, "\t".join(columns) + "\n" + "".join(r + "\n" for r in rows))
         self.kept = [dict(zip(columns, map(float, r.split("\t")))) for r in rows]
 
     def replay(self, sinks) -> None:
