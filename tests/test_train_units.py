@@ -89,3 +89,15 @@ def test_epoch_plan_honours_repeats():
     c.buckets = [{"ids": ["a", "b", "c"], "repeats": [1, 3, 1]}]
     plan = c.epoch_plan(seed=1, epoch=0, batch_size=1)
     assert sorted(r for _, rows in plan for r in rows) == [0, 1, 1, 1, 2]
+
+
+def test_sigma_sampler_defaults_are_the_params_defaults():
+    """Callers other than the trainer (benchmarks, notebooks) get train.*'s defaults."""
+    import inspect
+
+    from stages.core.params import Train
+
+    defaults = {k: v.default for k, v in inspect.signature(flow.sample_sigmas).parameters.items()
+                if k in ("logit_mean", "logit_std", "shift")}
+    t = Train()
+    assert defaults == {"logit_mean": t.logit_mean, "logit_std": t.logit_std, "shift": t.shift}
