@@ -16,7 +16,7 @@ Not part of `make test` (it runs every mutant's tests: minutes to an hour per mo
 after changing one of these modules or their tests (``MODULES=`` the changed ones), and in full
 before a release. Mutants on log-message lines are skipped (``mutmut_config.py``): the wording
 of a log line is not behaviour. Do not call ``mutmut show`` while a run is going: it re-reads the
-module, which holds a mutant at that moment, into mutmut's cache (the report reads diffs after).
+module, which holds a mutant at that moment, into mutmut's cache (the report's diffs don't).
 """
 from __future__ import annotations
 
@@ -103,8 +103,19 @@ def statuses() -> dict[str, dict[str, list[int]]]:
 
 
 def diff(mid: int) -> str:
-    mutmut = str(Path(sys.executable).with_name("mutmut"))
-    text = subprocess.run([mutmut, "show", str(mid)], cwd=ROOT, capture_output=True, text=True).stdout
+    """A mutant's diff, against the committed module (``mutmut show`` would re-read the file, which
+    may hold a mutant while a run is going, into the cache)."""
+    from mutmut.cache import _get_unified_diff, filename_and_mutation_id_from_pk
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # mutmut's cache is .mutmut-cache in the working directory
+    try:
+        filename, mutation_id = filename_and_mutation_id_from_pk(mid)
+        source = subprocess.run(["git", "show", f"HEAD:{filename}"], capture_output=True, text=True,
+                                check=True).stdout
+        text = _get_unified_diff(source, filename, mutation_id, {}, update_cache=False)
+    finally:
+        os.chdir(cwd)
     return "\n".join(line for line in text.splitlines() if line.startswith(("-", "+", "@")) and
                      not line.startswith(("---", "+++")))
 

@@ -39,8 +39,19 @@ def test_sigma_samplers_range(mode):
         assert abs(s.median() - 0.5) < 0.02 and ((s > 0.1) & (s < 0.9)).float().mean() > 0.9
     if mode == "shift":  # shifted towards noise: median sigmoid(0)=0.5 -> 3*0.5/(1+2*0.5) = 0.75
         assert abs(s.median() - 0.75) < 0.02
-    with pytest.raises(ValueError, match="unknown sigma sampling"):
+    with pytest.raises(ValueError, match=r"^unknown sigma sampling 'cosine' \(uniform \| logit_normal \| shift\)$"):
         flow.sample_sigmas(2, "cosine")
+
+
+@pytest.mark.parametrize("mode", ["logit_normal", "shift"])
+def test_sigma_samplers_equal_their_formulas(mode):
+    """σ = sigmoid(N(0,1)·std + mean), then s·σ / (1 + (s-1)·σ) for ``shift``, clamped to [1e-4, 1-1e-4]."""
+    got = flow.sample_sigmas(4000, mode, generator=torch.Generator().manual_seed(1), logit_mean=0.5, logit_std=2.0,
+                             shift=2.5)
+    s = torch.sigmoid(torch.randn(4000, generator=torch.Generator().manual_seed(1)) * 2.0 + 0.5)
+    if mode == "shift":
+        s = 2.5 * s / (1 + 1.5 * s)
+    assert torch.allclose(got, s.clamp(1e-4, 1 - 1e-4), atol=1e-7, rtol=0)
 
 
 def test_same_seed_same_sigmas():
