@@ -187,3 +187,65 @@ def test_every_raw_write_in_stages_is_into_a_temp_path_or_memory():
                    if not any(f == af and snippet in line for af, snippet in ALLOWED)]
     assert not unexplained, ("write outputs through stages.core.io (write_bytes/write_text/write_json, "
                              f"atomic_file, atomic_dir), or explain in ALLOWED why it is safe: {unexplained}")
+
+
+# ----------------------------------------------------------------------------- the helpers around it
+def test_json_values_numpy_torch_and_paths(tmp_path):
+    import numpy as np
+    import torch
+
+    target = tmp_path / "m.json"
+    assert io.write_json(target, {"b": np.float32(0.5), "a": torch.tensor(3), "p": Path("x/y"), "n": [1]}) == target
+    assert target.read_text() == '{\n  "b": 0.5,\n  "a": 3,\n  "p": "x/y",\n  "n": [\n    1\n  ]\n}\n'
+    assert io.read_json(target) == {"b": 0.5, "a": 3, "p": "x/y", "n": [1]}
+    with pytest.raises(TypeError, match="not JSON serialisable: object"):
+        io.write_json(target, {"x": object()})
+    assert io.write_text(tmp_path / "t.txt", "é\n").read_bytes() == "é\n".encode("utf-8")
+
+
+def test_atomic_dir_keeps_the_old_folder_when_the_block_fails(tmp_path):
+    target = tmp_path / "out"
+    with io.atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("old")
+    with pytest.raises(Crash):
+        with io.atomic_dir(target) as tmp:
+            (tmp / "a.txt").write_text("new")
+            raise Crash
+    assert (target / "a.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_clear_stale_removes_an_interrupted_swaps_old_folder_only_when_the_target_is_in_place(tmp_path):
+    old = tmp_path / ".out.old"
+    old.mkdir()
+    assert io.clear_stale(tmp_path / "out") == []  # out missing: .out.old may be all there is
+    (tmp_path / "out").mkdir()
+    (tmp_path / f".out.{os.getpid()}-abcdefgh.tmp").mkdir()  # ours (this process): kept
+    assert io.clear_stale(tmp_path / "out") == [old] and not old.exists()
+    assert (tmp_path / f".out.{os.getpid()}-abcdefgh.tmp").exists()
+    assert io.clear_stale(tmp_path / "missing-dir/out") == []
+
+
+def test_pid_alive():
+    assert io.pid_alive(os.getpid())
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    assert not io.pid_alive(dead.pid)
+
+
+def test_pid_alive_when_not_allowed_to_signal(monkeypatch):
+    def refuse(pid, sig):
+        raise PermissionError
+
+    monkeypatch.setattr(io.os, "kill", refuse)
+    assert io.pid_alive(12345)  # another user's process: it runs
+
+
+def test_umask_is_read_without_changing_it():
+    old = os.umask(0o027)
+    try:
+        assert io.umask() == 0o027 and io.umask() == 0o027
+    finally:
+        os.umask(old)
