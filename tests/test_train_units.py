@@ -112,3 +112,11 @@ def test_sigma_sampler_defaults_are_the_params_defaults():
                 if k in ("logit_mean", "logit_std", "shift")}
     t = Train()
     assert defaults == {"logit_mean": t.logit_mean, "logit_std": t.logit_std, "shift": t.shift}
+
+
+def test_sigmas_are_clamped_away_from_0_and_1():
+    """σ = 0 would train on clean latents, σ = 1 on pure noise: both are clamped by 1e-4."""
+    g = torch.Generator().manual_seed(0)
+    near_one = flow.sample_sigmas(50, "shift", generator=g, shift=1e7)
+    near_zero = flow.sample_sigmas(50, "logit_normal", generator=g, logit_mean=-100.0)
+    assert torch.equal(near_one, torch.full((50,), 1 - 1e-4)) and torch.equal(near_zero, torch.full((50,), 1e-4))
