@@ -103,21 +103,22 @@ def statuses() -> dict[str, dict[str, list[int]]]:
 
 
 def diff(mid: int) -> str:
-    """A mutant's diff, against the committed module (``mutmut show`` would re-read the file, which
-    may hold a mutant while a run is going, into the cache)."""
-    from mutmut.cache import _get_unified_diff, filename_and_mutation_id_from_pk
+    """A mutant's diff against the committed module, computed here (``mutmut show`` would re-read
+    the file, which may hold a mutant while a run is going, into the cache; the cache is only read)."""
+    import difflib
 
-    cwd = os.getcwd()
-    os.chdir(ROOT)  # mutmut's cache is .mutmut-cache in the working directory
-    try:
-        filename, mutation_id = filename_and_mutation_id_from_pk(mid)
-        source = subprocess.run(["git", "show", f"HEAD:{filename}"], capture_output=True, text=True,
-                                check=True).stdout
-        text = _get_unified_diff(source, filename, mutation_id, {}, update_cache=False)
-    finally:
-        os.chdir(cwd)
-    return "\n".join(line for line in text.splitlines() if line.startswith(("-", "+", "@")) and
-                     not line.startswith(("---", "+++")))
+    from mutmut import Context, RelativeMutationID, mutate
+
+    con = sqlite3.connect(f"file:{CACHE}?mode=ro", uri=True)
+    filename, line, number, index = con.execute(
+        'SELECT SourceFile.filename, Line.line, Line.line_number, Mutant."index" FROM Mutant JOIN Line ON '
+        "Mutant.line = Line.id JOIN SourceFile ON Line.sourcefile = SourceFile.id WHERE Mutant.id = ?", (mid,)).fetchone()
+    source = subprocess.run(["git", "show", f"HEAD:{filename}"], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout
+    mutated, _ = mutate(Context(source=source, filename=filename, dict_synonyms=[],
+                                mutation_id=RelativeMutationID(line=line, index=index, line_number=number)))
+    return "\n".join(d for d in difflib.unified_diff(source.split("\n"), mutated.split("\n"), lineterm="", n=0)
+                     if not d.startswith(("---", "+++")))
 
 
 def why_equivalent(equivalent: dict, module: str, mid: int) -> str | None:

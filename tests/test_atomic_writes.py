@@ -249,3 +249,36 @@ def test_umask_is_read_without_changing_it():
         assert io.umask() == 0o027 and io.umask() == 0o027
     finally:
         os.umask(old)
+
+
+def test_pid_alive_only_asks(tmp_path):
+    """Signal 0 checks a process exists without touching it (any other signal would hit it)."""
+    import subprocess
+    import sys
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", "import signal, time\n"
+                              "for s in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):\n"
+                              "    signal.signal(s, signal.SIG_DFL)\n"
+                              "time.sleep(30)"])
+    try:
+        time.sleep(0.5)
+        assert io.pid_alive(child.pid)
+        time.sleep(0.2)
+        assert child.poll() is None
+    finally:
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.parametrize("free,full", [(io.LOW_SPACE - 1, True), (io.LOW_SPACE, False)])
+def test_a_write_error_is_a_full_disk_below_64_mib_free(tmp_path, monkeypatch, free, full):
+    import shutil
+    from collections import namedtuple
+
+    assert io.LOW_SPACE == 64 * 2 ** 20
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("u", "total used free")(2 ** 40, 0, free))
+    with pytest.raises(io.NoSpaceError if full else OSError) as err:
+        with io.no_space_errors(tmp_path / "out.bin"):
+            raise OSError(5, "Input/output error")
+    assert isinstance(err.value, io.NoSpaceError) is full
