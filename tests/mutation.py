@@ -204,7 +204,9 @@ def main(argv=None) -> None:
             raise SystemExit(f"not in tests/mutation.py MODULES: {unknown}")
         runs = json.loads(RUNS.read_text()) if RUNS.exists() else {}
         for module in args.modules or list(MODULES):
-            runs[module] = run_module(module)
+            before = runs.get(module, {}).get("seconds", 0) if CACHE.exists() else 0
+            runs[module] = run_module(module)  # a rerun tests only new and surviving mutants:
+            runs[module]["seconds"] += before  # the runtime is the sum of the runs on this cache
             RUNS.write_text(json.dumps(runs, indent=2) + "\n")
     write_report(equivalent)
 

@@ -76,3 +76,43 @@ def test_make_exps_sorts_the_best_run_first(sort, order):
     header, cells, _ = experiments.table(rows, set(), sort=sort)
     assert [c[0] for c in cells] == order
     assert "impressionism dist ↓" in header and "KID ↓" in header and "style ↑" in header
+
+
+# the vocabulary's words: what the report, the model card, `make exps` and the notebook print
+TABLE = [
+    ("style_centroid", "style", "style: cosine to the held-out centroid", 1, ".4f"),
+    ("style_nn", "style NN", "style: cosine to the nearest held-out painting", 1, ".4f"),
+    ("clip_score", "CLIP", "prompt fidelity: CLIP score vs the content prompt", 1, ".4g"),
+    ("kid", "KID", "KID vs held-out paintings (lower = closer)", -1, ".4g"),
+    ("fid", "FID", "FID vs held-out paintings (lower = closer)", -1, ".4g"),
+    ("aesthetic", "aesthetic", "LAION aesthetic score", 1, ".4g"),
+    ("diversity", "diversity", "diversity: mean pairwise distance across seeds", 1, ".4g"),
+]
+
+
+def test_the_vocabulary_words():
+    fams = [(f.name, f.short, f.label, f.better, f.fmt) for f in vocab.FAMILIES.values()]
+    assert fams[:len(TABLE)] == TABLE
+    for t in traits.NAMES:  # each trait: its own label (stages.metrics.traits), and its distance
+        label, short = traits.LABELS[t], t.replace("_", " ")
+        f, d = vocab.FAMILIES[f"trait_{t}"], vocab.FAMILIES[f"trait_{t}_dist"]
+        assert (f.short, f.label, f.fmt) == (short, f"trait: {label}", ".4g")
+        assert (d.short, d.label) == (f"{short} dist", f"trait distance to held-out (lower = closer): {label}")
+    assert vocab.SETS == {"holdout": "held-out paintings", "base": "base", "lora": "base + LoRA",
+                          "delta": "Δ (LoRA − base)", "ratio": "LoRA / base"}
+
+
+def test_a_trait_without_a_label_or_direction_gets_its_name_and_none(monkeypatch):
+    monkeypatch.setattr(traits, "NAMES", ("wet_paint",))
+    f, d = vocab._trait_families()
+    assert (f.name, f.short, f.label, f.better) == ("trait_wet_paint", "wet paint", "trait: wet paint", 0)
+    assert (d.name, d.short, d.better) == ("trait_wet_paint_dist", "wet paint dist", -1)
+
+
+def test_a_family_is_a_frozen_value_higher_is_better_by_default():
+    import dataclasses
+
+    f = vocab.Family("x", "x", "x")
+    assert (f.better, f.fmt, f.arrow) == (1, ".4g", "↑") and vocab.Family("x", "x", "x", 0).arrow == ""
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        f.better = -1
