@@ -53,3 +53,46 @@ def test_batch_larger_than_the_dataset_is_rejected_before_loading_the_model(work
     p = write_params(workdir, train__batch_size=64)
     with pytest.raises(params.ParamsError, match="train.batch_size = 64 .* larger than the 12 training images"):
         train.run(p, Train().under(workdir))
+
+
+def test_unknown_keys_and_cross_key_checks_are_named(tmp_path):
+    raw = with_value("train.lr", 1e-3)
+    raw["train"]["learning_rate"] = 0.1
+    with pytest.raises(params.ParamsError) as exc:
+        params.validate(raw)
+    assert ("  train.learning_rate: unknown key (value 0.1); check the spelling against conf/config.yaml"
+            in str(exc.value).splitlines())
+    assert str(exc.value).startswith("invalid params.yaml:\n")
+    with pytest.raises(params.ParamsError) as exc:  # a model check: the section, not one value
+        params.validate(with_value("train.warmup_steps", 200))
+    assert str(exc.value).splitlines()[1].startswith("  train: train.warmup_steps = 200 is larger")
+    with pytest.raises(params.ParamsError) as exc:  # a literal: what is allowed
+        params.validate(with_value("train.optimizer", "sgd"))
+    assert str(exc.value).splitlines()[1] == ("  train.optimizer = 'sgd': Input should be 'adamw', 'adamw8bit', "
+                                              "'prodigy' or 'adafactor' (allowed: 'adamw', 'adamw8bit', "
+                                              "'prodigy' or 'adafactor')")
+
+
+def test_lookup_follows_dicts_and_list_indices():
+    raw = {"a": {"b": [10, 20]}}
+    assert params._lookup(raw, ("a", "b", 1)) == 20 and params._lookup(raw, ("a", "b", -2)) == 10
+    assert params._lookup(raw, ("a", "b", 2)) == "<missing>" and params._lookup(raw, ("a", "b", -3)) == "<missing>"
+    assert params._lookup(raw, ("a", "c")) == "<missing>" and params._lookup(raw, ("a", "b", "x")) == "<missing>"
+    assert params._lookup(raw, ()) == raw
+
+
+def test_yaml_errors_without_a_tab_and_empty_files(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("seed: [1\n")
+    with pytest.raises(params.ParamsError) as exc:
+        params.load(f)
+    assert str(exc.value).startswith(f"{f} is not valid YAML at line 2, column 1: ") and "a tab" not in str(exc.value)
+    f.write_text("")
+    assert params.read_yaml(f) == {} and params.load(f) == params.Params()
+
+
+def test_load_falls_back_to_the_repos_params_yaml(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no params.yaml here
+    assert params.load() == params.load(params.PARAMS_FILE)
+    (tmp_path / "params.yaml").write_text("seed: 7\n")
+    assert params.load().seed == 7
