@@ -282,3 +282,107 @@ def test_a_write_error_is_a_full_disk_below_64_mib_free(tmp_path, monkeypatch, f
         with io.no_space_errors(tmp_path / "out.bin"):
             raise OSError(5, "Input/output error")
     assert isinstance(err.value, io.NoSpaceError) is full
+
+
+TEMP_NAME = r"\.{name}\.{pid}-[a-z0-9_]{{8}}{suffix}\.tmp"
+
+
+def test_temp_names_are_recognisable_and_parents_are_created(tmp_path, monkeypatch):
+    """Temp siblings are named .<name>.<pid>-<8 random>[suffix].tmp (what clear_stale removes once
+    their process is gone), next to targets in folders that may not exist yet."""
+    seen = []
+    real_replace = os.replace
+    monkeypatch.setattr(io.os, "replace", lambda src, dst: seen.append(Path(src).name) or real_replace(src, dst))
+    pid = os.getpid()
+    io.write_bytes(tmp_path / "a/b/out.bin", b"x")
+    with io.atomic_file(tmp_path / "c/d/t.csv") as tmp:
+        tmp.write_text("x")
+    with io.atomic_file(tmp_path / "c/d/t.parquet", ".parquet") as tmp:
+        tmp.write_text("x")
+    with io.atomic_dir(tmp_path / "e/f/folder") as tmp:
+        (tmp / "x").write_text("1")
+    assert re.fullmatch(TEMP_NAME.format(name=r"out\.bin", pid=pid, suffix=""), seen[0])
+    assert re.fullmatch(TEMP_NAME.format(name=r"t\.csv", pid=pid, suffix=""), seen[1])
+    assert re.fullmatch(TEMP_NAME.format(name=r"t\.parquet", pid=pid, suffix=r"\.parquet"), seen[2])
+    assert re.fullmatch(TEMP_NAME.format(name="folder", pid=pid, suffix=""), seen[3])
+    assert (tmp_path / "a/b/out.bin").read_bytes() == b"x" and (tmp_path / "e/f/folder/x").exists()
+
+
+def test_stale_temp_files_removed_meanwhile_by_another_process_are_no_error(tmp_path, monkeypatch):
+    """Two stages starting at once may both clear the same dead writer's temp siblings."""
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / f".out.{dead.pid}-abcdefgh.tmp").mkdir()
+    (tmp_path / f".out.{dead.pid}-hgfedcba.json.tmp").write_text("")
+    real_rmtree, real_unlink = io.shutil.rmtree, Path.unlink
+
+    def rmtree_late(p, *a, **k):  # the other process was faster
+        real_rmtree(p)
+        return real_rmtree(p, *a, **k)
+
+    def unlink_late(self, *a, **k):
+        real_unlink(self, missing_ok=True)
+        return real_unlink(self, *a, **k)
+
+    monkeypatch.setattr(io.shutil, "rmtree", rmtree_late)
+    monkeypatch.setattr(Path, "unlink", unlink_late)
+    assert len(io.clear_stale(tmp_path / "out")) == 2
+
+
+def test_a_swap_interrupted_between_its_renames_leaves_the_old_folder_as_dot_old(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    with io.atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("old")
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # killed after moving the old folder aside, before the new one is in
+            raise Crash
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", replace)
+    with pytest.raises(Crash):
+        with io.atomic_dir(target) as tmp:
+            (tmp / "a.txt").write_text("new")
+    assert (tmp_path / ".out.old/a.txt").read_text() == "old" and not target.exists()  # recoverable
+    monkeypatch.undo()
+    for _ in range(2):  # the next run puts its folder in place; the one after clears .out.old
+        with io.atomic_dir(target) as tmp:
+            (tmp / "a.txt").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (target / "a.txt").read_text() == "new"
+
+
+def test_the_old_folder_removed_meanwhile_is_no_error(tmp_path, monkeypatch):
+    """Once the new folder is in place another writer's clear_stale may remove .<name>.old first."""
+    target = tmp_path / "out"
+    with io.atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("old")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        if Path(dst) == target:
+            io.shutil.rmtree(tmp_path / ".out.old")
+
+    monkeypatch.setattr(io.os, "replace", replace)
+    with io.atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("new")
+    assert (target / "a.txt").read_text() == "new"
+
+
+def test_the_full_disk_message(tmp_path, monkeypatch):
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("u", "total used free")(2 ** 40, 0, 3 * 2 ** 20))
+    with pytest.raises(io.NoSpaceError) as err:
+        with io.no_space_errors(tmp_path / "out.bin"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert str(err.value) == (f"no space left on {tmp_path / 'out.bin'} (3 MiB free on its disk): free some space "
+                              "and rerun (OSError: [Errno 28] No space left on device)")
+    with pytest.raises(TypeError, match=r"^not JSON serialisable: object$"):
+        io.write_json(tmp_path / "x.json", object())
