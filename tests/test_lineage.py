@@ -88,3 +88,24 @@ def test_repo_root_of_a_dvc_temp_copy_deep_below(tmp_path, monkeypatch):
     plain.mkdir(parents=True)
     monkeypatch.chdir(plain)
     assert lineage.repo_root() == plain.resolve()  # no git, no DVC: the working directory
+
+
+def test_git_gives_none_for_a_failure_or_an_empty_answer(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    assert lineage._git("status", "--porcelain", cwd=repo) is None  # ran fine, said nothing
+    assert lineage._git("rev-parse", "HEAD", cwd=repo) is None      # no commit yet: git fails
+    assert lineage._git("rev-parse", "--show-toplevel", cwd=repo) == str(repo.resolve())
+    assert lineage._git("status", cwd=tmp_path / "missing") is None   # no such folder (OSError)
+
+
+def test_dataset_hash_matches_the_whole_path():
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        lock = Path(d) / "dvc.lock"
+        lock.write_text(yaml.safe_dump({"stages": {"s": {"outs": [{"md5": "no-path"}, {"path": "data/set_X", "md5": "x"},
+                                                                   {"path": "data/set_", "md5": "y"}]}}}))
+        assert lineage.dataset_hash(lock, "data/set_X") == "x" and lineage.dataset_hash(lock, "data/set_") == "y"

@@ -116,3 +116,11 @@ def test_a_family_is_a_frozen_value_higher_is_better_by_default():
     assert (f.better, f.fmt, f.arrow) == (1, ".4g", "↑") and vocab.Family("x", "x", "x", 0).arrow == ""
     with pytest.raises(dataclasses.FrozenInstanceError):
         f.better = -1
+
+
+def test_the_headline_keys_and_unknown_families():
+    assert vocab.HEADLINE == ("style_centroid_lora", "style_nn_lora", "clip_score_lora", "clip_score_ratio", "kid_lora",
+                              "trait_impressionism_lora", "trait_impressionism_dist_lora")
+    f = vocab.family("wet_paint_share_lora")
+    assert (f.name, f.short, f.label, f.better) == ("wet_paint_share", "wet paint share", "wet paint share", 0)
+    assert vocab.fmt("kid_lora", "n/a") == "n/a" and vocab.fmt("kid_lora", 3) == "3"
