@@ -1,6 +1,7 @@
 """Checkpoint files and the resume decision without training (stages.models.checkpoint): what a
 checkpoint holds, which are kept, damaged ones set aside, finished runs, temp folders of a killed
 save, and restoring a trainer's state and the RNGs. Fast: a fake trainer."""
+import hashlib
 import json
 import random
 
@@ -188,12 +189,15 @@ def test_code_files_are_the_python_files_of_the_stages_deps(tmp_path):
     (tmp_path / "stages/models").mkdir(parents=True)
     for f in ("stages/train.py", "stages/models/a.py", "stages/models/b.py", "stages/models/notes.txt"):
         (tmp_path / f).write_text("x")
-    (tmp_path / "dvc.yaml").write_text("stages:\n  train:\n    deps:\n      - stages/train.py\n      - stages/models\n"
-                                       "      - stages/missing.py\n      - data/cache\n")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  train:\n    deps:\n      - data/cache\n      - stages/train.py\n"
+                                       "      - stages/models\n      - stages/missing.py\n")
     assert [p.relative_to(tmp_path).as_posix() for p in ckpt._code_files("train", tmp_path)] == [
         "stages/models/a.py", "stages/models/b.py", "stages/train.py"]
     h = ckpt.code_hash("train", tmp_path)
-    assert len(h) == 16
+    ref = hashlib.sha256()  # sha256 over each file's path, NUL, content, NUL, in path order
+    for f in ("stages/models/a.py", "stages/models/b.py", "stages/train.py"):
+        ref.update(f.encode() + b"\0" + b"x" + b"\0")
+    assert h == ref.hexdigest()[:16]
     (tmp_path / "stages/models/b.py").rename(tmp_path / "stages/models/c.py")  # a rename is a change
     assert ckpt.code_hash("train", tmp_path) != h
 

@@ -120,3 +120,36 @@ def test_more_steps_with_a_decaying_schedule_restart(tmp_path):
 def test_fewer_steps_than_the_checkpoint_restart(saved):
     assert not resumes(saved, changed(base_params(), "train", "steps", STEP - 1))
 
+
+
+def test_the_identity_names_its_parts():
+    p = base_params()
+    ident = ckpt.identity(p, "data-1")
+    assert set(ident) == {"params", "steps", "data", "code"} and set(ident["params"]) == {"seed", "model", "lora", "train"}
+    assert ident["params"]["seed"] == p.seed and ident["params"]["lora"] == p.lora.model_dump()
+    assert ident["params"]["model"] == p.model.model_dump() and ident["steps"] == 10 and ident["data"] == "data-1"
+    assert ident["code"] == ckpt.code_hash() and not ckpt.NEUTRAL & set(ident["params"]["train"])
+
+
+@pytest.mark.parametrize("change,reason", [
+    (dict(data="data-2"), "the training data changed"),
+    (dict(code="other"), "the train stage's code changed"),
+    (dict(lr=0.02), "params changed: train.lr 0.01 -> 0.02"),
+    (dict(extra=1), "params changed: train.extra None -> 1"),  # a key only one side has
+])
+def test_the_reason_a_checkpoint_is_not_resumed(saved, monkeypatch, change, reason):
+    p = base_params()
+    ident = ckpt.identity(p, change.get("data", "data-1"))
+    if "code" in change:
+        ident["code"] = change["code"]
+    if "lr" in change:
+        ident["params"]["train"]["lr"] = change["lr"]
+    if "extra" in change:
+        ident["params"]["train"]["extra"] = change["extra"]
+    r = ckpt.plan(saved, ident, p.train)
+    assert (r.start, r.reason) == (0, f"no checkpoint of this run ({reason}): training from step 0")
+
+
+def test_an_identity_without_its_parts_is_an_older_trainers():
+    assert ckpt._differences({"params": {}}, {}, False) == "made by an older version of the trainer"
+    assert ckpt._differences(None, {}, False) == "made by an older version of the trainer"
