@@ -96,3 +96,30 @@ def test_load_falls_back_to_the_repos_params_yaml(tmp_path, monkeypatch):
     assert params.load() == params.load(params.PARAMS_FILE)
     (tmp_path / "params.yaml").write_text("seed: 7\n")
     assert params.load().seed == 7
+
+
+def test_multiple_of_16_names_the_two_nearest_sizes():
+    with pytest.raises(ValueError, match=r"so 8 would silently become 0 or 16\): use 16 or 16$"):
+        params.multiple_of_16(8)
+    with pytest.raises(ValueError, match=r"so 40 would silently become 32 or 48\): use 32 or 48$"):
+        params.multiple_of_16(40)
+    assert params.multiple_of_16(48) == 48
+
+
+@pytest.mark.parametrize("exts,ok", [([".txt", ".caption"], True), ([".t"], True), ([], True), (["txt"], False),
+                                     (["."], False), ([".txt", "caption"], False)])
+def test_caption_extensions_start_with_a_dot(exts, ok):
+    if ok:
+        assert params.FolderSource(caption_extensions=exts).caption_extensions == exts
+    else:
+        with pytest.raises(ValueError, match=r"extensions start with a dot, e.g. '.txt' \(got \["):
+            params.FolderSource(caption_extensions=exts)
+
+
+def test_the_holdout_message_and_a_folder_source_needs_a_path():
+    with pytest.raises(ValueError, match=r"holds out 60% of the images, leaving 40% to train on: use 0.05-0.2 "
+                                         r"\(at most 0.5\)"):
+        params.Data(holdout=0.6)
+    with pytest.raises(ValueError, match="data.source=folder needs data.path"):
+        params.Data(source="folder")
+    assert params.Data(source="folder", path="/some/images").path == "/some/images"
