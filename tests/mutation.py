@@ -137,8 +137,10 @@ def diff(mid: int) -> str:
 
 def why_equivalent(equivalent: dict, module: str, mid: int) -> str | None:
     """The reason a survivor is equivalent, looked up by its mutated line (ids change with the cache)."""
-    added = [line[1:].strip() for line in diff(mid).splitlines() if line.startswith("+")]
-    return next((equivalent[module][a] for a in added if a in equivalent.get(module, {})), None)
+    lines = diff(mid).splitlines()
+    added = [line[1:].strip() for line in lines if line.startswith("+") and line[1:].strip()]
+    keys = added or ["-" + line[1:].strip() for line in lines if line.startswith("-")]  # a removed line: "-<line>"
+    return next((equivalent[module][k] for k in keys if k in equivalent.get(module, {})), None)
 
 
 def write_report(equivalent: dict) -> None:
@@ -189,6 +191,7 @@ def write_report(equivalent: dict) -> None:
 
 
 # mutants that cannot be killed because the program behaves the same: {module: {mutated line: why}}
+# (a mutant that only removes a line is keyed "-<removed line>")
 EQUIVALENT_FILE = ROOT / "tests/mutation_equivalent.json"
 
 
