@@ -139,8 +139,11 @@ def why_equivalent(equivalent: dict, module: str, mid: int) -> str | None:
     """The reason a survivor is equivalent, looked up by its mutated line (ids change with the cache)."""
     lines = diff(mid).splitlines()
     added = [line[1:].strip() for line in lines if line.startswith("+") and line[1:].strip()]
-    keys = added or ["-" + line[1:].strip() for line in lines if line.startswith("-")]  # a removed line: "-<line>"
-    return next((equivalent[module][k] for k in keys if k in equivalent.get(module, {})), None)
+    known = equivalent.get(module, {})
+    if not added:  # a mutant that only removes lines: each one keyed "-<line>"
+        removed = ["-" + line[1:].strip() for line in lines if line.startswith("-") and line[1:].strip()]
+        return known[removed[0]] if removed and all(r in known for r in removed) else None
+    return next((known[a] for a in added if a in known), None)
 
 
 def write_report(equivalent: dict) -> None:
