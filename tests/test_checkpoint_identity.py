@@ -153,3 +153,27 @@ def test_the_reason_a_checkpoint_is_not_resumed(saved, monkeypatch, change, reas
 def test_an_identity_without_its_parts_is_an_older_trainers():
     assert ckpt._differences({"params": {}}, {}, False) == "made by an older version of the trainer"
     assert ckpt._differences(None, {}, False) == "made by an older version of the trainer"
+
+
+def test_the_reason_names_up_to_five_changed_params_and_the_steps():
+    p = base_params()
+    old = ckpt.identity(p, "d")
+    new = ckpt.identity(changed(changed(p, "train", "lr", 0.02), "train", "shift", 2.0), "d")
+    assert ckpt._differences(old, new, False) == "params changed: train.lr 0.01 -> 0.02, train.shift 3.0 -> 2.0"
+    many = p
+    for key, value in (("lr", 0.02), ("shift", 2.0), ("guidance", 2.0), ("logit_std", 2.0), ("logit_mean", 1.0),
+                       ("max_grad_norm", 2.0)):
+        many = changed(many, "train", key, value)
+    assert ckpt._differences(old, ckpt.identity(many, "d"), False).count(" -> ") == 5
+    cosine = changed(p, "train", "lr_scheduler", "cosine")
+    longer = changed(cosine, "train", "steps", 300)
+    assert ckpt._differences(ckpt.identity(cosine, "d"), ckpt.identity(longer, "d"), False) == (
+        "train.steps changed (10 -> 300) and the cosine lr schedule depends on the total")
+    assert ckpt._differences(ckpt.identity(cosine, "d"), ckpt.identity(longer, "d"), True) == ""
+
+
+def test_a_gpu_checkpoints_rng_state_restores_on_a_cpu_machine(monkeypatch):
+    state = ckpt.rng_state()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ckpt.set_rng_state({**state, "cuda": [torch.zeros(16, dtype=torch.uint8)]})  # saved on a GPU: skipped here
+    assert "cuda" not in ckpt.rng_state()
