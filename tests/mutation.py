@@ -79,8 +79,9 @@ def run_pytest(args: list[str]) -> int:
     """pytest on ``args``, exit 1 on any failure: mutmut 2 counts only exit code 1 as "tests
     failed", so a mutant that breaks the import (pytest's exit 2, a collection error) would pass
     as a survivor."""
-    code = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-                           *args], cwd=ROOT).returncode
+    import pytest  # in this process: mutmut's timeout kills this process, and so the tests
+
+    code = pytest.main(["-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=", *args])
     return 0 if code == 0 else 1
 
 
