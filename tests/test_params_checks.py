@@ -123,3 +123,18 @@ def test_the_holdout_message_and_a_folder_source_needs_a_path():
     with pytest.raises(ValueError, match="data.source=folder needs data.path"):
         params.Data(source="folder")
     assert params.Data(source="folder", path="/some/images").path == "/some/images"
+
+
+def test_vram_classes_rank_map_and_prodigy_betas():
+    for gb in ("auto", 8, 12, 16, 24):
+        assert params.Model(vram_gb=gb).vram_gb == gb
+    for gb in (9, 13, 17, 25, 32):
+        with pytest.raises(ValueError, match="vram_gb"):
+            params.Model(vram_gb=gb)
+    assert params.Lora(rank_map={"attn": 1}).rank_map == {"attn": 1}
+    with pytest.raises(ValueError, match=r"ranks must be >= 1, got \{'ff': 0\}"):
+        params.Lora(rank_map={"attn": 2, "ff": 0})
+    assert params.ProdigyOpts(betas=[0.9, 0.999]).betas == [0.9, 0.999]
+    for betas in ([0.9], [0.9, 0.99, 0.999]):
+        with pytest.raises(ValueError, match="betas"):
+            params.ProdigyOpts(betas=betas)
