@@ -4,6 +4,7 @@ save, and restoring a trainer's state and the RNGs. Fast: a fake trainer."""
 import hashlib
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -206,3 +207,24 @@ def test_the_schedule_depends_on_the_total_unless_constant():
     assert not ckpt.schedule_depends_on_total(train_params(lr_scheduler="constant"))
     assert ckpt.schedule_depends_on_total(train_params(lr_scheduler="cosine"))
     assert ckpt.schedule_depends_on_total(train_params(lr_scheduler="linear"))
+
+
+def test_damaged_checkpoints_go_to_bad_with_a_timestamp_and_stray_files_are_ignored(tmp_path):
+    (tmp_path / "step-000001").write_text("a stray file, not a checkpoint")
+    save(tmp_path, 3)
+    save(tmp_path, 6)
+    save(tmp_path, 9)
+    for s in ("step-000006", "step-000009"):  # two damaged in one plan: both set aside
+        (tmp_path / s / "state.pt").write_bytes(b"x")
+    r = ckpt.plan(tmp_path, IDENT, train_params())
+    assert r.start == 3
+    bad = sorted(p.name for p in (tmp_path / "bad").iterdir())
+    assert [b[:11] for b in bad] == ["step-000006", "step-000009"]
+    assert all(re.fullmatch(r"step-00000[69]-\d{8}-\d{6}", b) for b in bad)
+
+
+def test_the_nan_message_names_the_step_and_what_to_do(tmp_path):
+    with pytest.raises(TrainingDiverged) as err:
+        ckpt.save(tmp_path, FakeTrainer(float("inf")), 4, IDENT, keep=2)
+    assert str(err.value) == ("non-finite LoRA weights after step 4 (a, 1 tensors): training stopped, nothing saved; "
+                              "lower train.lr or raise train.warmup_steps")
