@@ -138,3 +138,21 @@ def test_vram_classes_rank_map_and_prodigy_betas():
     for betas in ([0.9], [0.9, 0.99, 0.999]):
         with pytest.raises(ValueError, match="betas"):
             params.ProdigyOpts(betas=betas)
+
+
+def test_prodigy_lr_range_and_warning_and_adafactor_warmup(caplog):
+    caplog.set_level("WARNING")
+    for lr in (0.1, 1.0, 10.0):
+        assert params.Train(optimizer="prodigy", lr=lr).lr == lr
+    for lr in (0.099, 10.01):
+        with pytest.raises(ValueError, match=r"train.optimizer=prodigy estimates the step size itself .* use train.lr=1.0"):
+            params.Train(optimizer="prodigy", lr=lr)
+    caplog.clear()
+    params.Train(optimizer="prodigy", lr=1.0)
+    params.Train(optimizer="adamw", lr=0.5)
+    assert caplog.text == ""
+    params.Train(optimizer="prodigy", lr=2.0)
+    assert "train.optimizer=prodigy with train.lr=2: the community setting is 1.0" in caplog.text
+    with pytest.raises(ValueError, match="warmup_init needs train.adafactor.relative_step=true"):
+        params.Train(adafactor={"warmup_init": True})
+    assert params.Train(adafactor={"warmup_init": True, "relative_step": True}).adafactor.warmup_init
