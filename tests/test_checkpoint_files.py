@@ -93,7 +93,8 @@ def test_checkpoints_past_the_total_are_not_resumed(tmp_path):
 
 def test_no_folder_or_no_checkpoint_starts_fresh(tmp_path):
     r = ckpt.plan(tmp_path / "missing", IDENT, train_params())
-    assert (r.start, r.state) == (0, None) and r.reason == "no checkpoint: training from step 0"
+    assert (r.start, r.state, r.path, r.continued) == (0, None, None, False)
+    assert r.reason == "no checkpoint: training from step 0"
     (tmp_path / "empty").mkdir()
     r = ckpt.plan(tmp_path / "empty", IDENT, train_params())
     assert r.start == 0 and r.reason == "no checkpoint of this run (none saved): training from step 0"
@@ -144,6 +145,7 @@ def test_every_checkpoint_damaged_starts_fresh(tmp_path):
 
 
 def test_a_finished_run_trains_again_unless_more_steps_with_a_constant_schedule(tmp_path):
+    save(tmp_path, 2)  # an earlier checkpoint of the same run: the finished (newest) one continues
     save(tmp_path, 4)
     ckpt.mark_finished(tmp_path, 4)
     ckpt.mark_finished(tmp_path, 99)  # no such checkpoint: nothing happens
@@ -157,6 +159,7 @@ def test_a_finished_run_trains_again_unless_more_steps_with_a_constant_schedule(
 
 
 def test_a_finished_run_with_a_damaged_final_checkpoint_starts_fresh(tmp_path):
+    save(tmp_path, 2)  # never continue from an older one: it would redo steps 3-4 differently
     save(tmp_path, 4)
     ckpt.mark_finished(tmp_path, 4)
     (tmp_path / "step-000004/lora.safetensors").write_bytes(b"x")
