@@ -100,4 +100,8 @@ plots-template:          ## rebuild plots/offline.html (vega, vega-lite, vega-em
 
 exps: install            ## the experiment table: changed params + headline metrics, <= 15 columns, fits 150
 	$(PY) -m stages.experiments
+
+mutation: install-test   ## mutation gate (mutmut) on the correctness modules, fast tests per module; MODULES="stages/core/io.py ..." for a subset; writes reports/bench/mutation.md (not part of make test)
+	HF_HUB_OFFLINE=1 $(PY) -m tests.mutation $(if $(MODULES),--modules $(MODULES))
+.PHONY: mutation
 .PHONY: mlflow-ui sweep plots-template

@@ -53,16 +53,17 @@ log = logging.getLogger("stages.train")
 
 
 class LossLog:
-    """A per-step TSV (``reports/train/loss.tsv`` by default): one row per step; on resume, rows
-    after the checkpoint go."""
+    """A per-step TSV (``reports/train/loss.tsv`` by default): one row per step, appended as the
+    run goes; on resume, rows after the checkpoint go (the kept rows are rewritten atomically)."""
 
     def __init__(self, path: Path, start: int, columns: list[str] = COLUMNS, fallback: Path | None = None):
         self.path, self.columns = path, columns
         path.parent.mkdir(parents=True, exist_ok=True)
         source = path if path.exists() or fallback is None else fallback  # fallback: the finished run's
         rows = source.read_text().splitlines()[1:] if source.exists() and start > 0 else []
-        rows = [r for r in rows if r and int(r.split("\t")[0]) <= start]
-        path.write_text("\t".join(columns) + "\n" + "".join(r + "\n" for r in rows))
+        # a row cut short by a kill (steps are appended) is dropped with the rows past the checkpoint
+        rows = [r for r in rows if len(r.split("\t")) == len(columns) and int(r.split("\t")[0]) <= start]
+        write_text(path, "\t".join(columns) + "\n" + "".join(r + "\n" for r in rows))
         self.kept = [dict(zip(columns, map(float, r.split("\t")))) for r in rows]
 
     def replay(self, sinks) -> None:

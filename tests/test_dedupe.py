@@ -264,3 +264,35 @@ def test_keep_rule_prefers_the_source_over_its_reencodes_and_says_why():
     # orientation: the flipped copy is the odd one out even at a finer step
     rows, _ = _decide({k: named[k] for k in ("source", "flip", "half")})
     assert rows["source"]["kept"] and rows["source"]["keep_reason"].startswith("orientation:")
+
+
+def _flipped(bits: range, nbytes: int = 8) -> np.ndarray:
+    """A hash of ``nbytes`` zero bytes with ``bits`` set (its distance to zero = len(bits))."""
+    out = np.zeros(nbytes * 8, bool)
+    out[list(bits)] = True
+    return np.packbits(out)
+
+
+@pytest.mark.parametrize("second_vote", [True, False])
+def test_threshold_boundaries_of_the_search_and_the_second_vote(second_vote):
+    """A pair at exactly dedupe.threshold pHash bits is a candidate, one bit more is not; the second
+    vote keeps it at exactly dedupe.dhash_threshold dHash bits and drops it one bit further."""
+    from stages import dedupe
+    from stages.core.params import Dedupe
+
+    cfg = Dedupe(threshold=10, dhash_threshold=16, second_vote=second_vote, workers=1)
+    n = 4
+    rng = np.random.default_rng(0)
+    hashes = rng.integers(0, 256, (n, len(hashing.VIEWS), 2, 8), dtype=np.uint8)  # other views: far apart
+    full = hashing.VIEWS.index("full")
+    hashes[:, full] = 0
+    hashes[1, full, 0], hashes[1, full, 1] = _flipped(range(0, 10)), _flipped(range(0, 16))   # 10 / 16 bits
+    hashes[2, full, 0], hashes[2, full, 1] = _flipped(range(10, 20)), _flipped(range(16, 33))  # 10 / 17 bits
+    hashes[3, full, 0] = _flipped(range(20, 31))                                               # 11 / 0 bits
+    for v in range(1, len(hashing.VIEWS)):  # the random views really are far apart
+        for i in range(n):
+            for j in range(i + 1, n):
+                assert hashing.hamming(hashes[i, v], hashes[j, v]).min() > 20
+    pairs, counts = dedupe.candidate_pairs(hashes, cfg)
+    assert counts["full pHash"] == 2  # (0, 1) and (0, 2) at exactly 10 bits; (0, 3) at 11 is out
+    assert pairs.tolist() == ([[0, 1]] if second_vote else [[0, 1], [0, 2]])

@@ -53,3 +53,106 @@ def test_batch_larger_than_the_dataset_is_rejected_before_loading_the_model(work
     p = write_params(workdir, train__batch_size=64)
     with pytest.raises(params.ParamsError, match="train.batch_size = 64 .* larger than the 12 training images"):
         train.run(p, Train().under(workdir))
+
+
+def test_unknown_keys_and_cross_key_checks_are_named(tmp_path):
+    raw = with_value("train.lr", 1e-3)
+    raw["train"]["learning_rate"] = 0.1
+    with pytest.raises(params.ParamsError) as exc:
+        params.validate(raw)
+    assert ("  train.learning_rate: unknown key (value 0.1); check the spelling against conf/config.yaml"
+            in str(exc.value).splitlines())
+    assert str(exc.value).startswith("invalid params.yaml:\n")
+    with pytest.raises(params.ParamsError) as exc:  # a model check: the section, not one value
+        params.validate(with_value("train.warmup_steps", 200))
+    assert str(exc.value).splitlines()[1].startswith("  train: train.warmup_steps = 200 is larger")
+    with pytest.raises(params.ParamsError) as exc:  # a literal: what is allowed
+        params.validate(with_value("train.optimizer", "sgd"))
+    assert str(exc.value).splitlines()[1] == ("  train.optimizer = 'sgd': Input should be 'adamw', 'adamw8bit', "
+                                              "'prodigy' or 'adafactor' (allowed: 'adamw', 'adamw8bit', "
+                                              "'prodigy' or 'adafactor')")
+
+
+def test_lookup_follows_dicts_and_list_indices():
+    raw = {"a": {"b": [10, 20]}}
+    assert params._lookup(raw, ("a", "b", 1)) == 20 and params._lookup(raw, ("a", "b", -2)) == 10
+    assert params._lookup(raw, ("a", "b", 2)) == "<missing>" and params._lookup(raw, ("a", "b", -3)) == "<missing>"
+    assert params._lookup(raw, ("a", "c")) == "<missing>" and params._lookup(raw, ("a", "b", "x")) == "<missing>"
+    assert params._lookup(raw, ()) == raw
+
+
+def test_yaml_errors_without_a_tab_and_empty_files(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("seed: [1\n")
+    with pytest.raises(params.ParamsError) as exc:
+        params.load(f)
+    assert str(exc.value).startswith(f"{f} is not valid YAML at line 2, column 1: ") and "a tab" not in str(exc.value)
+    f.write_text("")
+    assert params.read_yaml(f) == {} and params.load(f) == params.Params()
+
+
+def test_load_falls_back_to_the_repos_params_yaml(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no params.yaml here
+    assert params.load() == params.load(params.PARAMS_FILE)
+    (tmp_path / "params.yaml").write_text("seed: 7\n")
+    assert params.load().seed == 7
+
+
+def test_multiple_of_16_names_the_two_nearest_sizes():
+    with pytest.raises(ValueError, match=r"so 8 would silently become 0 or 16\): use 16 or 16$"):
+        params.multiple_of_16(8)
+    with pytest.raises(ValueError, match=r"so 40 would silently become 32 or 48\): use 32 or 48$"):
+        params.multiple_of_16(40)
+    assert params.multiple_of_16(48) == 48
+
+
+@pytest.mark.parametrize("exts,ok", [([".txt", ".caption"], True), ([".t"], True), ([], True), (["txt"], False),
+                                     (["."], False), ([".txt", "caption"], False)])
+def test_caption_extensions_start_with_a_dot(exts, ok):
+    if ok:
+        assert params.FolderSource(caption_extensions=exts).caption_extensions == exts
+    else:
+        with pytest.raises(ValueError, match=r"extensions start with a dot, e.g. '.txt' \(got \["):
+            params.FolderSource(caption_extensions=exts)
+
+
+def test_the_holdout_message_and_a_folder_source_needs_a_path():
+    with pytest.raises(ValueError, match=r"holds out 60% of the images, leaving 40% to train on: use 0.05-0.2 "
+                                         r"\(at most 0.5\)"):
+        params.Data(holdout=0.6)
+    with pytest.raises(ValueError, match="data.source=folder needs data.path"):
+        params.Data(source="folder")
+    assert params.Data(source="folder", path="/some/images").path == "/some/images"
+
+
+def test_vram_classes_rank_map_and_prodigy_betas():
+    for gb in ("auto", 8, 12, 16, 24):
+        assert params.Model(vram_gb=gb).vram_gb == gb
+    for gb in (9, 13, 17, 25, 32):
+        with pytest.raises(ValueError, match="vram_gb"):
+            params.Model(vram_gb=gb)
+    assert params.Lora(rank_map={"attn": 1}).rank_map == {"attn": 1}
+    with pytest.raises(ValueError, match=r"ranks must be >= 1, got \{'ff': 0\}"):
+        params.Lora(rank_map={"attn": 2, "ff": 0})
+    assert params.ProdigyOpts(betas=[0.9, 0.999]).betas == [0.9, 0.999]
+    for betas in ([0.9], [0.9, 0.99, 0.999]):
+        with pytest.raises(ValueError, match="betas"):
+            params.ProdigyOpts(betas=betas)
+
+
+def test_prodigy_lr_range_and_warning_and_adafactor_warmup(caplog):
+    caplog.set_level("WARNING")
+    for lr in (0.1, 1.0, 10.0):
+        assert params.Train(optimizer="prodigy", lr=lr).lr == lr
+    for lr in (0.099, 10.01):
+        with pytest.raises(ValueError, match=r"train.optimizer=prodigy estimates the step size itself .* use train.lr=1.0"):
+            params.Train(optimizer="prodigy", lr=lr)
+    caplog.clear()
+    params.Train(optimizer="prodigy", lr=1.0)
+    params.Train(optimizer="adamw", lr=0.5)
+    assert caplog.text == ""
+    params.Train(optimizer="prodigy", lr=2.0)
+    assert "train.optimizer=prodigy with train.lr=2: the community setting is 1.0" in caplog.text
+    with pytest.raises(ValueError, match="warmup_init needs train.adafactor.relative_step=true"):
+        params.Train(adafactor={"warmup_init": True})
+    assert params.Train(adafactor={"warmup_init": True, "relative_step": True}).adafactor.warmup_init

@@ -75,16 +75,26 @@ def test_code_hash_follows_the_train_stage_code_deps(tmp_path):
 
 def test_changed_code_does_not_resume(workdir, monkeypatch, capfd, steps_seen):
     interrupted(workdir, monkeypatch, 7, **RESUME)
+    from stages import train
+
     monkeypatch.setattr(ckpt, "code_hash", lambda *a, **k: "another-commit")
+    trained: list[int] = []
+    monkeypatch.setattr(train.Trainer, "step", _spy(train.Trainer.step, trained))
     run_train(workdir, callbacks=[record(steps_seen)], **RESUME)
+    assert trained == list(range(10))  # every step trained again: nothing resumed
     assert steps_seen == list(range(1, 11))
     assert "the train stage's code changed" in capfd.readouterr().err
 
 
 # ----------------------------------------------------------------------------- interrupted vs finished
 def test_interrupted_run_resumes_and_matches(workdir, monkeypatch, reference, steps_seen):
+    from stages import train
+
     interrupted(workdir, monkeypatch, 7, **RESUME)
+    trained: list[int] = []
+    monkeypatch.setattr(train.Trainer, "step", _spy(train.Trainer.step, trained))
     run_train(workdir, callbacks=[record(steps_seen)], **RESUME)
+    assert trained == [6, 7, 8, 9]  # the resumed process trained steps 7-10 only (0-based 6-9)
     assert steps_seen == list(range(1, 11))  # 1-6 replayed from loss.tsv (MLflow gets them), 7-10 trained
     assert same(adapter(workdir), reference)
     meta = json.loads((workdir / "models/checkpoints/step-000010/meta.json").read_text())

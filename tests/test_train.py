@@ -49,9 +49,29 @@ def test_loss_falls_and_exports_work(workdir):
 
 
 @pytest.mark.parametrize("quantization,optimizer", [("nf4", "adamw8bit"), ("int8", "adamw")])
-def test_quantized_bases_train(workdir, quantization, optimizer):
+def test_quantized_bases_train(workdir, monkeypatch, quantization, optimizer):
+    from stages.models import flux
+
+    loaded = []
+    real_load = flux.load_transformer
+    monkeypatch.setattr(flux, "load_transformer", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
     log = run_train(workdir, model__quantization=quantization, train__optimizer=optimizer, train__steps=4,
                     train__checkpoint_every=4)
+    # the base that trained really was quantized: every linear layer of its blocks (LoRA's own aside)
+    (transformer,) = loaded
+    blocks = [m for name in ("transformer_blocks", "single_transformer_blocks") for m in getattr(transformer, name)]
+    base = [(n, m) for b in blocks for n, m in b.named_modules()
+            if type(m).__name__ in ("Linear", "Linear4bit") and "lora_" not in n and not hasattr(m, "base_layer")]
+    assert len(base) > 10
+    for n, m in base:
+        if quantization == "nf4":
+            assert type(m).__name__ == "Linear4bit" and m.weight.dtype == torch.uint8, n
+        else:  # torchao int8 weight-only: a quantized tensor subclass holding int8 data
+            assert type(m.weight).__name__ not in ("Parameter", "Tensor"), n
+            assert "int8" in repr(m.weight).lower() or "Int8" in type(m.weight).__name__, n
+        assert not m.weight.requires_grad, n
+    lora_params = [p for n, p in transformer.named_parameters() if "lora_" in n]
+    assert lora_params and all(p.requires_grad and p.dtype == torch.float32 for p in lora_params)
     assert len(log) == 4 and all(r["loss"] == r["loss"] and r["grad_norm"] > 0 for r in log)
     state = load_file(workdir / "models/lora/pytorch_lora_weights.safetensors")
     assert any(t.abs().sum() > 0 for k, t in state.items() if "lora_B" in k)  # B moved off its zero init
@@ -62,7 +82,7 @@ class Interrupt(Exception):
     pass
 
 
-def test_interrupted_and_resumed_run_matches_uninterrupted(workdir, tmp_path_factory):
+def test_interrupted_and_resumed_run_matches_uninterrupted(workdir, tmp_path_factory, monkeypatch):
     params = dict(train__steps=10, train__checkpoint_every=3, train__keep_checkpoints=2, lora__dropout=0.1,
                   train__caption_dropout=0.3, train__sigma_sampling="shift", train__lr_scheduler="cosine",
                   train__warmup_steps=2)
@@ -81,7 +101,14 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(workdir, tmp_path_fac
     assert not (other / "models/lora").exists()
     assert sorted(p.name for p in (other / "models/checkpoints").glob("step-*")) == ["step-000003", "step-000006"]
     (other / "models/checkpoints/.step-000009.x.tmp").mkdir()  # a save killed half-way
+    from stages import train
+
+    trained = []
+    real_step = train.Trainer.step
+    monkeypatch.setattr(train.Trainer, "step", lambda self, batches, step: trained.append(step) or
+                        real_step(self, batches, step))
     log = run_train(other, **params)
+    assert trained == [6, 7, 8, 9]  # the resumed process trained steps 7-10 only, from the step-6 checkpoint
     resumed = load_file(other / "models/lora/pytorch_lora_weights.safetensors")
     assert [int(r["step"]) for r in log] == list(range(1, 11))
     assert resumed.keys() == reference.keys()

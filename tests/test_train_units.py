@@ -39,8 +39,19 @@ def test_sigma_samplers_range(mode):
         assert abs(s.median() - 0.5) < 0.02 and ((s > 0.1) & (s < 0.9)).float().mean() > 0.9
     if mode == "shift":  # shifted towards noise: median sigmoid(0)=0.5 -> 3*0.5/(1+2*0.5) = 0.75
         assert abs(s.median() - 0.75) < 0.02
-    with pytest.raises(ValueError, match="unknown sigma sampling"):
+    with pytest.raises(ValueError, match=r"^unknown sigma sampling 'cosine' \(uniform \| logit_normal \| shift\)$"):
         flow.sample_sigmas(2, "cosine")
+
+
+@pytest.mark.parametrize("mode", ["logit_normal", "shift"])
+def test_sigma_samplers_equal_their_formulas(mode):
+    """σ = sigmoid(N(0,1)·std + mean), then s·σ / (1 + (s-1)·σ) for ``shift``, clamped to [1e-4, 1-1e-4]."""
+    got = flow.sample_sigmas(4000, mode, generator=torch.Generator().manual_seed(1), logit_mean=0.5, logit_std=2.0,
+                             shift=2.5)
+    s = torch.sigmoid(torch.randn(4000, generator=torch.Generator().manual_seed(1)) * 2.0 + 0.5)
+    if mode == "shift":
+        s = 2.5 * s / (1 + 1.5 * s)
+    assert torch.allclose(got, s.clamp(1e-4, 1 - 1e-4), atol=1e-7, rtol=0)
 
 
 def test_same_seed_same_sigmas():
@@ -89,3 +100,23 @@ def test_epoch_plan_honours_repeats():
     c.buckets = [{"ids": ["a", "b", "c"], "repeats": [1, 3, 1]}]
     plan = c.epoch_plan(seed=1, epoch=0, batch_size=1)
     assert sorted(r for _, rows in plan for r in rows) == [0, 1, 1, 1, 2]
+
+
+def test_sigma_sampler_defaults_are_the_params_defaults():
+    """Callers other than the trainer (benchmarks, notebooks) get train.*'s defaults."""
+    import inspect
+
+    from stages.core.params import Train
+
+    defaults = {k: v.default for k, v in inspect.signature(flow.sample_sigmas).parameters.items()
+                if k in ("logit_mean", "logit_std", "shift")}
+    t = Train()
+    assert defaults == {"logit_mean": t.logit_mean, "logit_std": t.logit_std, "shift": t.shift}
+
+
+def test_sigmas_are_clamped_away_from_0_and_1():
+    """σ = 0 would train on clean latents, σ = 1 on pure noise: both are clamped by 1e-4."""
+    g = torch.Generator().manual_seed(0)
+    near_one = flow.sample_sigmas(50, "shift", generator=g, shift=1e7)
+    near_zero = flow.sample_sigmas(50, "logit_normal", generator=g, logit_mean=-100.0)
+    assert torch.equal(near_one, torch.full((50,), 1 - 1e-4)) and torch.equal(near_zero, torch.full((50,), 1e-4))

@@ -98,12 +98,27 @@ def umask_mode(path: os.PathLike | str) -> Path:
     return Path(path)
 
 
+def _fsync(path: Path) -> None:
+    """Flush a finished temp file to the disk before it is renamed over its target (else a power
+    cut right after the rename can leave an empty file under the target's name)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_bytes(path: os.PathLike | str, data: bytes) -> Path:
+    """The one atomic file write: ``data`` into a temp sibling (the umask's mode), fsync, rename
+    over ``path``. On any failure ``path`` keeps its old bytes and the temp file goes."""
     path = Path(path)
     tmp = _tmp_sibling(path)
     try:
         with no_space_errors(path):
-            tmp.write_bytes(data)
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -134,6 +149,7 @@ def atomic_file(path: os.PathLike | str, suffix: str = "") -> Iterator[Path]:
     tmp = _tmp_sibling(path, suffix)
     try:
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -18,7 +18,7 @@ from typing import Iterable
 
 
 from stages.core.images import load as load_image
-from stages.core.io import write_json, write_text
+from stages.core.io import atomic_file, write_json, write_text
 from stages.metrics import pages
 
 QUESTIONS = {
@@ -70,7 +70,8 @@ def build_page(samples_dir: Path | str, out_dir: Path | str, key_path: Path | st
             img = load_image(samples_dir / sides[side])
             img.thumbnail((max_side, max_side))
             name = f"img/{pair['id']}-{letter}.jpg"
-            img.save(out_dir / name, format="JPEG", quality=92)
+            with atomic_file(out_dir / name, ".jpg") as tmp:
+                img.save(tmp, format="JPEG", quality=92)
             files[side] = name
         shown.append({"id": pair["id"], "prompt": pair["prompt"], **files})
     questions = {"style": QUESTIONS["style"]}

@@ -18,7 +18,6 @@ from stages.metrics import traits
 # the set a key is about = its last ``_`` part; label of that column
 SETS = {"holdout": "held-out paintings", "base": "base", "lora": "base + LoRA",
         "delta": "Δ (LoRA − base)", "ratio": "LoRA / base"}
-COUNTS = ("n_holdout", "n_base", "n_lora", "lora_scale")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from stages.core import tracking
+from stages.core.io import atomic_file
 from stages.core.prompts import read_prompts, with_trigger
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,8 @@ class Validator:
         paths = []
         for (k, seed), img in zip(jobs, images):
             path = out_dir / f"step-{step:06d}-p{k}-s{seed}.png"
-            img.save(path)
+            with atomic_file(path, ".png") as tmp:  # a DVC output (reports/train/validation)
+                img.save(tmp, format="PNG")
             tracking.log_image(img, f"validation/p{k}-s{seed}", step)
             paths.append(path)
         return paths
