@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import yaml
 
 from stages.core import paths
+from stages.core.io import file_digest
 from stages.core.secrets import MASK, SECRET_NAME, masked, scrub, scrub_file, secret_values  # noqa: F401
 
 CURATED = str(paths.Caption().curated)
@@ -71,14 +71,6 @@ def git_state(cwd=None) -> tuple[str | None, bool | None]:
     return _git("rev-parse", "HEAD", cwd=cwd), dirty
 
 
-def _file_md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def dir_md5(path: os.PathLike | str = CURATED) -> str | None:
     """DVC's hash of the folder ``path`` as it is on disk (None when it is missing): the md5 of the
     sorted ``[{"md5": <file md5>, "relpath": <posix path>}]`` JSON, plus ``.dir``. It is what dvc.lock
@@ -88,7 +80,7 @@ def dir_md5(path: os.PathLike | str = CURATED) -> str | None:
     root = Path(path)
     if not root.is_dir():
         return None
-    entries = sorted(({"md5": _file_md5(f), "relpath": f.relative_to(root).as_posix()}
+    entries = sorted(({"md5": file_digest(f, "md5"), "relpath": f.relative_to(root).as_posix()}
                       for f in root.rglob("*") if f.is_file()), key=lambda e: e["relpath"])
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
 
@@ -102,11 +94,7 @@ def adapter_hash(lora_dir: os.PathLike | str) -> str | None:
     f = Path(lora_dir) / ADAPTER_WEIGHTS
     if not f.is_file():
         return None
-    h = hashlib.sha256()
-    with open(f, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(f)
 
 
 def dataset_hash(lock: os.PathLike | str = "dvc.lock", path: str = CURATED) -> str | None:

@@ -15,7 +15,6 @@ false`` measures every time; delete ``<stagecache.root()>/eval-reference`` to cl
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Optional
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from stages.core import stagecache
+from stages.core.io import file_digest
 
 KIND = "eval-reference"
 VERSION = 1
@@ -31,14 +31,6 @@ VERSION = 1
 CODE = ("stages/evaluate.py", "stages/core/images.py", "stages/models/clip.py", "stages/metrics/csd.py",
         "stages/metrics/traits.py", "stages/metrics/texture.py", "stages/metrics/texture_weights.py",
         "stages/metrics/refcache.py")
-
-
-def _sha256(path: Path) -> Optional[str]:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _local_identity(value: Optional[str]) -> Optional[str]:
@@ -51,8 +43,8 @@ def fields(p, holdout: Path, embeddings: Path, clip, side: int) -> dict:
     import open_clip
 
     return {"version": VERSION,
-            "holdout": {str(f.relative_to(holdout)): _sha256(f) for f in sorted(holdout.rglob("*")) if f.is_file()},
-            "filter_embeddings": _sha256(embeddings) if embeddings.exists() else None,
+            "holdout": {str(f.relative_to(holdout)): file_digest(f) for f in sorted(holdout.rglob("*")) if f.is_file()},
+            "filter_embeddings": file_digest(embeddings) if embeddings.exists() else None,
             "clip": {**p.clip.model_dump(), "label": clip.name, "seed": p.seed,
                      "weights": _local_identity(p.clip.pretrained)},
             "csd": {"weights": _local_identity(p.eval.csd_weights), "model": p.eval.csd_model}

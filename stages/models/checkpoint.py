@@ -43,7 +43,7 @@ import yaml
 from safetensors.torch import load_file
 
 from stages.core import tensorfiles
-from stages.core.io import atomic_dir, no_space_errors, write_json
+from stages.core.io import atomic_dir, file_digest, no_space_errors, write_json
 from stages.core.params import ROOT
 from stages.models.divergence import TrainingDiverged, nonfinite
 
@@ -131,14 +131,6 @@ def set_rng_state(state: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- files
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass
 class Checkpoint:
     path: Path
@@ -189,7 +181,7 @@ def save(folder: Path | str, trainer, step: int, ident: dict, keep: int, stale: 
         tensorfiles.save(state.pop("lora"), tmp / "lora.safetensors")
         torch.save({**state, "rng": rng_state(), "step": step}, tmp / "state.pt")
         write_json(tmp / "meta.json", {"step": step, "identity": ident, "finished": False,
-                                       "sha256": {f: _sha256(tmp / f) for f in FILES}})
+                                       "sha256": {f: file_digest(tmp / f) for f in FILES}})
     for old in stale:
         if Path(old) != target:  # (the same step of an earlier run was just replaced by this one)
             log.info("removing checkpoint %s of an earlier run", old.name)
@@ -212,7 +204,7 @@ def _load_verified(ck: Checkpoint) -> dict:
     for f in FILES:
         if not (ck.path / f).exists():
             raise ValueError(f"{f} missing")
-        if sums.get(f) != _sha256(ck.path / f):
+        if sums.get(f) != file_digest(ck.path / f):
             raise ValueError(f"{f}: checksum mismatch")
     try:
         lora_state = load_file(ck.path / "lora.safetensors")
