@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from stages.core.io import file_digest
 from stages.core import params
 from stages.models import checkpoint as ckpt
 from stages.models.divergence import TrainingDiverged
@@ -53,7 +54,7 @@ def test_a_checkpoint_holds_the_adapter_state_rng_and_checksummed_meta(tmp_path)
     assert torch.equal(state["rng"]["torch"], torch.get_rng_state()) and "lora" not in state
     meta = json.loads((path / "meta.json").read_text())
     assert meta["step"] == 7 and meta["identity"] == IDENT and meta["finished"] is False
-    assert meta["sha256"] == {f: ckpt._sha256(path / f) for f in ckpt.FILES}
+    assert meta["sha256"] == {f: file_digest(path / f) for f in ckpt.FILES}
     assert len(meta["sha256"]["state.pt"]) == 64
 
 
@@ -104,7 +105,7 @@ def test_an_older_trainers_checkpoint_is_not_resumed(tmp_path):
     save(tmp_path, 3, ident={"params": {}, "data": "d"})  # no code/steps: made by an older version
     r = ckpt.plan(tmp_path, IDENT, train_params())
     assert r.start == 0 and "made by an older version of the trainer" in r.reason
-    assert names(tmp_path) == []
+    assert [x.name for x in r.stale] == ["step-000003"]  # removed by the new run's first save, not before
 
 
 @pytest.mark.parametrize("damage", ["checksum", "missing_file", "unreadable", "nan", "meta"])
@@ -123,7 +124,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path, d
             from safetensors.torch import save_file
             save_file({"a": torch.tensor([float("nan"), 1.0])}, six / "lora.safetensors")
         meta = json.loads((six / "meta.json").read_text())  # checksums that match the damaged files
-        meta["sha256"] = {f: ckpt._sha256(six / f) for f in ckpt.FILES}
+        meta["sha256"] = {f: file_digest(six / f) for f in ckpt.FILES}
         (six / "meta.json").write_text(json.dumps(meta))
     else:
         (six / "meta.json").write_text("{not json")
@@ -155,7 +156,8 @@ def test_a_finished_run_trains_again_unless_more_steps_with_a_constant_schedule(
     assert r.reason == f"continuing the finished 4-step run from {tmp_path / 'step-000004'} to 10 steps"
     r = ckpt.plan(tmp_path, IDENT, train_params(steps=4))  # the same run again (dvc repro -f)
     assert r.start == 0 and "finished at step 4; a rerun trains again from step 0" in r.reason
-    assert names(tmp_path) == []  # a fresh run's checkpoints never mix with the finished one's
+    # a fresh run's checkpoints never mix with the finished one's: they go with its first save
+    assert sorted(x.name for x in r.stale) == ["step-000002", "step-000004"]
 
 
 def test_a_finished_run_with_a_damaged_final_checkpoint_starts_fresh(tmp_path):

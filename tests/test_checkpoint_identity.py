@@ -81,8 +81,10 @@ def test_each_train_param(saved, key):
     p = changed(base_params(), "train", key, value)
     assert getattr(p.train, key) != getattr(base_params().train, key)
     assert resumes(saved, p) is survives, f"train.{key} -> {value!r}"
-    # a restart removed the stale checkpoint (it must never be mixed with the new run's)
-    assert bool(list(saved.glob("step-*"))) is survives
+    # a restart marks the earlier run's checkpoint stale (removed by the new run's first save, so it is
+    # never mixed with the new run's and a run that fails before saving loses nothing)
+    stale = ckpt.plan(saved, ckpt.identity(p, "data-1"), p.train).stale
+    assert bool(stale) is not survives and all(s.exists() for s in stale)
 
 
 @pytest.mark.parametrize("section,table", [("lora", LORA), ("model", MODEL)])
