@@ -35,3 +35,26 @@ def build_project(root: Path) -> Path:
     (root / "prompts.txt").write_text("# test prompts\n\n" + "\n".join(PROMPTS) + "\n")
     make_adapter(p, root / "models" / "lora")
     return root
+
+
+def count_renders(monkeypatch) -> dict:
+    """Count what the transformer renders from now on: ``images`` (render.denoise's seeds) and
+    ``forward`` (FluxTransformer2DModel.forward calls), to prove what came from a cache."""
+    from diffusers import FluxTransformer2DModel
+
+    from stages.models import render
+
+    counts = {"images": 0, "forward": 0}
+    denoise, forward = render.denoise, FluxTransformer2DModel.forward
+
+    def counting_denoise(pipe, embeds, pooled, seeds, **kw):
+        counts["images"] += len(seeds)
+        return denoise(pipe, embeds, pooled, seeds, **kw)
+
+    def counting_forward(self, *a, **kw):
+        counts["forward"] += 1
+        return forward(self, *a, **kw)
+
+    monkeypatch.setattr(render, "denoise", counting_denoise)
+    monkeypatch.setattr(FluxTransformer2DModel, "forward", counting_forward)
+    return counts

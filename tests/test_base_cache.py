@@ -10,6 +10,7 @@ import pytest
 from stages import sample
 from stages.core import params, stagecache
 from stages.models import base_cache
+from tests import samplekit
 from tests.samplekit import make_adapter
 from tests.stagerun import run_stage, write_params
 
@@ -27,24 +28,7 @@ def cache(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def counted(monkeypatch) -> dict:
     """Counts the images the transformer renders (per LoRA-enabled state) and its forward calls."""
-    from diffusers import FluxTransformer2DModel
-
-    from stages.models import render
-
-    counts = {"images": 0, "forward": 0}
-    denoise, forward = render.denoise, FluxTransformer2DModel.forward
-
-    def counting_denoise(pipe, embeds, pooled, seeds, **kw):
-        counts["images"] += len(seeds)
-        return denoise(pipe, embeds, pooled, seeds, **kw)
-
-    def counting_forward(self, *a, **kw):
-        counts["forward"] += 1
-        return forward(self, *a, **kw)
-
-    monkeypatch.setattr(render, "denoise", counting_denoise)
-    monkeypatch.setattr(FluxTransformer2DModel, "forward", counting_forward)
-    return counts
+    return samplekit.count_renders(monkeypatch)
 
 
 def outputs(root: Path) -> dict[str, bytes]:

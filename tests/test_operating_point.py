@@ -276,27 +276,14 @@ def test_publish_best_ships_the_snapshot_and_the_card_carries_the_strength(tmp_p
 def test_grid_base_images_come_from_the_cache(tmp_path, monkeypatch):
     """A second experiment's grid renders LoRA images only: its base images (and their bytes) come from
     the base-image cache the sample stage shares (stages.models.base_cache); counted transformer calls."""
-    from diffusers import FluxTransformer2DModel
+    import shutil
 
     from stages import operating_point
-    from stages.models import render
+    from tests import samplekit
     from tests.stagerun import run_stage
 
     monkeypatch.setenv("FLUXIMP_STAGE_CACHE", str(tmp_path / "stage-cache"))
-    counts = {"images": 0, "forward": 0}
-    denoise, forward = render.denoise, FluxTransformer2DModel.forward
-
-    def counting_denoise(pipe, embeds, pooled, seeds, **kw):
-        counts["images"] += len(seeds)
-        return denoise(pipe, embeds, pooled, seeds, **kw)
-
-    def counting_forward(self, *a, **kw):
-        counts["forward"] += 1
-        return forward(self, *a, **kw)
-
-    monkeypatch.setattr(render, "denoise", counting_denoise)
-    monkeypatch.setattr(FluxTransformer2DModel, "forward", counting_forward)
-    import shutil
+    counts = samplekit.count_renders(monkeypatch)
 
     first, second = tmp_path / "a", tmp_path / "b"
     first.mkdir()
