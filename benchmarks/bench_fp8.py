@@ -8,11 +8,14 @@ with the project's LoRA (rank 16, attention targets) and gradient checkpointing:
    same inputs (relative L2 error of the output; cosine of all LoRA gradients together and the median
    per tensor), at 1024²;
 2. speed: one training step (forward with recomputation, backward, AdamW), compiled blocks, median of
-   ``--steps`` after 3 warm-ups, for the bf16 and the fp8 base, at each of ``--res``;
+   ``--steps`` after 3 warm-ups, for each of ``--variants`` (the bf16 or the fp8 base, ``+cudnn``: cuDNN
+   attention as stages.models.attention sets it, after the same probe) at each of ``--res``;
+   ``--profile`` adds a torch.profiler table per run (GPU seconds per kernel kind, top kernels);
 3. a loss curve: ``--curve-steps`` steps of the same LoRA from the same start on the same 8 random cached
    batches in the same order (same σ and noise per step), fp8 vs bf16 base, at ``--curve-res``.
 
     python benchmarks/bench_fp8.py --out $OUT        # writes fp8.json, fp8_curve.tsv, fp8_curve.png
+    python benchmarks/bench_fp8.py --out $OUT --curve-steps 0 --profile --variants bf16,fp8,fp8+cudnn
 """
 from __future__ import annotations
 
@@ -114,11 +117,12 @@ def accuracy(models, res: int) -> dict:
     return out
 
 
-def speed(model, params, res: int, steps: int) -> dict:
+def speed(model, params, res: int, steps: int, profile_to: Path | None = None) -> dict:
     import torch
 
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     kwargs, target = batch(res, 0)
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     times = []
     t_first = None
@@ -135,9 +139,55 @@ def speed(model, params, res: int, steps: int) -> dict:
             t_first = dt
         if i >= 3:
             times.append(dt)
-    return {"s_per_step": round(statistics.median(times), 3), "first_step_s": round(t_first, 1),
-            "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2),
-            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2 ** 30, 2)}
+    out = {"s_per_step": round(statistics.median(times), 3), "first_step_s": round(t_first, 1),
+           "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2),
+           "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2 ** 30, 2)}
+    if profile_to is not None:
+        out.update(profile(lambda: train_step(model, opt, kwargs, target), profile_to))
+    return out
+
+
+def train_step(model, opt, kwargs, target) -> None:
+    loss, _ = loss_of(model, kwargs, target)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+# kernel name -> kind (first match), for the per-kind time of a profiled step
+KINDS = (("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")), ("fused (triton)", ("triton_",)),
+         ("fp8 matmul", ("_qq", "f8", "e4m3")), ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "sm90")),
+         ("copy", ("copy", "memcpy", "memset")))
+
+
+def profile(step, path: Path, count: int = 2) -> dict:
+    """Profile ``count`` calls of ``step``: wall and GPU-busy seconds per step, GPU time per kernel
+    kind, and the top kernels written to ``path``."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(count):
+            step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / count
+    events = [e for e in prof.key_averages()  # the kernels: not the aten ops and runtime calls that launched them
+              if e.self_device_time_total > 0 and not e.key.startswith(("aten::", "cuda"))]
+    kinds: dict = {}
+    for e in events:
+        name = e.key.lower()
+        kind = next((k for k, words in KINDS if any(w in name for w in words)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total / 1e6 / count
+    busy = sum(kinds.values())
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:40]
+    lines = [f"wall {wall:.3f} s/step, GPU busy {busy:.3f} s/step"] + [
+        f"{k:16s} {v:.4f} s" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])] + [""] + [
+        f"{e.self_device_time_total / 1e3 / count:9.2f} ms {e.count // count:6d}x  {e.key[:150]}" for e in top]
+    path.write_text("\n".join(lines) + "\n")
+    return {"profile_wall_s": round(wall, 4), "gpu_busy_s": round(busy, 4),
+            "gpu_s_by_kind": {k: round(v, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}}
 
 
 def curve(models, res: int, steps: int) -> dict:
@@ -161,10 +211,22 @@ def curve(models, res: int, steps: int) -> dict:
     return losses
 
 
-def main() -> None:
-    import torch
+def set_variant(model, tokens: set) -> None:
+    """Apply a variant: ``cudnn`` = cuDNN attention through the project's route
+    (stages.models.attention.set_backend), else diffusers' native SDPA (flash); then compile the blocks."""
+    from stages.models import attention, compiling
 
-    from stages.models import compiling
+    compiling.uncompile(model)
+    model.reset_attention_backend()
+    if "cudnn" in tokens:
+        attention.set_backend(model, "cudnn")
+    compiling.compile_blocks(model)
+
+
+def main() -> None:
+    import subprocess
+
+    import torch
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=REPO / "reports" / "bench")
@@ -173,26 +235,50 @@ def main() -> None:
     ap.add_argument("--curve-steps", type=int, default=200)
     ap.add_argument("--curve-res", type=int, default=512)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--variants", default="bf16,fp8",
+                    help="speed runs: base (bf16|fp8) and tokens joined by '+' (cudnn: cuDNN attention); "
+                         "'@512' limits one to a resolution")
+    ap.add_argument("--profile", action="store_true", help="profile 2 steps of each speed run (fp8_profile_*.txt)")
+    ap.add_argument("--no-accuracy", action="store_true")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    torch.backends.cuda.enable_cudnn_sdp(False)
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rank": a.rank}
 
     def save():
         (a.out / "fp8.json").write_text(json.dumps(result, indent=1))
         print(json.dumps(result), flush=True)
 
+    variants = a.variants.split(",")
+    if any("cudnn" in v for v in variants):  # the train stage's own probe (a child process), at 1024²
+        from stages.models import attention
+
+        result["attention_probe_1024"] = attention.run_probe(torch.device("cuda"), 24, 4608, 128, True)
+        save()
+        if not result["attention_probe_1024"]["ok"]:
+            variants = [v for v in variants if "cudnn" not in v]
+    torch.backends.cuda.enable_cudnn_sdp(False)
     t0 = time.perf_counter()
     models = build(a.rank)
     result["build_s"] = round(time.perf_counter() - t0, 1)
-    result["accuracy_1024"] = accuracy(models, 1024)
-    save()
-    for name, (model, _) in models.items():
-        compiling.compile_blocks(model)
+    if not a.no_accuracy:
+        result["accuracy_1024"] = accuracy(models, 1024)
+        save()
     for res in map(int, a.res.split(",")):
-        for name, (model, params) in models.items():
-            result[f"speed_{name}_{res}"] = speed(model, params, res, a.steps)
+        for v in variants:
+            v, _, only = v.partition("@")
+            if only and int(only) != res:
+                continue
+            base, *rest = v.split("+")
+            model, params = models[base]
+            set_variant(model, set(rest))
+            try:
+                result[f"speed_{v}_{res}"] = speed(model, params, res, a.steps,
+                                                   a.out / f"fp8_profile_{v.replace('+', '_')}_{res}.txt" if a.profile else None)
+            except torch.cuda.OutOfMemoryError as err:
+                result[f"speed_{v}_{res}"] = {"error": str(err)[:200]}
             save()
+    for model, _ in models.values():
+        set_variant(model, set())
     if a.curve_steps:
         losses = curve(models, a.curve_res, a.curve_steps)
         rows = ["step\tbf16\tfp8"] + [f"{i + 1}\t{b:.6f}\t{f:.6f}" for i, (b, f) in

@@ -75,7 +75,7 @@ def render_grid(p: params.Params, full: list[str], jobs: list[tuple[int, int]],
     """Images: the base ones, then {(step, scale): images} — one transformer, one adapter per step.
     The base images come from the base-image cache the sample stage shares (stages.models.base_cache,
     ``sample.base_cache``): in a second experiment the grid renders LoRA images only."""
-    from stages.models import base_cache, flux, memory, render
+    from stages.models import attention, base_cache, flux, memory, render
 
     sp = p.sample
     plan = memory.plan(p.model, device)
@@ -88,6 +88,7 @@ def render_grid(p: params.Params, full: list[str], jobs: list[tuple[int, int]],
                             sp.batch_size)
     cached, todo = base_cache.lookup(keyed, sp.batch_size) if sp.base_cache else ({}, list(range(len(jobs))))
     pipe = render.transformer_pipeline(p.model, flux.load_transformer(p.model, device=device))
+    attention.use(pipe.transformer, memory.tokens(sp.resolution, p.train.max_sequence_length), backward=False)
     latents = {}
     if todo:  # whole batches only (lookup), so the images are those of a cold run
         latents["base"] = render.denoise(pipe, embeds[todo], pooled[todo], [seeds[k] for k in todo], steps=sp.steps,

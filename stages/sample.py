@@ -91,7 +91,7 @@ def render_latents(p: params.Params, embeds, pooled, jobs: list[tuple[int, int]]
                    lora_dir: Path, device) -> dict:
     """2. latents of the jobs ``todo[scale]`` (indices into ``jobs``) for every scale, with the
     transformer (+ adapter) alone on the device; nothing is loaded when there is nothing to do."""
-    from stages.models import compiling, flux, render
+    from stages.models import attention, compiling, flux, render
 
     sp = p.sample
     todo = {scale: ks for scale, ks in todo.items() if ks}
@@ -102,6 +102,7 @@ def render_latents(p: params.Params, embeds, pooled, jobs: list[tuple[int, int]]
     lora = any(s > 0 for s in todo)
     if lora:
         pipe.load_lora_weights(str(lora_dir), weight_name=LORA_FILE, adapter_name=ADAPTER)
+    attention.use(pipe.transformer, memory.tokens(sp.resolution, p.train.max_sequence_length), backward=False)
     if compiling.enabled(sp.compile, device):  # after the adapter: its layers are part of the graphs
         compiling.compile_blocks(pipe.transformer)
     logger.info("transformer ready in %.1f s", time.perf_counter() - t0)

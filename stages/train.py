@@ -127,7 +127,7 @@ def prepare(p, paths: Train, accelerator, main_proc: bool):
     """Everything a run trains with: the cache, the trainer (transformer + LoRA, restored from a
     checkpoint when one may be resumed: stages.models.checkpoint), the validator, the checkpoint
     identity and the resume plan (its step to start at, the stale checkpoints to remove)."""
-    from stages.models import flux, memory, offload
+    from stages.models import attention, flux, memory, offload
 
     device = accelerator.device if accelerator else default_device()
     cache = Cache(paths.cache)
@@ -139,6 +139,8 @@ def prepare(p, paths: Train, accelerator, main_proc: bool):
     # validation prompts are embedded (and the text encoders freed) before the transformer loads
     validator = validation.prepare(p, device, plan) if main_proc and p.train.validate_every else None
     transformer = flux.load_transformer(p.model, device=device)
+    # before the trainer compiles the blocks: cuDNN attention where a probe of this shape passes
+    attention.use(transformer, memory.tokens(p.train.resolution, p.train.max_sequence_length), backward=True)
     trainer = Trainer(transformer, p.lora, p.train, seed=p.seed, device=device, accelerator=accelerator,
                       empty_prompt=cache.empty,
                       offloader=offload.Offloader() if plan.offload_activations else None)

@@ -159,7 +159,8 @@ class Need:
     what: str
 
 
-def _tokens(resolution: int, seq: int) -> int:
+def tokens(resolution: int, seq: int) -> int:
+    """Tokens the transformer attends over for one image: latent patches + text."""
     return (resolution // 16) ** 2 + seq
 
 
@@ -179,18 +180,18 @@ def estimate(stage: str, sizes: dict[str, int], hidden: int, n_blocks: int, p, p
     if stage == "encode":
         return Need(int(max(t5 + clip + text_act, vae + vae_act)), host_base, "T5 + CLIP, then the VAE")
     if stage == "train":
-        tokens = _tokens(res, p.train.max_sequence_length) * p.train.batch_size
+        n = tokens(res, p.train.max_sequence_length) * p.train.batch_size
         # what autograd keeps between forward and backward (block inputs and the like), and one
         # checkpointed block's recompute + backward: 2.9 and 1.0 GiB for FLUX.1-dev at 1024²
-        saved = 0 if pl.offload_activations else 2 * n_blocks * tokens * hidden * 2
-        work = 36 * tokens * hidden * 2
+        saved = 0 if pl.offload_activations else 2 * n_blocks * n * hidden * 2
+        work = 36 * n * hidden * 2
         lora_state = 16 * 20e6 * max(1, p.lora.rank / 16)
-        return Need(int(tr + saved + work + lora_state), host_base + 2 * n_blocks * tokens * hidden * 2,
+        return Need(int(tr + saved + work + lora_state), host_base + 2 * n_blocks * n * hidden * 2,
                     "the quantized transformer + training activations")
     if stage in ("sample", "operating_point"):  # the grid renders as sample does
         sres = p.sample.resolution
-        tokens = _tokens(sres, p.train.max_sequence_length) * p.sample.batch_size
-        return Need(int(max(t5 + clip + text_act, tr + 24 * tokens * hidden * 2, vae + 1400 * sres * sres)),
+        n = tokens(sres, p.train.max_sequence_length) * p.sample.batch_size
+        return Need(int(max(t5 + clip + text_act, tr + 24 * n * hidden * 2, vae + 1400 * sres * sres)),
                     host_base, "T5 + CLIP, then the transformer, then the VAE")
     return Need(2 * GIB, host_base, "CLIP for the metrics")
 

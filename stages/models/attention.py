@@ -1,0 +1,161 @@
+"""Which attention kernel the Flux transformer runs on a GPU: cuDNN's fused attention where it works.
+
+Flux spends a third of a 1024² training step in attention (57 blocks, 4,608 tokens). Measured on an
+H200 (torch 2.11.0+cu130, reports/bench/speed.md, `benchmarks/bench_fp8.py`): one attention call of
+FLUX.1-dev's 1024² shape forward + backward takes 1.9 ms with cuDNN against 5.1 ms with the flash
+kernel torch picks by default, and the compiled fp8 train step goes from 0.529 to 0.447 s.
+
+But cuDNN's attention backward once crashed the whole process for Flux's shapes (an H100 with
+torch 2.11: ../shared/DESIGN.md), and a crash cannot be caught. So the choice is made by a probe:
+the exact shape (heads, tokens, head size; forward and backward when the stage trains) runs in a
+child process with cuDNN and with flash; cuDNN is used only when the child exits cleanly, agrees
+with flash (relative error < 2 % of the output, < 5 % of the gradient: both are bf16 kernels) and
+is faster. The verdict is cached per GPU, torch, cuDNN version and shape next to the compiled graphs
+(stages.models.compiling.cache_dir), so only the first run on a machine pays the probe (seconds).
+
+The choice is applied to the transformer alone, through diffusers' attention backends
+(``set_attention_backend("_native_cudnn")``): the VAE and the text encoders keep torch's default
+kernels, and a checkpointed block recomputes with the kernel its forward used.
+``FLUXIMP_ATTENTION=flash`` or ``=cudnn`` overrides the probe. On the CPU nothing changes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+PROBE_TIMEOUT_S = 300  # a hung probe counts as a failure
+MAX_OUT_REL, MAX_GRAD_REL = 0.02, 0.05
+
+
+def set_backend(transformer, kind: str) -> None:
+    """``cudnn``: diffusers' ``_native_cudnn`` attention backend (torch's SDPA inside
+    ``sdpa_kernel(CUDNN_ATTENTION)``, per call, for this transformer only: the VAE and the text
+    encoders keep torch's default order); ``flash``: leave diffusers' native SDPA, which picks the
+    flash kernel for bf16 on these GPUs (cuDNN is off globally: stages.models.flux.setup_backends)."""
+    if kind == "cudnn":
+        quiet = logging.getLogger("diffusers.models.modeling_utils")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # its one line: "attention backends are an experimental feature"
+        try:
+            transformer.set_attention_backend("_native_cudnn")
+        finally:
+            quiet.setLevel(level)
+
+
+def probe_key(device: torch.device, heads: int, tokens: int, head_dim: int, backward: bool) -> str:
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return (f"{torch.cuda.get_device_name(device)}|torch {torch.__version__}|cudnn {cudnn}|"
+            f"{heads}x{tokens}x{head_dim}|{'fwd+bwd' if backward else 'fwd'}")
+
+
+def cache_file() -> Path:
+    from stages.models import compiling
+
+    return compiling.cache_dir() / "attention-probe.json"
+
+
+def run_probe(device: torch.device, heads: int, tokens: int, head_dim: int, backward: bool) -> dict:
+    """The probe in a child process (a crash or a hang there is a verdict, not our crash)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", str(device), str(heads), str(tokens),
+           str(head_dim), "1" if backward else "0"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "why": f"the probe did not finish in {PROBE_TIMEOUT_S} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
+        return {"ok": False, "why": f"the probe exited with {proc.returncode}: {tail[0][:200]}"}
+    return verdict(json.loads(lines[-1]))
+
+
+def verdict(m: dict) -> dict:
+    """cuDNN is used when it agrees with flash and is faster (``m``: the probe's measurements)."""
+    if m["out_rel"] > MAX_OUT_REL or m.get("grad_rel", 0.0) > MAX_GRAD_REL:
+        return {**m, "ok": False, "why": f"cuDNN differs from flash (output {m['out_rel']:.3g}, "
+                                          f"gradient {m.get('grad_rel', 0.0):.3g})"}
+    if m["cudnn_ms"] >= m["flash_ms"]:
+        return {**m, "ok": False, "why": f"cuDNN is not faster ({m['cudnn_ms']} vs {m['flash_ms']} ms)"}
+    return {**m, "ok": True, "why": f"{m['cudnn_ms']} vs {m['flash_ms']} ms per call"}
+
+
+def use(transformer, tokens: int, backward: bool, device: Optional[torch.device] = None) -> str:
+    """Pick and set the attention kernels for ``transformer`` at ``tokens`` tokens (before compiling
+    it); returns ``cudnn``, ``flash`` or ``default`` (CPU: torch's own choice, nothing set)."""
+    device = torch.device(device) if device is not None else next(transformer.parameters()).device
+    if device.type != "cuda":
+        return "default"
+    forced = os.environ.get("FLUXIMP_ATTENTION", "auto")
+    if forced in ("flash", "cudnn"):
+        set_backend(transformer, forced)
+        log.info("attention: %s (FLUXIMP_ATTENTION)", forced)
+        return forced
+    cfg = transformer.config
+    key = probe_key(device, cfg.num_attention_heads, tokens, cfg.attention_head_dim, backward)
+    from stages.core import io
+
+    path = cache_file()
+    known = io.read_json(path) if path.is_file() else {}
+    result = known.get(key)
+    if result is None:
+        t0 = time.perf_counter()
+        result = run_probe(device, cfg.num_attention_heads, tokens, cfg.attention_head_dim, backward)
+        result["probe_s"] = round(time.perf_counter() - t0, 1)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = io.read_json(path) if path.is_file() else {}  # another process may have added its verdict
+        io.write_json(path, {**fresh, key: result})
+    kind = "cudnn" if result["ok"] else "flash"
+    set_backend(transformer, kind)
+    log.info("attention: %s at %d tokens (cuDNN probe: %s; verdict cached in %s; FLUXIMP_ATTENTION=flash|cudnn "
+             "overrides)", "cuDNN" if kind == "cudnn" else "flash", tokens, result["why"], path)
+    return kind
+
+
+def measure(device: str, heads: int, tokens: int, head_dim: int, backward: bool, repeats: int = 10) -> dict:
+    """The probe itself (child process): cuDNN and flash on the same random bf16 inputs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g = torch.Generator(device).manual_seed(0)
+    q, k, v = (torch.randn(1, heads, tokens, head_dim, device=device, dtype=torch.bfloat16, generator=g)
+               .requires_grad_(backward) for _ in range(3))
+    out: dict = {}
+    results = {}
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        with sdpa_kernel(backend):
+            def call():
+                o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                if backward:
+                    q.grad = None
+                    o.float().square().mean().backward()
+                return o
+            o = call()  # first call: plans and workspaces out of the timing
+            torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                o = call()
+            torch.cuda.synchronize(device)
+            out[f"{name}_ms"] = round((time.perf_counter() - t0) * 1000 / repeats, 3)
+            results[name] = (o.detach().float(), q.grad.float() if backward else None)
+    (o_f, g_f), (o_c, g_c) = results["flash"], results["cudnn"]
+    out["out_rel"] = float((o_c - o_f).norm() / o_f.norm())
+    if backward:
+        out["grad_rel"] = float((g_c - g_f).norm() / g_f.norm())
+    return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 7 or sys.argv[1] != "--probe":
+        sys.exit("usage: attention.py --probe DEVICE HEADS TOKENS HEAD_DIM BACKWARD(0|1)")
+    if not torch.cuda.is_available():
+        sys.exit("no CUDA device")
+    _, _, dev, h, t, d, b = sys.argv
+    print(json.dumps(measure(dev, int(h), int(t), int(d), b == "1")), flush=True)

@@ -1,0 +1,138 @@
+"""The attention kernel choice (stages/models/attention.py) on the CPU: the probe's verdict, its cache,
+the override and the scoping to the transformer. The probe's kernels themselves need a GPU
+(benchmarks/bench_fp8.py measures them); here the child process is faked or fails for lack of CUDA."""
+import logging
+import subprocess
+
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel
+
+from stages.core.params import Model
+from stages.models import attention, flux
+
+GOOD = {"flash_ms": 5.1, "cudnn_ms": 1.9, "out_rel": 0.003, "grad_rel": 0.005}
+
+
+@pytest.fixture
+def tiny():
+    folder = flux.local_folder(flux.resolve_base(Model(base="tiny-random")), None, "transformer")
+    return FluxTransformer2DModel.from_pretrained(folder)
+
+
+@pytest.fixture
+def gpu(monkeypatch, tmp_path):
+    """A pretend GPU: the probe's key without CUDA, the cache in tmp, every probe and backend call recorded."""
+    monkeypatch.setenv("FLUXIMP_COMPILE_CACHE", str(tmp_path / "compiled"))
+    monkeypatch.delenv("FLUXIMP_ATTENTION", raising=False)
+    monkeypatch.setattr(attention, "probe_key", lambda device, h, t, d, b: f"GPU X|{h}x{t}x{d}|{b}")
+    calls = {"probes": [], "backends": [], "result": GOOD}
+    monkeypatch.setattr(attention, "run_probe", lambda device, h, t, d, b: calls["probes"].append((h, t, d, b))
+                        or attention.verdict(dict(calls["result"])))
+    monkeypatch.setattr(attention, "set_backend", lambda tr, kind: calls["backends"].append(kind))
+    return calls
+
+
+def test_the_cpu_keeps_torchs_choice_and_probes_nothing(tiny, monkeypatch, tmp_path):
+    monkeypatch.setenv("FLUXIMP_COMPILE_CACHE", str(tmp_path))
+    monkeypatch.setattr(attention, "run_probe", lambda *a: pytest.fail("probed on the CPU"))
+    assert attention.use(tiny, 4608, backward=True) == "default"
+    assert not list(tmp_path.iterdir())
+    assert "cudnn" not in str({getattr(m.processor, "_attention_backend", None) for m in tiny.modules()
+                                if hasattr(m, "processor")})
+
+
+def test_a_passing_probe_picks_cudnn_once_per_shape_and_is_cached(tiny, gpu):
+    cuda = torch.device("cuda")
+    assert attention.use(tiny, 4608, backward=True, device=cuda) == "cudnn"
+    assert attention.use(tiny, 4608, backward=True, device=cuda) == "cudnn"  # read from the cache
+    assert gpu["probes"] == [(tiny.config.num_attention_heads, 4608, tiny.config.attention_head_dim, True)]
+    assert attention.use(tiny, 1536, backward=False, device=cuda) == "cudnn"  # another shape: probed
+    assert len(gpu["probes"]) == 2 and gpu["backends"] == ["cudnn"] * 3
+    from stages.core import io
+
+    cached = io.read_json(attention.cache_file())
+    assert len(cached) == 2 and all(v["ok"] and "probe_s" in v for v in cached.values())
+
+
+@pytest.mark.parametrize("result,why", [
+    ({**GOOD, "out_rel": 0.3}, "differs from flash"),
+    ({**GOOD, "grad_rel": 0.2}, "differs from flash"),
+    ({**GOOD, "cudnn_ms": 6.0}, "not faster"),
+])
+def test_a_wrong_or_slower_cudnn_keeps_flash(tiny, gpu, result, why, caplog):
+    gpu["result"] = result
+    with caplog.at_level(logging.INFO, logger="stages.models.attention"):
+        assert attention.use(tiny, 4608, backward=True, device=torch.device("cuda")) == "flash"
+    assert gpu["backends"] == ["flash"] and why in caplog.text and "FLUXIMP_ATTENTION" in caplog.text
+
+
+def test_the_environment_overrides_the_probe(tiny, gpu, monkeypatch):
+    for kind in ("flash", "cudnn"):
+        monkeypatch.setenv("FLUXIMP_ATTENTION", kind)
+        assert attention.use(tiny, 4608, backward=True, device=torch.device("cuda")) == kind
+    assert gpu["probes"] == [] and gpu["backends"] == ["flash", "cudnn"]
+
+
+def test_a_probe_that_crashes_or_hangs_is_a_verdict_not_a_crash(monkeypatch):
+    # a real child: without CUDA it exits non-zero, as a crashing cuDNN would
+    out = attention.run_probe(torch.device("cuda"), 24, 4608, 128, True)
+    assert out["ok"] is False and "exited with 1" in out["why"] and "no CUDA" in out["why"]
+
+    def hang(*a, **k):
+        raise subprocess.TimeoutExpired(a[0], attention.PROBE_TIMEOUT_S)
+    monkeypatch.setattr(attention.subprocess, "run", hang)
+    out = attention.run_probe(torch.device("cuda"), 24, 4608, 128, True)
+    assert out == {"ok": False, "why": f"the probe did not finish in {attention.PROBE_TIMEOUT_S} s"}
+
+
+def test_cudnn_is_set_on_the_transformer_alone(tiny):
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    other = FluxTransformer2DModel.from_config(tiny.config)
+    level = logging.getLogger("diffusers.models.modeling_utils").level
+    attention.set_backend(tiny, "cudnn")
+    backends = {m.processor._attention_backend for m in tiny.modules() if hasattr(getattr(m, "processor", None),
+                                                                                 "_attention_backend")}
+    assert backends == {AttentionBackendName._NATIVE_CUDNN}
+    assert all(m.processor._attention_backend != AttentionBackendName._NATIVE_CUDNN
+               for m in other.modules() if hasattr(getattr(m, "processor", None), "_attention_backend"))
+    assert logging.getLogger("diffusers.models.modeling_utils").level == level
+    attention.set_backend(other, "flash")  # flash: diffusers' native SDPA stays
+    assert all(m.processor._attention_backend != AttentionBackendName._NATIVE_CUDNN
+               for m in other.modules() if hasattr(getattr(m, "processor", None), "_attention_backend"))
+
+
+def test_a_kernel_scoped_per_call_compiles_and_recomputes_like_eager(tiny):
+    """The cuDNN route puts ``sdpa_kernel(...)`` inside each attention call; the same route with the
+    math kernel (the one the CPU has) traces without a graph break, and checkpointed compiled blocks
+    give eager's gradients."""
+    import torch._dynamo
+
+    from stages.models import compiling
+
+    tiny.set_attention_backend("_native_math")
+    cfg, h = tiny.config, 4
+    g = torch.Generator().manual_seed(0)
+    kw = dict(hidden_states=torch.randn(1, h * h, cfg.in_channels, generator=g),
+              encoder_hidden_states=torch.randn(1, 8, cfg.joint_attention_dim, generator=g),
+              pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g), timestep=torch.tensor([0.5]),
+              img_ids=torch.zeros(h * h, 3), txt_ids=torch.zeros(8, 3),
+              guidance=torch.tensor([1.0]) if cfg.guidance_embeds else None, return_dict=False)
+    with torch.no_grad():
+        assert torch._dynamo.explain(tiny)(**kw).graph_break_count == 0
+    tiny.enable_gradient_checkpointing()
+
+    def grads():
+        tiny.zero_grad(set_to_none=True)
+        tiny(**kw)[0].square().mean().backward()
+        return [p.grad.clone() for p in tiny.parameters() if p.grad is not None]
+
+    eager = grads()
+    compiling.compile_blocks(tiny, backend="aot_eager")
+    try:
+        compiled = grads()
+    finally:
+        compiling.uncompile(tiny)
+    assert len(eager) == len(compiled) > 0
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(eager, compiled))
