@@ -87,8 +87,10 @@ def render_grid(p: params.Params, full: list[str], jobs: list[tuple[int, int]],
     keyed = base_cache.keys(base_cache.run_fields(p, device), [full[pi] for pi in rows], seeds, embeds, pooled,
                             sp.batch_size)
     cached, todo = base_cache.lookup(keyed, sp.batch_size) if sp.base_cache else ({}, list(range(len(jobs))))
+    kernel = attention.choose(p.model, device, memory.tokens(sp.resolution, p.train.max_sequence_length),
+                              backward=False)
     pipe = render.transformer_pipeline(p.model, flux.load_transformer(p.model, device=device))
-    attention.use(pipe.transformer, memory.tokens(sp.resolution, p.train.max_sequence_length), backward=False)
+    attention.set_backend(pipe.transformer, kernel)
     latents = {}
     if todo:  # whole batches only (lookup), so the images are those of a cold run
         latents["base"] = render.denoise(pipe, embeds[todo], pooled[todo], [seeds[k] for k in todo], steps=sp.steps,

@@ -98,11 +98,13 @@ def render_latents(p: params.Params, embeds, pooled, jobs: list[tuple[int, int]]
     if not todo:
         return {}
     t0 = time.perf_counter()
+    kernel = attention.choose(p.model, device, memory.tokens(sp.resolution, p.train.max_sequence_length),
+                              backward=False)
     pipe = render.transformer_pipeline(p.model, flux.load_transformer(p.model, device=device))
+    attention.set_backend(pipe.transformer, kernel)
     lora = any(s > 0 for s in todo)
     if lora:
         pipe.load_lora_weights(str(lora_dir), weight_name=LORA_FILE, adapter_name=ADAPTER)
-    attention.use(pipe.transformer, memory.tokens(sp.resolution, p.train.max_sequence_length), backward=False)
     if compiling.enabled(sp.compile, device):  # after the adapter: its layers are part of the graphs
         compiling.compile_blocks(pipe.transformer)
     logger.info("transformer ready in %.1f s", time.perf_counter() - t0)

@@ -138,9 +138,11 @@ def prepare(p, paths: Train, accelerator, main_proc: bool):
         flux.preflight("train", p, device, plan)
     # validation prompts are embedded (and the text encoders freed) before the transformer loads
     validator = validation.prepare(p, device, plan) if main_proc and p.train.validate_every else None
+    # cuDNN attention where a probe of this shape passes (run before the load; set before compiling)
+    kernel = attention.choose(p.model, device, memory.tokens(p.train.resolution, p.train.max_sequence_length),
+                              backward=True)
     transformer = flux.load_transformer(p.model, device=device)
-    # before the trainer compiles the blocks: cuDNN attention where a probe of this shape passes
-    attention.use(transformer, memory.tokens(p.train.resolution, p.train.max_sequence_length), backward=True)
+    attention.set_backend(transformer, kernel)
     trainer = Trainer(transformer, p.lora, p.train, seed=p.seed, device=device, accelerator=accelerator,
                       empty_prompt=cache.empty,
                       offloader=offload.Offloader() if plan.offload_activations else None)

@@ -26,31 +26,37 @@ def gpu(monkeypatch, tmp_path):
     monkeypatch.setenv("FLUXIMP_COMPILE_CACHE", str(tmp_path / "compiled"))
     monkeypatch.delenv("FLUXIMP_ATTENTION", raising=False)
     monkeypatch.setattr(attention, "probe_key", lambda device, h, t, d, b: f"GPU X|{h}x{t}x{d}|{b}")
-    calls = {"probes": [], "backends": [], "result": GOOD}
+    calls = {"probes": [], "result": GOOD}
     monkeypatch.setattr(attention, "run_probe", lambda device, h, t, d, b: calls["probes"].append((h, t, d, b))
                         or attention.verdict(dict(calls["result"])))
-    monkeypatch.setattr(attention, "set_backend", lambda tr, kind: calls["backends"].append(kind))
     return calls
 
 
-def test_the_cpu_keeps_torchs_choice_and_probes_nothing(tiny, monkeypatch, tmp_path):
+TINY = Model(base="tiny-random")
+CUDA = torch.device("cuda")
+
+
+def test_the_cpu_keeps_torchs_choice_and_probes_nothing(monkeypatch, tmp_path):
     monkeypatch.setenv("FLUXIMP_COMPILE_CACHE", str(tmp_path))
     monkeypatch.setattr(attention, "run_probe", lambda *a: pytest.fail("probed on the CPU"))
-    assert attention.use(tiny, 4608, backward=True) == "default"
+    assert attention.choose(TINY, "cpu", 4608, backward=True) == "default"
     assert not list(tmp_path.iterdir())
-    assert "cudnn" not in str({getattr(m.processor, "_attention_backend", None) for m in tiny.modules()
-                                if hasattr(m, "processor")})
 
 
-def test_a_passing_probe_picks_cudnn_once_per_shape_and_is_cached(tiny, gpu):
-    cuda = torch.device("cuda")
-    assert attention.use(tiny, 4608, backward=True, device=cuda) == "cudnn"
-    assert attention.use(tiny, 4608, backward=True, device=cuda) == "cudnn"  # read from the cache
+def test_the_probe_runs_the_base_models_shape(tiny, gpu):
+    assert attention.shape(TINY) == (tiny.config.num_attention_heads, tiny.config.attention_head_dim)
+    attention.choose(TINY, CUDA, 4608, backward=True)
     assert gpu["probes"] == [(tiny.config.num_attention_heads, 4608, tiny.config.attention_head_dim, True)]
-    assert attention.use(tiny, 1536, backward=False, device=cuda) == "cudnn"  # another shape: probed
-    assert len(gpu["probes"]) == 2 and gpu["backends"] == ["cudnn"] * 3
+
+
+def test_a_passing_probe_picks_cudnn_once_per_shape_and_is_cached(gpu):
     from stages.core import io
 
+    assert attention.choose(TINY, CUDA, 4608, backward=True) == "cudnn"
+    assert attention.choose(TINY, CUDA, 4608, backward=True) == "cudnn"  # read from the cache
+    assert len(gpu["probes"]) == 1
+    assert attention.choose(TINY, CUDA, 1536, backward=False) == "cudnn"  # another shape: probed
+    assert len(gpu["probes"]) == 2
     cached = io.read_json(attention.cache_file())
     assert len(cached) == 2 and all(v["ok"] and "probe_s" in v for v in cached.values())
 
@@ -60,18 +66,18 @@ def test_a_passing_probe_picks_cudnn_once_per_shape_and_is_cached(tiny, gpu):
     ({**GOOD, "grad_rel": 0.2}, "differs from flash"),
     ({**GOOD, "cudnn_ms": 6.0}, "not faster"),
 ])
-def test_a_wrong_or_slower_cudnn_keeps_flash(tiny, gpu, result, why, caplog):
+def test_a_wrong_or_slower_cudnn_keeps_flash(gpu, result, why, caplog):
     gpu["result"] = result
     with caplog.at_level(logging.INFO, logger="stages.models.attention"):
-        assert attention.use(tiny, 4608, backward=True, device=torch.device("cuda")) == "flash"
-    assert gpu["backends"] == ["flash"] and why in caplog.text and "FLUXIMP_ATTENTION" in caplog.text
+        assert attention.choose(TINY, CUDA, 4608, backward=True) == "flash"
+    assert why in caplog.text and "FLUXIMP_ATTENTION" in caplog.text
 
 
-def test_the_environment_overrides_the_probe(tiny, gpu, monkeypatch):
+def test_the_environment_overrides_the_probe(gpu, monkeypatch):
     for kind in ("flash", "cudnn"):
         monkeypatch.setenv("FLUXIMP_ATTENTION", kind)
-        assert attention.use(tiny, 4608, backward=True, device=torch.device("cuda")) == kind
-    assert gpu["probes"] == [] and gpu["backends"] == ["flash", "cudnn"]
+        assert attention.choose(TINY, CUDA, 4608, backward=True) == kind
+    assert gpu["probes"] == []
 
 
 def test_a_probe_that_crashes_or_hangs_is_a_verdict_not_a_crash(monkeypatch):

@@ -81,3 +81,35 @@ def test_compiled_training_gives_the_eager_adapter_and_resumes(workdir, monkeypa
     assert compiled.keys() == eager.keys()
     for k, v in eager.items():
         assert torch.allclose(compiled[k], v, rtol=1e-3, atol=1e-5), k
+
+
+def test_compiled_training_traces_one_graph_per_block_kind(workdir, monkeypatch):
+    """dynamo guards on requires_grad and strides: the first double block's inputs (from frozen
+    embedders) and the first single block's (whole tensors, not the slices the single blocks pass
+    on) would each get a graph of their own — double the compile time of the first step. (With
+    gradient checkpointing, as every card plan trains; without it the single blocks get two graphs.)"""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    real = compiling.compile_blocks
+    monkeypatch.setattr(compiling, "compile_blocks", lambda t, backend="inductor": real(t, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    trainkit.run_train(workdir, train__compile=True, train__steps=2, train__checkpoint_every=2,
+                       train__gradient_checkpointing=True)
+    assert counters["stats"]["unique_graphs"] == 2  # one double block, one single block
+    assert counters["frames"]["ok"] == 2
+
+
+@pytest.mark.parametrize("shape,index", [((1, 10, 4), (slice(None), slice(3, None))), ((2, 10, 4), (slice(None), slice(3, None)))])
+def test_block_inputs_get_one_layout_with_the_same_values(shape, index):
+    whole = torch.randn(*shape, requires_grad=True)
+    part = whole[index]
+    same = compiling.same_layout(part)
+    assert same.stride() == torch.empty(same.shape).stride() and torch.equal(same, part)
+    if shape[0] == 1:
+        assert same.data_ptr() == part.data_ptr()  # batch 1: a view, no copy
+    same.sum().backward()
+    assert torch.equal(whole.grad[index], torch.ones_like(part)) and whole.grad.sum() == part.numel()
+    contiguous = torch.randn(2, 3, 4)
+    assert compiling.same_layout(contiguous) is contiguous

@@ -88,19 +88,28 @@ def verdict(m: dict) -> dict:
     return {**m, "ok": True, "why": f"{m['cudnn_ms']} vs {m['flash_ms']} ms per call"}
 
 
-def use(transformer, tokens: int, backward: bool, device: Optional[torch.device] = None) -> str:
-    """Pick and set the attention kernels for ``transformer`` at ``tokens`` tokens (before compiling
-    it); returns ``cudnn``, ``flash`` or ``default`` (CPU: torch's own choice, nothing set)."""
-    device = torch.device(device) if device is not None else next(transformer.parameters()).device
+def shape(model_params) -> tuple[int, int]:
+    """Heads and head size of ``model.base``'s transformer, from its config (nothing loaded)."""
+    from stages.models import flux
+
+    folder = flux.local_folder(flux.resolve_base(model_params), model_params.revision, "transformer")
+    cfg = json.loads((folder / "config.json").read_text())
+    return int(cfg["num_attention_heads"]), int(cfg["attention_head_dim"])
+
+
+def choose(model_params, device, tokens: int, backward: bool) -> str:
+    """The attention kernel for ``model.base``'s transformer at ``tokens`` tokens on ``device``:
+    ``cudnn`` or ``flash`` on a GPU, ``default`` on the CPU (torch's own choice). Call it before the
+    transformer loads: the probe's child process then has the card to itself."""
+    device = torch.device(device)
     if device.type != "cuda":
         return "default"
     forced = os.environ.get("FLUXIMP_ATTENTION", "auto")
     if forced in ("flash", "cudnn"):
-        set_backend(transformer, forced)
         log.info("attention: %s (FLUXIMP_ATTENTION)", forced)
         return forced
-    cfg = transformer.config
-    key = probe_key(device, cfg.num_attention_heads, tokens, cfg.attention_head_dim, backward)
+    heads, head_dim = shape(model_params)
+    key = probe_key(device, heads, tokens, head_dim, backward)
     from stages.core import io
 
     path = cache_file()
@@ -108,13 +117,12 @@ def use(transformer, tokens: int, backward: bool, device: Optional[torch.device]
     result = known.get(key)
     if result is None:
         t0 = time.perf_counter()
-        result = run_probe(device, cfg.num_attention_heads, tokens, cfg.attention_head_dim, backward)
+        result = run_probe(device, heads, tokens, head_dim, backward)
         result["probe_s"] = round(time.perf_counter() - t0, 1)
         path.parent.mkdir(parents=True, exist_ok=True)
         fresh = io.read_json(path) if path.is_file() else {}  # another process may have added its verdict
         io.write_json(path, {**fresh, key: result})
     kind = "cudnn" if result["ok"] else "flash"
-    set_backend(transformer, kind)
     log.info("attention: %s at %d tokens (cuDNN probe: %s; verdict cached in %s; FLUXIMP_ATTENTION=flash|cudnn "
              "overrides)", "cuDNN" if kind == "cudnn" else "flash", tokens, result["why"], path)
     return kind

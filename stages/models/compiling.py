@@ -67,6 +67,26 @@ def compile_blocks(transformer, backend: Union[str, Callable] = "inductor") -> N
     transformer._fluximp_compiled = True
 
 
+def same_layout(t):
+    """``t`` with the strides of a contiguous tensor of its shape. dynamo guards on strides, and
+    Flux's single blocks return slices of one tensor (text, image) while the double blocks return
+    whole tensors: without this the first single block gets a graph of its own. Batch 1 (the usual
+    case): a view, no copy (a size-1 dimension's stride is free); otherwise a contiguous copy."""
+    if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.stride() == torch.empty(t.shape, device="meta").stride():
+        return t
+    if t.shape[0] == 1 and t[0].is_contiguous():
+        return t[0].unsqueeze(0)
+    return t.contiguous()
+
+
+def checkpoint_block(block, *args):
+    """diffusers' gradient-checkpointing call for one block (``enable_gradient_checkpointing``'s
+    ``gradient_checkpointing_func``) with the block's inputs in one layout (:func:`same_layout`):
+    with compiled blocks, every block of a kind then runs one graph. (A forward hook cannot do
+    this: dynamo traces it as a frame of its own, with its own guards on the strides.)"""
+    return torch.utils.checkpoint.checkpoint(block.__call__, *map(same_layout, args), use_reentrant=False)
+
+
 def is_compiled(transformer) -> bool:
     return bool(getattr(transformer, "_fluximp_compiled", False))
 

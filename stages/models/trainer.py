@@ -80,9 +80,10 @@ class Trainer:
             torch.manual_seed(seed)  # the adapter's initial A matrices depend on the seed only
             self.params = lora.add_lora(transformer, lora_params, torch.float32)
         self.guidance = bool(transformer.config.guidance_embeds)
-        if train_params.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
-        if compiling.enabled(train_params.compile, self.device):  # on CUDA by default (stages.models.compiling)
+        self.compiled = compiling.enabled(train_params.compile, self.device)  # on CUDA by default
+        if train_params.gradient_checkpointing:  # compiled: block inputs in one layout, one graph per kind
+            transformer.enable_gradient_checkpointing(compiling.checkpoint_block if self.compiled else None)
+        if self.compiled:
             compiling.compile_blocks(transformer)
         self.transformer = transformer
         self.model = transformer  # DDP-wrapped under accelerate
@@ -116,8 +117,11 @@ class Trainer:
         sigmas = sigmas.to(self.device)
         xt, target = flow.noisy_and_target(x0, noise, sigmas)
         dtype = self.base_dtype
+        hidden, text = xt.to(dtype), prompt.to(self.device, dtype)
+        if self.compiled:  # the first block's inputs need a gradient like every later block's: one graph
+            hidden, text = hidden.detach().requires_grad_(), text.detach().requires_grad_()
         kwargs = dict(
-            hidden_states=xt.to(dtype), encoder_hidden_states=prompt.to(self.device, dtype),
+            hidden_states=hidden, encoder_hidden_states=text,
             pooled_projections=pooled.to(self.device, dtype), timestep=sigmas.to(dtype),
             img_ids=flow.image_ids(h, w, self.device), txt_ids=flow.text_ids(prompt.shape[1], self.device),
             guidance=torch.full((b,), tp.guidance, device=self.device) if self.guidance else None,
