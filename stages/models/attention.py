@@ -92,8 +92,14 @@ def shape(model_params) -> tuple[int, int]:
     """Heads and head size of ``model.base``'s transformer, from its config (nothing loaded)."""
     from stages.models import flux
 
-    folder = flux.local_folder(flux.resolve_base(model_params), model_params.revision, "transformer")
-    cfg = json.loads((folder / "config.json").read_text())
+    source = flux.resolve_base(model_params)
+    if Path(source).exists():
+        config = Path(source) / "transformer" / "config.json"
+    else:  # a hub id: the config file alone (the weights come with the load)
+        from huggingface_hub import hf_hub_download
+
+        config = Path(hf_hub_download(source, "transformer/config.json", revision=model_params.revision))
+    cfg = json.loads(config.read_text())
     return int(cfg["num_attention_heads"]), int(cfg["attention_head_dim"])
 
 
