@@ -65,7 +65,8 @@ def cache_file() -> Path:
 
 def run_probe(device: torch.device, heads: int, tokens: int, head_dim: int, backward: bool) -> dict:
     """The probe in a child process (a crash or a hang there is a verdict, not our crash)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", str(device), str(heads), str(tokens),
+    # -P: the script's folder (stages/models: cache.py, checkpoint.py, ...) is not put first on sys.path
+    cmd = [sys.executable, "-P", str(Path(__file__).resolve()), "--probe", str(device), str(heads), str(tokens),
            str(head_dim), "1" if backward else "0"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
