@@ -51,6 +51,7 @@ MODULES: dict[str, list[str]] = {
         "repo_root_is_the_main_repo_even_in_a_dvc_temp_copy", "repo_root_is_git_top_level_from_a_subfolder",
         "flatten_scrub_and_dataset_hash")],
     "stages/core/params.py": ["tests/test_params_bounds.py", "tests/test_params_checks.py -k 'not batch_larger'",
+                              "tests/test_params_sync.py",
                               "tests/test_core.py::test_schema_defaults_match_conf_defaults",
                               "tests/test_core.py::test_bad_params_are_named"],
     "stages/models/trainer.py": ["tests/test_objective.py", "tests/test_train_units.py"],

@@ -1,8 +1,10 @@
 """Checkpoint files and the resume decision without training (stages.models.checkpoint): what a
 checkpoint holds, which are kept, damaged ones set aside, finished runs, temp folders of a killed
 save, and restoring a trainer's state and the RNGs. Fast: a fake trainer."""
+import errno
 import hashlib
 import json
+import os
 import random
 import re
 
@@ -66,6 +68,35 @@ def test_only_the_newest_keep_checkpoints_stay(tmp_path):
     assert names(tmp_path) == ["step-000010"]
 
 
+def busy(monkeypatch, name: str) -> None:
+    """Files called ``name`` cannot be deleted (a file held open on a network disk, say; permissions
+    would not do: the tests may run as root), so removing their folder stops half-way."""
+    unlink = os.unlink
+
+    def refuse(path, *args, **kwargs):
+        if os.path.basename(os.fsdecode(path)) == name:
+            raise OSError(errno.EBUSY, "Device or resource busy", os.fsdecode(path))
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", refuse)
+
+
+def test_an_old_checkpoint_that_cannot_be_removed_does_not_stop_the_save(tmp_path, monkeypatch):
+    save(tmp_path, 2, ident={**IDENT, "data": "other"})  # an earlier run's: stale
+    save(tmp_path, 3)
+    for s in ("step-000002", "step-000003"):
+        (tmp_path / s / ".nfs0001").write_bytes(b"held open")
+    busy(monkeypatch, ".nfs0001")
+    r = ckpt.plan(tmp_path, IDENT, train_params())
+    assert r.start == 3 and r.stale == [tmp_path / "step-000002"]
+    path = ckpt.save(tmp_path, FakeTrainer(6.0), 6, IDENT, keep=1, stale=r.stale)  # removes both: best effort
+    assert path == tmp_path / "step-000006" and names(path) == ["lora.safetensors", "meta.json", "state.pt"]
+    r = ckpt.plan(tmp_path, IDENT, train_params())
+    assert r.start == 6 and torch.equal(r.state["lora"]["a"], torch.full((2,), 6.0))
+    left = [p.name for p in tmp_path.rglob("*") if p.is_file() and "step-000006" not in p.parts]
+    assert left == [".nfs0001", ".nfs0001"]  # the rest of both went (the remains are set aside in bad/)
+
+
 def test_non_finite_weights_are_never_saved(tmp_path):
     with pytest.raises(TrainingDiverged, match="non-finite LoRA weights after step 4"):
         ckpt.save(tmp_path, FakeTrainer(float("nan")), 4, IDENT, keep=2)
@@ -81,6 +112,18 @@ def test_the_newest_interrupted_checkpoint_resumes_with_its_state(tmp_path, capl
     assert torch.equal(r.state["lora"]["a"], torch.full((2,), 6.0)) and r.state["step"] == 6
     assert r.reason == f"resuming an interrupted run from {tmp_path / 'step-000006'} at step 6 of 10"
     assert names(tmp_path) == ["step-000003", "step-000006"]  # the temp folder is gone
+
+
+def test_a_temp_folder_that_cannot_be_removed_does_not_stop_the_resume(tmp_path, monkeypatch):
+    save(tmp_path, 3)
+    junk = tmp_path / ".step-000006.123-abcdefgh.tmp"  # a save killed half-way
+    junk.mkdir()
+    (junk / "lora.safetensors").write_bytes(b"half")
+    (junk / ".nfs0001").write_bytes(b"held open")
+    busy(monkeypatch, ".nfs0001")
+    r = ckpt.plan(tmp_path, IDENT, train_params())
+    assert (r.start, r.path) == (3, tmp_path / "step-000003")
+    assert names(junk) == [".nfs0001"]  # what could go, went; the next plan tries again
 
 
 def test_checkpoints_past_the_total_are_not_resumed(tmp_path):

@@ -149,3 +149,42 @@ def test_ema_decay_of_1_or_more_is_refused(decay):
     with pytest.raises(ValidationError, match="ema_decay"):
         params.Train(ema_decay=decay)
     assert params.Train(ema_decay=0.999).ema_decay == 0.999
+
+
+LENGTHS = {  # every list length bound of the schema, pinned the same way
+    ("Grid", "scales"): {"min_length": 1},
+    ("Grid", "seeds"): {"min_length": 1},
+    ("ProdigyOpts", "betas"): {"min_length": 2, "max_length": 2},
+    ("Sample", "lora_scales"): {"min_length": 1},
+    ("Sample", "seeds"): {"min_length": 1},
+    ("Train", "validation_seeds"): {"min_length": 1},
+}
+
+
+def schema_lengths() -> dict:
+    out = {}
+    for name, cls in inspect.getmembers(params, inspect.isclass):
+        if not (issubclass(cls, params.Section) and cls is not params.Section and cls.__module__ == params.__name__):
+            continue
+        for field, info in cls.model_fields.items():
+            found = {kind: getattr(m, kind) for m in info.metadata for kind, t in
+                     (("min_length", annotated_types.MinLen), ("max_length", annotated_types.MaxLen)) if isinstance(m, t)}
+            if found:
+                out[(name, field)] = found
+    return out
+
+
+def test_the_lengths_table_is_the_schemas():
+    assert schema_lengths() == LENGTHS
+
+
+@pytest.mark.parametrize("name,field", list(LENGTHS), ids=[f"{n}.{f}" for n, f in LENGTHS])
+def test_lists_of_the_allowed_length_pass_and_shorter_or_longer_ones_are_refused(name, field):
+    cls = getattr(params, name)
+    item = getattr(cls(), field)[0]  # a valid item: the default's first
+    shortest, longest = LENGTHS[(name, field)]["min_length"], LENGTHS[(name, field)].get("max_length")
+    for n in {shortest, longest or shortest + 2}:
+        assert getattr(cls(**{field: [item] * n}), field) == [item] * n
+    for n in [shortest - 1] + ([longest + 1] if longest else []):
+        with pytest.raises(ValidationError, match=field):
+            cls(**{field: [item] * n})

@@ -1,6 +1,7 @@
 """Params the schema's types accept but that would silently do the wrong thing are rejected in
 seconds, naming the key, the value and what works; YAML syntax errors are named too."""
 import pytest
+from pydantic import ValidationError
 
 from stages.core import params
 
@@ -25,6 +26,8 @@ def with_value(dotted: str, value) -> dict:
     ("filter.aspect_min", 5.0, "filter.aspect_min = 5.0 is above filter.aspect_max = 3.0"),
     ("filter.zeroshot.positive", ["a painting", 3], r"filter.zeroshot.positive.1 = 3: Input should be a valid string"),
     ("lora.double_blocks", [0, "x"], r"lora.double_blocks.1 = 'x'"),
+    ("model.vram_gb", 10, r"\n  model.vram_gb = 10: Input should be 'auto'.*\n  model.vram_gb = 10: Input should be 8, 12, "
+                          r"16 or 24"),  # a union's member tags (literal[...]) are not part of the key
 ])
 def test_silently_wrong_values_are_rejected_with_what_works(dotted, value, expect):
     with pytest.raises(params.ParamsError, match=expect) as exc:
@@ -156,3 +159,120 @@ def test_prodigy_lr_range_and_warning_and_adafactor_warmup(caplog):
     with pytest.raises(ValueError, match="warmup_init needs train.adafactor.relative_step=true"):
         params.Train(adafactor={"warmup_init": True})
     assert params.Train(adafactor={"warmup_init": True, "relative_step": True}).adafactor.warmup_init
+
+
+INT_FIELDS = [("lora.rank", True), ("lora.rank", 4.0), ("data.limit", 10.0), ("data.limit", False),
+              ("sample.seeds", [0, 1.0]), ("sample.seeds", [True]), ("lora.double_blocks", [0, True]),
+              ("lora.rank_map", {"attn": 2.0}), ("lora.rank_map", {"attn": True})]
+
+
+@pytest.mark.parametrize("dotted,value", INT_FIELDS, ids=[f"{d}={v}" for d, v in INT_FIELDS])
+def test_booleans_and_floats_are_no_integers(dotted, value):
+    """pydantic would quietly make `true` 1 and 4.0 4: an int field, an optional one, a list and a dict of them."""
+    with pytest.raises(params.ParamsError, match=f"{dotted}( = .*)?: booleans and floats are not integers here: "
+                                                 "write a whole number, e.g. 4"):
+        params.validate(with_value(dotted, value))
+
+
+def test_whole_numbers_and_non_integer_fields_still_pass():
+    p = params.validate(with_value("lora.double_blocks", [0, 1]))  # block 0 exists
+    assert p.lora.double_blocks == [0, 1]
+    for dotted, value in [("lora.rank", 8), ("data.limit", 10), ("data.limit", None), ("sample.seeds", [0, 7]),
+                          ("lora.rank_map", {"attn": 2}), ("lora.double_blocks", None), ("train.lr", 1),
+                          ("train.lr", 0.5), ("eval.ab_scale", 1), ("eval.grid.scales", [0.5, 1]),
+                          ("data.folder.repeats", False), ("data.synthetic.near_duplicates", 0)]:
+        got = params.validate(with_value(dotted, value)).model_dump()
+        for part in dotted.split("."):
+            got = got[part]
+        assert got == value, dotted
+
+
+@pytest.mark.parametrize("dotted,value,expect", [
+    ("lora.double_blocks", [-1, 2], r"lora.double_blocks.0 = -1: Input should be greater than or equal to 0"),
+    ("train.lr", float("inf"), r"train.lr = inf: Input should be a finite number"),
+    ("train.lr", float("nan"), r"train.lr = nan: Input should be a finite number"),
+    ("data.holdout", 0.0, r"data.holdout = 0.0: holds out no image, .* use 0.05-0.2"),
+])
+def test_negative_blocks_non_finite_numbers_and_no_holdout_are_refused(dotted, value, expect):
+    with pytest.raises(params.ParamsError, match=expect):
+        params.validate(with_value(dotted, value))
+
+
+def test_a_path_with_a_tilde_is_the_users_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert params.validate(with_value("data.path", "~/pics")).data.path == f"{tmp_path}/pics"
+    assert params.validate(with_value("data.path", "pics")).data.path == "pics"
+
+
+@pytest.mark.parametrize("field,good,bad,message", [
+    ("adapter_step", [(None, None), ("best", "best"), (1, 1), (500, 500), (500.0, 500)], [True, 0, -5, 2.5, "last"],
+     "must be a step >= 1, 'best' (the operating point, eval.grid) or null"),
+    ("lora_scale", [(None, None), ("best", "best"), (0.5, 0.5), (1, 1.0), (2.0, 2.0)], [True, 0, -0.5, "max"],
+     "must be a scale > 0, 'best' (the operating point, eval.grid) or null"),
+])
+def test_the_adapter_step_and_lora_scale_are_a_number_best_or_null(field, good, bad, message):
+    for value, expect in good:
+        got = getattr(params.Sample(**{field: value}), field)
+        assert got == expect and type(got) is type(expect), (field, value)
+    for value in bad:
+        with pytest.raises(ValidationError) as exc:
+            params.Sample(**{field: value})
+        assert message in str(exc.value), (field, value)
+
+
+def test_grid_steps_are_all_or_a_list_of_steps():
+    for steps in ("all", [1], [50, 100]):
+        assert params.Grid(steps=steps).steps == steps
+    for steps in ("some", [], [0], [True], [50.0], ["a"], [None], 50):
+        with pytest.raises(ValidationError, match=r"must be all \(every train.save_every snapshot\) or a non-empty "
+                                                  r"list of steps >= 1, e.g. \[500, 1000\]"):
+            params.Grid(steps=steps)
+
+
+def with_values(**values) -> dict:
+    """Params with several dotted keys (written a__b) changed."""
+    raw = params.Params().model_dump()
+    for dotted, value in values.items():
+        *path, last = dotted.split("__")
+        d = raw
+        for part in path:
+            d = d[part]
+        d[last] = value
+    return raw
+
+
+@pytest.mark.parametrize("best", [["adapter_step"], ["lora_scale"], ["adapter_step", "lora_scale"]])
+def test_best_needs_the_operating_point_grid(best):
+    values = {f"sample__{k}": "best" for k in best}
+    p = params.validate(with_values(**values))  # the grid is on by default
+    assert [getattr(p.sample, k) for k in best] == ["best"] * len(best)
+    with pytest.raises(params.ParamsError, match=rf"sample.{best[0]}=best reads the operating point, which "
+                                                 r"eval.grid.enabled=false does not compute: set eval.grid.enabled=true"):
+        params.validate(with_values(**values, eval__grid__enabled=False))
+    assert not params.validate(with_values(eval__grid__enabled=False)).eval.grid.enabled  # without best: fine
+
+
+@pytest.mark.parametrize("train,grid_steps,kept", [
+    ({}, [50, 100, 150], None),                                    # save_every 50, keep_last 3, steps 150
+    ({"keep_last": 1}, [150], None),
+    ({"keep_last": 1}, [100], [150]),                              # only the newest snapshot stays
+    ({"keep_last": 0}, [50, 100], None),                           # 0 = all stay
+    ({"save_every": 0}, [150], None),                              # no snapshots: the final adapter only
+    ({"save_every": 0}, [50], [150]),
+    ({"steps": 149}, [50, 100, 149], None),                        # the final adapter is always there
+    ({"steps": 149}, [150], [50, 100, 149]),                       # no step past the end
+    ({"steps": 160, "save_every": 40, "keep_last": 2}, [120, 160], None),
+    ({"steps": 160, "save_every": 40, "keep_last": 2}, [40, 80, 160], [120, 160]),
+])
+def test_grid_steps_must_be_snapshots_training_keeps(train, grid_steps, kept):
+    raw = with_values(**{f"train__{k}": v for k, v in train.items()}, eval__grid__steps=grid_steps)
+    if kept is None:
+        assert params.validate(raw).eval.grid.steps == grid_steps
+        return
+    t = params.Params().train.model_copy(update=train)
+    missing = sorted(set(grid_steps) - set(kept))
+    with pytest.raises(params.ParamsError) as exc:
+        params.validate(raw)
+    assert (f"eval.grid.steps {missing}: training keeps no adapter at these steps (kept: {kept} with "
+            f"train.save_every={t.save_every}, keep_last={t.keep_last}, steps={t.steps}); use all or some of "
+            "those") in str(exc.value)
