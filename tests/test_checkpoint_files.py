@@ -97,6 +97,17 @@ def test_an_old_checkpoint_that_cannot_be_removed_does_not_stop_the_save(tmp_pat
     assert left == [".nfs0001", ".nfs0001"]  # the rest of both went (the remains are set aside in bad/)
 
 
+def test_the_first_save_of_a_fresh_run_removes_the_earlier_runs_checkpoints(tmp_path):
+    other = {**IDENT, "data": "other"}
+    save(tmp_path, 3, ident=other)
+    save(tmp_path, 6, ident=other)
+    r = ckpt.plan(tmp_path, IDENT, train_params())
+    assert r.start == 0 and sorted(p.name for p in r.stale) == ["step-000003", "step-000006"]
+    path = ckpt.save(tmp_path, FakeTrainer(3.0), 3, IDENT, keep=5, stale=r.stale)
+    assert names(tmp_path) == ["step-000003"]  # the earlier step 6 went; step 3 is this run's (it replaced that one)
+    assert json.loads((path / "meta.json").read_text())["identity"] == IDENT
+
+
 def test_non_finite_weights_are_never_saved(tmp_path):
     with pytest.raises(TrainingDiverged, match="non-finite LoRA weights after step 4"):
         ckpt.save(tmp_path, FakeTrainer(float("nan")), 4, IDENT, keep=2)
