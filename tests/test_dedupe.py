@@ -148,6 +148,17 @@ def test_stage_end_to_end(tmp_path, monkeypatch):
     assert sorted(r["reason"] for r in table if r["id"] == ids[2]) == ["exact_duplicate", "unique"]
     assert out[ids[10]]["reason"] == "unreadable" and not out[ids[10]]["kept"]
     assert out[ids[0]]["cluster_size"] == 2 and len(out[ids[0]]["phash"]) == 16
+    schema = pq.read_schema("data/interim/dedupe.parquet")  # the columns the module docstring promises
+    assert schema.names == ["id", "phash", "dhash", "phash_fold", "dhash_fold", "phash_band_fold", "dhash_band_fold",
+                            "width", "height", "bytes_per_pixel", "quant_step", "cluster_id", "cluster_size",
+                            "phash_to_keeper", "match_to_keeper", "kept", "reason", "keep_reason"]
+    assert [str(schema.field(c).type) for c in ("width", "cluster_size", "phash_to_keeper", "match_to_keeper")] == \
+        ["int32", "int32", "int32", "double"]
+    assert all(len(out[ids[0]][c]) == 16 for c in schema.names[1:7])  # 64-bit hashes in hex
+    assert (out[ids[0]]["width"], out[ids[0]]["height"]) == (128, 96)
+    assert out[ids[0]]["bytes_per_pixel"] == pytest.approx(len(blobs[0]) / (128 * 96))
+    assert out[ids[0]]["quant_step"] == 1.0 and out[ids[7]]["quant_step"] > 1.0  # PNG / its JPEG copy
+    assert out[ids[7]]["match_to_keeper"] >= 0.7 and out[ids[0]]["match_to_keeper"] is None  # the keeper itself
     report = tmp_path / "reports" / "dedupe"
     assert {p.name for p in report.iterdir()} >= {"summary.json", "cluster_sizes.csv", "largest_clusters.png"}
     s = json.loads((report / "summary.json").read_text())
@@ -296,3 +307,39 @@ def test_threshold_boundaries_of_the_search_and_the_second_vote(second_vote):
     pairs, counts = dedupe.candidate_pairs(hashes, cfg)
     assert counts["full pHash"] == 2  # (0, 1) and (0, 2) at exactly 10 bits; (0, 3) at 11 is out
     assert pairs.tolist() == ([[0, 1]] if second_vote else [[0, 1], [0, 2]])
+
+
+def test_searches_decide_by_their_own_view_and_hash():
+    """Each of SEARCHES looks at its own view and hash: the fold's pHash and the band fold's dHash
+    link a pair; the same closeness in a hash that no search reads (full dHash, fold dHash, band
+    fold pHash) links nothing."""
+    from stages import dedupe
+    from stages.core.params import Dedupe
+
+    rng = np.random.default_rng(1)
+    hashes = rng.integers(0, 256, (4, len(hashing.VIEWS), 2, 8), dtype=np.uint8)
+    v = {name: hashing.VIEWS.index(name) for name in ("full", "fold", "band_fold")}
+    hashes[1, v["fold"], 0] = hashes[0, v["fold"], 0]            # (0, 1): fold pHash
+    hashes[2, v["band_fold"], 1] = hashes[0, v["band_fold"], 1]  # (0, 2): band fold dHash
+    hashes[3, v["full"], 1] = hashes[2, v["full"], 1]            # not searched
+    hashes[3, v["fold"], 1] = hashes[1, v["fold"], 1]
+    hashes[3, v["band_fold"], 0] = hashes[1, v["band_fold"], 0]
+    pairs, counts = dedupe.candidate_pairs(hashes, Dedupe(threshold=10, second_vote=False, workers=1))
+    assert pairs.tolist() == [[0, 1], [0, 2]]
+    assert counts == {"full pHash": 0, "fold pHash": 1, "band_fold dHash": 1}
+
+
+def test_hash_rows_counts_every_row_and_records_missing_sizes_as_zero():
+    from stages import dedupe
+    from stages.core.params import Dedupe
+
+    png = images.encode_png(painting(1, 1))
+    rows = [dict(id="a", image=png, width=128, height=96), dict(id="a", image=png, width=128, height=96),
+            dict(id="b", image=b"junk", width=None, height=None)]
+    done = []
+    h = dedupe.hash_rows(rows, Dedupe(workers=1), progress=done.append)
+    assert sum(done) == len(rows)  # the exact duplicate counts as done too
+    assert h["ids"] == ["a", "b"] and h["exact"] == ["a"]
+    assert h["sizes"] == [(128, 96), (0, 0)]  # no size known: 0 pixels (the pixels criterion's worst)
+    assert h["bpp"] == [len(png) / (128 * 96), 4.0]  # bytes over max(1, pixels)
+    assert h["hashes"][1] is None
