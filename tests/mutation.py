@@ -61,6 +61,9 @@ MODULES: dict[str, list[str]] = {
     # the stage-level tests only (the search and hash tests of test_dedupe.py exercise hashing.py)
     "stages/dedupe.py": [f"tests/test_dedupe.py::test_{t}" for t in (
         "searches_decide_by_their_own_view_and_hash", "hash_rows_counts_every_row_and_records_missing_sizes_as_zero",
+        "decide_without_candidates_or_without_readable_images", "decide_verification_switch_boundary_and_missing_signatures",
+        "decide_keeps_the_most_pixels_whatever_the_shape", "largest_clusters_sheet_shows_the_largest_clusters_keeper_first",
+        "running_the_module_runs_the_stage",
         "threshold_boundaries_of_the_search_and_the_second_vote", "stage_end_to_end",
         "flips_and_offset_crops_are_found_and_series_stay_apart",
         "keep_rule_prefers_the_source_over_its_reencodes_and_says_why")],
