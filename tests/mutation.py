@@ -67,7 +67,7 @@ MODULES: dict[str, list[str]] = {
         "threshold_boundaries_of_the_search_and_the_second_vote", "stage_end_to_end",
         "flips_and_offset_crops_are_found_and_series_stay_apart",
         "keep_rule_prefers_the_source_over_its_reencodes_and_says_why")],
-    "stages/metrics/traits.py": ["tests/test_metrics_traits.py"],
+    "stages/metrics/traits.py": ["tests/test_traits_values.py", "tests/test_metrics_traits.py"],
     # folder.scan in process (test_folder_scan.py scans the hostile tree, whose own tests run the stage
     # in a subprocess, ~7 s), then the folder source through the stage (test_download.py)
     "stages/data/folder.py": ["tests/test_folder_scan.py"] + [f"tests/test_download_hostile.py::test_{t}" for t in (

@@ -1,6 +1,7 @@
 """stages/data/folder.py in process: ``folder.scan`` of the hostile tree of
 tests/test_download_hostile.py (which runs the whole stage on it in a subprocess), entry by entry,
 and the smaller rules of the folder source. Fast: nothing is decoded."""
+import json
 import os
 
 import pytest
@@ -69,3 +70,109 @@ def test_sidecars_and_caption_files_of_a_hostile_folder(hostile_scan):
         "indir (symlink to a folder inside data.path: not followed)"]
     assert rep["with_sidecar_metadata"] == 3 and rep["caption_files"] == 4 and rep["bad_caption_files"] == 1
     assert rep["repeat_folders"] == {"images": 0, "max_repeats": 0}
+
+
+EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
+              ".tga", ".ico", ".jfif")  # the common image extensions Pillow reads
+
+
+def test_every_image_extension_is_a_candidate_in_any_case(tmp_path):
+    for ext in EXTENSIONS:
+        (tmp_path / f"x{ext}").write_bytes(b"bytes decide later")
+        (tmp_path / f"y{ext.upper()}").write_bytes(b"bytes decide later")
+    (tmp_path / "z.svg").write_text("<svg/>")
+    cands, rep = folder.scan(tmp_path)
+    assert sorted(c["path"] for c in cands) == sorted([f"x{e}" for e in EXTENSIONS] + [f"y{e.upper()}" for e in EXTENSIONS])
+    assert rep["ignored_examples"] == ["z.svg"]
+
+
+def test_every_sidecar_field_is_read_and_others_ignored(tmp_path):
+    _png(tmp_path / "a.png", 1)
+    _png(tmp_path / "b.png", 2)
+    _png(tmp_path / "c.png", 3)
+    row = {f: f"{f} value" for f in ("title", "artist", "style", "genre", "date", "description", "caption",
+                                     "license", "provenance")}
+    (tmp_path / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "a.png", **row, "extra": "x", "rating": 5}) + "\n"
+        + json.dumps({"file": "b.png", "title": "", "artist": None, "date": 1874}) + "\n"  # other key names
+        + json.dumps({"path": "c.png", "title": "C"}) + "\n"
+        + json.dumps({"file_name": 7, "title": "no name"}) + "\n" + json.dumps({"title": "no name"}) + "\n")
+    cands, rep = folder.scan(tmp_path)
+    by = {c["path"]: c for c in cands}
+    assert {k: by["a.png"].get(k) for k in row} == row and "extra" not in by["a.png"]
+    assert by["a.png"]["provenance"] == "provenance value"  # the sidecar's wins
+    assert (by["b.png"]["title"], by["b.png"]["artist"], by["b.png"]["date"]) == (None, None, "1874")
+    assert by["c.png"]["title"] == "C" and by["c.png"]["provenance"] == "folder:c.png"
+    assert rep["sidecar_problems"] == ["metadata.jsonl:4: a row without a file_name",
+                                       "metadata.jsonl:5: a row without a file_name"]
+    assert rep["with_sidecar_metadata"] == 2  # a (title, artist, caption) and c (title); b has only a date
+
+
+def test_sidecar_rows_that_name_nothing_or_escape(tmp_path):
+    (tmp_path / "sub").mkdir()
+    _png(tmp_path / "sub" / "a.png", 1)
+    (tmp_path / "sub" / "metadata.csv").write_text(
+        "file_name,title\n"
+        "a.png,A\n"
+        "./a.png,A again\n"           # normalised: the same file
+        "missing.png,M\n"
+        "..,up\n"
+        "C:\\Windows\\x.png,drive\n"
+        "../sub/a.png,through the parent\n"
+        "nul\x00.png,nul\n")
+    (tmp_path / "metadata.csv").write_text("file_name\n..\n")
+    cands, rep = folder.scan(tmp_path)
+    by = {c["path"]: c for c in cands}
+    assert by["sub/a.png"]["title"] == "through the parent"  # inside after normalising: read; the last row wins
+    assert {p: c["reject"][0] for p, c in by.items() if "reject" in c} == {
+        "metadata.csv:2": "outside_folder", "sub/metadata.csv:6": "outside_folder", "sub/metadata.csv:8": "outside_folder"}
+    assert rep["sidecar_problems"] == ["sub/metadata.csv:4: missing.png does not exist",
+                                       "sub/metadata.csv:5: .. does not exist"]  # sub/.. is the root: no file
+
+
+def test_sidecar_encodings_and_malformed_csv(tmp_path):
+    assert folder.decode_text("é".encode("utf-8"), "m") == ("é", None)
+    assert folder.decode_text(b"\xef\xbb\xbfa", "m") == ("a", None)  # a BOM
+    assert folder.decode_text(b"caf\xe9 \x80", "m") == ("café €", "m: not UTF-8 (byte 3), read as cp1252")
+    assert folder.decode_text(b"x\x81", "m") == ("x\x81", "m: not UTF-8 (byte 1), read as latin-1")
+    _png(tmp_path / "a.png", 1)
+    _png(tmp_path / "b.png", 2)
+    (tmp_path / "metadata.csv").write_text("file_name,title\na.png,A\nb.png," + "x" * 140_000 + "\nc.png,C\n")
+    cands, rep = folder.scan(tmp_path)
+    assert [c.get("title") for c in cands] == ["A", None]
+    assert len(rep["sidecar_problems"]) == 1 and rep["sidecar_problems"][0].startswith(
+        "metadata.csv:2: not valid CSV (field larger than field limit") and rep["sidecar_problems"][0].endswith(
+        "the rows after it are skipped")
+
+
+def test_a_sidecar_over_max_bytes_is_a_problem_not_read(tmp_path):
+    _png(tmp_path / "a.png", 1)
+    (tmp_path / "metadata.csv").write_text("file_name,title\na.png," + "x" * 200 + "\n")
+    cands, rep = folder.scan(tmp_path, max_bytes=100)
+    assert "title" not in cands[0]
+    assert rep["sidecar_problems"] == ["metadata.csv: 223 bytes > data.max_bytes = 100"]
+
+
+def test_special_files_are_named(tmp_path, monkeypatch):
+    import stat as st
+
+    (tmp_path / "dev").write_bytes(b"")
+    real_stat = os.stat
+    for mode, kind in ((st.S_IFCHR, "a character device"), (st.S_IFBLK, "a block device"),
+                       (st.S_IFSOCK, "a socket"), (st.S_IFIFO, "a FIFO"), (st.S_IFDIR, "not a regular file")):
+        monkeypatch.setattr(folder.os, "stat", lambda p, m=mode: os.stat_result((m | 0o644,) + real_stat(p)[1:]))
+        entry = folder._classify(str(tmp_path / "dev"), "dev", str(tmp_path))
+        monkeypatch.setattr(folder.os, "stat", real_stat)
+        assert entry.reject == ("special_file", f"{kind}: never opened") and entry.real is None
+
+
+def test_captions_are_normalised_and_repeats_can_be_off(tmp_path):
+    (tmp_path / "5_set").mkdir()
+    _png(tmp_path / "5_set" / "a.png", 1)
+    (tmp_path / "5_set" / "a.txt").write_bytes(b"  a\x00field\n\n of  poppies \t")
+    cands, rep = folder.scan(tmp_path)
+    assert (cands[0]["caption"], cands[0]["repeats"]) == ("a field of poppies", 5)
+    assert rep["repeat_folders"] == {"images": 1, "max_repeats": 5}
+    cands, rep = folder.scan(tmp_path, FolderSource(repeats=False))
+    assert "repeats" not in cands[0] and rep["repeat_folders"] == {"images": 0, "max_repeats": 0}
+    assert folder.read_caption(tmp_path / "5_set" / "a.txt", 10) == (None, "a.txt: 25 bytes > data.folder.caption_max_bytes = 10")

@@ -1,0 +1,77 @@
+"""stages/metrics/traits.py on exact values: the colour conversion against the sRGB and OKLab
+definitions, the image preparation, the thresholds at their edges, and the frozen global score.
+(The traits on constructed pictures: tests/test_metrics_traits.py.)"""
+import numpy as np
+import pytest
+from PIL import Image
+
+from stages.metrics import traits
+
+
+def flat(rgb, n=16) -> np.ndarray:
+    return np.broadcast_to(np.array(rgb, dtype=float), (n, n, 3)).copy()
+
+
+def test_oklab_of_greys_is_the_cube_root_of_linear_light():
+    """A grey has a = b = 0 and L = cbrt(linear sRGB): the power segment (0.5) and the linear
+    segment (0.02 < 0.04045) of the sRGB curve."""
+    lab = traits.srgb_to_oklab(np.array([[0.5, 0.5, 0.5], [0.02, 0.02, 0.02], [0.04045, 0.04045, 0.04045]]))
+    linear = np.array([((0.5 + 0.055) / 1.055) ** 2.4, 0.02 / 12.92, 0.04045 / 12.92])
+    np.testing.assert_allclose(lab[:, 0], np.cbrt(linear), rtol=1e-6)
+    np.testing.assert_allclose(lab[:, 1:], 0, atol=1e-6)
+
+
+def test_to_rgb_array_keeps_every_level_from_each_input_type():
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, -1)
+    want = levels / 255.0
+    for img in (levels, levels / 255.0, Image.fromarray(levels)):  # uint8, float in [0, 1], PIL
+        got = traits.to_rgb_array(img, 16)
+        assert got.dtype == np.float64
+        np.testing.assert_array_equal(got, want)
+    assert traits.to_rgb_array(Image.fromarray(levels).resize((40, 20)), 16).shape == (16, 16, 3)
+    np.testing.assert_array_equal(traits.to_rgb_array(flat((1.5, -0.5, 0.5)), 16)[0, 0], [1.0, 0.0, 128 / 255])
+
+
+@pytest.mark.parametrize("hue,cool", [(139.5, False), (140.5, True), (319.5, True), (320.5, False), (230.0, True),
+                                      (40.0, False)])
+def test_cool_shadows_hue_range_is_140_to_320_degrees(hue, cool):
+    lab = np.zeros((8, 8, 3))
+    lab[..., 0] = 0.3  # one lightness: every pixel is a shadow
+    lab[..., 1], lab[..., 2] = 0.1 * np.cos(np.radians(hue)), 0.1 * np.sin(np.radians(hue))
+    assert traits.cool_shadows(lab) == (1.0 if cool else 0.0)
+    lab[..., 1:] *= 0.049 / 0.1  # under SHADOW_C = 0.05: not chromatic
+    assert traits.cool_shadows(lab) == 0.0
+
+
+def test_shadows_are_the_darkest_fifth():
+    lab = np.zeros((10, 10, 3))
+    lab[..., 0] = np.arange(100).reshape(10, 10) / 100  # L = 0.00 .. 0.99
+    lab[..., 2] = -0.1  # every pixel cool and chromatic (hue 270)
+    lab[3:, :, 2] = 0.1  # ... except from L = 0.30 on (warm, hue 90)
+    assert traits.cool_shadows(lab) == 1.0  # the darkest 20 % are all cool
+    lab[:2, :, 2] = 0.1
+    assert traits.cool_shadows(lab) == pytest.approx(0, abs=0.06)  # only L 0.20 is cool of the darkest 21
+
+
+def test_pure_colour_needs_mid_to_high_lightness():
+    diag = traits.image_traits(flat((1.0, 1.0, 0.0)), 16, diagnostics=True)  # yellow: C 0.21 at L 0.97 > 0.9
+    assert diag["pure_colour"] == 0.0 and diag["saturated_colour"] == 1.0
+    assert traits.image_traits(flat((0.0, 0.0, 1.0)), 16, diagnostics=True)["pure_colour"] == 0.0  # blue: L 0.45
+    assert "global_score" in diag and traits.GLOBAL == "global_score"
+
+
+def test_broken_colour_divides_by_the_lightness_step_plus_0_02():
+    lab = np.zeros((100, 100, 3))
+    lab[:, 50:, 1] = 0.1  # a hue step at equal lightness between two halves: one patch boundary per row
+    assert traits.broken_colour(lab) == pytest.approx(0.1 / 0.02 * 100 / (2 * 100 * 99))
+    lab[:, 50:, 0] = 0.08  # with a lightness step of 0.08
+    assert traits.broken_colour(lab) == pytest.approx(0.1 / 0.1 * 100 / (2 * 100 * 99))
+
+
+def test_the_frozen_global_score_is_the_fitted_one():
+    """The global score's weights are a fit (docs/evaluation.md), frozen: a deliberate refit updates
+    these two numbers with them. At the corpus means the score is sigmoid(bias)."""
+    means = {k: mu for k, (mu, _, _) in traits.COMPOSITE_WEIGHTS.items()}
+    assert traits.composite(means) == pytest.approx(1 / (1 + np.exp(0.145663)), rel=1e-9)
+    assert traits.composite({k: 0.0 for k in means}) == pytest.approx(0.06523451055080935, rel=1e-9)
+    assert set(means) == set(traits.COMPONENTS)
