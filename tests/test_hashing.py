@@ -34,7 +34,7 @@ def test_band_is_the_centred_two_to_one_crop(w, h, box):
     np.testing.assert_array_equal(np.asarray(hashing.band(square)), np.asarray(square))
 
 
-@pytest.mark.parametrize("w", [7, 8])
+@pytest.mark.parametrize("w", [6, 7, 8])
 def test_fold_is_the_left_half_of_the_image_averaged_with_its_mirror(w):
     img = painting(3, 3, size=(w, 5))
     got = np.asarray(hashing.fold(img)).astype(int)

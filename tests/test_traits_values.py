@@ -75,3 +75,34 @@ def test_the_frozen_global_score_is_the_fitted_one():
     assert traits.composite(means) == pytest.approx(1 / (1 + np.exp(0.145663)), rel=1e-9)
     assert traits.composite({k: 0.0 for k in means}) == pytest.approx(0.06523451055080935, rel=1e-9)
     assert set(means) == set(traits.COMPONENTS)
+
+
+def test_a_pixel_is_textured_from_a_gradient_of_2_56_per_side():
+    """Two ramps of lightness meeting on the diagonal (L rises along x below it, along y above it):
+    the tensors mix there (isotropy > 0) only where the gradient counts as texture, > 2.56 L per side."""
+    n = 64
+    yy, xx = np.mgrid[0:n, 0:n]
+    iso = {}
+    for slope in (2.5, 3.0):
+        lab = np.zeros((n, n, 3))
+        lab[..., 0] = 0.3 + slope * np.minimum(xx, yy) / n
+        iso[slope] = traits.stroke_isotropy(lab)
+    assert iso[2.5] == 0.0 and iso[3.0] > 0.005
+
+
+@pytest.mark.parametrize("direction", ["vertical", "diagonal", "anti-diagonal"])
+def test_straight_stripes_are_coherent_in_any_direction(direction):
+    """Stripes of one direction: every textured pixel's tensor is coherent (coherence 1), so the
+    isotropy is about 0 whatever the direction."""
+    n = 128
+    yy, xx = np.mgrid[0:n, 0:n]
+    t = {"vertical": xx, "diagonal": xx + yy, "anti-diagonal": xx - yy}[direction]
+    lab = np.zeros((n, n, 3))
+    lab[..., 0] = 0.5 + 0.2 * np.sin(2 * np.pi * t / 16)
+    assert 0.0 <= traits.stroke_isotropy(lab) < 0.02
+
+
+def test_broken_colour_needs_two_patches_a_side():
+    assert traits.broken_colour(np.zeros((2, 2, 3))) == 0.0
+    with pytest.raises(ValueError, match="too small"):
+        traits.broken_colour(np.zeros((1, 1, 3)))
