@@ -106,3 +106,14 @@ def test_broken_colour_needs_two_patches_a_side():
     assert traits.broken_colour(np.zeros((2, 2, 3))) == 0.0
     with pytest.raises(ValueError, match="too small"):
         traits.broken_colour(np.zeros((1, 1, 3)))
+
+
+def test_the_reported_traits_labels_are_the_ones_the_docs_quote():
+    """The labels of the reported traits (NAMES) head the report's and the model card's metric
+    tables (stages/metrics/vocab.py); docs/results.md quotes those tables: a new label needs them
+    regenerated. (The diagnostics' labels are not shown anywhere.)"""
+    from pathlib import Path
+
+    results = (Path(__file__).resolve().parents[1] / "docs/results.md").read_text()
+    for name in traits.NAMES:
+        assert f"`trait_{name}` (trait: {traits.LABELS[name]})" in results, name
