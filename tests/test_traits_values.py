@@ -104,8 +104,31 @@ def test_straight_stripes_are_coherent_in_any_direction(direction):
 
 def test_broken_colour_needs_two_patches_a_side():
     assert traits.broken_colour(np.zeros((2, 2, 3))) == 0.0
-    with pytest.raises(ValueError, match="too small"):
+    with pytest.raises(ValueError, match=r"^image 1x1 too small for patches of 1 px$"):
         traits.broken_colour(np.zeros((1, 1, 3)))
+
+
+def test_broken_colour_patches_are_a_hundredth_of_the_side():
+    """A 1-px checkerboard of two isoluminant hues (a = +-0.1) at 300 px: patches of 3 px average
+    it (5 cells against 4), so neighbouring patches differ by 2 x 0.1 / 9 in a."""
+    n = 300
+    yy, xx = np.mgrid[0:n, 0:n]
+    lab = np.zeros((n, n, 3))
+    lab[..., 0] = 0.5
+    lab[..., 1] = np.where((xx + yy) % 2 == 0, 0.1, -0.1)
+    assert traits.broken_colour(lab) == pytest.approx(2 * 0.1 / 9 / 0.02)
+
+
+def test_the_tensor_window_scales_with_the_picture():
+    """The structure tensor's window is a fraction of the side (above 140 px): the two ramps of
+    test_a_pixel_is_textured... at 256 and 512 px score about alike (a fixed window would halve it)."""
+    def iso(n):
+        yy, xx = np.mgrid[0:n, 0:n]
+        lab = np.zeros((n, n, 3))
+        lab[..., 0] = 0.3 + 5.0 * np.minimum(xx, yy) / n
+        return traits.stroke_isotropy(lab)
+
+    assert 0.8 < iso(256) / iso(512) < 1.0
 
 
 def test_the_reported_traits_labels_are_the_ones_the_docs_quote():
@@ -117,3 +140,42 @@ def test_the_reported_traits_labels_are_the_ones_the_docs_quote():
     results = (Path(__file__).resolve().parents[1] / "docs/results.md").read_text()
     for name in traits.NAMES:
         assert f"`trait_{name}` (trait: {traits.LABELS[name]})" in results, name
+
+
+def test_hard_edges_in_any_direction_with_or_without_a_tensor():
+    """A step of 0.5 in L is a hard edge across or along the picture alike; hard_edges computes the
+    tensor itself when not given one."""
+    lab = np.zeros((32, 32, 3))
+    lab[16:, :, 0] = 0.5  # a horizontal edge (gradient along y)
+    across = traits.hard_edges(lab)
+    assert across > 0.05
+    assert traits.hard_edges(lab.transpose(1, 0, 2)) == across  # the same edge, vertical
+    assert traits.hard_edges(lab, traits.colour_tensor(lab)) == across
+
+
+def test_impressionism_is_the_sigmoid_of_the_texture_logit_and_64_px_the_default_size():
+    from stages.metrics import texture
+
+    rng = np.random.default_rng(3)
+    pictures = [flat((0.2, 0.5, 0.7), 64), rng.uniform(0, 1, (50, 80, 3))]
+    for img in pictures:
+        lab = traits.srgb_to_oklab(traits.to_rgb_array(img, 64))
+        logit = texture.texture_logit(lab, traits.colour_tensor(lab))
+        got = traits.image_traits(img)  # the default size: 64
+        assert got["impressionism"] == pytest.approx(1 / (1 + np.exp(-logit)), rel=1e-12)
+        assert 0.0 < got["impressionism"] < 1.0
+        assert got == traits.image_traits(img, 64)
+    noisy = pictures[1]
+    assert traits.trait_table([noisy])["stroke_isotropy"][0] == traits.image_traits(noisy, 64)["stroke_isotropy"]
+    assert traits.mean_traits([noisy])["stroke_isotropy"] == traits.image_traits(noisy, 64)["stroke_isotropy"]
+    assert traits.image_traits(noisy, 65)["stroke_isotropy"] != traits.image_traits(noisy, 64)["stroke_isotropy"]
+
+
+def test_distance_is_in_reference_standard_deviations_once_it_varies_above_1e_9():
+    one = {k: np.array([5.0]) for k in traits.NAMES}
+    for ref, want in (([0.0, 4.0], 1.5),          # mean 2, sd 2: (5 - 2) / 2
+                      ([0.0, 3e-9], 5 / 1.5e-9),  # sd 1.5e-9: still a spread
+                      ([0.0, 2e-9], 5 - 1e-9),    # sd 1e-9: no spread, raw units
+                      ([1.0], 4.0)):              # one reference picture: raw units
+        got = traits.distance(one, {k: np.array(ref) for k in traits.NAMES})
+        assert got == {k: pytest.approx(want, rel=1e-9) for k in traits.NAMES}, ref
