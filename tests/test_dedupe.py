@@ -447,6 +447,7 @@ def test_largest_clusters_sheet_shows_the_largest_clusters_keeper_first(tmp_path
     assert len(seen["labels"]) == 64 and seen["cells"][:2] == [(29, 10), (20, 10)]
 
 
+@pytest.mark.filterwarnings("ignore:'stages.dedupe' found in sys.modules:RuntimeWarning")  # runpy: imported already
 def test_running_the_module_runs_the_stage(tmp_path, monkeypatch):
     """`python -m stages.dedupe` (how dvc.yaml runs it) runs main(): here on an empty folder, where
     the stage stops at the missing raw shards."""
