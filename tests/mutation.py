@@ -57,10 +57,27 @@ MODULES: dict[str, list[str]] = {
     "stages/models/trainer.py": ["tests/test_objective.py", "tests/test_train_units.py"],
     "stages/models/export.py": ["tests/test_lora.py"],
     "stages/models/lora.py": ["tests/test_lora.py", "tests/test_objective.py"],
-    "stages/curation/hashing.py": ["tests/test_dedupe.py"],
-    "stages/dedupe.py": ["tests/test_dedupe.py"],
-    "stages/metrics/traits.py": ["tests/test_metrics_traits.py"],
-    "stages/data/folder.py": ["tests/test_download.py -k folder"],
+    # fast in-process tests first: most mutants fail there (pytest -x)
+    "stages/curation/hashing.py": ["tests/test_hashing.py", "tests/test_dedupe.py"],
+    # the stage-level tests only (the search and hash tests of test_dedupe.py exercise hashing.py)
+    "stages/dedupe.py": [f"tests/test_dedupe.py::test_{t}" for t in (
+        "searches_decide_by_their_own_view_and_hash", "hash_rows_counts_every_row_and_records_missing_sizes_as_zero",
+        "decide_without_candidates_or_without_readable_images", "decide_verification_switch_boundary_and_missing_signatures",
+        "decide_keeps_the_most_pixels_whatever_the_shape", "largest_clusters_sheet_shows_the_largest_clusters_keeper_first",
+        "running_the_module_runs_the_stage",
+        "threshold_boundaries_of_the_search_and_the_second_vote", "stage_end_to_end",
+        "flips_and_offset_crops_are_found_and_series_stay_apart",
+        "keep_rule_prefers_the_source_over_its_reencodes_and_says_why")],
+    "stages/metrics/traits.py": ["tests/test_traits_values.py", "tests/test_metrics_traits.py"],
+    # folder.scan in process (test_folder_scan.py scans the hostile tree, whose own tests run the stage
+    # in a subprocess, ~7 s), then the folder source through the stage (test_download.py)
+    "stages/data/folder.py": ["tests/test_folder_scan.py"] + [f"tests/test_download_hostile.py::test_{t}" for t in (
+        "an_inside_sidecar_row_through_a_folder_link_finds_its_image",
+        "first_caption_extension_wins_and_the_other_is_not_an_orphan")] + [f"tests/test_download.py::test_{t}" for t in (
+        "repeats_of_nearest_kohya_folder", "folder_rows_metadata_and_rejects", "folder_report_accounts_for_every_file",
+        "folder_limit_is_a_seeded_sample", "missing_folder_fails_with_a_message", "caption_files_and_repeat_folders_are_read",
+        "bad_caption_files_are_recorded_rejects", "folder_conventions_are_configurable",
+        "a_folder_without_usable_images_leaves_data_raw_as_it_was")],
 }
 # mutmut stops a mutant's tests at 10 × the clean run (a timeout); a kill slower than
 # MULTIPLIER × the clean run + BASE s is marked "suspicious" (still a kill)

@@ -148,6 +148,20 @@ def test_stage_end_to_end(tmp_path, monkeypatch):
     assert sorted(r["reason"] for r in table if r["id"] == ids[2]) == ["exact_duplicate", "unique"]
     assert out[ids[10]]["reason"] == "unreadable" and not out[ids[10]]["kept"]
     assert out[ids[0]]["cluster_size"] == 2 and len(out[ids[0]]["phash"]) == 16
+    schema = pq.read_schema("data/interim/dedupe.parquet")  # the columns the module docstring promises
+    assert schema.names == ["id", "phash", "dhash", "phash_fold", "dhash_fold", "phash_band_fold", "dhash_band_fold",
+                            "width", "height", "bytes_per_pixel", "quant_step", "cluster_id", "cluster_size",
+                            "phash_to_keeper", "match_to_keeper", "kept", "reason", "keep_reason"]
+    assert [str(schema.field(c).type) for c in ("width", "cluster_size", "phash_to_keeper", "match_to_keeper")] == \
+        ["int32", "int32", "int32", "double"]
+    assert all(len(out[ids[0]][c]) == 16 for c in schema.names[1:7])  # 64-bit hashes in hex
+    assert (out[ids[0]]["width"], out[ids[0]]["height"]) == (128, 96)
+    assert out[ids[0]]["bytes_per_pixel"] == pytest.approx(len(blobs[0]) / (128 * 96))
+    assert out[ids[0]]["quant_step"] == 1.0 and out[ids[7]]["quant_step"] > 1.0  # PNG / its JPEG copy
+    assert out[ids[7]]["match_to_keeper"] >= 0.7 and out[ids[0]]["match_to_keeper"] is None  # the keeper itself
+    for copy, keeper in ((7, 0), (8, 1)):  # to 4 digits
+        copy_sig, keeper_sig = hashing.signatures_many([blobs[copy], blobs[keeper]], workers=1)
+        assert out[ids[copy]]["match_to_keeper"] == round(verify.match(copy_sig, keeper_sig)[0], 4)
     report = tmp_path / "reports" / "dedupe"
     assert {p.name for p in report.iterdir()} >= {"summary.json", "cluster_sizes.csv", "largest_clusters.png"}
     s = json.loads((report / "summary.json").read_text())
@@ -156,6 +170,8 @@ def test_stage_end_to_end(tmp_path, monkeypatch):
     assert out[ids[8]]["keep_reason"] == out[ids[1]]["keep_reason"] and out[ids[1]]["keep_reason"].startswith("pixels:")
     assert s["keep_decided_by"] == {"pixels": 1, "quant_step": 1} and out[ids[3]].get("keep_reason") is None
     assert s["cluster_size_histogram"] == {"1": 5, "2": 2}
+    assert (s["rows"], s["removed"], s["clusters"]) == (11, 4, 7)
+    assert (report / "cluster_sizes.csv").read_text() == "cluster_size,clusters\n1,5\n2,2\n"
     assert s["pairs"]["candidates"]["full pHash"] >= s["pairs"]["verified"] == 2
     assert out[ids[0]]["phash_to_keeper"] == 0 and 0 <= out[ids[7]]["phash_to_keeper"] <= 10
     first = (tmp_path / "data/interim/dedupe.parquet").read_bytes()
@@ -180,8 +196,9 @@ def test_decode_for_measuring_reduces_big_jpegs_and_reports_the_full_size():
     assert hashing.hamming(hashing.hash_image(big)[0], reduced) <= 2
 
 
-def _decide(named: dict, **cfg):
-    """Run stages.dedupe.decide on {name: encoded bytes}; {name: row}."""
+def _decide(named: dict, without_signature=(), signatures=True, **cfg):
+    """Run stages.dedupe.decide on {name: encoded bytes}; {name: row}. ``without_signature``: names
+    whose signature is None (did not decode); ``signatures=False``: decide without any."""
     from stages import dedupe
     from stages.core import params
 
@@ -194,7 +211,9 @@ def _decide(named: dict, **cfg):
         rows.append(dict(id=cid, image=b, width=w, height=h))
     by_id = {r["id"]: r["image"] for r in rows}
     h = dedupe.hash_rows(rows, c)
-    out, steps = dedupe.decide(h, c, lambda ids: {i: verify.signature(images.decode(by_id[i])) for i in ids})
+    skip = {shards.content_id(named[k]) for k in without_signature}
+    fetch = lambda ids: {i: None if i in skip else verify.signature(images.decode(by_id[i])) for i in ids}  # noqa: E731
+    out, steps = dedupe.decide(h, c, fetch if signatures else None)
     return {name_of[r["id"]]: dict(r, cluster=name_of[r["cluster_id"]]) for r in out}, steps
 
 
@@ -255,6 +274,11 @@ def test_keep_rule_prefers_the_source_over_its_reencodes_and_says_why():
     # colour: the jittered copy departs from the colours the others share, even at a finer step
     rows, _ = _decide({k: named[k] for k in ("source", "jitter", "half")})
     assert rows["source"]["kept"] and rows["source"]["keep_reason"].startswith("colour:")
+    import re
+
+    gaps = re.fullmatch(r"colour: mean colour gap (\d\.\d\d) to the other members, the runner-up (\d\.\d\d)",
+                        rows["source"]["keep_reason"])
+    assert gaps and float(gaps[1]) < float(gaps[2]) <= 0.2, rows["source"]["keep_reason"]  # gaps on a 0-1 scale
     # two members of one size: nothing but the encoding separates them
     rows, _ = _decide({k: named[k] for k in ("source", "jpeg")})
     assert rows["source"]["kept"] and rows["source"]["keep_reason"].startswith("quant_step:")
@@ -262,8 +286,16 @@ def test_keep_rule_prefers_the_source_over_its_reencodes_and_says_why():
     rows, _ = _decide({"big": images.encode_jpeg(img, 70), "small": named["half"]})
     assert rows["big"]["kept"] and rows["big"]["keep_reason"].startswith("pixels: 160x120 over 80x60")
     # orientation: the flipped copy is the odd one out even at a finer step
-    rows, _ = _decide({k: named[k] for k in ("source", "flip", "half")})
-    assert rows["source"]["kept"] and rows["source"]["keep_reason"].startswith("orientation:")
+    # (after an unrelated picture: a cluster of one first in the list does not stop the scoring)
+    rows, _ = _decide({"other": images.encode_png(painting(31, 31, size=(160, 120))),
+                       **{k: named[k] for k in ("source", "flip", "half")}})
+    assert rows["source"]["kept"] and rows["other"]["reason"] == "unique"
+    assert rows["source"]["keep_reason"] == "orientation: matches 1 other members unmirrored, the runner-up 0"
+    # a full tie (the same pixels, both lossless, two members): the smallest id
+    twins = {"a": images.encode_png(img), "b": images.encode_png(img.convert("RGBA"))}
+    rows, _ = _decide(twins)
+    first = min(rows, key=lambda k: shards.content_id(twins[k]))
+    assert rows[first]["kept"] and rows[first]["keep_reason"] == "id: a full tie, the smallest id"
 
 
 def _flipped(bits: range, nbytes: int = 8) -> np.ndarray:
@@ -296,3 +328,132 @@ def test_threshold_boundaries_of_the_search_and_the_second_vote(second_vote):
     pairs, counts = dedupe.candidate_pairs(hashes, cfg)
     assert counts["full pHash"] == 2  # (0, 1) and (0, 2) at exactly 10 bits; (0, 3) at 11 is out
     assert pairs.tolist() == ([[0, 1]] if second_vote else [[0, 1], [0, 2]])
+
+
+def test_searches_decide_by_their_own_view_and_hash():
+    """Each of SEARCHES looks at its own view and hash: the fold's pHash and the band fold's dHash
+    link a pair; the same closeness in a hash that no search reads (full dHash, fold dHash, band
+    fold pHash) links nothing."""
+    from stages import dedupe
+    from stages.core.params import Dedupe
+
+    rng = np.random.default_rng(1)
+    hashes = rng.integers(0, 256, (4, len(hashing.VIEWS), 2, 8), dtype=np.uint8)
+    v = {name: hashing.VIEWS.index(name) for name in ("full", "fold", "band_fold")}
+    hashes[1, v["fold"], 0] = hashes[0, v["fold"], 0]            # (0, 1): fold pHash
+    hashes[2, v["band_fold"], 1] = hashes[0, v["band_fold"], 1]  # (0, 2): band fold dHash
+    hashes[3, v["full"], 1] = hashes[2, v["full"], 1]            # not searched
+    hashes[3, v["fold"], 1] = hashes[1, v["fold"], 1]
+    hashes[3, v["band_fold"], 0] = hashes[1, v["band_fold"], 0]
+    pairs, counts = dedupe.candidate_pairs(hashes, Dedupe(threshold=10, second_vote=False, workers=1))
+    assert pairs.tolist() == [[0, 1], [0, 2]]
+    assert counts == {"full pHash": 0, "fold pHash": 1, "band_fold dHash": 1}
+
+
+def test_hash_rows_counts_every_row_and_records_missing_sizes_as_zero():
+    from stages import dedupe
+    from stages.core.params import Dedupe
+
+    png = images.encode_png(painting(1, 1))
+    rows = [dict(id="a", image=png, width=128, height=96), dict(id="a", image=png, width=128, height=96),
+            dict(id="b", image=b"junk", width=None, height=None)]
+    done = []
+    h = dedupe.hash_rows(rows, Dedupe(workers=1), progress=done.append)
+    assert sum(done) == len(rows)  # the exact duplicate counts as done too
+    assert h["ids"] == ["a", "b"] and h["exact"] == ["a"]
+    assert h["sizes"] == [(128, 96), (0, 0)]  # no size known: 0 pixels (the pixels criterion's worst)
+    assert h["bpp"] == [len(png) / (128 * 96), 4.0]  # bytes over max(1, pixels)
+    assert h["hashes"][1] is None
+
+
+def test_decide_without_candidates_or_without_readable_images():
+    from stages import dedupe
+    from stages.core.params import Dedupe
+
+    rows, steps = _decide({"a": images.encode_png(painting(40, 40)), "b": images.encode_png(painting(41, 41))})
+    assert [r["reason"] for r in rows.values()] == ["unique", "unique"] and steps["after_vote"] == 0
+    h = {"ids": ["x", "y"], "sizes": [(640, 480), (0, 0)], "bpp": [0.5, 1.0], "exact": ["y"], "hashes": [None, None]}
+    out, steps = dedupe.decide(h, Dedupe(), lambda ids: {})
+    assert [(r["id"], r["reason"]) for r in out] == [("x", "unreadable"), ("y", "unreadable"), ("y", "exact_duplicate")]
+    assert out[0] == dict(id="x", width=640, height=480, bytes_per_pixel=0.5, cluster_size=0, kept=False,
+                          reason="unreadable")
+    assert steps["after_vote"] == 0
+
+
+def test_decide_verification_switch_boundary_and_missing_signatures():
+    orig = painting(5, 1)
+    sibling = {"orig": images.encode_png(orig), "sibling": images.encode_png(painting(5, 2))}  # a series
+    copy = {"orig": sibling["orig"], "copy": images.encode_jpeg(orig, 70)}
+
+    def together(rows):
+        return rows["orig"]["cluster"] == [r for k, r in rows.items() if k != "orig"][0]["cluster"]
+
+    assert not together(_decide(sibling)[0])
+    assert together(_decide(sibling, verify=False)[0])  # pHash alone calls a series a copy
+    assert together(_decide(sibling, verify=False, signatures=False)[0])
+    assert together(_decide(copy)[0])
+    # a pair whose signature is missing is not confirmed (unless verify_min = -1 accepts every pair)
+    rows, steps = _decide(copy, without_signature=["copy"])
+    assert not together(rows) and steps["after_vote"] == 1 and steps["verified"] == 0
+    assert together(_decide(copy, without_signature=["copy"], verify_min=-1)[0])
+    # a pair at exactly verify_min is confirmed
+    sim = verify.match(*(verify.signature(images.decode(copy[k])) for k in ("orig", "copy")))[0]
+    assert together(_decide(copy, verify_min=sim)[0])
+    assert not together(_decide(copy, verify_min=min(1.0, sim + 1e-6))[0])
+
+
+def test_decide_keeps_the_most_pixels_whatever_the_shape():
+    """pixels = width x height: a wide 200 x 100 member (20,000 px) beats a square 120 x 120 (14,400)."""
+    from stages import dedupe
+    from stages.core.params import Dedupe
+
+    same = np.random.default_rng(2).integers(0, 256, (len(hashing.VIEWS), 2, 8), dtype=np.uint8)
+    h = {"ids": ["square", "wide"], "sizes": [(120, 120), (200, 100)], "bpp": [1.0, 1.0], "exact": [],
+         "hashes": [(same, 1.0), (same, 1.0)]}
+    out, _ = dedupe.decide(h, Dedupe(verify=False))
+    rows = {r["id"]: r for r in out}
+    assert rows["wide"]["kept"] and rows["square"]["reason"] == "near_duplicate"
+    assert rows["wide"]["keep_reason"] == "pixels: 200x100 over 120x120"
+
+
+def test_largest_clusters_sheet_shows_the_largest_clusters_keeper_first(tmp_path, monkeypatch):
+    """One row per cluster, largest first (ties by cluster id), the keeper first, at most 8 clusters
+    of at most 8 members by default; unique and unreadable images are not shown."""
+    from stages import dedupe
+
+    rows, blobs = [], []
+
+    def add(rid, cluster, kept, reason, w):
+        blobs.append(dict(id=rid, image=images.encode_png(Image.new("RGB", (w, 10), (w, 0, 0)))))
+        rows.append(dict(id=rid, cluster_id=cluster, kept=kept, reason=reason, width=w, height=10))
+
+    for k in range(10):  # cluster "a": 10 members, the keeper listed last
+        add(f"a{k}", "a", k == 9, "best_of_cluster" if k == 9 else "near_duplicate", 20 + k)
+    for c in range(9, 0, -1):  # nine clusters of two, b9 .. b1
+        add(f"b{c}x", f"b{c}", False, "near_duplicate", 40 + c)
+        add(f"b{c}", f"b{c}", True, "best_of_cluster", 50 + c)
+    add("u", "u", True, "unique", 70)
+    rows.append(dict(id="bad", cluster_id=None, kept=False, reason="unreadable", width=0, height=0))
+    shards.write_shards(blobs, tmp_path / "shards", shard_rows=100)
+    seen = {}
+    monkeypatch.setattr(dedupe.images, "contact_sheet", lambda cells, labels, cols, title: seen.update(
+        cells=[c.size for c in cells], labels=labels, cols=cols, title=title))
+    dedupe.largest_clusters_sheet(rows, tmp_path / "shards")
+    assert seen["cols"] == 8 and seen["title"] == "10 near-duplicate clusters; the 8 largest (first = kept)"
+    assert seen["labels"][:8] == ["KEEP 29x10"] + [f"drop {20 + k}x10" for k in range(7)]
+    for row, c in enumerate(range(1, 8), 1):  # then b1 .. b7, each keeper first, padded with blanks
+        assert seen["labels"][8 * row: 8 * row + 8] == [f"KEEP {50 + c}x10", f"drop {40 + c}x10"] + [""] * 6
+        assert seen["cells"][8 * row: 8 * row + 3] == [(50 + c, 10), (40 + c, 10), (8, 8)]
+    assert len(seen["labels"]) == 64 and seen["cells"][:2] == [(29, 10), (20, 10)]
+
+
+@pytest.mark.filterwarnings("ignore:'stages.dedupe' found in sys.modules:RuntimeWarning")  # runpy: imported already
+def test_running_the_module_runs_the_stage(tmp_path, monkeypatch):
+    """`python -m stages.dedupe` (how dvc.yaml runs it) runs main(): here on an empty folder, where
+    the stage stops at the missing raw shards."""
+    import runpy
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FLUXIMP_MLFLOW", "0")
+    with pytest.raises((FileNotFoundError, SystemExit), match="shards"):
+        runpy.run_module("stages.dedupe", run_name="__main__")
