@@ -53,7 +53,7 @@ MODULES: dict[str, list[str]] = {
     "stages/core/params.py": ["tests/test_params_bounds.py", "tests/test_params_checks.py -k 'not batch_larger'",
                               "tests/test_core.py::test_schema_defaults_match_conf_defaults",
                               "tests/test_core.py::test_bad_params_are_named"],
-    "stages/models/trainer.py": ["tests/test_objective.py", "tests/test_train_units.py"],
+    "stages/models/trainer.py": ["tests/test_objective.py", "tests/test_trainer_step.py"],
     "stages/models/export.py": ["tests/test_lora.py"],
     "stages/models/lora.py": ["tests/test_lora.py", "tests/test_objective.py"],
     "stages/curation/hashing.py": ["tests/test_dedupe.py"],

@@ -198,3 +198,87 @@ def test_train_stage_exports_alpha_of_every_module(workdir):
     scales = {k: float(v) / kohya[k.replace(".alpha", ".lora_down.weight")].shape[0]
               for k, v in kohya.items() if k.endswith(".alpha")}
     assert scales and all(s == pytest.approx(0.5) for s in scales.values()), scales
+
+
+def test_every_kohya_name_is_the_one_diffusers_kohya_reader_expects(tiny):
+    """All 10 double-block and the single blocks' linear2 / modulation_lin modules, alpha 2 at rank 4:
+    diffusers' own kohya -> diffusers converter (written from sd-scripts' names, independent of
+    our maps) gives back every module with the trained ΔW. (Its linear1 split hard-codes FLUX.1-dev's
+    widths, so the tiny model's linear1 is checked with ComfyUI's arithmetic in
+    test_rank_map_splitting_a_fused_module_exports_exactly.)"""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    m = transformer(tiny)
+    lora.add_lora(m, Lora(rank=4, alpha=2.0, targets="all"))
+    trained_like(m)
+    fused_single = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+    state = {k: v for k, v in lora.lora_state_dict(m).items()
+             if not (k.startswith("single_transformer_blocks.") and k.split(".", 2)[2].startswith(fused_single))}
+    names = {k.rsplit(".lora_", 1)[0] for k in state}
+    assert len(names) == 2 * 14 + 2 * 2  # every double-block module, proj_out and norm.linear of each single block
+    kohya = export.to_kohya(state, dict(m.config), {n: 2.0 for n in names})
+    converted = {k.removeprefix("transformer."): v for k, v in _convert_kohya_flux_lora_to_diffusers(kohya).items()}
+    assert {k.rsplit(".lora_", 1)[0] for k in converted} == names
+    for name in names:
+        assert torch.allclose(delta_w(converted, name), delta_w(state, name, 0.5), atol=1e-6), name
+
+
+def test_block_indices_are_bounded_deduplicated_and_in_model_order(tiny):
+    m = transformer(tiny)
+    for key, bad in (("double_blocks", [2]), ("single_blocks", [0, 3])):  # the tiny model has blocks 0 and 1
+        with pytest.raises(ValueError, match=rf"lora.{key}=.*out of range \(the model has 2: 0..1\)"):
+            lora.target_modules(m, Lora(**{key: bad}))
+    names = lora.target_modules(m, Lora(double_blocks=[1, 0, 1], single_blocks=[]))
+    order = [n for n, _ in m.named_modules()]
+    assert names == sorted(set(names), key=order.index) and len(names) == 2 * 4
+    with pytest.raises(ValueError, match="no LoRA targets"):
+        lora.target_modules(m, Lora(double_blocks=[], single_blocks=[]))
+
+
+def test_rank_map_patterns_are_whole_names_prefixes_at_a_dot_or_full_regexes_first_wins():
+    p = Lora(rank=4, rank_map={"transformer_blocks.1": 8, r"single_transformer_blocks\.\d+\.attn\.to_q": 2,
+                               "single_transformer_blocks.0": 16})
+    assert lora.rank_of("transformer_blocks.1.attn.to_q", p) == 8
+    assert lora.rank_of("transformer_blocks.1", p) == 8
+    assert lora.rank_of("transformer_blocks.10.attn.to_q", p) == 4  # a prefix counts at a dot only
+    assert lora.rank_of("single_transformer_blocks.0.attn.to_q", p) == 2  # the first matching pattern wins
+    assert lora.rank_of("single_transformer_blocks.1.attn.to_q_x", p) == 4  # a regex must match the whole name
+    assert lora.rank_of("single_transformer_blocks.0.attn.to_k", p) == 16
+
+
+def test_lora_config_alpha_dropout_and_gaussian_init(tiny):
+    m = transformer(tiny)
+    names = lora.target_modules(m, Lora())
+    block0 = [n for n in names if n.startswith("transformer_blocks.0.")]
+    cfg = lora.lora_config(m, Lora(rank=4, dropout=0.25, rank_map={"transformer_blocks.0": 8}))
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (4, 4, 0.25)
+    assert cfg.rank_pattern == {n: 8 for n in block0} and cfg.alpha_pattern == {n: 8.0 for n in block0}  # scale 1
+    cfg = lora.lora_config(m, Lora(rank=4, alpha=2.0, rank_map={"transformer_blocks.0": 8}))
+    assert cfg.lora_alpha == 2.0 and cfg.alpha_pattern == {}  # alpha 2 for every module, whatever its rank
+    lora.add_lora(m, Lora(rank=4, alpha=2.0, rank_map={"transformer_blocks.0": 8}))
+    assert lora.scales(m) == {n: (0.25 if n in block0 else 0.5) for n in names}
+    assert lora.module_alphas(m) == {n: 2.0 for n in names}
+    a = torch.cat([p.flatten() for n, p in m.named_parameters() if "lora_A" in n and "transformer_blocks.1." in n])
+    assert abs(a.std().item() - 1 / 4) < 0.03  # peft's gaussian init: N(0, 1/rank)
+
+
+def test_a_state_that_does_not_fit_the_adapter_is_refused(tiny):
+    m = transformer(tiny)
+    lora.add_lora(m, Lora(rank=4, single_blocks=[]))
+    state = {k: v.clone() for k, v in lora.lora_state_dict(m).items()}  # (on CPU: views of the parameters)
+    assert all(v.dtype == torch.float32 and v.device.type == "cpu" for v in state.values())
+    lora.set_lora_state_dict(m, {k: v + 1 for k, v in state.items()})
+    assert all(torch.equal(v, state[k] + 1) for k, v in lora.lora_state_dict(m).items())
+    with pytest.raises(ValueError, match="does not fit the adapter: unexpected keys"):
+        lora.set_lora_state_dict(m, {**state, "transformer_blocks.0.ff.net.2.lora_A.weight": torch.zeros(4, 32)})
+
+
+def test_fold_alpha_moves_each_scale_into_b_and_sets_alpha_to_the_rank():
+    state = {"a.lora_A.weight": torch.ones(2, 3), "a.lora_B.weight": torch.ones(3, 2),
+             "b.lora_A.weight": torch.ones(8, 3), "b.lora_B.weight": torch.ones(3, 8)}
+    cfg = {"r": 2, "lora_alpha": 1.0, "rank_pattern": {"b": 8}, "alpha_pattern": {"b": 1.0}, "other": "kept"}
+    out, new = lora.fold_alpha(state, {"a": 0.5, "b": 1.0}, cfg)
+    assert torch.equal(out["a.lora_B.weight"], torch.full((3, 2), 0.5)) and torch.equal(out["a.lora_A.weight"], state["a.lora_A.weight"])
+    assert torch.equal(out["b.lora_B.weight"], state["b.lora_B.weight"])
+    assert new == {**cfg, "lora_alpha": 2, "alpha_pattern": {"b": 8.0}}
+    assert lora.fold_alpha({}, {}, {"r": 4, "lora_alpha": 2.0, "rank_pattern": None})[1]["alpha_pattern"] == {}
