@@ -282,3 +282,75 @@ def test_fold_alpha_moves_each_scale_into_b_and_sets_alpha_to_the_rank():
     assert torch.equal(out["b.lora_B.weight"], state["b.lora_B.weight"])
     assert new == {**cfg, "lora_alpha": 2, "alpha_pattern": {"b": 8.0}}
     assert lora.fold_alpha({}, {}, {"r": 4, "lora_alpha": 2.0, "rank_pattern": None})[1]["alpha_pattern"] == {}
+
+
+def test_a_key_outside_the_flux_transformer_is_refused():
+    with pytest.raises(ValueError, match=r"^not a Flux transformer LoRA key: text_encoder\.q\.lora_A\.weight$"):
+        export.to_kohya({"text_encoder.q.lora_A.weight": torch.zeros(1, 1)}, {}, {})
+
+
+def test_fused_parts_of_one_rank_with_different_alphas_keep_each_scale(tiny):
+    """rank 4 everywhere, alpha 2 on to_q only (scale 0.5, the others 1): one fused module cannot
+    carry two scales in its alpha, so each part's ΔW must still come out right (ComfyUI's reading)."""
+    m = transformer(tiny)
+    lora.add_lora(m, Lora(rank=4, targets="attention", double_blocks=[]))
+    trained_like(m)
+    state = lora.lora_state_dict(m)
+    kohya = export.to_kohya(state, dict(m.config), {"single_transformer_blocks.0.attn.to_q": 2.0})
+    base = "lora_unet_single_blocks_0_linear1"
+    down, up = kohya[base + ".lora_down.weight"], kohya[base + ".lora_up.weight"]
+    fused = up @ down * float(kohya[base + ".alpha"]) / down.shape[0]
+    inner = m.config.num_attention_heads * m.config.attention_head_dim
+    for j, (part, scale) in enumerate((("attn.to_q", 0.5), ("attn.to_k", 1.0), ("attn.to_v", 1.0))):
+        name = f"single_transformer_blocks.0.{part}"
+        assert torch.allclose(fused[j * inner:(j + 1) * inner], delta_w(state, name, scale), atol=1e-6), part
+
+
+def test_a_fused_module_with_parts_missing_and_a_file_without_alphas(tiny):
+    """Only to_q and the MLP of linear1 adapted (as a LoRA from another trainer may be): the fused module
+    gets zeros for k and v, and reads back as to_q and proj_mlp alone. A kohya file without ``.alpha``
+    keys means scale 1 (alpha = rank)."""
+    m = transformer(tiny)
+    lora.add_lora(m, Lora(rank=4, targets="attention+ff", double_blocks=[], single_blocks=[0]))
+    trained_like(m)
+    state = {k: v for k, v in lora.lora_state_dict(m).items() if ".attn.to_q." in k or ".proj_mlp." in k}
+    kohya = export.to_kohya(state, dict(m.config), {})
+    base = "lora_unet_single_blocks_0_linear1"
+    fused = kohya[base + ".lora_up.weight"] @ kohya[base + ".lora_down.weight"]
+    inner = m.config.num_attention_heads * m.config.attention_head_dim
+    assert torch.allclose(fused[:inner], delta_w(state, "single_transformer_blocks.0.attn.to_q"), atol=1e-6)
+    assert not fused[inner:3 * inner].any()
+    assert torch.allclose(fused[3 * inner:], delta_w(state, "single_transformer_blocks.0.proj_mlp"), atol=1e-6)
+    back, alphas = export.from_kohya({k: v for k, v in kohya.items() if not k.endswith(".alpha")}, dict(m.config))
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+    assert alphas == {"single_transformer_blocks.0.attn.to_q": 4.0, "single_transformer_blocks.0.proj_mlp": 4.0}
+
+
+def test_an_untrained_adapter_round_trips(tiny):
+    """B = 0 everywhere (step 0): every module still comes back, with its A."""
+    m = transformer(tiny)
+    lora.add_lora(m, Lora(rank=4, targets="attention"))
+    state = lora.lora_state_dict(m)
+    back, _ = export.from_kohya(export.to_kohya(state, dict(m.config), {}), dict(m.config))
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_a_kohya_trained_fused_module_with_one_shared_down_reads_back_exactly(tiny):
+    """sd-scripts trains qkv as one layer: one down (rank 4, no multiple of the 3 parts) shared by q, k
+    and v; each part gets that down whole and its rows of up. Its up is zero exactly where a rank-1
+    block diagonal would be checked, so only the rank's divisibility tells the two layouts apart."""
+    cfg = dict(transformer(tiny).config)
+    inner = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    g = torch.Generator().manual_seed(0)
+    down, up = torch.randn(4, inner, generator=g), torch.randn(3 * inner, 4, generator=g)
+    for j in range(3):
+        up[j * inner:(j + 1) * inner, [k for k in range(3) if k != j]] = 0
+    base = "lora_unet_double_blocks_0_img_attn_qkv"
+    kohya = {base + ".lora_down.weight": down, base + ".lora_up.weight": up, base + ".alpha": torch.tensor(2.0),
+             "lora_te1_text_model_q.lora_down.weight": torch.zeros(1, 1)}  # not the transformer's: ignored
+    back, alphas = export.from_kohya(kohya, cfg)
+    assert {k.rsplit(".lora_", 1)[0] for k in back} == {f"transformer_blocks.0.attn.to_{p}" for p in "qkv"}
+    for j, p in enumerate("qkv"):
+        name = f"transformer_blocks.0.attn.to_{p}"
+        assert torch.allclose(delta_w(back, name, alphas[name] / 4), 0.5 * up[j * inner:(j + 1) * inner] @ down,
+                              atol=1e-5), p
