@@ -275,3 +275,18 @@ def test_ema_weights_are_swapped_in_and_back(tiny_transformer):
             raise RuntimeError("boom")
     assert all(torch.equal(x, y) for x, y in zip(lora_tensors(t), trained))
 
+
+
+def test_the_forward_pass_saves_its_activations_through_the_offloader(tiny_transformer):
+    """train.offload_activations: the tensors autograd saves go through the offloader's hooks and the
+    gradients are those of the plain step (tests/test_memory.py trains a whole adapter this way)."""
+    from stages.models import offload
+
+    off = offload.Offloader(min_bytes=0)
+    plain = make(tiny_transformer)
+    hooked = Trainer(copy.deepcopy(tiny_transformer), Lora(rank=4), plain.train_params, seed=0, device="cpu",
+                     offloader=off)
+    for t in (plain, hooked):
+        t.accumulate([make_batch()], step=0)
+    assert off.packed > 0
+    assert all(torch.allclose(a.grad, b.grad, atol=1e-6) for a, b in zip(plain.params, hooked.params))
