@@ -212,6 +212,11 @@ def test_device_settings_checkpointing_and_compile_on_cpu(tiny_transformer):
     assert not compiling.is_compiled(t.transformer)  # train.compile auto: CUDA only
     bf16 = make(copy.deepcopy(tiny_transformer).to(torch.bfloat16))
     assert bf16.base_dtype == torch.bfloat16 and bf16.autocast is False  # autocast on CUDA only
+    seen = {}
+    bf16.model.register_forward_pre_hook(lambda mod, args, kw: seen.update(kw), with_kwargs=True)
+    assert torch.isfinite(bf16.loss(make_batch(), torch.Generator().manual_seed(0)))  # inputs cast to the base's dtype
+    assert {k: seen[k].dtype for k in ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")} \
+        == dict.fromkeys(("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"), torch.bfloat16)
 
 
 def test_caption_dropout_swaps_in_the_empty_prompt_from_the_step_generator(tiny_transformer):
