@@ -324,6 +324,9 @@ def test_a_fused_module_with_parts_missing_and_a_file_without_alphas(tiny):
     back, alphas = export.from_kohya({k: v for k, v in kohya.items() if not k.endswith(".alpha")}, dict(m.config))
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
     assert alphas == {"single_transformer_blocks.0.attn.to_q": 4.0, "single_transformer_blocks.0.proj_mlp": 4.0}
+    only_q = {k: v for k, v in state.items() if ".attn.to_q." in k}  # one part alone
+    back, _ = export.from_kohya(export.to_kohya(only_q, dict(m.config), {}), dict(m.config))
+    assert back.keys() == only_q.keys() and all(torch.equal(back[k], only_q[k]) for k in only_q)
 
 
 def test_an_untrained_adapter_round_trips(tiny):
