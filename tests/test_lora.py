@@ -226,12 +226,12 @@ def test_every_kohya_name_is_the_one_diffusers_kohya_reader_expects(tiny):
 def test_block_indices_are_bounded_deduplicated_and_in_model_order(tiny):
     m = transformer(tiny)
     for key, bad in (("double_blocks", [2]), ("single_blocks", [0, 3])):  # the tiny model has blocks 0 and 1
-        with pytest.raises(ValueError, match=rf"lora.{key}=.*out of range \(the model has 2: 0..1\)"):
+        with pytest.raises(ValueError, match=rf"^lora.{key}=.*out of range \(the model has 2: 0..1\)$"):
             lora.target_modules(m, Lora(**{key: bad}))
     names = lora.target_modules(m, Lora(double_blocks=[1, 0, 1], single_blocks=[]))
     order = [n for n, _ in m.named_modules()]
     assert names == sorted(set(names), key=order.index) and len(names) == 2 * 4
-    with pytest.raises(ValueError, match="no LoRA targets"):
+    with pytest.raises(ValueError, match="^no LoRA targets: lora.double_blocks and lora.single_blocks select no block$"):
         lora.target_modules(m, Lora(double_blocks=[], single_blocks=[]))
 
 
