@@ -54,7 +54,7 @@ MODULES: dict[str, list[str]] = {
                               "tests/test_params_sync.py",
                               "tests/test_core.py::test_schema_defaults_match_conf_defaults",
                               "tests/test_core.py::test_bad_params_are_named"],
-    "stages/models/trainer.py": ["tests/test_objective.py", "tests/test_train_units.py"],
+    "stages/models/trainer.py": ["tests/test_objective.py", "tests/test_trainer_step.py"],
     "stages/models/export.py": ["tests/test_lora.py"],
     "stages/models/lora.py": ["tests/test_lora.py", "tests/test_objective.py"],
     # fast in-process tests first: most mutants fail there (pytest -x)

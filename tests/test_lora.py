@@ -198,3 +198,162 @@ def test_train_stage_exports_alpha_of_every_module(workdir):
     scales = {k: float(v) / kohya[k.replace(".alpha", ".lora_down.weight")].shape[0]
               for k, v in kohya.items() if k.endswith(".alpha")}
     assert scales and all(s == pytest.approx(0.5) for s in scales.values()), scales
+
+
+def test_every_kohya_name_is_the_one_diffusers_kohya_reader_expects(tiny):
+    """All 10 double-block and the single blocks' linear2 / modulation_lin modules, alpha 2 at rank 4:
+    diffusers' own kohya -> diffusers converter (written from sd-scripts' names, independent of
+    our maps) gives back every module with the trained ΔW. (Its linear1 split hard-codes FLUX.1-dev's
+    widths, so the tiny model's linear1 is checked with ComfyUI's arithmetic in
+    test_rank_map_splitting_a_fused_module_exports_exactly.)"""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    m = transformer(tiny)
+    lora.add_lora(m, Lora(rank=4, alpha=2.0, targets="all"))
+    trained_like(m)
+    fused_single = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+    state = {k: v for k, v in lora.lora_state_dict(m).items()
+             if not (k.startswith("single_transformer_blocks.") and k.split(".", 2)[2].startswith(fused_single))}
+    names = {k.rsplit(".lora_", 1)[0] for k in state}
+    assert len(names) == 2 * 14 + 2 * 2  # every double-block module, proj_out and norm.linear of each single block
+    kohya = export.to_kohya(state, dict(m.config), {n: 2.0 for n in names})
+    converted = {k.removeprefix("transformer."): v for k, v in _convert_kohya_flux_lora_to_diffusers(kohya).items()}
+    assert {k.rsplit(".lora_", 1)[0] for k in converted} == names
+    for name in names:
+        assert torch.allclose(delta_w(converted, name), delta_w(state, name, 0.5), atol=1e-6), name
+
+
+def test_block_indices_are_bounded_deduplicated_and_in_model_order(tiny):
+    m = transformer(tiny)
+    for key, bad in (("double_blocks", [2]), ("single_blocks", [0, 3])):  # the tiny model has blocks 0 and 1
+        with pytest.raises(ValueError, match=rf"^lora.{key}=.*out of range \(the model has 2: 0..1\)$"):
+            lora.target_modules(m, Lora(**{key: bad}))
+    names = lora.target_modules(m, Lora(double_blocks=[1, 0, 1], single_blocks=[]))
+    order = [n for n, _ in m.named_modules()]
+    assert names == sorted(set(names), key=order.index) and len(names) == 2 * 4
+    with pytest.raises(ValueError, match="^no LoRA targets: lora.double_blocks and lora.single_blocks select no block$"):
+        lora.target_modules(m, Lora(double_blocks=[], single_blocks=[]))
+
+
+def test_rank_map_patterns_are_whole_names_prefixes_at_a_dot_or_full_regexes_first_wins():
+    p = Lora(rank=4, rank_map={"transformer_blocks.1": 8, r"single_transformer_blocks\.\d+\.attn\.to_q": 2,
+                               "single_transformer_blocks.0": 16})
+    assert lora.rank_of("transformer_blocks.1.attn.to_q", p) == 8
+    assert lora.rank_of("transformer_blocks.1", p) == 8
+    assert lora.rank_of("transformer_blocks.10.attn.to_q", p) == 4  # a prefix counts at a dot only
+    assert lora.rank_of("single_transformer_blocks.0.attn.to_q", p) == 2  # the first matching pattern wins
+    assert lora.rank_of("single_transformer_blocks.1.attn.to_q_x", p) == 4  # a regex must match the whole name
+    assert lora.rank_of("single_transformer_blocks.0.attn.to_k", p) == 16
+
+
+def test_lora_config_alpha_dropout_and_gaussian_init(tiny):
+    m = transformer(tiny)
+    names = lora.target_modules(m, Lora())
+    block0 = [n for n in names if n.startswith("transformer_blocks.0.")]
+    cfg = lora.lora_config(m, Lora(rank=4, dropout=0.25, rank_map={"transformer_blocks.0": 8}))
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (4, 4, 0.25)
+    assert cfg.rank_pattern == {n: 8 for n in block0} and cfg.alpha_pattern == {n: 8.0 for n in block0}  # scale 1
+    cfg = lora.lora_config(m, Lora(rank=4, alpha=2.0, rank_map={"transformer_blocks.0": 8}))
+    assert cfg.lora_alpha == 2.0 and cfg.alpha_pattern == {}  # alpha 2 for every module, whatever its rank
+    lora.add_lora(m, Lora(rank=4, alpha=2.0, rank_map={"transformer_blocks.0": 8}))
+    assert lora.scales(m) == {n: (0.25 if n in block0 else 0.5) for n in names}
+    assert lora.module_alphas(m) == {n: 2.0 for n in names}
+    a = torch.cat([p.flatten() for n, p in m.named_parameters() if "lora_A" in n and "transformer_blocks.1." in n])
+    assert abs(a.std().item() - 1 / 4) < 0.03  # peft's gaussian init: N(0, 1/rank)
+
+
+def test_a_state_that_does_not_fit_the_adapter_is_refused(tiny):
+    m = transformer(tiny)
+    lora.add_lora(m, Lora(rank=4, single_blocks=[]))
+    state = {k: v.clone() for k, v in lora.lora_state_dict(m).items()}  # (on CPU: views of the parameters)
+    assert all(v.dtype == torch.float32 and v.device.type == "cpu" for v in state.values())
+    lora.set_lora_state_dict(m, {k: v + 1 for k, v in state.items()})
+    assert all(torch.equal(v, state[k] + 1) for k, v in lora.lora_state_dict(m).items())
+    with pytest.raises(ValueError, match="does not fit the adapter: unexpected keys"):
+        lora.set_lora_state_dict(m, {**state, "transformer_blocks.0.ff.net.2.lora_A.weight": torch.zeros(4, 32)})
+
+
+def test_fold_alpha_moves_each_scale_into_b_and_sets_alpha_to_the_rank():
+    state = {"a.lora_A.weight": torch.ones(2, 3), "a.lora_B.weight": torch.ones(3, 2),
+             "b.lora_A.weight": torch.ones(8, 3), "b.lora_B.weight": torch.ones(3, 8)}
+    cfg = {"r": 2, "lora_alpha": 1.0, "rank_pattern": {"b": 8}, "alpha_pattern": {"b": 1.0}, "other": "kept"}
+    out, new = lora.fold_alpha(state, {"a": 0.5, "b": 1.0}, cfg)
+    assert torch.equal(out["a.lora_B.weight"], torch.full((3, 2), 0.5)) and torch.equal(out["a.lora_A.weight"], state["a.lora_A.weight"])
+    assert torch.equal(out["b.lora_B.weight"], state["b.lora_B.weight"])
+    assert new == {**cfg, "lora_alpha": 2, "alpha_pattern": {"b": 8.0}}
+    assert lora.fold_alpha({}, {}, {"r": 4, "lora_alpha": 2.0, "rank_pattern": None})[1]["alpha_pattern"] == {}
+
+
+def test_a_key_outside_the_flux_transformer_is_refused():
+    with pytest.raises(ValueError, match=r"^not a Flux transformer LoRA key: text_encoder\.q\.lora_A\.weight$"):
+        export.to_kohya({"text_encoder.q.lora_A.weight": torch.zeros(1, 1)}, {}, {})
+
+
+def test_fused_parts_of_one_rank_with_different_alphas_keep_each_scale(tiny):
+    """rank 4 everywhere, alpha 2 on to_q only (scale 0.5, the others 1): one fused module cannot
+    carry two scales in its alpha, so each part's ΔW must still come out right (ComfyUI's reading)."""
+    m = transformer(tiny)
+    lora.add_lora(m, Lora(rank=4, targets="attention", double_blocks=[]))
+    trained_like(m)
+    state = lora.lora_state_dict(m)
+    kohya = export.to_kohya(state, dict(m.config), {"single_transformer_blocks.0.attn.to_q": 2.0})
+    base = "lora_unet_single_blocks_0_linear1"
+    down, up = kohya[base + ".lora_down.weight"], kohya[base + ".lora_up.weight"]
+    fused = up @ down * float(kohya[base + ".alpha"]) / down.shape[0]
+    inner = m.config.num_attention_heads * m.config.attention_head_dim
+    for j, (part, scale) in enumerate((("attn.to_q", 0.5), ("attn.to_k", 1.0), ("attn.to_v", 1.0))):
+        name = f"single_transformer_blocks.0.{part}"
+        assert torch.allclose(fused[j * inner:(j + 1) * inner], delta_w(state, name, scale), atol=1e-6), part
+
+
+def test_a_fused_module_with_parts_missing_and_a_file_without_alphas(tiny):
+    """Only to_q and the MLP of linear1 adapted (as a LoRA from another trainer may be): the fused module
+    gets zeros for k and v, and reads back as to_q and proj_mlp alone. A kohya file without ``.alpha``
+    keys means scale 1 (alpha = rank)."""
+    m = transformer(tiny)
+    lora.add_lora(m, Lora(rank=4, targets="attention+ff", double_blocks=[], single_blocks=[0]))
+    trained_like(m)
+    state = {k: v for k, v in lora.lora_state_dict(m).items() if ".attn.to_q." in k or ".proj_mlp." in k}
+    kohya = export.to_kohya(state, dict(m.config), {})
+    base = "lora_unet_single_blocks_0_linear1"
+    fused = kohya[base + ".lora_up.weight"] @ kohya[base + ".lora_down.weight"]
+    inner = m.config.num_attention_heads * m.config.attention_head_dim
+    assert torch.allclose(fused[:inner], delta_w(state, "single_transformer_blocks.0.attn.to_q"), atol=1e-6)
+    assert not fused[inner:3 * inner].any()
+    assert torch.allclose(fused[3 * inner:], delta_w(state, "single_transformer_blocks.0.proj_mlp"), atol=1e-6)
+    back, alphas = export.from_kohya({k: v for k, v in kohya.items() if not k.endswith(".alpha")}, dict(m.config))
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+    assert alphas == {"single_transformer_blocks.0.attn.to_q": 4.0, "single_transformer_blocks.0.proj_mlp": 4.0}
+    only_q = {k: v for k, v in state.items() if ".attn.to_q." in k}  # one part alone
+    back, _ = export.from_kohya(export.to_kohya(only_q, dict(m.config), {}), dict(m.config))
+    assert back.keys() == only_q.keys() and all(torch.equal(back[k], only_q[k]) for k in only_q)
+
+
+def test_an_untrained_adapter_round_trips(tiny):
+    """B = 0 everywhere (step 0): every module still comes back, with its A."""
+    m = transformer(tiny)
+    lora.add_lora(m, Lora(rank=4, targets="attention"))
+    state = lora.lora_state_dict(m)
+    back, _ = export.from_kohya(export.to_kohya(state, dict(m.config), {}), dict(m.config))
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_a_kohya_trained_fused_module_with_one_shared_down_reads_back_exactly(tiny):
+    """sd-scripts trains qkv as one layer: one down (rank 4, no multiple of the 3 parts) shared by q, k
+    and v; each part gets that down whole and its rows of up. Its up is zero exactly where a rank-1
+    block diagonal would be checked, so only the rank's divisibility tells the two layouts apart."""
+    cfg = dict(transformer(tiny).config)
+    inner = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    g = torch.Generator().manual_seed(0)
+    down, up = torch.randn(4, inner, generator=g), torch.randn(3 * inner, 4, generator=g)
+    for j in range(3):
+        up[j * inner:(j + 1) * inner, [k for k in range(3) if k != j]] = 0
+    base = "lora_unet_double_blocks_0_img_attn_qkv"
+    kohya = {base + ".lora_down.weight": down, base + ".lora_up.weight": up, base + ".alpha": torch.tensor(2.0),
+             "lora_te1_text_model_q.lora_down.weight": torch.zeros(1, 1)}  # not the transformer's: ignored
+    back, alphas = export.from_kohya(kohya, cfg)
+    assert {k.rsplit(".lora_", 1)[0] for k in back} == {f"transformer_blocks.0.attn.to_{p}" for p in "qkv"}
+    for j, p in enumerate("qkv"):
+        name = f"transformer_blocks.0.attn.to_{p}"
+        assert torch.allclose(delta_w(back, name, alphas[name] / 4), 0.5 * up[j * inner:(j + 1) * inner] @ down,
+                              atol=1e-5), p
