@@ -357,3 +357,16 @@ def test_a_kohya_trained_fused_module_with_one_shared_down_reads_back_exactly(ti
         name = f"transformer_blocks.0.attn.to_{p}"
         assert torch.allclose(delta_w(back, name, alphas[name] / 4), 0.5 * up[j * inner:(j + 1) * inner] @ down,
                               atol=1e-5), p
+
+
+def test_targets_that_are_not_linear_layers_are_named_five_at_most(tiny):
+    """A transformer whose target layers were replaced (another architecture, a wrapper): the error
+    names the first five of them, in model order."""
+    m = transformer(tiny)
+    gone = [f"transformer_blocks.{b}.attn.{p}" for b in (0, 1) for p in ("to_q", "to_k", "to_v")]
+    for name in gone:
+        parent, _, child = name.rpartition(".")
+        setattr(m.get_submodule(parent), child, torch.nn.Identity())
+    with pytest.raises(ValueError) as err:
+        lora.target_modules(m, Lora(rank=4))
+    assert str(err.value) == f"LoRA targets not found as linear layers in the transformer: {gone[:5]}"
