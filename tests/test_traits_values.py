@@ -179,3 +179,17 @@ def test_distance_is_in_reference_standard_deviations_once_it_varies_above_1e_9(
                       ([1.0], 4.0)):              # one reference picture: raw units
         got = traits.distance(one, {k: np.array(ref) for k in traits.NAMES})
         assert got == {k: pytest.approx(want, rel=1e-9) for k in traits.NAMES}, ref
+
+
+def test_a_gradient_exactly_at_a_threshold_is_not_texture_and_not_a_hard_edge():
+    """"from which ... counts" is strict: a colour gradient exactly at TEXTURE_GRAD (per image side) or
+    HARD_STEP (per pixel) does not count; a hair above it does. Structure tensors given directly, so
+    the gradient is exact (an isotropic one: counted texture makes stroke_isotropy 1)."""
+    n = 64
+    lab = np.zeros((n, n, 3))
+    zero = np.zeros((n, n))
+    for factor, counted in ((1.0, False), (1.01, True)):
+        half = np.full((n, n), (factor * traits.TEXTURE_GRAD / n) ** 2 / 2)
+        assert traits.stroke_isotropy(lab, (half, half.copy(), zero)) == (1.0 if counted else 0.0)
+        step = np.full((n, n), (factor * traits.HARD_STEP) ** 2)
+        assert traits.hard_edges(lab, (step, zero, zero)) == (1.0 if counted else 0.0)
