@@ -370,3 +370,39 @@ def test_targets_that_are_not_linear_layers_are_named_five_at_most(tiny):
     with pytest.raises(ValueError) as err:
         lora.target_modules(m, Lora(rank=4))
     assert str(err.value) == f"LoRA targets not found as linear layers in the transformer: {gone[:5]}"
+
+
+def test_an_unused_rank_map_pattern_is_named_with_a_target_name_to_copy(tiny):
+    m = transformer(tiny)
+    p = Lora(rank=4, rank_map={"no_such_block": 8})
+    first = lora.target_modules(m, p)[0]
+    with pytest.raises(ValueError) as err:
+        lora.lora_config(m, p)
+    assert str(err.value) == f"lora.rank_map patterns ['no_such_block'] match no targeted module (targets look like {first!r})"
+
+
+def test_add_lora_leaves_only_the_adapter_trainable(tiny):
+    m = transformer(tiny)
+    m.requires_grad_(True)
+    params = lora.add_lora(m, Lora(rank=4))
+    trainable = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable) and len(trainable) == len(params)
+
+
+def test_a_state_with_foreign_keys_names_the_first_three(tiny):
+    m = transformer(tiny)
+    lora.add_lora(m, Lora(rank=4))
+    state = lora.lora_state_dict(m)
+    foreign = {f"transformer_blocks.0.attn.extra{i}.lora_A.weight": torch.zeros(4, 8) for i in range(5)}
+    with pytest.raises(ValueError) as err:
+        lora.set_lora_state_dict(m, {**state, **foreign})
+    msg = str(err.value)
+    assert msg.startswith("LoRA state does not fit the adapter: unexpected keys [") and msg.endswith("]")
+    assert msg.count("extra") == 3
+
+
+def test_fold_alpha_scales_lora_b_by_two_when_alpha_is_twice_the_rank():
+    a, b = torch.randn(4, 8), torch.randn(8, 4)
+    out, cfg = lora.fold_alpha({"m.lora_A.weight": a, "m.lora_B.weight": b}, {"m": 2.0}, {"r": 4, "lora_alpha": 8})
+    assert torch.equal(out["m.lora_A.weight"], a) and torch.equal(out["m.lora_B.weight"], b * 2.0)
+    assert cfg["lora_alpha"] == 4
