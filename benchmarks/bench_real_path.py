@@ -193,6 +193,10 @@ def stage(name: str, root: Path, card: int, variant: str = "") -> dict:
             sample["seeds"] = list(range(int(settings["seeds"])))
         if "ssteps" in settings:
             sample["steps"] = int(settings["ssteps"])
+        if "sbatch" in settings:
+            sample["batch_size"] = int(settings["sbatch"])
+        if "res" in settings:  # another resolution (run encode with it first: the cache is per resolution)
+            train["resolution"] = sample["resolution"] = int(settings["res"])
         if "compile" in settings:
             train["compile"] = sample["compile"] = settings["compile"] in ("1", "true", "on")
         return p.model_copy(update={"train": p.train.model_copy(update=train),
@@ -407,9 +411,14 @@ def fresh(root: Path) -> None:
         shutil.rmtree(root / sub, ignore_errors=True)
 
 
-def child(args: list[str], env: dict) -> dict:
-    """One phase in a fresh process (peak RSS and VRAM are per process); its last line is JSON."""
+def child(args: list[str], env: dict, logs: Path | None = None) -> dict:
+    """One phase in a fresh process (peak RSS and VRAM are per process); its last line is JSON. The
+    process's log (stderr, its last 150 lines) is appended to ``logs``."""
     proc = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True)
+    if logs is not None:
+        with open(logs, "a") as fh:
+            fh.write(f"===== {' '.join(args)} (exit {proc.returncode})\n")
+            fh.write("\n".join(proc.stderr.splitlines()[-150:]) + "\n")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if lines:
         return json.loads(lines[-1])
@@ -483,6 +492,7 @@ def main() -> None:
                "FLUXIMP_MLFLOW": "0", "FLUXIMP_PROGRESS": "0", "HF_HUB_OFFLINE": "1",
                "FLUXIMP_QUANT_CACHE": str(a.work / "qcache"), "FLUXIMP_CACHE": str(a.work / "cache")}
         jsonl = a.out / "real_path.jsonl"
+        logs = a.out / "stage_logs.txt"
 
         def emit(row):
             print(json.dumps(row), flush=True)
@@ -511,7 +521,7 @@ def main() -> None:
                         fresh(root)
                     if name == "sample":  # worst case: the prompt embeddings are not cached yet
                         shutil.rmtree(a.work / "qcache" / "prompt-embeddings", ignore_errors=True)
-                    emit(child(["stage", name, str(root), str(card)], env))
+                    emit(child(["stage", name, str(root), str(card)], env, logs))
         for v in filter(None, a.variants.split(",")):  # after the stages: they need the encode cache
             limit, _, v = v.rpartition(":")
             name, _, v = v.rpartition("/")  # "sample/q=fp8": another stage than train
@@ -519,7 +529,7 @@ def main() -> None:
             root = root if (root / "params.yaml").exists() else a.work / f"card-{cards[0]}"
             if (name or "train") == "train":
                 fresh(root)
-            emit(child(["stage", name or "train", str(root), limit or str(cards[0]), v], env))
+            emit(child(["stage", name or "train", str(root), limit or str(cards[0]), v], env, logs))
         rows = [json.loads(ln) for ln in jsonl.read_text().splitlines() if ln.strip()]
         report(rows, a.out / "real_path.md", "python benchmarks/bench_real_path.py " + " ".join(sys.argv[1:]))
 

@@ -111,7 +111,11 @@ def render_grid(p: params.Params, full: list[str], jobs: list[tuple[int, int]],
     del pipe
     render.free_memory()
     vae = flux.load_vae(p.model, device=device)
-    images = {k: render.decode(vae, v, sp.resolution, sp.resolution) for k, v in latents.items()}
+    # the VAE batch of the sample stage (per pipeline call), so a base image stored here is the sample stage's
+    calls = {k: base_cache.batches(len(v), sp.batch_size) for k, v in latents.items()}
+    images = {k: [img for ks in calls[k] for img in render.decode(vae, [v[j] for j in ks], sp.resolution,
+                                                                   sp.resolution, plan.vae_batch)]
+              for k, v in latents.items()}
     del vae
     render.free_memory()
     pngs = dict(cached)

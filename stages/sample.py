@@ -140,16 +140,24 @@ def png_bytes(img) -> bytes:
 
 def decode_pngs(p: params.Params, latents: dict, device) -> dict:
     """3. PNG bytes of the latents (``{scale: {job: bytes}}``), with the VAE alone on the device."""
-    from stages.models import flux, render
+    from stages.models import base_cache, flux, render
 
     if not latents:
         return {}
+    t0 = time.perf_counter()
     vae = flux.load_vae(p.model, device=device)
-    res = p.sample.resolution
-    out = {scale: dict(zip(lat, map(png_bytes, render.decode(vae, list(lat.values()), res, res))))
-           for scale, lat in latents.items()}
+    res, batch = p.sample.resolution, memory.plan(p.model, device).vae_batch
+    out = {}
+    for scale, lat in latents.items():
+        # decoded per pipeline call (a base-cache miss re-renders its whole call): the same VAE batches
+        # whether the cache was cold or warm, so the same bytes
+        calls = [[k for k in chunk if k in lat] for chunk in base_cache.batches(max(lat) + 1, p.sample.batch_size)]
+        out[scale] = {k: png_bytes(img) for ks in calls if ks
+                      for k, img in zip(ks, render.decode(vae, [lat[k] for k in ks], res, res, batch))}
     del vae
     render.free_memory()
+    logger.info("decoded %d images in %.1f s (VAE batch %d)", sum(map(len, latents.values())),
+                time.perf_counter() - t0, batch)
     return out
 
 

@@ -258,3 +258,31 @@ def test_compiled_sampling_within_one_grey_level(tmp_path, cache, counted):
     keys = [[im.get("base_key") for im in json.loads((r / "reports/samples/index.json").read_text())["images"]]
             for r in (eager, compiled)]
     assert keys[0] != keys[1]
+
+
+@pytest.mark.slow
+def test_vae_batches_follow_the_pipeline_calls_so_a_partial_miss_gives_cold_bytes(tmp_path, cache, counted,
+                                                                                 monkeypatch):
+    """The 24 GiB plan decodes up to 4 latents per VAE call; each pipeline call's latents are decoded together,
+    so a base-cache miss (re-rendering whole calls) decodes exactly the batches a cold run decodes."""
+    from stages.models import render
+
+    calls = []
+    real = render.decode
+    monkeypatch.setattr(render, "decode", lambda vae, lat, h, w, batch=1: calls.append((len(lat), batch))
+                        or real(vae, lat, h, w, batch))
+    both = ("model.vram_gb=24", "sample.batch_size=2", "sample.lora_scales=[0.0,1.0]")
+    ref = project(tmp_path / "ref", *both, "sample.seeds=[0,1,2]", "sample.base_cache=false")
+    run_stage(sample.main, ref)  # 2 prompts x 3 seeds = 6 jobs: pipeline calls of 2, 2, 2
+    assert calls == [(2, 4)] * 6  # per scale, one VAE call per pipeline call, with the plan's batch
+    one = tmp_path / "one"
+    shutil.copytree(ref / "models", one / "models")
+    # seeds 0, 1: calls [(p0, s0), (p0, s1)] and [(p1, s0), (p1, s1)]; with seed 2 the calls are
+    # [(p0, s0), (p0, s1)] (cached), [(p0, s2), (p1, s0)] and [(p1, s1), (p1, s2)] (rendered whole)
+    run_stage(sample.main, project(one, *both, "sample.seeds=[0,1]"))
+    calls.clear()
+    write_params(one, *SAMPLING, *both, "sample.seeds=[0,1,2]")
+    run_stage(sample.main, one)
+    assert calls == [(2, 4)] * 2 + [(2, 4)] * 3  # base: the 2 calls missing; LoRA: all 3
+    assert base_files(outputs(one)) == base_files(outputs(ref))
+    assert outputs(one) == outputs(ref)

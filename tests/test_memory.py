@@ -132,10 +132,13 @@ def test_render_in_phases_gives_the_pipeline_images(tiny):
     embeds, pooled = render.embed_prompts(m, prompts, 32, memory.UNCONSTRAINED, device="cpu")
     tpipe = render.transformer_pipeline(m, flux.load_transformer(m, device="cpu"))
     latents = render.denoise(tpipe, embeds, pooled, seeds, steps=2, guidance=3.5, height=64, width=64, batch_size=2)
-    images = render.decode(flux.load_vae(m, device="cpu"), latents, 64, 64)
-    for a, b in zip(ref, images):
-        diff = np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int))
-        assert diff.max() <= 1, diff.max()
+    vae = flux.load_vae(m, device="cpu")
+    for batch in (1, 2):  # one latent per VAE call, or the plan's batch (Plan.vae_batch)
+        images = render.decode(vae, latents, 64, 64, batch)
+        assert len(images) == 2
+        for a, b in zip(ref, images):
+            diff = np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int))
+            assert diff.max() <= 1, diff.max()
 
 
 def test_prompt_embeddings_are_computed_once(tiny, cache_root, monkeypatch):

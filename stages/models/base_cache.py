@@ -12,7 +12,8 @@ everything the image is a function of (:func:`run_fields` + :func:`image_fields`
 - the prompt: the full text (with the trigger), ``train.max_sequence_length`` and the sha256 of its
   T5 and CLIP embeddings (so the text encoders and their quantization count too);
 - the seed, ``sample.steps``, ``sample.guidance``, the resolution, the scheduler's config,
-  ``sample.compile`` (compiled renders agree within a grey level, not bit for bit);
+  ``sample.compile`` (compiled renders agree within a grey level, not bit for bit), the attention
+  kernel (stages.models.attention) and the VAE batch of the card's plan;
 - the compute dtype, the device class (``cpu``, or ``cuda:<card name>``: GPU models differ in the
   last bits), the torch, diffusers and peft versions, the source of the code that renders
   (:data:`CODE`: an edit there, e.g. a faster sampler, renders again); and
@@ -44,7 +45,7 @@ VERSION = 1
 # the code an image's pixels come from (any edit there renders again)
 CODE = ("stages/sample.py", "stages/models/render.py", "stages/models/flux.py", "stages/models/streaming.py",
         "stages/models/quant.py", "stages/models/quant_cache.py", "stages/models/fp8.py",
-        "stages/models/compiling.py", "stages/models/base_cache.py",
+        "stages/models/compiling.py", "stages/models/attention.py", "stages/models/base_cache.py",
         "stages/operating_point.py", "stages/core/images.py")  # the grid stores base images too (encode_png)
 
 
@@ -57,7 +58,7 @@ def run_fields(p, device) -> dict:
     import diffusers
     import peft
 
-    from stages.models import compiling, flux
+    from stages.models import attention, compiling, flux, memory
 
     source = flux.resolve_base(p.model)
     folders = {sub: flux.local_folder(source, p.model.revision, sub) for sub in ("transformer", "vae", "scheduler")}
@@ -70,6 +71,10 @@ def run_fields(p, device) -> dict:
             # compiled images differ from eager ones within a grey level ("auto" = on CUDA)
             "compile": compiling.enabled(p.sample.compile, torch.device(device)),
             "height": p.sample.resolution, "width": p.sample.resolution,
+            # the attention kernel (cuDNN or flash: they agree within 0.3 %, not bit for bit) and the VAE batch
+            "attention": attention.choose(p.model, device, memory.tokens(p.sample.resolution,
+                                                                         p.train.max_sequence_length), backward=False),
+            "vae_batch": memory.plan(p.model, device).vae_batch,
             "max_sequence_length": p.train.max_sequence_length,
             "dtype": str(default_dtype(torch.device(device))), "device": stagecache.device_class(device),
             "code": stagecache.code_identity(*CODE),

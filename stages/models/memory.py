@@ -4,12 +4,16 @@
 the classes 8 / 12 / 16 / 24. Each class is a :class:`Plan`, measured at real size on FLUX.1-dev's
 shapes (benchmarks/bench_real_path.py, reports/bench/real_path.md):
 
-| class | T5-XXL in encode/sample | train: checkpointed block inputs | text batch |
-|---|---|---|---|
-| 8  | int8 weight-only (torchao), quantized while loading (4.6 GiB instead of 8.9) | offloaded to pinned host memory | 4 |
-| 12 | bf16 | on the GPU | 4 |
-| 16 | bf16 | on the GPU | 16 |
-| 24 | bf16 | on the GPU | 32 |
+| class | T5-XXL in encode/sample | train: checkpointed block inputs | text batch | VAE decode batch |
+|---|---|---|---|---|
+| 8  | int8 weight-only (torchao), quantized while loading (4.6 GiB instead of 8.9) | offloaded to pinned host memory | 4 | 1 |
+| 12 | bf16 | on the GPU | 4 | 2 |
+| 16 | bf16 | on the GPU | 16 | 2 |
+| 24 | bf16 | on the GPU | 32 | 4 |
+
+(The VAE decodes one 1024² image in about 1.5 GiB of activations; with the VAE alone on the device, the
+batch only has to fit beside the allocator's slack. No class tiles: at 1024² the 8 GiB class's sample
+stage peaks at 6.4 GiB, reports/bench/speed.md.)
 
 Independent of the class, every stage keeps one large model on the GPU at a time (encode: text
 encoders, then the VAE; sample: text encoders, then the transformer, then the VAE), the
@@ -49,6 +53,7 @@ class Plan:
     text_encoder_quantization: str   # "none" | "int8" | "nf4": T5 in encode and sample
     offload_activations: bool        # train: checkpointed block inputs in pinned host memory
     text_batch: int                  # prompts per T5 call
+    vae_batch: int = 1               # latents per VAE decode call (sample, operating point, validation)
 
     def describe(self) -> str:
         card = f"{self.card_gib} GiB card" if self.card_gib else "no memory limit"
@@ -57,12 +62,12 @@ class Plan:
 
 
 PLANS = {
-    8: Plan(8, "int8", True, 4),
-    12: Plan(12, "none", False, 4),
-    16: Plan(16, "none", False, 16),
-    24: Plan(24, "none", False, 32),
+    8: Plan(8, "int8", True, 4, vae_batch=1),
+    12: Plan(12, "none", False, 4, vae_batch=2),
+    16: Plan(16, "none", False, 16, vae_batch=2),
+    24: Plan(24, "none", False, 32, vae_batch=4),
 }
-UNCONSTRAINED = Plan(None, "none", False, 32)
+UNCONSTRAINED = Plan(None, "none", False, 32, vae_batch=1)  # the CPU: one image per call, as before
 
 
 def card_class(total_bytes: int) -> int:

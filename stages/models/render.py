@@ -130,16 +130,18 @@ def denoise(pipe, embeds: torch.Tensor, pooled: torch.Tensor, seeds: list[int], 
 
 
 @torch.no_grad()
-def decode(vae, latents: list[torch.Tensor], height: int, width: int) -> list:
-    """PIL images from packed latents, as FluxPipeline decodes them."""
+def decode(vae, latents: list[torch.Tensor], height: int, width: int, batch: int = 1) -> list:
+    """PIL images from packed latents (each (1, seq, C)), as FluxPipeline decodes them, ``batch``
+    latents per VAE call (the card's plan: stages.models.memory.Plan.vae_batch)."""
     from diffusers import FluxPipeline
     from diffusers.image_processor import VaeImageProcessor
 
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     processor = VaeImageProcessor(vae_scale_factor=factor * 2)
     images = []
-    for packed in latents:
-        x = FluxPipeline._unpack_latents(packed.to(vae.device, vae.dtype), height, width, factor)
+    for i in range(0, len(latents), batch):
+        packed = torch.cat(latents[i:i + batch]).to(vae.device, vae.dtype)
+        x = FluxPipeline._unpack_latents(packed, height, width, factor)
         x = x / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
         images += processor.postprocess(vae.decode(x, return_dict=False)[0], output_type="pil")
     return images
