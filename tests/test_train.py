@@ -104,9 +104,9 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(workdir, tmp_path_fac
     from stages import train
 
     trained = []
-    real_step = train.Trainer.step
-    monkeypatch.setattr(train.Trainer, "step", lambda self, batches, step: trained.append(step) or
-                        real_step(self, batches, step))
+    real_launch = train.Trainer.launch
+    monkeypatch.setattr(train.Trainer, "launch", lambda self, batches, step: trained.append(step) or
+                        real_launch(self, batches, step))
     log = run_train(other, **params)
     assert trained == [6, 7, 8, 9]  # the resumed process trained steps 7-10 only, from the step-6 checkpoint
     resumed = load_file(other / "models/lora/pytorch_lora_weights.safetensors")

@@ -69,14 +69,14 @@ def test_an_earlier_runs_checkpoints_go_only_once_the_new_run_saved_its_first(wo
 def test_a_diverging_run_says_whether_it_has_a_checkpoint(workdir, monkeypatch):
     from stages import train
 
-    real = train.Trainer.step
+    real = train.Trainer.resolve
     nan_at = {}
 
-    def step(self, batches, step):
-        out = real(self, batches, step)
-        return {**out, "loss": float("nan")} if step == nan_at["step"] else out
+    def resolve(self, pending, since=None):
+        out = real(self, pending, since)
+        return {**out, "loss": float("nan")} if pending.step == nan_at["step"] else out
 
-    monkeypatch.setattr(train.Trainer, "step", step)
+    monkeypatch.setattr(train.Trainer, "resolve", resolve)
     nan_at["step"] = 0
     with pytest.raises(SystemExit, match="at step 1: .* this run has saved no checkpoint yet"):
         run_train(workdir, train__steps=5, train__checkpoint_every=2, train__lr=7e-3)
@@ -124,8 +124,8 @@ def test_sigterm_saves_a_checkpoint_and_a_rerun_resumes_exactly_there(workdir, m
     assert not (workdir / "reports/train/loss.tsv").exists()  # nothing tracked written by a stopped run
 
     executed = []  # the steps the rerun really trains (not the ones it replays from the log)
-    real = train.Trainer.step
-    monkeypatch.setattr(train.Trainer, "step", lambda self, b, step: executed.append(step) or real(self, b, step))
+    real = train.Trainer.launch
+    monkeypatch.setattr(train.Trainer, "launch", lambda self, b, step: executed.append(step) or real(self, b, step))
     rows = run_train(workdir, train__steps=stopped + 3, train__checkpoint_every=4000)  # constant lr: resumes
     assert executed == [stopped, stopped + 1, stopped + 2]  # 0-based: the first new step is stopped + 1
     assert [int(r["step"]) for r in rows] == list(range(1, stopped + 4))
