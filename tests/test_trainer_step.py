@@ -13,7 +13,7 @@ import torch
 
 from stages.core.params import Lora, Train
 from stages.models import compiling
-from stages.models.trainer import Trainer, make_ema, make_optimizer, step_seed
+from stages.models.trainer import StepPipeline, Trainer, make_ema, make_optimizer, step_seed
 from tests.test_objective import B, D, L, Oracle, draws, make_batch, ref_pack, tiny_transformer  # noqa: F401
 
 
@@ -327,16 +327,45 @@ def test_launch_and_resolve_pipelined_are_the_step(tiny_transformer, settings):
         assert all(torch.equal(a, b) for a, b in zip(plain.ema.shadow_params, piped.ema.shadow_params))
 
 
-def test_resolve_times_the_step_from_its_launch_or_from_since(tiny_transformer):
+def test_resolve_times_the_step_to_its_finish_from_its_launch_or_from_since(tiny_transformer):
     t = make(tiny_transformer)
     before = time.perf_counter()
     pending = t.launch([make_batch()], 0)
-    assert before <= pending.launched <= time.perf_counter()
-    m = t.resolve(pending, since=time.perf_counter() - 100.0)  # e.g. when the step before was resolved
-    assert 100.0 <= m["step_time"] < 150.0 and m["samples_per_s"] == pytest.approx(B / m["step_time"])
-    wall = time.perf_counter() - before
-    m = t.resolve(t.launch([make_batch()], 1))
-    assert 0 < m["step_time"] <= wall + 60 and m["samples_per_s"] == pytest.approx(B / m["step_time"])
+    assert before <= pending.launched <= pending.finished <= time.perf_counter()  # on CPU: done in launch
+    m = t.resolve(pending, since=before - 100.0)  # e.g. when the step before finished
+    assert m["step_time"] == pending.finished - (before - 100.0) and m["samples_per_s"] == B / m["step_time"]
+    pending = t.launch([make_batch()], 1)
+    m = t.resolve(pending)
+    assert m["step_time"] == pending.finished - pending.launched > 0
+
+
+def test_the_step_pipeline_reports_every_step_once_in_order_one_step_behind(tiny_transformer):
+    t = make(tiny_transformer)
+    events, pendings = [], []
+    real_launch, real_resolve = t.launch, t.resolve
+    t.launch = lambda b, step: events.append(f"L{step}") or pendings.append(real_launch(b, step)) or pendings[-1]
+    t.resolve = lambda p, since=None: events.append(f"R{p.step}") or real_resolve(p, since)
+    reported = []
+    steps = StepPipeline(t, lambda metrics, done: reported.append((done, metrics["step_time"])))
+    for step in range(3):
+        steps.launch([make_batch()], step)
+    steps.flush()
+    steps.launch([make_batch()], 3)
+    steps.launch([make_batch()], 4)
+    assert events == ["L0", "L1", "R0", "L2", "R1", "R2", "L3", "L4", "R3"]
+    assert [done for done, _ in reported] == [1, 2, 3, 4] and steps.pending is pendings[4]
+    finished = [p.finished for p in pendings]
+    assert [dt for _, dt in reported] == [finished[0] - pendings[0].launched, finished[1] - finished[0],
+                                          finished[2] - finished[1], finished[3] - pendings[3].launched]
+    assert steps.last["step_time"] == reported[-1][1]
+
+    def broken(b, step):
+        raise RuntimeError("out of memory")
+
+    t.launch = broken  # a failing launch still checks and reports the step before it
+    with pytest.raises(RuntimeError, match="out of memory"):
+        steps.launch([make_batch()], 5)
+    assert [done for done, _ in reported] == [1, 2, 3, 4, 5] and steps.pending is None
 
 
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")

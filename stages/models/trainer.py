@@ -83,6 +83,7 @@ class Pending:
     samples: int  # over all processes
     launched: float  # time.perf_counter() when the launch began
     peak_mem_gib: Optional[float]  # CUDA only: the allocator's peak while launching (host bookkeeping)
+    finished: Optional[float] = None  # when its work was seen done: the end of launch off CUDA, else resolve
 
 
 class Trainer:
@@ -206,14 +207,17 @@ class Trainer:
             done.record()
             peak = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
         samples = sum(b.latents.shape[0] for b in batches) * self.world
-        return Pending(step, values, done, lr, samples, t0, peak)
+        finished = None if cuda else time.perf_counter()  # off CUDA the work ran in this call
+        return Pending(step, values, done, lr, samples, t0, peak, finished)
 
     def resolve(self, pending: Pending, since: Optional[float] = None) -> dict:
-        """Wait for a launched step and return its metrics; ``step_time`` runs from ``since`` (a
-        ``time.perf_counter()``, e.g. when the previous step was resolved) or else from its launch."""
+        """Wait for a launched step and return its metrics; ``step_time`` runs to ``pending.finished``
+        from ``since`` (a ``time.perf_counter()``: when the step before finished) or else from its launch."""
         if pending.done is not None:
             pending.done.synchronize()  # this step's work only, not the steps launched after it
-        dt = time.perf_counter() - (pending.launched if since is None else since)
+        if pending.finished is None:
+            pending.finished = time.perf_counter()
+        dt = pending.finished - (pending.launched if since is None else since)
         loss, grad_norm = pending.values.tolist()
         metrics = {"loss": loss, "lr": pending.lr, "grad_norm": grad_norm, "step_time": dt,
                    "samples_per_s": pending.samples / dt}
@@ -259,13 +263,13 @@ class StepPipeline:
     its metrics to ``report(metrics, done)``, so the GPU runs step N+1 while the host checks and logs
     step N and loads the next batches. :meth:`flush` resolves the pending step: call it before
     anything that needs the run settled (a checkpoint, validation, a snapshot, a stop, the export).
-    Every step is reported once, in order. ``step_time``: from the previous step's resolve (in a
-    steady run, the GPU's time per step), or from its own launch after a flush."""
+    Every step is reported once, in order. ``step_time``: from when the step before was seen finished
+    (in a steady run, the GPU's time per step), or from its own launch after a flush."""
 
     def __init__(self, trainer: Trainer, report: Callable[[dict, int], None]):
         self.trainer, self.report = trainer, report
         self.pending = None
-        self.since: float | None = None  # when the previous step was resolved (None: after a flush)
+        self.since: float | None = None  # when the step before finished (None: after a flush)
         self.last: dict = {}  # the metrics of the last step resolved
 
     def launch(self, batches: list[Batch], step: int) -> None:
@@ -286,5 +290,5 @@ class StepPipeline:
             return
         pending, self.pending = self.pending, None
         self.last = self.trainer.resolve(pending, since=self.since)
-        self.since = time.perf_counter()
+        self.since = pending.finished
         self.report(self.last, pending.step + 1)
