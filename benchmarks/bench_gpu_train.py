@@ -10,7 +10,7 @@ gradient checkpointing on, AdamW.
     python benchmarks/bench_gpu_train.py --mode nf4 --res 512 1024 [--compile] [--steps 5] [--pipelined]
 
 ``--pipelined`` times the steps as the train stage runs them (stages.models.trainer.StepPipeline:
-step N+1 launched before step N is resolved; step_s is then the time between two resolves);
+step N+1 launched before step N is resolved; step_s is then the time from one step's end to the next's);
 ``--check-syncs`` runs one ``Trainer.launch`` on a host-side batch under
 ``torch.cuda.set_sync_debug_mode("error")`` and reports the first host sync in it (``launch_syncs``).
 
@@ -153,9 +153,9 @@ def main() -> None:
     step = 0
     for res in args.res:
         b = batch(res, model.config, args.device, trainer.base_dtype)
-        row = {"mode": args.mode, "res": res, "compile": args.compile, "gc": not args.no_gc, "pipelined": args.pipelined,
+        row = {"mode": args.mode, "res": res, "compile": args.compile, "gc": not args.no_gc,
                "targets": args.targets + ("(image)" if args.image_attention_only else ""), "rank": args.rank, "lora_m": round(lora_m, 1),
-               "weights_gib": round(weights_gib, 2)}
+               "weights_gib": round(weights_gib, 2), "pipelined": args.pipelined}
         try:
             t0 = time.time()
             for _ in range(args.warmup):
