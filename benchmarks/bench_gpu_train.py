@@ -7,7 +7,12 @@ shape, 11.9B parameters) directly on the GPU with random weights — no download
 latents and text embeddings (512 T5 tokens). Batch 1, LoRA rank 16 on the ``attention`` preset,
 gradient checkpointing on, AdamW.
 
-    python benchmarks/bench_gpu_train.py --mode nf4 --res 512 1024 [--compile] [--steps 5]
+    python benchmarks/bench_gpu_train.py --mode nf4 --res 512 1024 [--compile] [--steps 5] [--pipelined]
+
+``--pipelined`` times the steps as the train stage runs them (stages.models.trainer.StepPipeline:
+step N+1 launched before step N is resolved; step_s is then the time from one step's end to the next's);
+``--check-syncs`` runs one ``Trainer.launch`` on a host-side batch under
+``torch.cuda.set_sync_debug_mode("error")`` and reports the first host sync in it (``launch_syncs``).
 
 One JSON line per (mode, resolution) on stdout (and appended to ``--out`` if given); the
 resolutions of one mode share the built model. Run each mode in its own process.
@@ -28,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stages.core.params import Lora, Train  # noqa: E402
 from stages.models import flux, quant  # noqa: E402
 from stages.models.cache import Batch  # noqa: E402
-from stages.models.trainer import Trainer  # noqa: E402
+from stages.models.trainer import StepPipeline, Trainer  # noqa: E402
 
 
 SMALL = dict(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
@@ -66,6 +71,35 @@ def batch(res: int, cfg, device: str, dtype) -> Batch:
                  pooled=torch.randn(1, cfg.pooled_projection_dim, device=device, dtype=dtype), ids=["x"])
 
 
+def timed_steps(trainer, b, first: int, n: int, pipelined: bool) -> list[dict]:
+    """The metrics of ``n`` steps from step ``first``: each resolved at once, or pipelined as in the stage."""
+    if not pipelined:
+        return [trainer.step([b], first + k) for k in range(n)]
+    got: list[dict] = []
+    steps = StepPipeline(trainer, lambda metrics, done: got.append(metrics))
+    for k in range(n):
+        steps.launch([b], first + k)
+    steps.flush()
+    return got
+
+
+def launch_syncs(trainer, b, step: int) -> str:
+    """One launch on a host-side batch (as the cache gives it) with CUDA syncs made errors: 'none' or
+    the first sync's message."""
+    host = Batch(latents=b.latents.cpu(), prompt_embeds=b.prompt_embeds.cpu(), pooled=b.pooled.cpu(), ids=b.ids)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pending = trainer.launch([host], step)
+    except RuntimeError as err:
+        trainer.optimizer.zero_grad(set_to_none=True)
+        return str(err).strip().splitlines()[0][:300]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    trainer.resolve(pending)
+    return "none"
+
+
 def profile(trainer, b, step: int) -> None:
     """GPU busy time vs wall time of 3 steps, and the ops that take it (is the step GPU- or CPU-bound?)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -96,6 +130,8 @@ def main() -> None:
     ap.add_argument("--image-attention-only", action="store_true",
                     help="LoRA on to_q/k/v/out.0 only, as the bare reference loop (for comparison)")
     ap.add_argument("--profile", action="store_true", help="print the top kernels/ops of 3 extra steps")
+    ap.add_argument("--pipelined", action="store_true", help="launch step N+1 before resolving step N (the stage)")
+    ap.add_argument("--check-syncs", action="store_true", help="report the first host sync inside Trainer.launch")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="a tiny config (CPU dry run of this script)")
@@ -119,20 +155,21 @@ def main() -> None:
         b = batch(res, model.config, args.device, trainer.base_dtype)
         row = {"mode": args.mode, "res": res, "compile": args.compile, "gc": not args.no_gc,
                "targets": args.targets + ("(image)" if args.image_attention_only else ""), "rank": args.rank, "lora_m": round(lora_m, 1),
-               "weights_gib": round(weights_gib, 2)}
+               "weights_gib": round(weights_gib, 2), "pipelined": args.pipelined}
         try:
             t0 = time.time()
             for _ in range(args.warmup):
                 trainer.step([b], step)
                 step += 1
             row["warmup_s"] = round(time.time() - t0, 1)
-            times, peaks, losses = [], [], []
-            for _ in range(args.steps):
-                m = trainer.step([b], step)
+            if args.check_syncs and args.device == "cuda":
+                row["launch_syncs"] = launch_syncs(trainer, b, step)
                 step += 1
-                times.append(m["step_time"])
-                peaks.append(m.get("peak_mem_gib", float("nan")))
-                losses.append(m["loss"])
+            measured = timed_steps(trainer, b, step, args.steps, args.pipelined)
+            step += args.steps
+            times = [m["step_time"] for m in measured]
+            peaks = [m.get("peak_mem_gib", float("nan")) for m in measured]
+            losses = [m["loss"] for m in measured]
             row.update(step_s=round(statistics.median(times), 3), min_s=round(min(times), 3),
                        peak_gib=round(max(peaks), 2), loss=round(losses[-1], 4))
         except torch.cuda.OutOfMemoryError:

@@ -7,6 +7,10 @@
   from the last checkpoint at the right step and ends with the same adapter as an uninterrupted
   run; a finished run is never resumed (``dvc repro -f`` trains again), except to train more steps
   with a constant lr schedule. What may resume what: stages.models.checkpoint.
+- Steps run one ahead of their bookkeeping (stages.models.trainer.StepPipeline): step N+1 is
+  queued on the GPU before step N's loss and grad norm are read back, checked and logged, so the GPU
+  does not wait for the host between steps. Before a checkpoint, a validation render, a snapshot, a
+  stop and the export, the pending step is read back first.
 - Stops at the first non-finite loss or gradient norm, naming the step; never exports NaN weights.
 - Checkpoints of another run (other params, data or code) are removed only once this run has saved its
   first checkpoint, so a run that fails early loses nothing.
@@ -44,7 +48,7 @@ from stages.core.io import atomic_dir, no_space_errors, write_json, write_text
 from stages.core.paths import Train
 from stages.models import checkpoint as ckpt, divergence, snapshots, validation
 from stages.models.cache import Cache
-from stages.models.trainer import Trainer, step_seed
+from stages.models.trainer import StepPipeline, Trainer, step_seed
 
 COLUMNS = ["step", "loss", "lr", "grad_norm"]                   # loss.tsv: deterministic
 TIMING_COLUMNS = ["step", "step_time", "samples_per_s", "peak_mem_gib"]  # timings.tsv: not
@@ -199,11 +203,13 @@ class Checkpoints:
         self.last = done
 
 
-def halt_if_stopped(stop: lifecycle.StopSignals | None, checkpoints: Checkpoints, done: int) -> None:
-    """At a step boundary (``done`` steps trained): after SIGTERM/SIGINT, save a checkpoint of step
-    ``done`` (unless there is one), print one line and exit."""
+def halt_if_stopped(stop: lifecycle.StopSignals | None, checkpoints: Checkpoints, done: int,
+                    steps: StepPipeline) -> None:
+    """At a step boundary (``done`` steps launched): after SIGTERM/SIGINT, resolve the pending step,
+    save a checkpoint of step ``done`` (unless there is one), print one line and exit."""
     if not stop_requested(stop, checkpoints.trainer):
         return
+    steps.flush()
     if done and checkpoints.last != done:
         checkpoints.save(done)
     if stop.signal is None:  # another process was signalled
@@ -250,35 +256,44 @@ def run(p: params.Params, paths: Train = Train(), accelerator=None, callbacks: S
     sinks = open_sinks(paths, start, callbacks) if main_proc else []
     val_dir = progress_dir(paths) / "validation"
     rank, world = trainer.rank, trainer.world
-    metrics: dict = {}
     bar = logs.progress(range(start, p.train.steps), initial=start, total=p.train.steps, desc="train",
                         unit="step", disable=not main_proc)
-    for step in bar:
-        halt_if_stopped(stop, checkpoints, step)
-        batches = []
-        for micro in range(p.train.grad_accum):
-            gen = torch.Generator().manual_seed(step_seed(p.seed, step, rank, 1000 + micro))
-            batches.append(cache.batch(p.seed, step * p.train.grad_accum + micro, p.train.batch_size,
-                                       rank=rank, world=world, flip=p.train.flip, generator=gen))
-        metrics = trainer.step(batches, step)
-        done = step + 1
+
+    def report(metrics: dict, done: int) -> None:  # step ``done``, resolved (StepPipeline)
         divergence.check_step(metrics, done, checkpoints.last)
         for sink in sinks:
             sink(metrics, done)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
         log.debug("step %d %s", done, metrics)
-        if validator is not None and validator.due(done):
+
+    steps = StepPipeline(trainer, report)
+    for step in bar:
+        halt_if_stopped(stop, checkpoints, step, steps)
+        batches = []
+        for micro in range(p.train.grad_accum):
+            gen = torch.Generator().manual_seed(step_seed(p.seed, step, rank, 1000 + micro))
+            batches.append(cache.batch(p.seed, step * p.train.grad_accum + micro, p.train.batch_size,
+                                       rank=rank, world=world, flip=p.train.flip, generator=gen))
+        steps.launch(batches, step)  # and resolves, checks and logs the step before
+        done = step + 1
+        validate = validator is not None and validator.due(done)
+        snapshot = main_proc and p.train.save_every and done % p.train.save_every == 0
+        checkpoint = done % p.train.checkpoint_every == 0 or done == p.train.steps
+        if validate or snapshot or checkpoint:
+            steps.flush()  # step ``done`` checked and logged before it is rendered or saved
+        if validate:
             validator.render(trainer, done, val_dir)
-        if main_proc and p.train.save_every and done % p.train.save_every == 0:
+        if snapshot:
             save_snapshot(trainer, cache, p, done, paths.snapshots)
-        if done % p.train.checkpoint_every == 0 or done == p.train.steps:
+        if checkpoint:
             checkpoints.save(done)
-    halt_if_stopped(stop, checkpoints, p.train.steps)
+    steps.flush()
+    halt_if_stopped(stop, checkpoints, p.train.steps, steps)
     if main_proc:
         export(trainer, cache, p, p.train.steps, paths.lora)
         publish_reports(paths, validator)
         ckpt.mark_finished(paths.checkpoints, p.train.steps)  # a rerun trains again instead of resuming it
-    return metrics
+    return steps.last
 
 
 def main() -> None:

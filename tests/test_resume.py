@@ -79,7 +79,7 @@ def test_changed_code_does_not_resume(workdir, monkeypatch, capfd, steps_seen):
 
     monkeypatch.setattr(ckpt, "code_hash", lambda *a, **k: "another-commit")
     trained: list[int] = []
-    monkeypatch.setattr(train.Trainer, "step", _spy(train.Trainer.step, trained))
+    monkeypatch.setattr(train.Trainer, "launch", _spy(train.Trainer.launch, trained))
     run_train(workdir, callbacks=[record(steps_seen)], **RESUME)
     assert trained == list(range(10))  # every step trained again: nothing resumed
     assert steps_seen == list(range(1, 11))
@@ -92,7 +92,7 @@ def test_interrupted_run_resumes_and_matches(workdir, monkeypatch, reference, st
 
     interrupted(workdir, monkeypatch, 7, **RESUME)
     trained: list[int] = []
-    monkeypatch.setattr(train.Trainer, "step", _spy(train.Trainer.step, trained))
+    monkeypatch.setattr(train.Trainer, "launch", _spy(train.Trainer.launch, trained))
     run_train(workdir, callbacks=[record(steps_seen)], **RESUME)
     assert trained == [6, 7, 8, 9]  # the resumed process trained steps 7-10 only (0-based 6-9)
     assert steps_seen == list(range(1, 11))  # 1-6 replayed from loss.tsv (MLflow gets them), 7-10 trained
@@ -107,18 +107,18 @@ def test_forced_rerun_of_a_finished_run_trains_from_step_0(workdir, monkeypatch,
     run_train(workdir, train__steps=4, train__checkpoint_every=2)
     first = adapter(workdir)
     trained: list[int] = []
-    monkeypatch.setattr(train.Trainer, "step", _spy(train.Trainer.step, trained))
+    monkeypatch.setattr(train.Trainer, "launch", _spy(train.Trainer.launch, trained))
     run_train(workdir, train__steps=4, train__checkpoint_every=2)  # what `dvc repro -f -s train` runs
     assert trained == [0, 1, 2, 3]
     assert "finished at step 4; a rerun trains again from step 0" in capfd.readouterr().err
     assert same(adapter(workdir), first)  # deterministic: the same adapter, really retrained
 
 
-def _spy(step_fn, calls):
-    def step(self, batches, step):
+def _spy(launch, calls):
+    def spy(self, batches, step):
         calls.append(step)
-        return step_fn(self, batches, step)
-    return step
+        return launch(self, batches, step)
+    return spy
 
 
 # ----------------------------------------------------------------------------- damaged checkpoints
@@ -148,13 +148,13 @@ def test_damaged_checkpoint_is_set_aside_and_the_previous_one_used(workdir, monk
 def test_non_finite_loss_stops_training_naming_the_step(workdir, monkeypatch):
     from stages import train
 
-    real = train.Trainer.step
+    real = train.Trainer.resolve
 
-    def step(self, batches, step):
-        out = real(self, batches, step)
-        return {**out, "loss": float("nan")} if step == 2 else out
+    def resolve(self, pending, since=None):
+        out = real(self, pending, since)
+        return {**out, "loss": float("nan")} if pending.step == 2 else out
 
-    monkeypatch.setattr(train.Trainer, "step", step)
+    monkeypatch.setattr(train.Trainer, "resolve", resolve)
     with pytest.raises(SystemExit, match="non-finite loss \\(nan\\) at step 3"):
         run_train(workdir, train__steps=5, train__checkpoint_every=1)
     assert not (workdir / "models/lora").exists()
@@ -164,16 +164,16 @@ def test_non_finite_loss_stops_training_naming_the_step(workdir, monkeypatch):
 def test_nan_weights_are_never_saved_or_exported(workdir, monkeypatch):
     from stages import train
 
-    real = train.Trainer.step
+    real = train.Trainer.launch
 
-    def step(self, batches, step):
+    def launch(self, batches, step):
         out = real(self, batches, step)
         if step == 1:
             with torch.no_grad():
                 self.params[0].fill_(float("nan"))
         return out
 
-    monkeypatch.setattr(train.Trainer, "step", step)
+    monkeypatch.setattr(train.Trainer, "launch", launch)
     with pytest.raises(SystemExit, match="non-finite LoRA weights after step 2"):
         run_train(workdir, train__steps=3, train__checkpoint_every=1)
     assert not (workdir / "models/lora").exists()
@@ -195,7 +195,7 @@ def test_more_steps_continue_a_finished_run_with_a_constant_schedule(workdir, en
 
     run_train(workdir, train__steps=6, **CONSTANT)
     trained: list[int] = []
-    monkeypatch.setattr(train.Trainer, "step", _spy(train.Trainer.step, trained))
+    monkeypatch.setattr(train.Trainer, "launch", _spy(train.Trainer.launch, trained))
     log = run_train(workdir, train__steps=10, **CONSTANT)
     assert trained == [6, 7, 8, 9]
     assert [int(r["step"]) for r in log] == list(range(1, 11))
@@ -209,7 +209,7 @@ def test_more_steps_with_a_decaying_schedule_start_fresh(workdir, monkeypatch, c
 
     run_train(workdir, train__steps=4, train__lr_scheduler="cosine", train__checkpoint_every=2)
     trained: list[int] = []
-    monkeypatch.setattr(train.Trainer, "step", _spy(train.Trainer.step, trained))
+    monkeypatch.setattr(train.Trainer, "launch", _spy(train.Trainer.launch, trained))
     run_train(workdir, train__steps=6, train__lr_scheduler="cosine", train__checkpoint_every=2)
     assert trained == list(range(6))
     assert "cosine lr schedule depends on the total" in capfd.readouterr().err
@@ -227,15 +227,15 @@ def test_a_resumed_run_reaches_mlflow_whole_and_registers_with_its_metrics(workd
     try:
         from stages import train
 
-        real_step = train.Trainer.step
+        real_launch = train.Trainer.launch
 
         def crash_in_step_6(self, batches, step):  # steps 1-5 logged to MLflow, checkpoint at 3
             if step == 5:
                 raise Interrupt
-            return real_step(self, batches, step)
+            return real_launch(self, batches, step)
 
         with monkeypatch.context() as m:
-            m.setattr(train.Trainer, "step", crash_in_step_6)
+            m.setattr(train.Trainer, "launch", crash_in_step_6)
             with pytest.raises(Interrupt):
                 run_train_main(workdir, train__steps=6, train__checkpoint_every=3)
         tracking.reset()

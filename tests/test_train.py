@@ -104,9 +104,9 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(workdir, tmp_path_fac
     from stages import train
 
     trained = []
-    real_step = train.Trainer.step
-    monkeypatch.setattr(train.Trainer, "step", lambda self, batches, step: trained.append(step) or
-                        real_step(self, batches, step))
+    real_launch = train.Trainer.launch
+    monkeypatch.setattr(train.Trainer, "launch", lambda self, batches, step: trained.append(step) or
+                        real_launch(self, batches, step))
     log = run_train(other, **params)
     assert trained == [6, 7, 8, 9]  # the resumed process trained steps 7-10 only, from the step-6 checkpoint
     resumed = load_file(other / "models/lora/pytorch_lora_weights.safetensors")
@@ -309,3 +309,48 @@ def test_two_processes_with_accelerate_on_cpu(workdir):
     assert [int(r.split("\t")[0]) for r in rows] == [1, 2, 3]
     assert (workdir / "models/lora/pytorch_lora_weights.safetensors").exists()
     assert (workdir / "models/checkpoints/step-000003").is_dir()
+
+
+def test_pipelined_steps_train_and_log_exactly_as_steps_resolved_at_once(workdir, tmp_path_factory, monkeypatch):
+    """The stage launches step N+1 before it resolves step N, except where a snapshot, validation or
+    checkpoint needs the run settled; it writes the loss.tsv, adapter, snapshots, checkpoints and
+    validation images of a run that resolves every step at once (what Trainer.step did)."""
+    from stages import train
+
+    smoke = trainkit.params.ROOT / "conf/prompts/smoke.txt"
+    params = dict(train__steps=8, train__checkpoint_every=4, train__save_every=3, train__validate_every=5,
+                  train__validation_steps=1, sample__prompts=str(smoke), lora__dropout=0.1, train__caption_dropout=0.3)
+    real_launch, real_resolve, real_pipe_launch = train.Trainer.launch, train.Trainer.resolve, train.StepPipeline.launch
+
+    def outputs(root):
+        files = [root / "reports/train/loss.tsv", root / "models/lora/pytorch_lora_weights.safetensors",
+                 *sorted((root / "models/snapshots").rglob("*.safetensors")),
+                 *sorted((root / "models/checkpoints").rglob("lora.safetensors")),
+                 *sorted((root / "reports/train/validation").glob("*.png"))]
+        return {str(f.relative_to(root)): f.read_bytes() for f in files}
+
+    calls = []
+    with monkeypatch.context() as m:
+        m.setattr(train.Trainer, "launch", lambda self, b, step: calls.append(f"L{step + 1}") or
+                  real_launch(self, b, step))
+        m.setattr(train.Trainer, "resolve", lambda self, p, since=None: calls.append(f"R{p.step + 1}") or
+                  real_resolve(self, p, since))
+        run_train(workdir, **params)
+        assert calls == ["L1", "L2", "R1", "L3", "R2", "R3",  # snapshot at 3
+                         "L4", "R4",                          # checkpoint at 4
+                         "L5", "R5",                          # validation images at 5
+                         "L6", "R6",                          # snapshot at 6
+                         "L7", "L8", "R7", "R8"]              # the last checkpoint
+        other = tmp_path_factory.mktemp("resolved-at-once")
+        shutil.copytree(workdir / "data/cache", other / "data/cache")
+        calls.clear()
+        m.setattr(train.StepPipeline, "launch", lambda self, b, step: (real_pipe_launch(self, b, step), self.flush()))
+        run_train(other, **params)
+        assert calls == [f"{x}{k}" for k in range(1, 9) for x in "LR"]
+    piped, at_once = outputs(workdir), outputs(other)
+    assert piped.keys() == at_once.keys()
+    assert len(piped) == 1 + 1 + 2 * 2 + 2 + 2 * len(read_prompts(smoke))  # validation images at steps 5 and 8
+    assert piped == at_once
+    rows = piped["reports/train/loss.tsv"].decode().splitlines()[1:]
+    assert [int(r.split("\t")[0]) for r in rows] == list(range(1, 9))
+    assert len((workdir / "reports/train/timings.tsv").read_text().splitlines()) == 9

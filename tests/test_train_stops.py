@@ -3,6 +3,7 @@ an earlier run's checkpoints go only once the new run has saved its first, SIGTE
 and a rerun resumes exactly there, and a stage dies with the DVC process that started it."""
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -69,20 +70,80 @@ def test_an_earlier_runs_checkpoints_go_only_once_the_new_run_saved_its_first(wo
 def test_a_diverging_run_says_whether_it_has_a_checkpoint(workdir, monkeypatch):
     from stages import train
 
-    real = train.Trainer.step
+    real = train.Trainer.resolve
     nan_at = {}
 
-    def step(self, batches, step):
-        out = real(self, batches, step)
-        return {**out, "loss": float("nan")} if step == nan_at["step"] else out
+    def resolve(self, pending, since=None):
+        out = real(self, pending, since)
+        return {**out, "loss": float("nan")} if pending.step == nan_at["step"] else out
 
-    monkeypatch.setattr(train.Trainer, "step", step)
+    monkeypatch.setattr(train.Trainer, "resolve", resolve)
     nan_at["step"] = 0
     with pytest.raises(SystemExit, match="at step 1: .* this run has saved no checkpoint yet"):
         run_train(workdir, train__steps=5, train__checkpoint_every=2, train__lr=7e-3)
     nan_at["step"] = 2
     with pytest.raises(SystemExit, match=r"at step 3: .* this run's last checkpoint \(step 2\) is kept"):
         run_train(workdir, train__steps=5, train__checkpoint_every=2, train__lr=6e-3)
+
+
+def saved_steps(root: Path, folder: str) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in (root / "models" / folder).glob("step-*"))
+
+
+@pytest.mark.parametrize("nan_at", [3, 5])  # a snapshot step / one resolved after step 6 was launched
+def test_a_nan_stops_the_pipelined_run_naming_its_step_before_anything_of_it_is_saved(workdir, monkeypatch, nan_at):
+    """Step N is checked after step N+1 is launched (stages.models.trainer.StepPipeline), yet a NaN loss
+    computed on the device at step N stops the run naming step N, with no checkpoint, snapshot or
+    loss.tsv row of step N or later."""
+    from stages import train
+    from stages.models.divergence import TrainingDiverged
+
+    real_accumulate, real_launch = train.Trainer.accumulate, train.Trainer.launch
+    monkeypatch.setattr(train.Trainer, "accumulate", lambda self, batches, step: real_accumulate(
+        self, batches, step) * (float("nan") if step + 1 == nan_at else 1.0))
+    launched = []
+    monkeypatch.setattr(train.Trainer, "launch", lambda self, b, step: launched.append(step + 1) or
+                        real_launch(self, b, step))
+    kept = "this run has saved no checkpoint yet" if nan_at == 3 else r"this run's last checkpoint \(step 4\) is kept"
+    with pytest.raises(TrainingDiverged, match=rf"^non-finite loss \(nan\) at step {nan_at}: training stopped "
+                                               rf"before saving it; {kept}\."):
+        run_train(workdir, train__steps=8, train__checkpoint_every=4, train__save_every=3)
+    assert launched == list(range(1, nan_at + (1 if nan_at == 3 else 2)))  # 5: step 6 launched before 5 resolved
+    assert all(s < nan_at for s in saved_steps(workdir, "checkpoints") + saved_steps(workdir, "snapshots"))
+    assert saved_steps(workdir, "checkpoints") == ([] if nan_at == 3 else [4])
+    rows = (workdir / "models/checkpoints/progress/loss.tsv").read_text().splitlines()[1:]
+    assert [int(r.split("\t")[0]) for r in rows] == list(range(1, nan_at))
+    assert not (workdir / "models/lora").exists()
+
+
+def test_a_stop_resolves_the_pending_step_then_checkpoints_it_and_the_rerun_is_exact(workdir, tmp_path_factory,
+                                                                                     capfd):
+    """SIGTERM while step 4 is in flight (signalled when step 3 is reported): the run resolves and logs
+    step 4, checkpoints it and exits; the rerun resumes there and ends with the uninterrupted adapter."""
+    from stages import train
+    from stages.core.paths import Train
+
+    params = dict(train__steps=8, train__checkpoint_every=100, lora__dropout=0.1)
+    stop = lifecycle.StopSignals("train")  # not entered: the signal is set by hand
+
+    def signal_at_3(metrics, step):
+        if step == 3:
+            stop.signal = signal.SIGTERM
+
+    with pytest.raises(SystemExit) as err:
+        train.run(write_params(workdir, **{**FAST, **params}), Train().under(workdir), callbacks=[signal_at_3],
+                  stop=stop)
+    assert err.value.code == 128 + signal.SIGTERM
+    assert "train: stopped by SIGTERM at step 4; checkpoint saved; rerun to resume" in capfd.readouterr().err
+    assert checkpoint_steps(workdir) == ["step-000004"]
+    rows = (workdir / "models/checkpoints/progress/loss.tsv").read_text().splitlines()[1:]
+    assert [int(r.split("\t")[0]) for r in rows] == [1, 2, 3, 4]
+    resumed = run_train(workdir, **params)
+    other = tmp_path_factory.mktemp("uninterrupted")
+    shutil.copytree(workdir / "data/cache", other / "data/cache")
+    assert run_train(other, **params) == resumed
+    weights = "models/lora/pytorch_lora_weights.safetensors"
+    assert (workdir / weights).read_bytes() == (other / weights).read_bytes()
 
 
 # ----------------------------------------------------------------------------- signals
@@ -124,8 +185,8 @@ def test_sigterm_saves_a_checkpoint_and_a_rerun_resumes_exactly_there(workdir, m
     assert not (workdir / "reports/train/loss.tsv").exists()  # nothing tracked written by a stopped run
 
     executed = []  # the steps the rerun really trains (not the ones it replays from the log)
-    real = train.Trainer.step
-    monkeypatch.setattr(train.Trainer, "step", lambda self, b, step: executed.append(step) or real(self, b, step))
+    real = train.Trainer.launch
+    monkeypatch.setattr(train.Trainer, "launch", lambda self, b, step: executed.append(step) or real(self, b, step))
     rows = run_train(workdir, train__steps=stopped + 3, train__checkpoint_every=4000)  # constant lr: resumes
     assert executed == [stopped, stopped + 1, stopped + 2]  # 0-based: the first new step is stopped + 1
     assert [int(r["step"]) for r in rows] == list(range(1, stopped + 4))

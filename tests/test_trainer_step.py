@@ -13,7 +13,7 @@ import torch
 
 from stages.core.params import Lora, Train
 from stages.models import compiling
-from stages.models.trainer import Trainer, make_ema, make_optimizer, step_seed
+from stages.models.trainer import StepPipeline, Trainer, make_ema, make_optimizer, step_seed
 from tests.test_objective import B, D, L, Oracle, draws, make_batch, ref_pack, tiny_transformer  # noqa: F401
 
 
@@ -82,7 +82,8 @@ def test_accumulation_means_the_loss_sums_the_gradients_and_seeds_each_micro_bat
     calls = spy_loss(t, [1.0, 2.0, 6.0])
     total = t.params[0].sum().item()
     got = t.accumulate([make_batch(0), make_batch(1), make_batch(2)], step=7)
-    assert got == pytest.approx(3.0 * total, rel=1e-6)  # mean of 1, 2, 6 times the sum
+    assert got.dtype == torch.float64 and got.shape == ()  # summed on the device, read back by resolve
+    assert got.item() == pytest.approx(3.0 * total, rel=1e-6)  # mean of 1, 2, 6 times the sum
     assert torch.allclose(t.params[0].grad, torch.full_like(t.params[0], 3.0))
     want = [step_seed(5, 7, 0, micro) for micro in range(3)]
     assert [c["gen"] for c in calls] == want and [c["global"] for c in calls] == want  # LoRA dropout too
@@ -110,7 +111,7 @@ def test_one_process_is_not_wrapped(tiny_transformer):
 def test_the_step_reports_the_mean_loss_the_unclipped_norm_and_the_lr_and_clips(tiny_transformer, monkeypatch):
     batches = [make_batch(0), make_batch(1)]
     ref = make(tiny_transformer, max_grad_norm=1e-4, warmup_steps=2)
-    loss = ref.accumulate(batches, 0)
+    loss = ref.accumulate(batches, 0).item()
     norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.params])))
     assert norm > 1e-3  # so clipping to 1e-4 does something
 
@@ -298,3 +299,113 @@ def test_the_forward_pass_saves_its_activations_through_the_offloader(tiny_trans
         t.accumulate([make_batch()], step=0)
     assert off.packed > 0
     assert all(torch.allclose(a.grad, b.grad, atol=1e-6) for a, b in zip(plain.params, hooked.params))
+
+
+# ----------------------------------------------------------------------------- launch / resolve (issue 23)
+@pytest.mark.parametrize("settings", [{}, {"ema_decay": 0.5, "lr_scheduler": "linear", "caption_dropout": 0.5}])
+def test_launch_and_resolve_pipelined_are_the_step(tiny_transformer, settings):
+    """Launching step k+1 before resolving step k (what the train stage does) gives the metrics, the
+    adapter, the optimizer and the EMA of plain steps, exactly."""
+    empty = (torch.zeros(1, L, D), torch.zeros(1, D))
+    plain, piped = (make(tiny_transformer, seed=3, empty=empty, **settings) for _ in range(2))
+    batches = [[make_batch(k), make_batch(k + 10)] for k in range(4)]  # 2 micro-batches a step
+    want = [plain.step(b, k) for k, b in enumerate(batches)]
+    got, pending = [], None
+    for k, b in enumerate(batches):
+        launched = piped.launch(b, k)
+        assert launched.step == k and launched.samples == 2 * B and launched.peak_mem_gib is None  # CPU
+        if pending is not None:
+            got.append(piped.resolve(pending))
+        pending = launched
+    got.append(piped.resolve(pending))
+    deterministic = ("loss", "lr", "grad_norm")
+    assert [{k: m[k] for k in deterministic} for m in got] == [{k: m[k] for k in deterministic} for m in want]
+    assert all(set(m) == set(w) and type(m["loss"]) is float for m, w in zip(got, want))
+    assert all(torch.equal(a, b) for a, b in zip(lora_tensors(plain), lora_tensors(piped)))
+    assert str(plain.optimizer.state_dict()) == str(piped.optimizer.state_dict())
+    if plain.ema is not None:
+        assert all(torch.equal(a, b) for a, b in zip(plain.ema.shadow_params, piped.ema.shadow_params))
+
+
+def test_resolve_times_the_step_to_its_finish_from_its_launch_or_from_since(tiny_transformer):
+    t = make(tiny_transformer)
+    before = time.perf_counter()
+    pending = t.launch([make_batch()], 0)
+    assert before <= pending.launched <= pending.finished <= time.perf_counter()  # on CPU: done in launch
+    m = t.resolve(pending, since=before - 100.0)  # e.g. when the step before finished
+    assert m["step_time"] == pending.finished - (before - 100.0) and m["samples_per_s"] == B / m["step_time"]
+    pending = t.launch([make_batch()], 1)
+    m = t.resolve(pending)
+    assert m["step_time"] == pending.finished - pending.launched > 0
+
+
+def test_the_step_pipeline_reports_every_step_once_in_order_one_step_behind(tiny_transformer):
+    t = make(tiny_transformer)
+    events, pendings = [], []
+    real_launch, real_resolve = t.launch, t.resolve
+    t.launch = lambda b, step: events.append(f"L{step}") or pendings.append(real_launch(b, step)) or pendings[-1]
+    t.resolve = lambda p, since=None: events.append(f"R{p.step}") or real_resolve(p, since)
+    reported = []
+    steps = StepPipeline(t, lambda metrics, done: reported.append((done, metrics["step_time"])))
+    for step in range(3):
+        steps.launch([make_batch()], step)
+    steps.flush()
+    steps.launch([make_batch()], 3)
+    steps.launch([make_batch()], 4)
+    assert events == ["L0", "L1", "R0", "L2", "R1", "R2", "L3", "L4", "R3"]
+    assert [done for done, _ in reported] == [1, 2, 3, 4] and steps.pending is pendings[4]
+    finished = [p.finished for p in pendings]
+    assert [dt for _, dt in reported] == [finished[0] - pendings[0].launched, finished[1] - finished[0],
+                                          finished[2] - finished[1], finished[3] - pendings[3].launched]
+    assert steps.last["step_time"] == reported[-1][1]
+
+    def broken(b, step):
+        raise RuntimeError("out of memory")
+
+    t.launch = broken  # a failing launch still checks and reports the step before it
+    with pytest.raises(RuntimeError, match="out of memory"):
+        steps.launch([make_batch()], 5)
+    assert [done for done, _ in reported] == [1, 2, 3, 4, 5] and steps.pending is None
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_launch_reads_nothing_back_from_the_device(tiny_transformer, monkeypatch):
+    """No host sync in launch: reading a tensor's value (item, float, tolist, bool, numpy) or
+    synchronizing CUDA fails inside it; the CPU optimizer alone may read its own step counter (a host
+    tensor there; fused AdamW on CUDA keeps it on the device)."""
+    t = make(tiny_transformer, ema_decay=0.5, accelerator=Accelerator(0, 2))
+    t.model = t.transformer  # two processes' bookkeeping (the loss all_reduce) on one process
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda x: x.mul_(2.0))
+    armed = [False]
+
+    def trap(owner, name):
+        real = getattr(owner, name)
+
+        def read(*a, **k):
+            if armed[0]:
+                raise AssertionError(f"launch called {name}")
+            return real(*a, **k)
+        monkeypatch.setattr(owner, name, read)
+
+    for name in ("item", "__float__", "__int__", "__bool__", "tolist", "numpy", "cpu"):
+        trap(torch.Tensor, name)
+    for owner in (torch.cuda, torch.cuda.Event, torch.cuda.Stream):
+        trap(owner, "synchronize")
+    real_opt_step = t.optimizer.step
+
+    def optimizer_step(*a, **k):
+        armed[0] = False
+        try:
+            return real_opt_step(*a, **k)
+        finally:
+            armed[0] = True
+
+    monkeypatch.setattr(t.optimizer, "step", optimizer_step)
+    ref = make(tiny_transformer, ema_decay=0.5)
+    want = ref.step([make_batch(0), make_batch(1)], 0)
+    armed[0] = True
+    pending = t.launch([make_batch(0), make_batch(1)], 0)
+    armed[0] = False
+    m = t.resolve(pending)
+    assert m["loss"] == want["loss"] and m["grad_norm"] == want["grad_norm"]  # (2 x loss) / 2 processes
+    assert all(torch.equal(a, b) for a, b in zip(lora_tensors(ref), lora_tensors(t)))

@@ -6,13 +6,21 @@
 embedding, backward, grad-norm clipping, optimizer and scheduler steps. Every random draw of a
 step (σ, noise, caption dropout, LoRA dropout) comes from generators seeded by (seed, step,
 rank, micro-batch), so a resumed run repeats an uninterrupted one exactly.
+
+A step is two halves, so that the host need not wait for the GPU at every step:
+``launch(batches, step)`` queues the step's work on the device and returns a :class:`Pending`
+without any host sync (the loss and grad norm stay on the device, copied back asynchronously);
+``resolve(pending)`` waits for that step alone and returns its metrics. ``step`` is
+``resolve(launch(...))``; the train stage launches step N+1 before it resolves step N
+(:class:`StepPipeline`).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -64,6 +72,20 @@ def make_ema(params, train_params):
     return EMAModel(params, decay=train_params.ema_decay, foreach=True)
 
 
+@dataclasses.dataclass
+class Pending:
+    """A launched step (:meth:`Trainer.launch`) whose loss and grad norm are not read back yet."""
+
+    step: int
+    values: torch.Tensor  # [loss, grad norm], float64; on CUDA a pinned host copy that lands with ``done``
+    done: Optional[torch.cuda.Event]  # recorded after the step's last kernel (CUDA only)
+    lr: float
+    samples: int  # over all processes
+    launched: float  # time.perf_counter() when the launch began
+    peak_mem_gib: Optional[float]  # CUDA only: the allocator's peak while launching (host bookkeeping)
+    finished: Optional[float] = None  # when its work was seen done: the end of launch off CUDA, else resolve
+
+
 class Trainer:
     def __init__(self, transformer, lora_params, train_params, *, seed: int, device=None,
                  accelerator=None, empty_prompt: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
@@ -99,10 +121,17 @@ class Trainer:
         self.autocast = self.device.type == "cuda" and self.base_dtype != torch.float32
 
     # ------------------------------------------------------------------ one micro-batch
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device without a host sync: on CUDA pinned, then copied asynchronously
+        (a copy from pageable memory waits for the work already queued on the GPU)."""
+        if self.device.type != "cuda" or t.device.type != "cpu":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     def loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         tp = self.train_params
         b = batch.latents.shape[0]
-        latents = batch.latents.to(self.device, torch.float32)
+        latents = self.to_device(batch.latents).float()
         _, _, h, w = latents.shape
         x0 = flow.pack(latents)
         prompt, pooled = batch.prompt_embeds, batch.pooled
@@ -113,17 +142,17 @@ class Trainer:
                 pooled = torch.where(drop[:, None], self.empty[1].to(pooled.dtype).expand_as(pooled), pooled)
         sigmas = flow.sample_sigmas(b, tp.sigma_sampling, generator=generator, logit_mean=tp.logit_mean,
                                     logit_std=tp.logit_std, shift=tp.shift)
-        noise = torch.randn(x0.shape, generator=generator).to(self.device)
-        sigmas = sigmas.to(self.device)
+        noise = self.to_device(torch.randn(x0.shape, generator=generator))
+        sigmas = self.to_device(sigmas)
         xt, target = flow.noisy_and_target(x0, noise, sigmas)
         dtype = self.base_dtype
-        hidden, text = xt.to(dtype), prompt.to(self.device, dtype)
+        hidden, text = xt.to(dtype), self.to_device(prompt).to(dtype)
         if self.compiled:  # the first block's inputs need a gradient like every later block's: one graph
             hidden, text = hidden.detach().requires_grad_(), text.detach().requires_grad_()
         kwargs = dict(
             hidden_states=hidden, encoder_hidden_states=text,
-            pooled_projections=pooled.to(self.device, dtype), timestep=sigmas.to(dtype),
-            img_ids=flow.image_ids(h, w, self.device), txt_ids=flow.text_ids(prompt.shape[1], self.device),
+            pooled_projections=self.to_device(pooled).to(dtype), timestep=sigmas.to(dtype),
+            img_ids=self.to_device(flow.image_ids(h, w)), txt_ids=flow.text_ids(prompt.shape[1], self.device),
             guidance=torch.full((b,), tp.guidance, device=self.device) if self.guidance else None,
             return_dict=False)
         offload = offload_lib.activations(self.offloader) if self.offloader else contextlib.nullcontext()
@@ -132,9 +161,10 @@ class Trainer:
         return flow.flow_loss(pred, target)
 
     # ------------------------------------------------------------------ one optimizer step
-    def accumulate(self, batches: list[Batch], step: int) -> float:
-        """Forward and backward over the micro-batches (gradients summed); returns the mean loss."""
-        total = 0.0
+    def accumulate(self, batches: list[Batch], step: int) -> torch.Tensor:
+        """Forward and backward over the micro-batches (gradients summed); returns the mean loss as a
+        float64 tensor on the device (summed there: reading it back would wait for the GPU)."""
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         for micro, batch in enumerate(batches):
             seed = step_seed(self.seed, step, self.rank, micro)
             torch.manual_seed(seed)  # LoRA dropout
@@ -144,13 +174,15 @@ class Trainer:
             with sync:
                 loss = self.loss(batch, gen) / len(batches)
                 loss.backward()
-            total += loss.detach().float().item()
+            total = total + loss.detach().double()
         return total
 
-    def step(self, batches: list[Batch], step: int) -> dict:
-        """One optimizer step over the micro-batches; returns the step's metrics."""
+    def launch(self, batches: list[Batch], step: int) -> Pending:
+        """Queue one optimizer step over the micro-batches on the device; no host sync (the loss and
+        grad norm are read back by :meth:`resolve`)."""
         t0 = time.perf_counter()
-        if self.device.type == "cuda":
+        cuda = self.device.type == "cuda"
+        if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.model.train()
         # the first call of compiled blocks builds them; if that fails the step reruns eager
@@ -163,19 +195,39 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.step(self.params)
-        if self.world > 1:
-            total_t = torch.tensor([total], device=self.device)
-            torch.distributed.all_reduce(total_t)
-            total = total_t.item() / self.world
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        dt = time.perf_counter() - t0
+        if self.world > 1:  # the mean loss over processes (queued like the rest)
+            total = total.reshape(1)
+            torch.distributed.all_reduce(total)
+            total = total[0] / self.world
+        values = torch.stack([total, grad_norm.to(total.device, torch.float64)])
+        done = peak = None
+        if cuda:
+            values = values.to("cpu", non_blocking=True)  # into pinned memory, behind the step's kernels
+            done = torch.cuda.Event()
+            done.record()
+            peak = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
         samples = sum(b.latents.shape[0] for b in batches) * self.world
-        metrics = {"loss": total, "lr": lr, "grad_norm": float(grad_norm), "step_time": dt,
-                   "samples_per_s": samples / dt}
-        if self.device.type == "cuda":
-            metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+        finished = None if cuda else time.perf_counter()  # off CUDA the work ran in this call
+        return Pending(step, values, done, lr, samples, t0, peak, finished)
+
+    def resolve(self, pending: Pending, since: Optional[float] = None) -> dict:
+        """Wait for a launched step and return its metrics; ``step_time`` runs to ``pending.finished``
+        from ``since`` (a ``time.perf_counter()``: when the step before finished) or else from its launch."""
+        if pending.done is not None:
+            pending.done.synchronize()  # this step's work only, not the steps launched after it
+        if pending.finished is None:
+            pending.finished = time.perf_counter()
+        dt = pending.finished - (pending.launched if since is None else since)
+        loss, grad_norm = pending.values.tolist()
+        metrics = {"loss": loss, "lr": pending.lr, "grad_norm": grad_norm, "step_time": dt,
+                   "samples_per_s": pending.samples / dt}
+        if pending.peak_mem_gib is not None:
+            metrics["peak_mem_gib"] = pending.peak_mem_gib
         return metrics
+
+    def step(self, batches: list[Batch], step: int) -> dict:
+        """One optimizer step over the micro-batches, waited for; returns the step's metrics."""
+        return self.resolve(self.launch(batches, step))
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict:
@@ -203,3 +255,40 @@ class Trainer:
             yield
         finally:
             self.ema.restore(self.params)
+
+
+class StepPipeline:
+    """Training steps one ahead of their bookkeeping: :meth:`launch` queues a step on the device
+    (Trainer.launch), then resolves the step before it (Trainer.resolve, the one host sync) and hands
+    its metrics to ``report(metrics, done)``, so the GPU runs step N+1 while the host checks and logs
+    step N and loads the next batches. :meth:`flush` resolves the pending step: call it before
+    anything that needs the run settled (a checkpoint, validation, a snapshot, a stop, the export).
+    Every step is reported once, in order. ``step_time``: from when the step before was seen finished
+    (in a steady run, the GPU's time per step), or from its own launch after a flush."""
+
+    def __init__(self, trainer: Trainer, report: Callable[[dict, int], None]):
+        self.trainer, self.report = trainer, report
+        self.pending = None
+        self.since: float | None = None  # when the step before finished (None: after a flush)
+        self.last: dict = {}  # the metrics of the last step resolved
+
+    def launch(self, batches: list[Batch], step: int) -> None:
+        try:
+            launched = self.trainer.launch(batches, step)
+        except BaseException:
+            self.flush()  # the step before still gets its check and its row
+            raise
+        self.resolve_pending()
+        self.pending = launched
+
+    def flush(self) -> None:
+        self.resolve_pending()
+        self.since = None
+
+    def resolve_pending(self) -> None:
+        if self.pending is None:
+            return
+        pending, self.pending = self.pending, None
+        self.last = self.trainer.resolve(pending, since=self.since)
+        self.since = pending.finished
+        self.report(self.last, pending.step + 1)
