@@ -131,7 +131,8 @@ def project(root: Path, base: Path, card: int, steps: int) -> Path:
 # ----------------------------------------------------------------------------- one stage
 def stage(name: str, root: Path, card: int, variant: str = "") -> dict:
     """Run ``stages.<name>.main()`` in this process (cwd = the project) under a ``card`` GiB limit.
-    ``variant`` (tokens joined by ``+``) changes the plan for a measurement: ``nooffload``; ``validate`` turns on
+    ``variant`` (tokens joined by ``+``) changes the plan for a measurement: ``nooffload`` / ``offload`` (activation
+    offload off / on in every plan); ``res=512``, ``sbatch=N``, ``ssteps=N``, ``seeds=N``, ``cmode=MODE``; ``validate`` turns on
     validation images every 4 steps; ``q=fp8`` / ``compile=0`` / ``cap=8.0`` set model.quantization,
     train/sample.compile and a pretended GPU generation; ``profile`` also writes
     profile-train-<card>.txt (see profile_train_steps) to $OUT or the project."""
@@ -143,13 +144,15 @@ def stage(name: str, root: Path, card: int, variant: str = "") -> dict:
 
     tokens = variant.split("+") if variant else []
     for cls, plan in list(memory.PLANS.items()):
-        if "nooffload" in tokens:
-            memory.PLANS[cls] = dataclasses.replace(plan, offload_activations=False)
+        if "nooffload" in tokens or "offload" in tokens:
+            memory.PLANS[cls] = dataclasses.replace(plan, offload_activations="offload" in tokens)
     # key=value tokens override params: q (model.quantization), compile (train/sample.compile), cap (a GPU
     # generation to pretend: FLUXIMP_GPU_CAPABILITY, e.g. 8.0 for the Ampere fallback)
     settings = dict(t.split("=", 1) for t in tokens if "=" in t)
     if "cap" in settings:
         os.environ["FLUXIMP_GPU_CAPABILITY"] = settings["cap"]
+    if "cmode" in settings:  # a torch.compile mode for the blocks, e.g. reduce-overhead (CUDA graphs)
+        os.environ["FLUXIMP_COMPILE_MODE"] = settings["cmode"]
 
     cuda = torch.cuda.is_available()  # without one: a dry run of the driver on the tiny model
     os.environ["FLUXIMP_VRAM_LIMIT_GIB"] = str(card)  # what the memory preflight sees as free

@@ -11,7 +11,7 @@ The compiled graphs are cached on disk under :func:`cache_dir` (inductor's FX gr
 AOTAutograd cache and Triton's kernels), beside the quantize-once cache: outside the repo, so every
 ``dvc exp run`` on the machine, ``--temp`` and queued ones included, reuses them and a second run
 pays only dynamo's tracing. If compiling fails, one log line says so and the stage runs eager
-(:func:`run_first`).
+(:func:`run_first`). ``FLUXIMP_COMPILE_MODE`` passes a ``torch.compile`` mode (benchmarks only).
 """
 from __future__ import annotations
 
@@ -62,8 +62,9 @@ def compile_blocks(transformer, backend: Union[str, Callable] = "inductor") -> N
     # one static graph per shape (few shapes: the buckets, the sampling batch) rather than a dynamic one
     torch._dynamo.config.automatic_dynamic_shapes = False
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+    mode = os.environ.get("FLUXIMP_COMPILE_MODE") or None  # benchmarks: e.g. reduce-overhead (CUDA graphs)
     for block in repeated_blocks(transformer):
-        block.compile(fullgraph=False, backend=backend)
+        block.compile(fullgraph=False, backend=backend, mode=mode)
     transformer._fluximp_compiled = True
 
 
