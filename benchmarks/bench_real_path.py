@@ -187,7 +187,8 @@ def stage(name: str, root: Path, card: int, variant: str = "") -> dict:
 
     def load(path=None):
         p = real_load(path)
-        train, model, sample = {}, {"vram_gb": card}, {}  # the card emulated, in any card's project
+        # the card emulated, in any card's project (a card above the classes: auto, FLUXIMP_VRAM_LIMIT_GIB caps it)
+        train, model, sample = {}, {"vram_gb": card if card in memory.CARDS else "auto"}, {}
         if "validate" in tokens:  # in-training validation images every 4 steps (the train.validate_every knob)
             train["validate_every"] = 4
         if "q" in settings:
@@ -208,7 +209,7 @@ def stage(name: str, root: Path, card: int, variant: str = "") -> dict:
 
     params_lib.load = load
     if "profile" in tokens:
-        profile_train_steps(Path(os.environ.get("OUT", root)) / f"profile-{name}-{card}.txt")
+        profile_train_steps(Path(os.environ.get("FLUXIMP_BENCH_OUT", root)) / f"profile-{name}-{card}.txt")
     timed(flux, "load_transformer", "transformer_load_s")
     timed(flux, "load_text_encoders", "text_encoders_load_s")
     timed(render, "denoise", "denoise_s")
@@ -493,7 +494,8 @@ def main() -> None:
         a.out.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                "FLUXIMP_MLFLOW": "0", "FLUXIMP_PROGRESS": "0", "HF_HUB_OFFLINE": "1",
-               "FLUXIMP_QUANT_CACHE": str(a.work / "qcache"), "FLUXIMP_CACHE": str(a.work / "cache")}
+               "FLUXIMP_QUANT_CACHE": str(a.work / "qcache"), "FLUXIMP_CACHE": str(a.work / "cache"),
+               "FLUXIMP_BENCH_OUT": str(a.out.resolve())}
         jsonl = a.out / "real_path.jsonl"
         logs = a.out / "stage_logs.txt"
 
