@@ -406,6 +406,66 @@ def peer(kind: str, base: Path) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- one whole experiment
+def experiment(rows: list[dict], card: int, evaluate_s: float) -> list[tuple[str, float, str]]:
+    """Minutes of one ``dvc exp run`` on the flux-dev profile for ``card``, after a first run filled the
+    caches, from the measured ``rows`` (the last train row of that card after a warm compile cache, the
+    last sample row): (phase, minutes, how it was obtained). The counts come from conf/profile/flux-dev.yaml."""
+    import yaml
+
+    prof = yaml.safe_load((REPO / "conf/profile/flux-dev.yaml").read_text())
+    tr, sp, grid = prof["train"], prof["sample"], prof["eval"]["grid"]
+    prompts = [ln for ln in (REPO / sp["prompts"]).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    from stages.core.params import Sample, Train
+
+    scales, vsteps = Sample().lora_scales, Train().validation_steps
+    train = [r for r in rows if r.get("stage") == "train" and r.get("card_gib") == card and r.get("s_per_step")]
+    sample = [r for r in rows if str(r.get("stage", "")).startswith("sample") and r.get("card_gib") == card
+              and r.get("s_per_denoise_step")]
+    if not train or not sample:
+        return []
+    t, s = train[-1], sample[-1]  # the last: warm caches
+    step, denoise = t["s_per_step"], s["s_per_denoise_step"]
+    # the sample stage's fixed cost: everything but the text encoders (cached prompts in an experiment) and
+    # the timed denoising (the untimed warm-up calls that compile stay in: an experiment compiles too)
+    fixed = s["seconds"] - s.get("text_encoders_load_s", 0) - s.get("denoise_s", 0)
+    snapshots = len(range(tr["save_every"], tr["steps"] + 1, tr["save_every"]))
+    grid_steps = min(snapshots, prof["train"]["keep_last"])
+    lora_images = len(prompts) * len(sp["seeds"]) * sum(1 for x in scales if x > 0)
+    grid_images = grid_steps * len(grid["scales"]) * grid["prompts"] * 2
+    validations = tr["steps"] // tr["validate_every"] * len(prompts)
+    m = 60.0
+    return [
+        ("train: load + first step (warm caches)", (t["transformer_load_s"] + t["first_step_s"]) / m, "measured"),
+        (f"train: {tr['steps'] - 1} more steps x {step} s", (tr["steps"] - 1) * step / m, "extrapolated from s/step"),
+        (f"validation: {validations} images x {vsteps} steps", validations * vsteps * denoise / m,
+         "extrapolated from the sample stage's s per denoising step"),
+        (f"operating point: {grid_images} LoRA images x {sp['steps']} steps + fixed", (grid_images * sp["steps"] * denoise
+                                                                                      + fixed) / m,
+         "extrapolated (grid not run at real size)"),
+        ("sample: base images", 0.0, "base-image cache (first run: + the base images)"),
+        (f"sample: {lora_images} LoRA images x {sp['steps']} steps + fixed", (lora_images * sp["steps"] * denoise + fixed) / m,
+         f"extrapolated from {denoise} s per denoising step; fixed {fixed:.0f} s measured"),
+        ("evaluate", evaluate_s / m, "measured 2026-12-01 (reports/bench/real_path.md)"),
+    ]
+
+
+def experiment_report(paths: list[Path], cards: list[int], evaluate_s: float) -> str:
+    rows = [json.loads(ln) for p in paths for ln in p.read_text().splitlines() if ln.strip()]
+    out = []
+    for card in cards:
+        phases = experiment(rows, card, evaluate_s)
+        if not phases:
+            out.append(f"{card} GiB: no train + sample rows")
+            continue
+        out += [f"## {card} GiB class", "", "| phase | minutes | how |", "|---|---:|---|"]
+        out += [f"| {name} | {mins:.1f} | {how} |" for name, mins, how in phases]
+        core = sum(mins for name, mins, _ in phases if not name.startswith("operating point"))
+        out += [f"| **train + validation + sample + evaluate** | **{core:.1f}** | |",
+                f"| **with the operating-point grid** | **{core + phases[3][1]:.1f}** | |", ""]
+    return "\n".join(out)
+
+
 # ----------------------------------------------------------------------------- driver and report
 def fresh(root: Path) -> None:
     """No checkpoint of an earlier train run in the project: every train row trains all its steps."""
@@ -473,6 +533,10 @@ def main() -> None:
         x = sub.add_parser(n)
         x.add_argument("kind")
         x.add_argument("base", type=Path)
+    e = sub.add_parser("experiment", help="minutes of one flux-dev experiment per card, from measured rows")
+    e.add_argument("rows", type=Path, nargs="+")
+    e.add_argument("--cards", default="24,8")
+    e.add_argument("--evaluate-s", type=float, default=23.1)
     rep = sub.add_parser("report")
     rep.add_argument("--out", type=Path, default=REPO / "reports" / "bench")
     a = ap.parse_args()
@@ -487,6 +551,8 @@ def main() -> None:
         print(json.dumps(t5_options(a.base)), flush=True)
     elif a.cmd == "peer":
         print(json.dumps(peer(a.kind, a.base)), flush=True)
+    elif a.cmd == "experiment":
+        print(experiment_report(a.rows, [int(c) for c in a.cards.split(",")], a.evaluate_s))
     elif a.cmd == "report":
         rows = [json.loads(ln) for ln in (a.out / "real_path.jsonl").read_text().splitlines() if ln.strip()]
         report(rows, a.out / "real_path.md", "python benchmarks/bench_real_path.py run (see the jsonl)")

@@ -1,0 +1,56 @@
+"""benchmarks/bench_real_path.py experiment: the minutes of one flux-dev experiment from measured rows
+(README's "one experiment takes N minutes" comes from it), with the image counts of the flux-dev profile."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_real_path", REPO / "benchmarks/bench_real_path.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ROWS = [
+    {"stage": "train", "card_gib": 24, "s_per_step": 0.5, "first_step_s": 40.0, "transformer_load_s": 30.0},
+    {"stage": "train", "card_gib": 24, "s_per_step": 0.4, "first_step_s": 14.0, "transformer_load_s": 16.0},
+    {"stage": "sample-warm", "card_gib": 24, "s_per_denoise_step": 0.1, "seconds": 70.0, "text_encoders_load_s": 8.0,
+     "denoise_s": 2.0},
+    {"stage": "train", "card_gib": 8, "s_per_step": 0.6, "first_step_s": 14.0, "transformer_load_s": 13.0},
+]
+
+
+def test_phases_use_the_last_warm_rows_and_the_profiles_counts(bench):
+    rows = bench.experiment(ROWS, 24, evaluate_s=30.0)
+    phases = {name.split(":")[0]: (mins, name) for name, mins, _ in rows}
+
+    def find(text):
+        return next((mins, name) for name, mins, _ in rows if text in name)
+
+    assert find("load + first step")[0] == pytest.approx((16 + 14) / 60)  # the last (warm) train row
+    steps = find("more steps")
+    assert "1499 more steps x 0.4 s" in steps[1] and steps[0] == pytest.approx(1499 * 0.4 / 60)
+    fixed = 70 - 8 - 2  # the stage's time but the text encoders (cached prompts) and the timed denoising
+    sample = find("sample: 160")
+    assert "160 LoRA images x 28 steps" in sample[1]  # 20 prompts x 4 seeds x scales 0.5, 1
+    assert sample[0] == pytest.approx((160 * 28 * 0.1 + fixed) / 60)
+    grid = phases["operating point"]
+    assert "60 LoRA images" in grid[1]  # snapshots 1000, 1250, 1500 x 2 scales x 5 prompts x 2 seeds
+    assert "120 images x 4 steps" in phases["validation"][1]  # every 250 of 1500 steps x 20 prompts
+    assert phases["evaluate"][0] == pytest.approx(0.5)
+
+
+def test_report_sums_the_phases_and_says_when_a_card_has_no_rows(bench, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    text = bench.experiment_report([path], [24, 8], evaluate_s=30.0)
+    phases = bench.experiment(ROWS, 24, 30.0)
+    core = sum(m for name, m, _ in phases if not name.startswith("operating point"))
+    assert f"**{core:.1f}**" in text and f"**{core + phases[3][1]:.1f}**" in text
+    assert "8 GiB: no train + sample rows" in text
