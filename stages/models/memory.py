@@ -91,20 +91,24 @@ def plan(model_params, device: Optional[torch.device] = None) -> Plan:
 
 
 # ----------------------------------------------------------------------------- model.quantization: auto
-def pick_quantization(card_gib: Optional[int], total_gib: float, capability: tuple[int, int]) -> str:
+def pick_quantization(card_gib: Optional[int], capability: tuple[int, int]) -> str:
     """The fastest transformer base that fits, by card class and GPU generation (train step at
     1024², rank 16; reports/bench/speed.md):
 
     - 8, 12 and 16 GiB classes: nf4 (the only base that fits with room for activations);
     - 24 GiB and up with fp8 tensor cores (compute capability >= 8.9: Ada, Hopper, Blackwell): fp8
       compute (stages.models.fp8), faster than bf16 even where bf16 fits;
-    - without them (Ampere: RTX 3090, A100): bf16 where it fits with room (>= 40 GiB), else nf4
-      (torchao int8 weight-only fits 24 GiB too but trains about 2x slower than compiled nf4)."""
+    - without them (Ampere: RTX 3090, A100): nf4, the 40/80 GB A100 included. Measured with the Ampere
+      fallback forced on an H200 (2026-12-03, reports/bench/speed.md): nf4 trains at 0.591 s/step in 10.2 GiB,
+      while the bf16 base (``none``) stopped with a non-finite gradient norm at its first step (a bug not
+      found yet: explicit ``none`` is still allowed, ``auto`` does not pick it) and trained at 0.617 s/step
+      in 24.6 GiB in an earlier loop (reports/bench/gpu_train.md); torchao int8 weight-only trains about 2x
+      slower than compiled nf4."""
     if card_gib is not None and card_gib <= 16:
         return "nf4"
     if tuple(capability) >= (8, 9):
         return "fp8"
-    return "none" if total_gib >= 40 else "nf4"
+    return "nf4"
 
 
 def capability(device: torch.device) -> tuple[int, int]:
@@ -125,10 +129,7 @@ def quantization(model_params, device) -> str:
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return "none"
-    total = torch.cuda.get_device_properties(device).total_memory
-    if os.environ.get("FLUXIMP_VRAM_LIMIT_GIB"):
-        total = min(total, float(os.environ["FLUXIMP_VRAM_LIMIT_GIB"]) * GIB)
-    return pick_quantization(plan(model_params, device).card_gib, total / GIB, capability(device))
+    return pick_quantization(plan(model_params, device).card_gib, capability(device))
 
 
 def resolve(p, device):
