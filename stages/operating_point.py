@@ -39,6 +39,7 @@ from stages.metrics.reference import Embedders, holdout_clip_embeddings, load_ho
 from stages.models import snapshots
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+ADAPTER = "grid"
 logger = logging.getLogger("stages.operating_point")
 
 
@@ -75,7 +76,7 @@ def render_grid(p: params.Params, full: list[str], jobs: list[tuple[int, int]],
     """Images: the base ones, then {(step, scale): images} — one transformer, one adapter per step.
     The base images come from the base-image cache the sample stage shares (stages.models.base_cache,
     ``sample.base_cache``): in a second experiment the grid renders LoRA images only."""
-    from stages.models import attention, base_cache, flux, memory, render
+    from stages.models import attention, base_cache, compiling, flux, memory, render
 
     sp = p.sample
     plan = memory.plan(p.model, device)
@@ -91,22 +92,31 @@ def render_grid(p: params.Params, full: list[str], jobs: list[tuple[int, int]],
                               backward=False)
     pipe = render.transformer_pipeline(p.model, flux.load_transformer(p.model, device=device))
     attention.set_backend(pipe.transformer, kernel)
+    # one adapter name for every step: the next snapshot is hot-swapped into the same layers and the scale
+    # set in place (render.set_lora_scale), so compiled blocks are built once for the base, once for LoRA
+    pipe.load_lora_weights(str(adapters[0][1]), weight_name=LORA_FILE, adapter_name=ADAPTER)
+    if compiling.enabled(sp.compile, device):  # as the sample stage (after the adapter: its layers are in the graphs)
+        compiling.compile_blocks(pipe.transformer)
+
+    def denoise(rows, job_seeds, progress=None):
+        return compiling.run_first(lambda: render.denoise(
+            pipe, embeds[rows], pooled[rows], job_seeds, steps=sp.steps, guidance=sp.guidance, height=sp.resolution,
+            width=sp.resolution, batch_size=sp.batch_size, progress=progress), pipe.transformer)
+
     latents = {}
-    if todo:  # whole batches only (lookup), so the images are those of a cold run
-        latents["base"] = render.denoise(pipe, embeds[todo], pooled[todo], [seeds[k] for k in todo], steps=sp.steps,
-                                         guidance=sp.guidance, height=sp.resolution, width=sp.resolution,
-                                         batch_size=sp.batch_size)
+    if todo:  # whole batches only (lookup), so the images are those of a cold run; the adapter off, as in sample
+        pipe.disable_lora()
+        latents["base"] = denoise(todo, [seeds[k] for k in todo])
+        pipe.enable_lora()
     bar = log.progress(total=len(adapters) * len(scales) * len(jobs), desc="grid images", unit="img")
-    for step, folder in adapters:
-        name = f"step{step}"
-        pipe.load_lora_weights(str(folder), weight_name=LORA_FILE, adapter_name=name)
+    for i, (step, folder) in enumerate(adapters):
+        if i:
+            pipe.load_lora_weights(str(folder), weight_name=LORA_FILE, adapter_name=ADAPTER, hotswap=True)
         for scale in scales:
-            pipe.set_adapters([name], [scale])
+            render.set_lora_scale(pipe.transformer, ADAPTER, scale)
             done = bar.n
-            latents[(step, scale)] = render.denoise(
-                pipe, embeds, pooled, seeds, steps=sp.steps, guidance=sp.guidance, height=sp.resolution,
-                width=sp.resolution, batch_size=sp.batch_size, progress=lambda n: bar.update(done + n - bar.n))
-        pipe.delete_adapters([name])
+            latents[(step, scale)] = denoise(list(range(len(jobs))), seeds,
+                                             progress=lambda n: bar.update(done + n - bar.n))
     bar.close()
     del pipe
     render.free_memory()

@@ -113,3 +113,56 @@ def test_block_inputs_get_one_layout_with_the_same_values(shape, index):
     assert torch.equal(whole.grad[index], torch.ones_like(part)) and whole.grad.sum() == part.numel()
     contiguous = torch.randn(2, 3, 4)
     assert compiling.same_layout(contiguous) is contiguous
+
+
+def test_lora_scales_and_hot_swapped_adapters_reuse_the_compiled_blocks(tmp_path):
+    """The sample stage renders several LoRA scales and the operating-point grid several snapshots: with
+    the scale set in place (render.set_lora_scale) and the next adapter hot-swapped into the same layers,
+    the compiled blocks are built once, and every latent equals diffusers' eager set_adapters/load path."""
+    import torch._dynamo
+    from safetensors.torch import load_file, save_file
+    from torch._dynamo.testing import CompileCounter
+
+    from stages.models import flux, memory, render
+    from tests.samplekit import make_adapter
+    from tests.stagerun import write_params
+
+    p = write_params(tmp_path, "sample.steps=2")
+    make_adapter(p, tmp_path / "a")
+    weights = load_file(tmp_path / "a/pytorch_lora_weights.safetensors")  # another snapshot: other B matrices
+    (tmp_path / "b").mkdir()
+    save_file({k: -0.5 * v if "lora_B" in k else v for k, v in weights.items()},
+              tmp_path / "b/pytorch_lora_weights.safetensors")
+    embeds, pooled = render.embed_prompts(p.model, ["a harbour at dawn"], 32, memory.UNCONSTRAINED, device="cpu")
+    lora_file = "pytorch_lora_weights.safetensors"
+
+    def denoise(pipe):
+        return render.denoise(pipe, embeds, pooled, [0], steps=2, guidance=3.5, height=64, width=64)[0]
+
+    eager = render.transformer_pipeline(p.model, flux.load_transformer(p.model, device="cpu"))
+    expected = []
+    for folder, scales in (("a", (1.0, 0.5, 0.75)), ("b", (0.75,))):
+        eager.load_lora_weights(str(tmp_path / folder), weight_name=lora_file, adapter_name=folder)
+        for scale in scales:
+            eager.set_adapters([folder], [scale])
+            expected.append(denoise(eager))
+        eager.delete_adapters([folder])
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    pipe = render.transformer_pipeline(p.model, flux.load_transformer(p.model, device="cpu"))
+    pipe.load_lora_weights(str(tmp_path / "a"), weight_name=lora_file, adapter_name="grid")
+    compiling.compile_blocks(pipe.transformer, backend=counter)
+    got = []
+    for scale in (1.0, 0.5, 0.75):
+        render.set_lora_scale(pipe.transformer, "grid", scale)
+        got.append(denoise(pipe))
+        if scale == 1.0:
+            built = counter.frame_count
+    pipe.load_lora_weights(str(tmp_path / "b"), weight_name=lora_file, adapter_name="grid", hotswap=True)
+    render.set_lora_scale(pipe.transformer, "grid", 0.75)  # a swap resets the scale to the adapter's own
+    got.append(denoise(pipe))
+    assert built > 0 and counter.frame_count == built  # no block compiled again
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(got[0], got[1]) and not torch.equal(got[2], got[3])  # the scale and the swap took

@@ -110,6 +110,27 @@ def transformer_pipeline(model_params, transformer):
     return pipe
 
 
+def set_lora_scale(transformer, adapter: str, scale: float) -> None:
+    """Render with ``adapter`` at ``scale`` (peft's: ``scale`` x alpha / rank). The scales are 0-dim tensors
+    changed in place, so compiled blocks read a new value instead of baking a new constant: diffusers'
+    ``set_adapters`` stores Python floats, on which dynamo specialises, and every scale compiled each block
+    again (about 12 s per scale on an H200 at 1024², reports/bench/speed.md). Same arithmetic as a float."""
+    import math
+
+    from peft.tuners.lora import LoraLayer
+
+    for module in transformer.modules():
+        if not isinstance(module, LoraLayer) or adapter not in module.scaling:
+            continue
+        rank = module.r[adapter]
+        value = scale * module.lora_alpha[adapter] / (math.sqrt(rank) if module.use_rslora.get(adapter) else rank)
+        current = module.scaling[adapter]
+        if isinstance(current, torch.Tensor):
+            current.fill_(value)
+        else:
+            module.scaling[adapter] = torch.tensor(value, device=module.lora_A[adapter].weight.device)
+
+
 @torch.no_grad()
 def denoise(pipe, embeds: torch.Tensor, pooled: torch.Tensor, seeds: list[int], *, steps: int,
             guidance: float, height: int, width: int, batch_size: int = 1,
