@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.core import gpus, log, params, tracking
+from stages.core import gpus, lineage, log, params, tracking
 from stages.core import images as core_images
 from stages.core.io import atomic_dir, read_json, write_json, write_text
 from stages.core.paths import OperatingPoint
@@ -218,7 +218,8 @@ def main() -> None:
     if not rec.get("enabled"):
         return
     best = rec["recommended"]
-    with tracking.run("operating_point", p):
+    # the run that trained the final adapter gets the point (found by the adapter's hash, as sample and evaluate)
+    with tracking.run("operating_point", p, adapter_sha=lineage.adapter_hash(paths.lora)):
         tracking.log_metrics({"op_step": best["step"], "op_scale": best["scale"], "op_style": best["style"],
                               "op_content": best["content"]})
         tracking.set_tags({"operating_point": f"step {best['step']}, scale {best['scale']:g}"})

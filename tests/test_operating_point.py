@@ -184,6 +184,28 @@ def test_a_second_run_gives_identical_files(gridded):
     assert outputs(gridded) == first
 
 
+def test_the_point_goes_to_the_run_that_trained_the_final_adapter(gridded, monkeypatch):
+    """Like sample and evaluate, the stage's MLflow run is found by the final adapter's hash (not a run of
+    its own with a warning)."""
+    import contextlib
+
+    from stages import operating_point
+    from stages.core import lineage, tracking
+    from tests.stagerun import run_stage
+
+    seen = {}
+
+    @contextlib.contextmanager
+    def run(stage, p, **kwargs):
+        seen[stage] = kwargs
+        yield None
+
+    monkeypatch.setattr(tracking, "run", run)
+    run_stage(operating_point.main, gridded)
+    sha = lineage.adapter_hash(gridded / "models/lora")
+    assert sha and seen == {"operating_point": {"adapter_sha": sha}}
+
+
 def test_sample_best_renders_the_recorded_point(gridded, monkeypatch):
     import hashlib
 
