@@ -332,8 +332,11 @@ def test_resolve_times_the_step_to_its_finish_from_its_launch_or_from_since(tiny
     before = time.perf_counter()
     pending = t.launch([make_batch()], 0)
     assert before <= pending.launched <= pending.finished <= time.perf_counter()  # on CPU: done in launch
+    end = pending.finished
+    time.sleep(0.01)  # resolving later does not move the finish: off CUDA the work was done in launch
     m = t.resolve(pending, since=before - 100.0)  # e.g. when the step before finished
-    assert m["step_time"] == pending.finished - (before - 100.0) and m["samples_per_s"] == B / m["step_time"]
+    assert pending.finished == end
+    assert m["step_time"] == end - (before - 100.0) and m["samples_per_s"] == B / m["step_time"]
     pending = t.launch([make_batch()], 1)
     m = t.resolve(pending)
     assert m["step_time"] == pending.finished - pending.launched > 0
