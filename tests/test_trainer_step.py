@@ -350,6 +350,7 @@ def test_the_step_pipeline_reports_every_step_once_in_order_one_step_behind(tiny
     t.resolve = lambda p, since=None: events.append(f"R{p.step}") or real_resolve(p, since)
     reported = []
     steps = StepPipeline(t, lambda metrics, done: reported.append((done, metrics["step_time"])))
+    assert steps.last == {}  # nothing resolved yet: what train.run returns when there is no step to train
     for step in range(3):
         steps.launch([make_batch()], step)
     steps.flush()
@@ -412,3 +413,11 @@ def test_launch_reads_nothing_back_from_the_device(tiny_transformer, monkeypatch
     m = t.resolve(pending)
     assert m["loss"] == want["loss"] and m["grad_norm"] == want["grad_norm"]  # (2 x loss) / 2 processes
     assert all(torch.equal(a, b) for a, b in zip(lora_tensors(ref), lora_tensors(t)))
+
+
+@pytest.mark.parametrize("setting,compiled", [(True, True), (False, False), ("auto", False)])  # auto: CUDA only
+def test_train_compile_decides_whether_the_blocks_are_compiled(tiny_transformer, setting, compiled):
+    from stages.models import compiling
+
+    t = make(tiny_transformer, compile=setting)
+    assert t.compiled is compiled and compiling.is_compiled(t.transformer) is compiled
