@@ -132,7 +132,8 @@ def project(root: Path, base: Path, card: int, steps: int) -> Path:
 def stage(name: str, root: Path, card: int, variant: str = "") -> dict:
     """Run ``stages.<name>.main()`` in this process (cwd = the project) under a ``card`` GiB limit.
     ``variant`` (tokens joined by ``+``) changes the plan for a measurement: ``nooffload`` / ``offload`` (activation
-    offload off / on in every plan); ``res=512``, ``sbatch=N``, ``ssteps=N``, ``seeds=N``, ``cmode=MODE``; ``validate`` turns on
+    offload off / on in every plan); ``res=512``, ``sbatch=N``, ``ssteps=N``, ``seeds=N``, ``cmode=MODE``,
+    ``attn=flash|cudnn``, ``keep=N`` (blocks not checkpointed); ``validate`` turns on
     validation images every 4 steps; ``q=fp8`` / ``compile=0`` / ``cap=8.0`` set model.quantization,
     train/sample.compile and a pretended GPU generation; ``profile`` also writes
     profile-train-<card>.txt (see profile_train_steps) to $OUT or the project."""
@@ -153,6 +154,10 @@ def stage(name: str, root: Path, card: int, variant: str = "") -> dict:
         os.environ["FLUXIMP_GPU_CAPABILITY"] = settings["cap"]
     if "cmode" in settings:  # a torch.compile mode for the blocks, e.g. reduce-overhead (CUDA graphs)
         os.environ["FLUXIMP_COMPILE_MODE"] = settings["cmode"]
+    if "attn" in settings:  # the attention kernel forced: flash | cudnn
+        os.environ["FLUXIMP_ATTENTION"] = settings["attn"]
+    if "keep" in settings:  # blocks not checkpointed forced (else what memory.kept_blocks gives the card)
+        memory.kept_blocks = lambda pl, vram, per_block, n, k=int(settings["keep"]): min(n, k)
 
     cuda = torch.cuda.is_available()  # without one: a dry run of the driver on the tiny model
     os.environ["FLUXIMP_VRAM_LIMIT_GIB"] = str(card)  # what the memory preflight sees as free
@@ -210,6 +215,15 @@ def stage(name: str, root: Path, card: int, variant: str = "") -> dict:
     params_lib.load = load
     if "profile" in tokens:
         profile_train_steps(Path(os.environ.get("FLUXIMP_BENCH_OUT", root)) / f"profile-{name}-{card}.txt")
+    real_estimate = memory.estimate
+
+    def estimate(stage_name, *a, **k):  # what the card's plan gave: blocks kept out of checkpointing
+        need = real_estimate(stage_name, *a, **k)
+        if stage_name == "train":
+            timings["kept_blocks"] = need.kept_blocks
+        return need
+
+    memory.estimate = estimate
     timed(flux, "load_transformer", "transformer_load_s")
     timed(flux, "load_text_encoders", "text_encoders_load_s")
     timed(render, "denoise", "denoise_s")
@@ -223,6 +237,12 @@ def stage(name: str, root: Path, card: int, variant: str = "") -> dict:
         out["ok"], out["error"] = False, f"{type(err).__name__}: {str(err)[-300:]}"
     out["seconds"] = round(time.perf_counter() - t0, 1)
     out.update(timings)
+    try:  # where the first step's compile time went (dynamo, AOTAutograd, inductor), into stage_logs.txt
+        from torch._dynamo.utils import compile_times
+
+        print(compile_times(repr="str", aggregate=True), file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - a report, never a failure of the bench
+        print(f"compile_times: {err}", file=sys.stderr)
     if cuda:
         out["vram_peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
         out["vram_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 2)

@@ -139,7 +139,10 @@ def prepare(p, paths: Train, accelerator, main_proc: bool):
     plan = memory.plan(p.model, device)
     if main_proc:
         log.info("memory plan: %s", plan.describe())
-        flux.preflight("train", p, device, plan)
+    need = flux.preflight("train", p, device, plan, check=main_proc)
+    kept = need.kept_blocks if need is not None else 0
+    if main_proc and kept:
+        log.info("gradient checkpointing: %d blocks keep their activations (no recompute), the card has room", kept)
     # validation prompts are embedded (and the text encoders freed) before the transformer loads
     validator = validation.prepare(p, device, plan) if main_proc and p.train.validate_every else None
     # cuDNN attention where a probe of this shape passes (run before the load; set before compiling)
@@ -149,7 +152,7 @@ def prepare(p, paths: Train, accelerator, main_proc: bool):
     attention.set_backend(transformer, kernel)
     trainer = Trainer(transformer, p.lora, p.train, seed=p.seed, device=device, accelerator=accelerator,
                       empty_prompt=cache.empty,
-                      offloader=offload.Offloader() if plan.offload_activations else None)
+                      offloader=offload.Offloader() if plan.offload_activations else None, kept_blocks=kept)
     ident = ckpt.identity(p, cache.index["key"])
     resume = ckpt.plan(paths.checkpoints, ident, p.train) if main_proc else None
     if accelerator is not None and accelerator.num_processes > 1:

@@ -260,3 +260,29 @@ def test_forced_capability_pretends_another_generation(monkeypatch):
 
     monkeypatch.setenv("FLUXIMP_GPU_CAPABILITY", "8.0")
     assert memory.capability(torch.device("cpu")) == (8, 0)
+
+
+def test_blocks_kept_out_of_checkpointing_fill_the_room_the_card_class_leaves():
+    """train: where the class has room beside the estimate, that many blocks keep their activations
+    (no recompute); none on the CPU, with activation offload, without checkpointing or without room."""
+    sizes = {"transformer": int(22.2 * memory.GIB)}
+    p = params.Params()
+    p.train.resolution, p.train.max_sequence_length, p.train.batch_size = 1024, 512, 1
+    p.train.gradient_checkpointing, p.model.quantization = True, "fp8"
+    per_block = memory.ACTIVATIONS_PER_BLOCK * memory.tokens(1024, 512) * 3072 * 2
+    plain = memory.estimate("train", sizes, 3072, 57, p, memory.PLANS[24])
+    kept = plain.kept_blocks
+    assert 4 <= kept < 19  # some of FLUX.1-dev's 19 double blocks on a 24 GiB card at 1024²
+    base = plain.vram - kept * per_block
+    assert base + kept * per_block <= 24 * memory.GIB * (1 - memory.SLACK) < base + (kept + 1) * per_block
+    p.train.resolution = 512  # 3x fewer tokens: more blocks fit
+    assert memory.estimate("train", sizes, 3072, 57, p, memory.PLANS[24]).kept_blocks > 2 * kept
+    p.train.resolution = 1024
+    p.model.quantization = "nf4"
+    assert memory.estimate("train", sizes, 3072, 57, p, memory.PLANS[12]).kept_blocks == 0  # no room
+    assert memory.estimate("train", sizes, 3072, 57, p, memory.PLANS[16]).kept_blocks > 0
+    assert memory.estimate("train", sizes, 3072, 57, p, memory.PLANS[8]).kept_blocks == 0  # offload
+    assert memory.estimate("train", sizes, 3072, 57, p, memory.UNCONSTRAINED).kept_blocks == 0  # CPU
+    p.train.gradient_checkpointing = False
+    assert memory.estimate("train", sizes, 3072, 57, p, memory.PLANS[24]).kept_blocks == 0
+    assert memory.kept_blocks(memory.PLANS[24], 0, memory.GIB // 16, 57) == 57  # at most every block

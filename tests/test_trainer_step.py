@@ -421,3 +421,29 @@ def test_train_compile_decides_whether_the_blocks_are_compiled(tiny_transformer,
 
     t = make(tiny_transformer, compile=setting)
     assert t.compiled is compiled and compiling.is_compiled(t.transformer) is compiled
+
+
+def test_kept_blocks_skip_checkpointing_double_blocks_first_with_the_same_gradients(tiny_transformer, monkeypatch):
+    """train.gradient_checkpointing with ``kept_blocks`` (what a card with room gets, stages.models.memory):
+    the first blocks (the double ones first) run without checkpointing, the rest are checkpointed,
+    and the gradients are those of checkpointing every block."""
+    real = torch.utils.checkpoint.checkpoint
+    checkpointed = []
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda fn, *a, **k: checkpointed.append(fn.__self__) or real(fn, *a, **k))
+    n = len(compiling.repeated_blocks(tiny_transformer))
+    doubles = len(tiny_transformer.transformer_blocks)
+    assert 0 < doubles < n
+    grads = {}
+    for keep in (0, doubles + 1, n):
+        checkpointed.clear()
+        tp = Train(resolution=32, steps=4, warmup_steps=0, caption_dropout=0.0, gradient_checkpointing=True)
+        t = Trainer(copy.deepcopy(tiny_transformer), Lora(rank=4), tp, seed=0, device="cpu", kept_blocks=keep)
+        t.accumulate([make_batch()], step=0)
+        blocks = compiling.repeated_blocks(t.transformer)
+        assert blocks[:doubles] == list(t.transformer.transformer_blocks)  # double blocks come first
+        assert [id(b) for b in checkpointed] == [id(b) for b in blocks[keep:]]
+        grads[keep] = [p.grad.clone() for p in t.params]
+    for keep in (doubles + 1, n):
+        assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(grads[0], grads[keep]))
+    assert any(g.abs().sum() > 0 for g in grads[0])

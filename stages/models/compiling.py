@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Callable, TypeVar, Union
+from typing import Callable, Iterable, TypeVar, Union
 
 import torch
 
@@ -80,12 +80,23 @@ def same_layout(t):
     return t.contiguous()
 
 
-def checkpoint_block(block, *args):
+def checkpointing(compiled: bool, kept: Iterable[torch.nn.Module] = ()) -> Callable:
     """diffusers' gradient-checkpointing call for one block (``enable_gradient_checkpointing``'s
-    ``gradient_checkpointing_func``) with the block's inputs in one layout (:func:`same_layout`):
-    with compiled blocks, every block of a kind then runs one graph. (A forward hook cannot do
+    ``gradient_checkpointing_func``). Blocks in ``kept`` run plainly: their activations stay on the
+    GPU and nothing is recomputed for them in the backward (where the card has room: stages.models.memory
+    ``kept_blocks``); the others are checkpointed as diffusers does. Compiled, every block's inputs get
+    one layout (:func:`same_layout`), so every block of a kind runs one graph. (A forward hook cannot do
     this: dynamo traces it as a frame of its own, with its own guards on the strides.)"""
-    return torch.utils.checkpoint.checkpoint(block.__call__, *map(same_layout, args), use_reentrant=False)
+    kept_ids = {id(b) for b in kept}
+
+    def call(block, *args):
+        if compiled:
+            args = tuple(map(same_layout, args))
+        if id(block) in kept_ids:
+            return block(*args)
+        return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+
+    return call
 
 
 def is_compiled(transformer) -> bool:

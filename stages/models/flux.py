@@ -338,9 +338,11 @@ def load_pipeline(model_params, *, device=None, dtype=None, lora: Optional[str] 
     return pipe
 
 
-def preflight(stage: str, p, device, plan) -> None:
+def preflight(stage: str, p, device, plan, check: bool = True):
     """Estimate ``stage``'s peak GPU memory and host RAM from the base's file sizes and stop
-    before loading anything when they do not fit (the message names ``model.vram_gb``)."""
+    before loading anything when they do not fit (the message names ``model.vram_gb``). Returns the
+    estimate (``None`` when the sizes cannot be read); ``check=False`` only estimates (the other
+    processes of a multi-GPU run)."""
     import json
 
     from stages.models import memory
@@ -351,12 +353,14 @@ def preflight(stage: str, p, device, plan) -> None:
         sizes = component_bytes(source, p.model.revision, comps)
     except Exception as err:  # no network for the hub's file list: the loaders check again
         log.debug("memory preflight skipped: %s", err)
-        return
+        return None
     config = Path(source) / "transformer" / "config.json"
     cfg = json.loads(config.read_text()) if config.exists() else {}
     hidden = cfg.get("num_attention_heads", 24) * cfg.get("attention_head_dim", 128)
     blocks = cfg.get("num_layers", 19) + cfg.get("num_single_layers", 38)
     need = memory.estimate(stage, sizes, hidden, blocks, memory.resolve(p, device), plan)
-    log.info("%s needs about %.1f GiB of GPU memory and %.1f GiB of host RAM (%s)", stage,
-             need.vram / memory.GIB, need.host / memory.GIB, plan.describe())
-    memory.check(need, stage, plan, torch.device(device))
+    if check:
+        log.info("%s needs about %.1f GiB of GPU memory and %.1f GiB of host RAM (%s)", stage,
+                 need.vram / memory.GIB, need.host / memory.GIB, plan.describe())
+        memory.check(need, stage, plan, torch.device(device))
+    return need

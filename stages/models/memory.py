@@ -163,6 +163,24 @@ class Need:
     vram: int
     host: int
     what: str
+    kept_blocks: int = 0  # train: blocks whose activations stay on the GPU instead of being recomputed
+
+
+# train: the activations one block keeps for its backward when it is not checkpointed, in units of one
+# block input (tokens x hidden x 2 bytes); about 0.65 GiB per FLUX.1-dev block at 1024² (measured:
+# reports/bench/speed.md). What the card class leaves free beside the estimate, less SLACK of the card.
+ACTIVATIONS_PER_BLOCK = 24
+SLACK = 0.1
+
+
+def kept_blocks(pl: Plan, vram: int, per_block: int, n_blocks: int) -> int:
+    """How many blocks may skip gradient checkpointing (no recompute in the backward) on ``pl``'s card
+    when the rest of training needs ``vram``: none without a card class, with activation offload
+    (the 8 GiB class) or when the class has no room left."""
+    if pl.card_gib is None or pl.offload_activations or per_block <= 0:
+        return 0
+    room = pl.card_gib * GIB * (1 - SLACK) - vram
+    return max(0, min(n_blocks, int(room // per_block)))
 
 
 def tokens(resolution: int, seq: int) -> int:
@@ -192,8 +210,11 @@ def estimate(stage: str, sizes: dict[str, int], hidden: int, n_blocks: int, p, p
         saved = 0 if pl.offload_activations else 2 * n_blocks * n * hidden * 2
         work = 36 * n * hidden * 2
         lora_state = 16 * 20e6 * max(1, p.lora.rank / 16)
-        return Need(int(tr + saved + work + lora_state), host_base + 2 * n_blocks * n * hidden * 2,
-                    "the quantized transformer + training activations")
+        vram = int(tr + saved + work + lora_state)
+        per_block = ACTIVATIONS_PER_BLOCK * n * hidden * 2
+        keep = kept_blocks(pl, vram, per_block, n_blocks) if p.train.gradient_checkpointing else 0
+        return Need(vram + keep * per_block, host_base + 2 * n_blocks * n * hidden * 2,
+                    "the quantized transformer + training activations", kept_blocks=keep)
     if stage in ("sample", "operating_point"):  # the grid renders as sample does
         sres = p.sample.resolution
         n = tokens(sres, p.train.max_sequence_length) * p.sample.batch_size

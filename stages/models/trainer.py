@@ -89,7 +89,7 @@ class Pending:
 class Trainer:
     def __init__(self, transformer, lora_params, train_params, *, seed: int, device=None,
                  accelerator=None, empty_prompt: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                 offloader=None):
+                 offloader=None, kept_blocks: int = 0):
         from diffusers.optimization import get_scheduler
 
         self.device = torch.device(device) if device is not None else next(transformer.parameters()).device
@@ -103,8 +103,9 @@ class Trainer:
             self.params = lora.add_lora(transformer, lora_params, torch.float32)
         self.guidance = bool(transformer.config.guidance_embeds)
         self.compiled = compiling.enabled(train_params.compile, self.device)  # on CUDA by default
-        if train_params.gradient_checkpointing:  # compiled: block inputs in one layout, one graph per kind
-            transformer.enable_gradient_checkpointing(compiling.checkpoint_block if self.compiled else None)
+        if train_params.gradient_checkpointing:  # the first kept_blocks blocks (double ones first) not recomputed
+            kept = compiling.repeated_blocks(transformer)[:kept_blocks]
+            transformer.enable_gradient_checkpointing(compiling.checkpointing(self.compiled, kept))
         if self.compiled:
             compiling.compile_blocks(transformer)
         self.transformer = transformer
