@@ -62,7 +62,7 @@ def test_autograd_rule_quantizes_both_products_and_gives_no_weight_gradient():
     torch.manual_seed(1)
     lin = fp8.Fp8Linear.from_linear(nn.Linear(64, 32), torch.float32)
     x = torch.randn(40, 64, requires_grad=True)
-    y = fp8._Fp8Matmul.apply(x, lin.weight, lin.weight_scale)
+    y = fp8._Fp8Matmul.apply(x, lin.weight, lin.weight_scale, torch.float32)
     w = lin.dequantized(torch.float64)
     ref_y = x.detach().double() @ w.t()
     assert 1e-4 < float((y.double() - ref_y).norm() / ref_y.norm()) < 0.06  # the input is quantized too
@@ -71,6 +71,24 @@ def test_autograd_rule_quantizes_both_products_and_gives_no_weight_gradient():
     ref_dx = dy.double() @ w
     assert 1e-4 < float((x.grad.double() - ref_dx).norm() / ref_dx.norm()) < 0.06
     assert lin.weight.grad is None
+
+
+def test_under_autocast_the_fp8_product_comes_out_in_autocasts_dtype_and_the_gradient_in_the_inputs():
+    """As nn.Linear under autocast: a float32 input (what a LayerNorm hands on under autocast) gives a
+    bf16 output, not a float32 one; the input's gradient stays float32."""
+    torch.manual_seed(2)
+    lin = fp8.Fp8Linear.from_linear(nn.Linear(64, 32), torch.bfloat16)
+    lin.kernels = True  # the kernel path (emulated on the CPU)
+    x = torch.randn(40, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x)
+        plain = nn.functional.linear(x, lin.dequantized(torch.float32))
+    assert y.dtype == plain.dtype == torch.bfloat16
+    assert lin(x).dtype == torch.float32  # without autocast: the input's dtype
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+    ref = (x.detach().double() @ lin.dequantized(torch.float64).t() + lin.bias.double())
+    assert float((y.double() - ref).norm() / ref.norm()) < 0.06
 
 
 def test_swap_keeps_lora_layers_and_counts_linears():

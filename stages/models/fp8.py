@@ -8,7 +8,8 @@ cache) and does both products on the fp8 tensor cores (``torch._scaled_mm``, com
 >= 8.9: Ada, Hopper, Blackwell):
 
 - forward: ``y = x W^T``: ``x`` is scaled per row to e4m3 (``amax / 448``), the product runs with
-  the row scales of ``x`` and ``W`` and comes out in bf16;
+  the row scales of ``x`` and ``W`` and comes out in bf16 (the input's dtype, or autocast's, as for
+  ``nn.Linear``);
 - backward: ``dx = dy W = (dy * s_W) W_q``: the weight's row scales move onto ``dy``'s columns,
   ``dy`` is scaled per row to e4m3, and ``W_q`` is read transposed (a copy of one layer at a time).
 
@@ -58,11 +59,12 @@ class _Fp8Matmul(torch.autograd.Function):
     """``x W^T`` with fp8 products forward and backward, no gradient for the frozen ``W``."""
 
     @staticmethod
-    def forward(ctx, x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                out_dtype: torch.dtype) -> torch.Tensor:
         ctx.save_for_backward(weight, scale)  # parameters and a tiny buffer: never offloaded
-        ctx.out_dtype = x2.dtype
+        ctx.in_dtype = x2.dtype
         xq, sx = quantize_rows(x2)
-        return scaled_mm(xq, sx, weight.t(), scale.view(1, -1), x2.dtype)
+        return scaled_mm(xq, sx, weight.t(), scale.view(1, -1), out_dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -70,7 +72,7 @@ class _Fp8Matmul(torch.autograd.Function):
         gq, sg = quantize_rows(grad.float() * scale.view(1, -1))  # (M, N): W's row scales on dy's columns
         w_t = weight.t().contiguous().t()  # (N, K) column-major, as the second operand must be
         ones = torch.ones(1, weight.shape[1], device=weight.device, dtype=torch.float32)
-        return scaled_mm(gq, sg, w_t, ones, ctx.out_dtype), None, None
+        return scaled_mm(gq, sg, w_t, ones, ctx.in_dtype), None, None, None
 
 
 class Fp8Linear(nn.Linear):
@@ -115,8 +117,11 @@ class Fp8Linear(nn.Linear):
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] < MIN_ROWS or not self.kernels:
             y = nn.functional.linear(x2.to(dtype), self.dequantized(dtype))
-        else:
-            y = _Fp8Matmul.apply(x2.to(dtype), self.weight, self.weight_scale)
+        else:  # under autocast the product comes out in autocast's dtype, as nn.Linear's does (not float32
+            # because a LayerNorm before it ran in float32): half the bytes for what follows and is saved
+            kind = x.device.type
+            out = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else dtype
+            y = _Fp8Matmul.apply(x2.to(dtype), self.weight, self.weight_scale, out)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
