@@ -142,3 +142,43 @@ def test_a_kernel_scoped_per_call_compiles_and_recomputes_like_eager(tiny):
         compiling.uncompile(tiny)
     assert len(eager) == len(compiled) > 0
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(eager, compiled))
+
+
+def test_cudnn_route_hands_the_output_gradient_back_in_the_outputs_layout(tiny, monkeypatch):
+    """cuDNN's attention backward needs the output's gradient in the output's layout; Flux's processor
+    flattens the permuted output, so attention.cudnn_attention restores it (the CPU runs the route with
+    the math kernel). Same outputs and gradients as diffusers' native SDPA."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+    from torch.nn.attention import SDPBackend
+
+    attention.set_backend(tiny, "cudnn")
+    assert _AttentionBackendRegistry._backends[AttentionBackendName._NATIVE_CUDNN] is attention.cudnn_attention
+    monkeypatch.setattr(attention, "KERNEL", SDPBackend.MATH)
+    layouts = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        out.register_hook(lambda g: layouts.append(g.stride() == out.stride()))
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 24, 2, 8, generator=g, requires_grad=True) for _ in range(3))  # (batch, tokens, heads, dim)
+
+    def run(fn):
+        for t in (q, k, v):
+            t.grad = None
+        out = fn(q, k, v)
+        out.flatten(2, 3).square().sum().backward()  # as Flux's processor uses it
+        return out.detach(), [t.grad.clone() for t in (q, k, v)]
+
+    ours = run(attention.cudnn_attention)
+    assert layouts == [True]
+    plain = run(lambda q, k, v: real(*(x.permute(0, 2, 1, 3) for x in (q, k, v))).permute(0, 2, 1, 3))
+    assert layouts == [True]  # (the spy sees our route only)
+    assert torch.allclose(ours[0], plain[0], atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours[1], plain[1]))
+    monkeypatch.setattr(attention._GradInOutputLayout, "backward", staticmethod(lambda ctx, grad: grad))
+    run(attention.cudnn_attention)
+    assert layouts == [True, False]  # without the fix the gradient comes back permuted

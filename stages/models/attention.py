@@ -39,9 +39,13 @@ MAX_OUT_REL, MAX_GRAD_REL = 0.02, 0.05
 def set_backend(transformer, kind: str) -> None:
     """``cudnn``: diffusers' ``_native_cudnn`` attention backend (torch's SDPA inside
     ``sdpa_kernel(CUDNN_ATTENTION)``, per call, for this transformer only: the VAE and the text
-    encoders keep torch's default order); ``flash``: leave diffusers' native SDPA, which picks the
-    flash kernel for bf16 on these GPUs (cuDNN is off globally: stages.models.flux.setup_backends)."""
+    encoders keep torch's default order), served by :func:`cudnn_attention`; ``flash``: leave diffusers'
+    native SDPA, which picks the flash kernel for bf16 on these GPUs (cuDNN is off globally:
+    stages.models.flux.setup_backends)."""
     if kind == "cudnn":
+        from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+        _AttentionBackendRegistry._backends[AttentionBackendName._NATIVE_CUDNN] = cudnn_attention
         quiet = logging.getLogger("diffusers.models.modeling_utils")
         level = quiet.level
         quiet.setLevel(logging.ERROR)  # its one line: "attention backends are an experimental feature"
@@ -49,6 +53,48 @@ def set_backend(transformer, kind: str) -> None:
             transformer.set_attention_backend("_native_cudnn")
         finally:
             quiet.setLevel(level)
+
+
+KERNEL = None  # the SDPA kernel cudnn_attention asks for (None: cuDNN's; the tests set the CPU's math kernel)
+
+
+class _GradInOutputLayout(torch.autograd.Function):
+    """Identity on attention's output whose backward hands the gradient on contiguous: in the layout of
+    the output, which is what cuDNN's attention backward needs."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor) -> torch.Tensor:
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def cudnn_attention(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
+                    scale=None, enable_gqa: bool = False, return_lse: bool = False, _parallel_config=None):
+    """diffusers' ``_native_cudnn`` backend (inputs in (batch, tokens, heads, dim), made contiguous per
+    head for the kernel), with the output's gradient handed back in the output's layout.
+
+    Flux's processor flattens the heads of the permuted output, so without this the gradient reaches
+    cuDNN's backward with other strides than the output's. With the bf16 products of the base
+    (``model.quantization: none``, or fp8 products that come out in bf16) the compiled train step then
+    got a NaN gradient norm at its first step on an H200 (torch 2.11, cuDNN 9.19), where flash attention
+    trained (reports/bench/speed.md, 2026-12-03). Context-parallel calls keep diffusers' route."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if _parallel_config is not None or return_lse:
+        from diffusers.models.attention_dispatch import _native_cudnn_attention  # (the registry entry is ours)
+
+        return _native_cudnn_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                       is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+                                       return_lse=return_lse, _parallel_config=_parallel_config)
+    q, k, v = (x.permute(0, 2, 1, 3).contiguous() for x in (query, key, value))
+    with sdpa_kernel(KERNEL or SDPBackend.CUDNN_ATTENTION):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                               is_causal=is_causal, scale=scale,
+                                                               enable_gqa=enable_gqa)
+    return _GradInOutputLayout.apply(out).permute(0, 2, 1, 3)
 
 
 def probe_key(device: torch.device, heads: int, tokens: int, head_dim: int, backward: bool) -> str:
