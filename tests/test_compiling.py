@@ -3,6 +3,7 @@ on CUDA only, a compile failure falls back to eager with one log line, compiled 
 eager adapter within float tolerance, and a resume under compile continues at the right step."""
 import pytest
 import torch
+import torch._functorch.config
 from safetensors.torch import load_file
 
 from stages.models import compiling
@@ -15,16 +16,67 @@ def test_auto_compiles_on_cuda_only(setting, device, expected):
     assert compiling.enabled(setting, torch.device(device)) is expected
 
 
-def test_compiled_graphs_are_cached_outside_the_repo(monkeypatch, tmp_path):
+def test_compiled_graphs_are_cached_outside_the_repo_per_code_of_the_autograd_functions(monkeypatch, tmp_path):
+    import os
+
+    from stages.models import fp8
+
     for var in ("FLUXIMP_COMPILE_CACHE", "FLUXIMP_CACHE", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(torch._functorch.config, "autograd_cache_allow_custom_autograd_functions", False)
     monkeypatch.setenv("FLUXIMP_CACHE", str(tmp_path))
     root = compiling.configure_cache()
     assert root == tmp_path / "compiled"
-    import os
-
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compiled" / "inductor")
+    key = compiling.code_key()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compiled" / "inductor" / key)
     assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "compiled" / "triton")
+    assert torch._functorch.config.autograd_cache_allow_custom_autograd_functions  # our folder: keyed by the code
+    changed = tmp_path / "fp8.py"
+    changed.write_bytes(open(fp8.__file__, "rb").read() + b"\n# another backward\n")
+    monkeypatch.setattr(fp8, "__file__", str(changed))
+    assert compiling.code_key() != key
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what importing diffusers leaves there
+    compiling.configure_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compiled" / "inductor" / compiling.code_key())
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "theirs"))  # the user's own folder: torch's rules
+    compiling.configure_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "theirs")
+    assert not torch._functorch.config.autograd_cache_allow_custom_autograd_functions
+
+
+AOT_CHILD = """
+import sys, torch
+from torch._dynamo.utils import counters
+import diffusers.models  # (as the stages do: it sets torch's default cache folder)
+from stages.models import compiling, fp8
+compiling.configure_cache()
+torch.manual_seed(0)
+layer = fp8.Fp8Linear.from_linear(torch.nn.Linear(32, 32), torch.float32)
+layer.kernels = True  # the autograd Function's path (the kernel emulated on the CPU)
+lora = torch.nn.Linear(32, 32)
+block = torch.compile(lambda x: torch.nn.functional.gelu(layer(x)) + lora(x))
+block(torch.randn(16, 32)).sum().backward()
+print(dict(counters["aot_autograd"]))
+"""
+
+
+def test_a_second_process_reads_the_fp8_blocks_graphs_from_aotautograds_cache(tmp_path):
+    """The fp8 product is a custom autograd Function, which AOTAutograd's cache skips unless allowed
+    (configure_cache allows it in our keyed folder): a second run then traces no joint graph."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FLUXIMP_CACHE": str(tmp_path), "PYTHONPATH": os.getcwd()}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    runs = [json.loads(subprocess.run([sys.executable, "-c", AOT_CHILD], env=env, capture_output=True, text=True,
+                                      check=True, timeout=600).stdout.strip().splitlines()[-1].replace("'", '"'))
+            for _ in range(2)]
+    assert runs[0].get("autograd_cache_miss") == 1 and "autograd_cache_bypass" not in runs[0]
+    assert runs[1].get("autograd_cache_hit") == 1
 
 
 def adapter(workdir):
