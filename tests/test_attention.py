@@ -180,3 +180,17 @@ def test_cudnn_route_hands_the_output_gradient_back_in_the_outputs_layout(tiny, 
     monkeypatch.setattr(attention._GradInOutputLayout, "backward", staticmethod(lambda ctx, grad: grad))
     run(attention.cudnn_attention)
     assert layouts == [True, False]  # without the fix the gradient comes back permuted
+
+
+def test_cudnn_route_casts_float32_inputs_to_autocasts_dtype(monkeypatch):
+    """The nf4 base's products come out in float32 under autocast; the cuDNN op, called directly, gets
+    no cast from autocast, so the route casts (fed float32, cuDNN's kernel gave a NaN loss on an H200)."""
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append((q.dtype, k.dtype, v.dtype)) or real(q, k, v, **kw))
+    q, k, v = (torch.randn(1, 16, 2, 8) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention.cudnn_attention(q, k, v)
+    assert seen == [(torch.bfloat16,) * 3] and out.dtype == torch.bfloat16
+    assert attention.cudnn_attention(q, k, v).dtype == torch.float32 and seen[-1] == (torch.float32,) * 3

@@ -86,7 +86,9 @@ def cudnn_attention(query, key, value, attn_mask=None, dropout_p: float = 0.0, i
         return _native_cudnn_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                        is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
                                        return_lse=return_lse, _parallel_config=_parallel_config)
-    q, k, v = (x.permute(0, 2, 1, 3).contiguous() for x in (query, key, value))
+    kind = query.device.type  # the op is called directly, so autocast's cast to bf16 is ours to do
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else query.dtype
+    q, k, v = (x.permute(0, 2, 1, 3).to(dtype).contiguous() for x in (query, key, value))
     if q.is_cuda:  # the cuDNN op itself: an ``sdpa_kernel`` block in the graph keeps it out of AOTAutograd's cache
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, attn_mask, grad, dropout_p, is_causal,
