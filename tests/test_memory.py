@@ -232,15 +232,16 @@ def test_cache_key_follows_the_hub_revision(tmp_path):
     assert quant_cache.key(snap, "nf4", torch.bfloat16) == keys[1]  # stable
 
 
-@pytest.mark.parametrize("card,cap,expected", [
-    (8, (8, 9), "nf4"), (12, (9, 0), "nf4"), (16, (9, 0), "nf4"),  # small cards: nf4 everywhere
-    (24, (8, 9), "fp8"), (24, (9, 0), "fp8"), (24, (12, 0), "fp8"),  # fp8 tensor cores, 24 GiB and up (the class)
-    (24, (8, 6), "nf4"), (24, (8, 0), "nf4"),  # Ampere, the 40/80 GB A100 too (class 24): nf4, measured
-    (12, (7, 5), "nf4"), (24, (7, 5), "nf4")])
-def test_auto_quantization_per_card_class_and_generation(card, cap, expected):
+@pytest.mark.parametrize("card,cap,total,expected", [
+    (8, (8, 9), 8, "nf4"), (12, (9, 0), 12, "nf4"), (16, (9, 0), 16, "nf4"),  # small cards: nf4 everywhere
+    (24, (8, 9), 24, "fp8"), (24, (9, 0), 80, "fp8"), (24, (12, 0), 96, "fp8"),  # fp8 tensor cores: fp8, large too
+    (24, (8, 6), 24, "nf4"), (24, (8, 0), 39.5, "nf4"),  # Ampere up to 40 GiB: nf4
+    (24, (8, 0), 40, "none"), (24, (8, 6), 48, "none"), (24, (8, 0), 80, "none"),  # A100 / A6000: bf16, faster
+    (12, (7, 5), 12, "nf4"), (24, (7, 5), 24, "nf4")])
+def test_auto_quantization_per_card_class_generation_and_memory(card, cap, total, expected):
     from stages.models.memory import pick_quantization
 
-    assert pick_quantization(card, cap) == expected
+    assert pick_quantization(card, cap, total) == expected
 
 
 def test_auto_resolves_to_none_without_a_gpu_and_explicit_modes_stay():

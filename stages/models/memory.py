@@ -91,24 +91,33 @@ def plan(model_params, device: Optional[torch.device] = None) -> Plan:
 
 
 # ----------------------------------------------------------------------------- model.quantization: auto
-def pick_quantization(card_gib: Optional[int], capability: tuple[int, int]) -> str:
-    """The fastest transformer base that fits, by card class and GPU generation (train step at
-    1024², rank 16; reports/bench/speed.md):
+BF16_MIN_GIB = 40  # a card this large holds the bf16 base (24.9 GiB reserved training at 1024², measured) with room
+
+
+def pick_quantization(card_gib: Optional[int], capability: tuple[int, int], total_gib: float = 0.0) -> str:
+    """The fastest transformer base that fits, by card class, GPU generation and total memory (train
+    step at 1024², rank 16; measured on an H200, reports/bench/speed.md, 2026-12-03):
 
     - 8, 12 and 16 GiB classes: nf4 (the only base that fits with room for activations);
     - 24 GiB and up with fp8 tensor cores (compute capability >= 8.9: Ada, Hopper, Blackwell): fp8
-      compute (stages.models.fp8), faster than bf16 even where bf16 fits;
-    - without them (Ampere: RTX 3090, A100): nf4, the 40/80 GB A100 included. Measured with the Ampere
-      fallback forced on an H200 (2026-12-03, reports/bench/speed.md): nf4 trains at 0.591 s/step in 10.2 GiB,
-      while the bf16 base (``none``) stopped with a non-finite gradient norm at its first step (a bug not
-      found yet: explicit ``none`` is still allowed, ``auto`` does not pick it) and trained at 0.617 s/step
-      in 24.6 GiB in an earlier loop (reports/bench/gpu_train.md); torchao int8 weight-only trains about 2x
-      slower than compiled nf4."""
+      compute (stages.models.fp8), 0.407 s/step, faster than the bf16 base (0.480) even where it fits;
+    - without them (Ampere: RTX 3090, A100, A6000): the bf16 base (``none``) on a card of
+      :data:`BF16_MIN_GIB` GiB or more (0.480 s/step against nf4's 0.591, measured with the Ampere
+      fallback forced on the H200), else nf4. torchao int8 weight-only trains about 2x slower than
+      compiled nf4 (reports/bench/gpu_train.md)."""
     if card_gib is not None and card_gib <= 16:
         return "nf4"
     if tuple(capability) >= (8, 9):
         return "fp8"
-    return "nf4"
+    return "none" if total_gib >= BF16_MIN_GIB else "nf4"
+
+
+def total_gib(device: torch.device) -> float:
+    """The GPU's memory in GiB (``FLUXIMP_VRAM_LIMIT_GIB`` emulates a smaller card: benchmarks)."""
+    total = torch.cuda.get_device_properties(device).total_memory / GIB
+    if os.environ.get("FLUXIMP_VRAM_LIMIT_GIB"):
+        total = min(total, float(os.environ["FLUXIMP_VRAM_LIMIT_GIB"]))
+    return total
 
 
 def capability(device: torch.device) -> tuple[int, int]:
@@ -129,7 +138,7 @@ def quantization(model_params, device) -> str:
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return "none"
-    return pick_quantization(plan(model_params, device).card_gib, capability(device))
+    return pick_quantization(plan(model_params, device).card_gib, capability(device), total_gib(device))
 
 
 def resolve(p, device):
@@ -167,8 +176,11 @@ class Need:
 
 
 # train: the activations one block keeps for its backward when it is not checkpointed, in units of one
-# block input (tokens x hidden x 2 bytes); about 0.65 GiB per FLUX.1-dev block at 1024² (measured:
-# reports/bench/speed.md). What the card class leaves free beside the estimate, less SLACK of the card.
+# block input (tokens x hidden x 2 bytes). Measured on FLUX.1-dev's shapes at 1024² (H200, 2026-12-03,
+# reports/bench/speed.md): 0.35 GiB a double block with fp8 (12 units; 9 kept: 14.1 -> 17.2 GiB reserved),
+# 0.39 GiB with nf4 (14 units; 6 kept at the 16 GiB class: 10.1 -> 12.5 GiB). Counted twice that, so a
+# count no bench has run stays well inside its class. What the class leaves free beside the estimate,
+# less SLACK of the card, is what the kept blocks may use.
 ACTIVATIONS_PER_BLOCK = 24
 SLACK = 0.1
 
