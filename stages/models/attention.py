@@ -75,11 +75,12 @@ def cudnn_attention(query, key, value, attn_mask=None, dropout_p: float = 0.0, i
     op called directly rather than inside ``sdpa_kernel`` (which AOTAutograd's cache cannot key: every
     run would trace the compiled blocks' joint graph again, seconds of each first step).
 
-    Flux's processor flattens the heads of the permuted output, so without this the gradient reaches
-    cuDNN's backward with other strides than the output's. With the bf16 products of the base
-    (``model.quantization: none``, or fp8 products that come out in bf16) the compiled train step then
-    got a NaN gradient norm at its first step on an H200 (torch 2.11, cuDNN 9.19), where flash attention
-    trained (reports/bench/speed.md, 2026-12-03). Context-parallel calls keep diffusers' route."""
+    Flux's processor flattens the heads of the permuted output, so the gradient would reach cuDNN's
+    backward with other strides than the output's. With bf16 inputs (the bf16 base, or fp8 products in
+    bf16) diffusers' route gave the compiled train step a NaN at its first step on an H200 (torch 2.11,
+    cuDNN 9.19) where flash attention trained; this route trains (fp8 0.407 s/step, bf16 0.480:
+    reports/bench/speed.md, 2026-12-03). Which of its two changes (gradient layout, op called directly)
+    cures the NaN was not isolated. Context-parallel calls keep diffusers' route."""
     if _parallel_config is not None or return_lse:
         from diffusers.models.attention_dispatch import _native_cudnn_attention  # (the registry entry is ours)
 
