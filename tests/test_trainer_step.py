@@ -447,3 +447,7 @@ def test_kept_blocks_skip_checkpointing_double_blocks_first_with_the_same_gradie
     for keep in (doubles + 1, n):
         assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(grads[0], grads[keep]))
     assert any(g.abs().sum() > 0 for g in grads[0])
+    checkpointed.clear()  # by default (the CPU, offload, no room) every block is checkpointed
+    t = make(tiny_transformer, gradient_checkpointing=True)
+    t.accumulate([make_batch()], step=0)
+    assert [id(b) for b in checkpointed] == [id(b) for b in compiling.repeated_blocks(t.transformer)]
