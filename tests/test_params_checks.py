@@ -27,7 +27,7 @@ def with_value(dotted: str, value) -> dict:
     ("filter.zeroshot.positive", ["a painting", 3], r"filter.zeroshot.positive.1 = 3: Input should be a valid string"),
     ("lora.double_blocks", [0, "x"], r"lora.double_blocks.1 = 'x'"),
     ("model.vram_gb", 10, r"\n  model.vram_gb = 10: Input should be 'auto'.*\n  model.vram_gb = 10: Input should be 8, 12, "
-                          r"16 or 24"),  # a union's member tags (literal[...]) are not part of the key
+                          r"16, 24, 40 or 80"),  # a union's member tags (literal[...]) are not part of the key
 ])
 def test_silently_wrong_values_are_rejected_with_what_works(dotted, value, expect):
     with pytest.raises(params.ParamsError, match=expect) as exc:
@@ -129,9 +129,9 @@ def test_the_holdout_message_and_a_folder_source_needs_a_path():
 
 
 def test_vram_classes_rank_map_and_prodigy_betas():
-    for gb in ("auto", 8, 12, 16, 24):
+    for gb in ("auto", 8, 12, 16, 24, 40, 80):
         assert params.Model(vram_gb=gb).vram_gb == gb
-    for gb in (9, 13, 17, 25, 32):
+    for gb in (9, 13, 17, 25, 32, 48, 141):
         with pytest.raises(ValueError, match="vram_gb"):
             params.Model(vram_gb=gb)
     assert params.Lora(rank_map={"attn": 1}).rank_map == {"attn": 1}

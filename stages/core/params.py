@@ -233,7 +233,7 @@ class Model(Section):
     revision: Optional[str] = None
     quantization: Literal["auto", "none", "nf4", "int8", "fp8"] = Field(
         "none", description="the transformer's base: auto = the fastest that fits the card (stages/models/memory.py)")
-    vram_gb: Union[Literal["auto"], Literal[8, 12, 16, 24]] = Field(
+    vram_gb: Union[Literal["auto"], Literal[8, 12, 16, 24, 40, 80]] = Field(
         "auto", description="the GPU's memory class: picks the memory-saving settings (stages/models/memory.py)")
 
 

@@ -1,15 +1,20 @@
 """What fits on the user's card: one knob, ``model.vram_gb``, picks the memory-saving settings.
 
 ``model.vram_gb`` is ``auto`` (the GPU's total memory, rounded down to a card class) or one of
-the classes 8 / 12 / 16 / 24. Each class is a :class:`Plan`, measured at real size on FLUX.1-dev's
-shapes (benchmarks/bench_real_path.py, reports/bench/real_path.md):
+the classes 8 / 12 / 16 / 24 / 40 / 80. Each class is a :class:`Plan`, measured at real size on FLUX.1-dev's
+shapes (benchmarks/bench_real_path.py, reports/bench/real_path.md, reports/bench/speed.md):
 
-| class | T5-XXL in encode/sample | train: checkpointed block inputs | text batch | VAE decode batch |
-|---|---|---|---|---|
-| 8  | int8 weight-only (torchao), quantized while loading (4.6 GiB instead of 8.9) | offloaded to pinned host memory | 4 | 1 |
-| 12 | bf16 | on the GPU | 4 | 2 |
-| 16 | bf16 | on the GPU | 16 | 2 |
-| 24 | bf16 | on the GPU | 32 | 4 |
+| class | cards | T5-XXL in encode/sample | train: checkpointed block inputs | text batch | VAE decode batch |
+|---|---|---|---|---|---|
+| 8  | RTX 3070/4060 | int8 weight-only (torchao), quantized while loading (4.6 GiB instead of 8.9) | offloaded to pinned host memory | 4 | 1 |
+| 12 | RTX 3060/4070 | bf16 | on the GPU | 4 | 2 |
+| 16 | RTX 4080, A4000 | bf16 | on the GPU | 16 | 2 |
+| 24 | RTX 3090/4090, A10, L4 | bf16 | on the GPU | 32 | 4 |
+| 40 | A100 40GB, A6000, L40S | bf16 | on the GPU | 32 | 8 |
+| 80 | A100/H100 80GB, H200 | bf16 | on the GPU | 32 | 8 |
+
+The larger the class, the more blocks train without gradient checkpointing (:func:`kept_blocks`): at
+1024² on an fp8 base, 9 of FLUX.1-dev's 57 at 24 GiB, about 30 at 40 GiB, all of them at 80 GiB.
 
 (The VAE decodes one 1024² image in about 1.5 GiB of activations; with the VAE alone on the device, the
 batch only has to fit beside the allocator's slack. No class tiles: at 1024² the 8 GiB class's sample
@@ -38,7 +43,7 @@ import torch
 
 log = logging.getLogger(__name__)
 GIB = 2 ** 30
-CARDS = (8, 12, 16, 24)
+CARDS = (8, 12, 16, 24, 40, 80)
 # bytes of a quantized weight relative to its bf16 checkpoint (nf4: 4 bits + absmax; torchao: 8 bits)
 QUANT_FACTOR = {"none": 1.0, "nf4": 0.27, "int8": 0.52, "fp8": 0.52}
 
@@ -66,13 +71,16 @@ PLANS = {
     12: Plan(12, "none", False, 4, vae_batch=2),
     16: Plan(16, "none", False, 16, vae_batch=2),
     24: Plan(24, "none", False, 32, vae_batch=4),
+    40: Plan(40, "none", False, 32, vae_batch=8),
+    80: Plan(80, "none", False, 32, vae_batch=8),
 }
 UNCONSTRAINED = Plan(None, "none", False, 32, vae_batch=1)  # the CPU: one image per call, as before
 
 
 def card_class(total_bytes: int) -> int:
-    """The largest class a card of ``total_bytes`` holds (a "12 GB" card reports ~11.6 GiB)."""
-    gib = total_bytes / GIB + 0.6
+    """The largest class a card of ``total_bytes`` holds (a "12 GB" card reports ~11.6 GiB, an 80 GB
+    one ~79.2 GiB)."""
+    gib = total_bytes / GIB + max(0.6, 0.03 * total_bytes / GIB)
     fits = [c for c in CARDS if c <= gib]
     return fits[-1] if fits else CARDS[0]
 
@@ -91,33 +99,25 @@ def plan(model_params, device: Optional[torch.device] = None) -> Plan:
 
 
 # ----------------------------------------------------------------------------- model.quantization: auto
-BF16_MIN_GIB = 40  # a card this large holds the bf16 base (24.9 GiB reserved training at 1024², measured) with room
+BF16_MIN_GIB = 40  # a class this large holds the bf16 base (24.9 GiB reserved training at 1024², measured) with room
 
 
-def pick_quantization(card_gib: Optional[int], capability: tuple[int, int], total_gib: float = 0.0) -> str:
-    """The fastest transformer base that fits, by card class, GPU generation and total memory (train
-    step at 1024², rank 16; measured on an H200, reports/bench/speed.md, 2026-12-03):
+def pick_quantization(card_gib: Optional[int], capability: tuple[int, int]) -> str:
+    """The fastest transformer base that fits, by card class and GPU generation (train step at 1024²,
+    rank 16; measured on an H200, reports/bench/speed.md, 2026-12-03):
 
     - 8, 12 and 16 GiB classes: nf4 (the only base that fits with room for activations);
     - 24 GiB and up with fp8 tensor cores (compute capability >= 8.9: Ada, Hopper, Blackwell): fp8
       compute (stages.models.fp8), 0.407 s/step, faster than the bf16 base (0.480) even where it fits;
-    - without them (Ampere: RTX 3090, A100, A6000): the bf16 base (``none``) on a card of
-      :data:`BF16_MIN_GIB` GiB or more (0.480 s/step against nf4's 0.591, measured with the Ampere
+    - without them (Ampere: RTX 3090, A100, A6000): the bf16 base (``none``) from the
+      :data:`BF16_MIN_GIB` GiB class up (0.480 s/step against nf4's 0.591, measured with the Ampere
       fallback forced on the H200), else nf4. torchao int8 weight-only trains about 2x slower than
       compiled nf4 (reports/bench/gpu_train.md)."""
     if card_gib is not None and card_gib <= 16:
         return "nf4"
     if tuple(capability) >= (8, 9):
         return "fp8"
-    return "none" if total_gib >= BF16_MIN_GIB else "nf4"
-
-
-def total_gib(device: torch.device) -> float:
-    """The GPU's memory in GiB (``FLUXIMP_VRAM_LIMIT_GIB`` emulates a smaller card: benchmarks)."""
-    total = torch.cuda.get_device_properties(device).total_memory / GIB
-    if os.environ.get("FLUXIMP_VRAM_LIMIT_GIB"):
-        total = min(total, float(os.environ["FLUXIMP_VRAM_LIMIT_GIB"]))
-    return total
+    return "none" if card_gib is None or card_gib >= BF16_MIN_GIB else "nf4"
 
 
 def capability(device: torch.device) -> tuple[int, int]:
@@ -138,7 +138,7 @@ def quantization(model_params, device) -> str:
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return "none"
-    return pick_quantization(plan(model_params, device).card_gib, capability(device), total_gib(device))
+    return pick_quantization(plan(model_params, device).card_gib, capability(device))
 
 
 def resolve(p, device):
