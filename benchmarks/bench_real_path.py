@@ -183,6 +183,8 @@ def stage(name: str, root: Path, card: int, variant: str = "") -> dict:
                 torch.cuda.synchronize()
             timings[key] = round(timings.get(key, 0) + time.perf_counter() - t0, 2)
             timings.setdefault(key.replace("_s", "_calls_s"), []).append(round(time.perf_counter() - t0, 3))
+            if key == "denoise_s":  # images in the timed calls (what an experiment's fixed cost is net of)
+                timings["denoise_images"] = timings.get("denoise_images", 0) + len(a[1])
             return out
         setattr(mod, attr, wrapper)
 
@@ -429,8 +431,11 @@ def peer(kind: str, base: Path) -> dict:
 # ----------------------------------------------------------------------------- one whole experiment
 def experiment(rows: list[dict], card: int, evaluate_s: float) -> list[tuple[str, float, str]]:
     """Minutes of one ``dvc exp run`` on the flux-dev profile for ``card``, after a first run filled the
-    caches, from the measured ``rows`` (the last train row of that card after a warm compile cache, the
-    last sample row): (phase, minutes, how it was obtained). The counts come from conf/profile/flux-dev.yaml."""
+    caches, from the measured ``rows``: (phase, minutes, how it was obtained). The train figures come from
+    the card's last train row (the last: warm caches), the time per denoising step from its last sample row
+    with ``warm`` (an untimed call first: no compile in it), the sample stage's fixed cost from its last
+    sample row without ``warm`` (caches filled by an earlier row, as in a second experiment: loads, the
+    first call's compile-cache reads, VAE, PNGs, grids). The counts come from conf/profile/flux-dev.yaml."""
     import yaml
 
     prof = yaml.safe_load((REPO / "conf/profile/flux-dev.yaml").read_text())
@@ -441,14 +446,21 @@ def experiment(rows: list[dict], card: int, evaluate_s: float) -> list[tuple[str
     scales, vsteps = Sample().lora_scales, Train().validation_steps
     train = [r for r in rows if r.get("stage") == "train" and r.get("card_gib") == card and r.get("s_per_step")]
     sample = [r for r in rows if str(r.get("stage", "")).startswith("sample") and r.get("card_gib") == card
-              and r.get("s_per_denoise_step")]
-    if not train or not sample:
+              and r.get("ok") and r.get("denoise_calls_s")]
+    warm = [r for r in sample if "warm" in r["stage"]]
+    if not train or not warm:
         return []
-    t, s = train[-1], sample[-1]  # the last: warm caches
-    step, denoise = t["s_per_step"], s["s_per_denoise_step"]
-    # the sample stage's fixed cost: everything but the text encoders (cached prompts in an experiment) and
-    # the timed denoising (the untimed warm-up calls that compile stay in: an experiment compiles too)
-    fixed = s["seconds"] - s.get("text_encoders_load_s", 0) - s.get("denoise_s", 0)
+    t, denoise = train[-1], warm[-1]["s_per_denoise_step"]
+    cold = [r for r in sample if "warm" not in r["stage"] and r.get("denoise_images")]
+    if cold:  # everything but the rendering of its images at the warm rate (and the text encoders: cached)
+        s = cold[-1]
+        steps = int(s["stage"].partition("ssteps=")[2].split("+")[0] or sp["steps"])
+        fixed = s["seconds"] - s.get("text_encoders_load_s", 0) - s["denoise_images"] * steps * denoise
+        fixed_how = f"fixed {fixed:.0f} s measured (a sample run with warm caches)"
+    else:  # an older bench: the warm row's untimed first call (the compile) stays in the fixed cost
+        s = warm[-1]
+        fixed = s["seconds"] - s.get("text_encoders_load_s", 0) - s.get("denoise_s", 0)
+        fixed_how = f"fixed {fixed:.0f} s measured (cold compile cache)"
     snapshots = len(range(tr["save_every"], tr["steps"] + 1, tr["save_every"]))
     grid_steps = min(snapshots, prof["train"]["keep_last"])
     lora_images = len(prompts) * len(sp["seeds"]) * sum(1 for x in scales if x > 0)
@@ -456,8 +468,11 @@ def experiment(rows: list[dict], card: int, evaluate_s: float) -> list[tuple[str
     validations = tr["steps"] // tr["validate_every"] * len(prompts)
     m = 60.0
     return [
-        ("train: load + first step (warm caches)", (t["transformer_load_s"] + t["first_step_s"]) / m, "measured"),
-        (f"train: {tr['steps'] - 1} more steps x {step} s", (tr["steps"] - 1) * step / m, "extrapolated from s/step"),
+        ("train: load + first step", (t["transformer_load_s"] + t["first_step_s"]) / m,
+         f"measured ({'warm' if len(train) > 1 else 'cold'} compile cache)"),
+        (f"train: {tr['steps'] - 1} more steps x {t['s_per_step']} s ({t.get('quantization')}, "
+         f"{t.get('kept_blocks', 0)} blocks not recomputed)", (tr["steps"] - 1) * t["s_per_step"] / m,
+         "extrapolated from s/step"),
         (f"validation: {validations} images x {vsteps} steps", validations * vsteps * denoise / m,
          "extrapolated from the sample stage's s per denoising step"),
         (f"operating point: {grid_images} LoRA images x {sp['steps']} steps + fixed", (grid_images * sp["steps"] * denoise
@@ -465,7 +480,7 @@ def experiment(rows: list[dict], card: int, evaluate_s: float) -> list[tuple[str
          "extrapolated (grid not run at real size)"),
         ("sample: base images", 0.0, "base-image cache (first run: + the base images)"),
         (f"sample: {lora_images} LoRA images x {sp['steps']} steps + fixed", (lora_images * sp["steps"] * denoise + fixed) / m,
-         f"extrapolated from {denoise} s per denoising step; fixed {fixed:.0f} s measured"),
+         f"extrapolated from {denoise} s per denoising step; {fixed_how}"),
         ("evaluate", evaluate_s / m, "measured 2026-12-01 (reports/bench/real_path.md)"),
     ]
 
@@ -555,7 +570,7 @@ def main() -> None:
         x.add_argument("base", type=Path)
     e = sub.add_parser("experiment", help="minutes of one flux-dev experiment per card, from measured rows")
     e.add_argument("rows", type=Path, nargs="+")
-    e.add_argument("--cards", default="24,8")
+    e.add_argument("--cards", default="80,24,8")
     e.add_argument("--evaluate-s", type=float, default=23.1)
     rep = sub.add_parser("report")
     rep.add_argument("--out", type=Path, default=REPO / "reports" / "bench")

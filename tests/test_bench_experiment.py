@@ -21,7 +21,7 @@ ROWS = [
     {"stage": "train", "card_gib": 24, "s_per_step": 0.5, "first_step_s": 40.0, "transformer_load_s": 30.0},
     {"stage": "train", "card_gib": 24, "s_per_step": 0.4, "first_step_s": 14.0, "transformer_load_s": 16.0},
     {"stage": "sample-warm", "card_gib": 24, "s_per_denoise_step": 0.1, "seconds": 70.0, "text_encoders_load_s": 8.0,
-     "denoise_s": 2.0},
+     "denoise_s": 2.0, "denoise_calls_s": [1.0, 1.0], "ok": True},
     {"stage": "train", "card_gib": 8, "s_per_step": 0.6, "first_step_s": 14.0, "transformer_load_s": 13.0},
 ]
 
@@ -54,3 +54,19 @@ def test_report_sums_the_phases_and_says_when_a_card_has_no_rows(bench, tmp_path
     core = sum(m for name, m, _ in phases if not name.startswith("operating point"))
     assert f"**{core:.1f}**" in text and f"**{core + phases[3][1]:.1f}**" in text
     assert "8 GiB: no train + sample rows" in text
+
+
+def test_fixed_cost_from_a_run_with_warm_caches_net_of_its_images_at_the_warm_rate(bench):
+    """A sample row without ``warm`` after the caches were filled (the second experiment's case): its time
+    but its images rendered at the warm row's rate; a failed row or one without an image count is not used."""
+    cold = {"stage": "sample-ssteps=8+seeds=4", "card_gib": 24, "seconds": 24.0, "denoise_s": 7.9,
+            "denoise_calls_s": [7.9], "denoise_images": 4, "ok": True}
+    failed = {**cold, "ok": False, "seconds": 999.0}
+    rows = bench.experiment(ROWS + [cold, failed], 24, evaluate_s=30.0)
+    sample = next((mins, how) for name, mins, how in rows if name.startswith("sample: 160"))
+    fixed = 24.0 - 4 * 8 * 0.1
+    assert sample[0] == pytest.approx((160 * 28 * 0.1 + fixed) / 60)
+    assert f"fixed {fixed:.0f} s measured (a sample run with warm caches)" in sample[1]
+    old = {k: v for k, v in cold.items() if k != "denoise_images"}  # rows of an older bench: the warm row's cost
+    rows = bench.experiment(ROWS + [old], 24, evaluate_s=30.0)
+    assert "fixed 60 s measured (cold compile cache)" in next(h for n, _, h in rows if n.startswith("sample: 160"))
