@@ -36,7 +36,7 @@ from stages.core.prompts import read_prompts, with_trigger
 from stages.metrics import fidelity, style
 from stages.metrics import operating_point as op
 from stages.metrics.reference import Embedders, holdout_clip_embeddings, load_holdout
-from stages.models import snapshots
+from stages.models import memory, snapshots
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 ADAPTER = "grid"
@@ -180,7 +180,9 @@ def run(p: params.Params, paths: OperatingPoint = OperatingPoint()) -> dict:
     t0 = time.perf_counter()
     from stages.core.device import default_device
 
-    base, grid = render_grid(p, full, jobs, adapters, scales, default_device())
+    device = default_device()
+    p = memory.resolve(p, device)  # the autos: the base and the batch this card renders with (as sample)
+    base, grid = render_grid(p, full, jobs, adapters, scales, device)
     points, base_style = measure(p, paths, prompts, jobs, base, grid)
     best = op.recommend(points, g.content_min, len(jobs))
     final = adapters[-1][0]

@@ -348,7 +348,8 @@ class Sample(Section):
     guidance: float = Field(3.5, ge=0)
     lora_scales: list[float] = Field([0.0, 0.5, 1.0], min_length=1)
     resolution: int = Field(64, ge=16, le=MAX_RESOLUTION)
-    batch_size: int = Field(8, ge=1, description="images per pipeline call")
+    batch_size: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = Field(
+        8, description="images per pipeline call; auto = the card class's (stages/models/memory.py)")
     adapter_step: Optional[Union[int, str]] = Field(
         None, description="render models/snapshots/step-<N> (train.save_every) instead of the final adapter; "
                           "best = the operating point's step (eval.grid); None = final")

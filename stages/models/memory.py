@@ -4,14 +4,17 @@
 the classes 8 / 12 / 16 / 24 / 40 / 80. Each class is a :class:`Plan`, measured at real size on FLUX.1-dev's
 shapes (benchmarks/bench_real_path.py, reports/bench/real_path.md, reports/bench/speed.md):
 
-| class | cards | T5-XXL in encode/sample | train: checkpointed block inputs | text batch | VAE decode batch |
-|---|---|---|---|---|---|
-| 8  | RTX 3070/4060 | int8 weight-only (torchao), quantized while loading (4.6 GiB instead of 8.9) | offloaded to pinned host memory | 4 | 1 |
-| 12 | RTX 3060/4070 | bf16 | on the GPU | 4 | 2 |
-| 16 | RTX 4080, A4000 | bf16 | on the GPU | 16 | 2 |
-| 24 | RTX 3090/4090, A10, L4 | bf16 | on the GPU | 32 | 4 |
-| 40 | A100 40GB, A6000, L40S | bf16 | on the GPU | 32 | 8 |
-| 80 | A100/H100 80GB, H200 | bf16 | on the GPU | 32 | 8 |
+| class | cards | T5-XXL in encode/sample | train: checkpointed block inputs | text batch | VAE decode batch | images per transformer call (``sample.batch_size: auto``) |
+|---|---|---|---|---|---|---|
+| 8  | RTX 3070/4060 | int8 weight-only (torchao), quantized while loading (4.6 GiB instead of 8.9) | offloaded to pinned host memory | 4 | 1 | 2 |
+| 12 | RTX 3060/4070 | bf16 | on the GPU | 4 | 2 | 2 |
+| 16 | RTX 4080, A4000 | bf16 | on the GPU | 16 | 2 | 2 |
+| 24 | RTX 3090/4090, A10, L4 | bf16 | on the GPU | 32 | 4 | 4 |
+| 40 | A100 40GB, A6000, L40S | bf16 | on the GPU | 32 | 8 | 4 |
+| 80 | A100/H100 80GB, H200 | bf16 | on the GPU | 32 | 8 | 4 |
+
+(Sampling at 1024² on an fp8 base: 4 images per call 0.107 s per denoising step and image at 13.6 GiB reserved,
+2 per call 0.115 s at 11.9 GiB, H200, reports/bench/speed.md.)
 
 The larger the class, the more blocks train without gradient checkpointing (:func:`kept_blocks`): at
 1024² on an fp8 base, 9 of FLUX.1-dev's 57 at 24 GiB, about 30 at 40 GiB, all of them at 80 GiB.
@@ -59,6 +62,7 @@ class Plan:
     offload_activations: bool        # train: checkpointed block inputs in pinned host memory
     text_batch: int                  # prompts per T5 call
     vae_batch: int = 1               # latents per VAE decode call (sample, operating point, validation)
+    sample_batch: int = 2            # sample.batch_size: auto, images per transformer call (sample, operating point)
 
     def describe(self) -> str:
         card = f"{self.card_gib} GiB card" if self.card_gib else "no memory limit"
@@ -67,14 +71,15 @@ class Plan:
 
 
 PLANS = {
-    8: Plan(8, "int8", True, 4, vae_batch=1),
-    12: Plan(12, "none", False, 4, vae_batch=2),
-    16: Plan(16, "none", False, 16, vae_batch=2),
-    24: Plan(24, "none", False, 32, vae_batch=4),
-    40: Plan(40, "none", False, 32, vae_batch=8),
-    80: Plan(80, "none", False, 32, vae_batch=8),
+    8: Plan(8, "int8", True, 4, vae_batch=1, sample_batch=2),
+    12: Plan(12, "none", False, 4, vae_batch=2, sample_batch=2),
+    16: Plan(16, "none", False, 16, vae_batch=2, sample_batch=2),
+    24: Plan(24, "none", False, 32, vae_batch=4, sample_batch=4),
+    40: Plan(40, "none", False, 32, vae_batch=8, sample_batch=4),
+    80: Plan(80, "none", False, 32, vae_batch=8, sample_batch=4),
 }
-UNCONSTRAINED = Plan(None, "none", False, 32, vae_batch=1)  # the CPU: one image per call, as before
+# the CPU: one image per VAE call, as before; 8 images per transformer call (the smoke profile's batch)
+UNCONSTRAINED = Plan(None, "none", False, 32, vae_batch=1, sample_batch=8)
 
 
 def card_class(total_bytes: int) -> int:
@@ -142,18 +147,23 @@ def quantization(model_params, device) -> str:
 
 
 def resolve(p, device):
-    """``p`` with ``model.quantization: auto`` replaced by what this device gets (logged once): what
-    the stage loads, and what its checkpoints, adapter.json and the sample index record."""
+    """``p`` with ``model.quantization: auto`` and ``sample.batch_size: auto`` replaced by what this device
+    gets (logged once): what the stage loads and renders with, and what its checkpoints, adapter.json, the
+    sample index and the base-image keys record."""
     mode = quantization(p.model, device)
-    if mode == p.model.quantization:
-        return p
-    if torch.device(device).type == "cuda":
-        cap = capability(device)
-        log.info("model.quantization auto -> %s (%s, compute capability %d.%d)", mode,
-                 plan(p.model, device).describe().split(":")[0], cap[0], cap[1])
-    else:
-        log.info("model.quantization auto -> %s (no GPU)", mode)
-    return p.model_copy(update={"model": p.model.model_copy(update={"quantization": mode})})
+    if mode != p.model.quantization:
+        if torch.device(device).type == "cuda":
+            cap = capability(device)
+            log.info("model.quantization auto -> %s (%s, compute capability %d.%d)", mode,
+                     plan(p.model, device).describe().split(":")[0], cap[0], cap[1])
+        else:
+            log.info("model.quantization auto -> %s (no GPU)", mode)
+        p = p.model_copy(update={"model": p.model.model_copy(update={"quantization": mode})})
+    if p.sample.batch_size == "auto":
+        batch = plan(p.model, device).sample_batch
+        log.info("sample.batch_size auto -> %d", batch)
+        p = p.model_copy(update={"sample": p.sample.model_copy(update={"batch_size": batch})})
+    return p
 
 
 def configure_allocator(device: torch.device) -> None:
