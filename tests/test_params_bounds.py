@@ -101,7 +101,11 @@ def schema_bounds() -> dict:
         if not (issubclass(cls, params.Section) and cls is not params.Section and cls.__module__ == params.__name__):
             continue
         for field, info in cls.model_fields.items():
-            found = {kind: getattr(m, kind) for m in info.metadata for kind in ("ge", "gt", "le", "lt")
+            # the field's own constraints, and those of a union's annotated member (sample.batch_size: "auto" | int >= 1)
+            union = typing.get_args(info.annotation) if typing.get_origin(info.annotation) is typing.Union else ()
+            metadata = list(info.metadata) + [c for arg in union if typing.get_origin(arg) is typing.Annotated
+                                              for m in arg.__metadata__ for c in getattr(m, "metadata", [m])]
+            found = {kind: getattr(m, kind) for m in metadata for kind in ("ge", "gt", "le", "lt")
                      if isinstance(m, getattr(annotated_types, kind.capitalize()))}
             if found:
                 out[(name, field)] = found
@@ -114,7 +118,8 @@ def test_the_table_is_the_schemas_bounds():
 
 def is_int(cls, field: str) -> bool:
     ann = cls.model_fields[field].annotation
-    return ann is int or int in typing.get_args(ann)
+    members = [typing.get_args(a)[0] if typing.get_origin(a) is typing.Annotated else a for a in typing.get_args(ann)]
+    return ann is int or int in members
 
 
 def cases():
