@@ -134,12 +134,15 @@ def stage(name: str, root: Path, card: int, variant: str = "") -> dict:
     ``variant`` (tokens joined by ``+``) changes the plan for a measurement: ``nooffload`` / ``offload`` (activation
     offload off / on in every plan); ``res=512``, ``sbatch=N``, ``ssteps=N``, ``seeds=N``, ``cmode=MODE``,
     ``attn=flash|cudnn``, ``keep=N`` (blocks not checkpointed); ``validate`` turns on
-    validation images every 4 steps; ``q=fp8`` / ``compile=0`` / ``cap=8.0`` set model.quantization,
+    validation images every 4 steps; ``flux-dev`` samples (and validates) the flux-dev profile's prompts,
+    seeds and LoRA scales (its image counts: per-image costs measured, not extrapolated); ``q=fp8`` / ``compile=0`` / ``cap=8.0`` set model.quantization,
     train/sample.compile and a pretended GPU generation; ``profile`` also writes
     profile-train-<card>.txt (see profile_train_steps) to $OUT or the project."""
     import dataclasses
+    import shutil
 
     import torch
+    import yaml
 
     from stages.models import memory
 
@@ -185,6 +188,7 @@ def stage(name: str, root: Path, card: int, variant: str = "") -> dict:
             timings.setdefault(key.replace("_s", "_calls_s"), []).append(round(time.perf_counter() - t0, 3))
             if key == "denoise_s":  # images in the timed calls (what an experiment's fixed cost is net of)
                 timings["denoise_images"] = timings.get("denoise_images", 0) + len(a[1])
+                timings.setdefault("denoise_images_calls", []).append(len(a[1]))
             return out
         setattr(mod, attr, wrapper)
 
@@ -198,6 +202,11 @@ def stage(name: str, root: Path, card: int, variant: str = "") -> dict:
         train, model, sample = {}, {"vram_gb": card if card in memory.CARDS else "auto"}, {}
         if "validate" in tokens:  # in-training validation images every 4 steps (the train.validate_every knob)
             train["validate_every"] = 4
+        if "flux-dev" in tokens:  # the flux-dev profile's image counts: its prompts (sample, validation), seeds, scales
+            prof = yaml.safe_load((REPO / "conf/profile/flux-dev.yaml").read_text())["sample"]
+            shutil.copyfile(REPO / prof["prompts"], "prompts-flux-dev.txt")
+            sample.update(prompts="prompts-flux-dev.txt", seeds=prof["seeds"], batch_size=prof["batch_size"],
+                          lora_scales=params_lib.Sample().lora_scales)
         if "q" in settings:
             model["quantization"] = settings["q"]
         if "seeds" in settings:
@@ -229,6 +238,9 @@ def stage(name: str, root: Path, card: int, variant: str = "") -> dict:
     timed(flux, "load_transformer", "transformer_load_s")
     timed(flux, "load_text_encoders", "text_encoders_load_s")
     timed(render, "denoise", "denoise_s")
+    from stages.models import validation
+
+    timed(validation.Validator, "render", "validation_s")  # one call per validation (its images, PNGs, MLflow)
     module = __import__(f"stages.{name}", fromlist=["main"])
     out = {"stage": name + (f"-{variant}" if variant else ""), "card_gib": card}
     t0 = time.perf_counter()
@@ -262,8 +274,8 @@ def stage(name: str, root: Path, card: int, variant: str = "") -> dict:
         images = len(json.loads(Path("reports/samples/index.json").read_text())["images"])
         out["s_per_image"] = round(timings.get("denoise_s", 0) / images, 2)
         idx = json.loads(Path("reports/samples/index.json").read_text())
-        last = timings.get("denoise_calls_s", [0])[-1]  # the last LoRA scale: seeds x steps denoising steps
-        out["s_per_denoise_step"] = round(last / (len(idx["seeds"]) * idx["steps"]), 4)
+        last = timings.get("denoise_calls_s", [0])[-1]  # the last LoRA scale: its images x steps denoising steps
+        out["s_per_denoise_step"] = round(last / (timings.get("denoise_images_calls", [1])[-1] * idx["steps"]), 4)
     return out
 
 
@@ -435,7 +447,9 @@ def experiment(rows: list[dict], card: int, evaluate_s: float) -> list[tuple[str
     the card's last train row (the last: warm caches), the time per denoising step from its last sample row
     with ``warm`` (an untimed call first: no compile in it), the sample stage's fixed cost from its last
     sample row without ``warm`` (caches filled by an earlier row, as in a second experiment: loads, the
-    first call's compile-cache reads, VAE, PNGs, grids). The counts come from conf/profile/flux-dev.yaml."""
+    first call's compile-cache reads, VAE, PNGs, grids), preferring one with the profile's image counts
+    (``flux-dev``), and validation from a ``validate+flux-dev`` train row where there is one. The counts come
+    from conf/profile/flux-dev.yaml."""
     import yaml
 
     prof = yaml.safe_load((REPO / "conf/profile/flux-dev.yaml").read_text())
@@ -452,11 +466,14 @@ def experiment(rows: list[dict], card: int, evaluate_s: float) -> list[tuple[str
         return []
     t, denoise = train[-1], warm[-1]["s_per_denoise_step"]
     cold = [r for r in sample if "warm" not in r["stage"] and r.get("denoise_images")]
+    full = [r for r in cold if "flux-dev" in r["stage"].split("-", 1)[-1].split("+")]
     if cold:  # everything but the rendering of its images at the warm rate (and the text encoders: cached)
-        s = cold[-1]
+        s = (full or cold)[-1]  # a run with the profile's image counts: its per-image costs (VAE, PNGs, grids) in
         steps = int(s["stage"].partition("ssteps=")[2].split("+")[0] or sp["steps"])
         fixed = s["seconds"] - s.get("text_encoders_load_s", 0) - s["denoise_images"] * steps * denoise
-        fixed_how = f"fixed {fixed:.0f} s measured (a sample run with warm caches)"
+        fixed_how = (f"fixed {fixed:.0f} s measured (a sample run with warm caches, "
+                     + (f"the profile's {s['denoise_images']} LoRA images)" if full else
+                        f"{s['denoise_images']} images: the per-image VAE/PNG/grid costs of 160 not in it)"))
     else:  # an older bench: the warm row's untimed first call (the compile) stays in the fixed cost
         s = warm[-1]
         fixed = s["seconds"] - s.get("text_encoders_load_s", 0) - s.get("denoise_s", 0)
@@ -465,7 +482,17 @@ def experiment(rows: list[dict], card: int, evaluate_s: float) -> list[tuple[str
     grid_steps = min(snapshots, prof["train"]["keep_last"])
     lora_images = len(prompts) * len(sp["seeds"]) * sum(1 for x in scales if x > 0)
     grid_images = grid_steps * len(grid["scales"]) * grid["prompts"] * 2
-    validations = tr["steps"] // tr["validate_every"] * len(prompts)
+    events = tr["steps"] // tr["validate_every"]
+    validations = events * len(prompts)
+    val = [r for r in rows if str(r.get("stage", "")).startswith("train-") and r.get("card_gib") == card
+           and r.get("ok") and r.get("validation_calls_s") and "flux-dev" in r["stage"].split("-", 1)[1].split("+")]
+    if val:  # measured with the profile's prompts: the first call (its no-grad graphs compiled), then the others
+        calls = val[-1]["validation_calls_s"]
+        later = statistics.mean(calls[1:]) if len(calls) > 1 else calls[0]
+        val_min, val_how = (calls[0] + (events - 1) * later) / 60, (
+            f"measured: {calls[0]:.1f} s the first, {later:.1f} s each later one (images, PNGs; MLflow off)")
+    else:
+        val_min, val_how = validations * vsteps * denoise / 60, "extrapolated from the sample stage's s per denoising step"
     m = 60.0
     return [
         ("train: load + first step", (t["transformer_load_s"] + t["first_step_s"]) / m,
@@ -473,8 +500,7 @@ def experiment(rows: list[dict], card: int, evaluate_s: float) -> list[tuple[str
         (f"train: {tr['steps'] - 1} more steps x {t['s_per_step']} s ({t.get('quantization')}, "
          f"{t.get('kept_blocks', 0)} blocks not recomputed)", (tr["steps"] - 1) * t["s_per_step"] / m,
          "extrapolated from s/step"),
-        (f"validation: {validations} images x {vsteps} steps", validations * vsteps * denoise / m,
-         "extrapolated from the sample stage's s per denoising step"),
+        (f"validation: {validations} images x {vsteps} steps", val_min, val_how),
         (f"operating point: {grid_images} LoRA images x {sp['steps']} steps + fixed", (grid_images * sp["steps"] * denoise
                                                                                       + fixed) / m,
          "extrapolated (grid not run at real size)"),

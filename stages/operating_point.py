@@ -129,8 +129,8 @@ def render_grid(p: params.Params, full: list[str], jobs: list[tuple[int, int]],
     del vae
     render.free_memory()
     pngs = dict(cached)
-    for k, img in zip(todo, images.pop("base", [])):
-        pngs[k] = core_images.encode_png(img)  # the bytes the sample stage writes for this image
+    for k, png in zip(todo, core_images.encode_pngs(images.pop("base", []))):
+        pngs[k] = png  # the bytes the sample stage writes for this image (encode_png, on threads)
         if sp.base_cache:
             base_cache.store(*keyed[k], pngs[k])
     return [core_images.decode(pngs[k]) for k in range(len(jobs))], images

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from stages.core import gpus, log, params, tracking
+from stages.core import images as core_images
 from stages.core.device import default_device
 from stages.core.io import atomic_dir, write_json
 from stages.core.paths import Sample
@@ -132,14 +133,9 @@ def render_latents(p: params.Params, embeds, pooled, jobs: list[tuple[int, int]]
     return latents
 
 
-def png_bytes(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def decode_pngs(p: params.Params, latents: dict, device) -> dict:
-    """3. PNG bytes of the latents (``{scale: {job: bytes}}``), with the VAE alone on the device."""
+    """3. PNG bytes of the latents (``{scale: {job: bytes}}``), with the VAE alone on the device; the
+    PNGs are encoded on threads while the VAE decodes the next batch (stages.core.images.png_pool)."""
     from stages.models import base_cache, flux, render
 
     if not latents:
@@ -147,13 +143,15 @@ def decode_pngs(p: params.Params, latents: dict, device) -> dict:
     t0 = time.perf_counter()
     vae = flux.load_vae(p.model, device=device)
     res, batch = p.sample.resolution, memory.plan(p.model, device).vae_batch
-    out = {}
-    for scale, lat in latents.items():
-        # decoded per pipeline call (a base-cache miss re-renders its whole call): the same VAE batches
-        # whether the cache was cold or warm, so the same bytes
-        calls = [[k for k in chunk if k in lat] for chunk in base_cache.batches(max(lat) + 1, p.sample.batch_size)]
-        out[scale] = {k: png_bytes(img) for ks in calls if ks
-                      for k, img in zip(ks, render.decode(vae, [lat[k] for k in ks], res, res, batch))}
+    with core_images.png_pool() as pool:
+        pending = {}
+        for scale, lat in latents.items():
+            # decoded per pipeline call (a base-cache miss re-renders its whole call): the same VAE batches
+            # whether the cache was cold or warm, so the same bytes
+            calls = [[k for k in chunk if k in lat] for chunk in base_cache.batches(max(lat) + 1, p.sample.batch_size)]
+            pending[scale] = {k: pool.submit(core_images.encode_png, img) for ks in calls if ks
+                              for k, img in zip(ks, render.decode(vae, [lat[k] for k in ks], res, res, batch))}
+        out = {scale: {k: f.result() for k, f in fs.items()} for scale, fs in pending.items()}
     del vae
     render.free_memory()
     logger.info("decoded %d images in %.1f s (VAE batch %d)", sum(map(len, latents.values())),

@@ -66,7 +66,31 @@ def test_fixed_cost_from_a_run_with_warm_caches_net_of_its_images_at_the_warm_ra
     sample = next((mins, how) for name, mins, how in rows if name.startswith("sample: 160"))
     fixed = 24.0 - 4 * 8 * 0.1
     assert sample[0] == pytest.approx((160 * 28 * 0.1 + fixed) / 60)
-    assert f"fixed {fixed:.0f} s measured (a sample run with warm caches)" in sample[1]
+    assert f"fixed {fixed:.0f} s measured (a sample run with warm caches, 4 images" in sample[1]
     old = {k: v for k, v in cold.items() if k != "denoise_images"}  # rows of an older bench: the warm row's cost
     rows = bench.experiment(ROWS + [old], 24, evaluate_s=30.0)
     assert "fixed 60 s measured (cold compile cache)" in next(h for n, _, h in rows if n.startswith("sample: 160"))
+
+
+def test_a_run_with_the_profiles_image_counts_and_a_measured_validation_are_preferred(bench):
+    """A ``flux-dev`` sample row (160 LoRA images: their VAE, PNG and grid costs are in its time) beats a
+    later 4-image row for the fixed cost; a ``validate+flux-dev`` train row replaces the extrapolated
+    validation: its first call (no-grad graphs compiled) once, the mean of the others for the other 5."""
+    small = {"stage": "sample-ssteps=8+seeds=4", "card_gib": 24, "seconds": 24.0, "denoise_s": 7.9,
+             "denoise_calls_s": [7.9], "denoise_images": 4, "ok": True}
+    full = {"stage": "sample-flux-dev+ssteps=2", "card_gib": 24, "seconds": 100.0, "denoise_s": 32.0,
+            "denoise_calls_s": [16.0, 16.0], "denoise_images": 160, "ok": True}
+    val = {"stage": "train-validate+flux-dev", "card_gib": 24, "ok": True, "s_per_step": 9.0,
+           "validation_calls_s": [30.0, 10.0, 12.0]}
+    rows = bench.experiment(ROWS + [full, small, val], 24, evaluate_s=30.0)
+    sample = next((mins, how) for name, mins, how in rows if name.startswith("sample: 160"))
+    fixed = 100.0 - 160 * 2 * 0.1
+    assert sample[0] == pytest.approx((160 * 28 * 0.1 + fixed) / 60)
+    assert "the profile's 160 LoRA images" in sample[1]
+    validation = next((mins, how) for name, mins, how in rows if name.startswith("validation"))
+    assert validation[0] == pytest.approx((30.0 + 5 * 11.0) / 60) and validation[1].startswith("measured")
+    steps = next(name for name, _, _ in rows if "more steps" in name)
+    assert "x 0.4 s" in steps  # the validation row is not the train speed row
+    rows = bench.experiment(ROWS + [small], 24, evaluate_s=30.0)  # without them: as before, and it says so
+    assert "the per-image VAE/PNG/grid costs of 160 not in it" in next(h for n, _, h in rows if n.startswith("sample: 160"))
+    assert next(h for n, _, h in rows if n.startswith("validation")).startswith("extrapolated")

@@ -206,3 +206,27 @@ def test_full_disk_is_named(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="unrelated"):  # with room on the disk: the error itself
         with io.no_space_errors(tmp_path):
             raise RuntimeError("unrelated")
+
+
+def test_threaded_png_encoding_gives_the_one_by_one_bytes_in_order():
+    """encode_pngs (the sample stage's, the grid's and validation's PNGs) encodes on threads: the
+    bytes must be those PIL writes one image at a time, in the images' order (a swap would put one
+    prompt's image under another's name)."""
+    import io as _io
+
+    import numpy as np
+    from PIL import Image
+
+    from stages.core import images
+
+    rng = np.random.default_rng(0)
+    pics = [Image.fromarray(rng.integers(0, 256, (48 + 8 * k, 64, 3), dtype=np.uint8)) for k in range(7)]
+
+    def pil_default(img):  # what sample.py wrote before the pool: img.save(buf, format="PNG")
+        buf = _io.BytesIO()
+        img.save(buf, format="PNG")
+        return buf.getvalue()
+
+    got = images.encode_pngs(pics)
+    assert got == [pil_default(im) for im in pics] == [images.encode_png(im) for im in pics]
+    assert [images.decode(b).size for b in got] == [im.size for im in pics]

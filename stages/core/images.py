@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
 import numpy as np
@@ -43,6 +44,20 @@ def encode_png(img: Image.Image, compress_level: int = 6) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=False, compress_level=compress_level)
     return buf.getvalue()
+
+
+def png_pool() -> ThreadPoolExecutor:
+    """Threads that encode PNGs (``pool.submit(encode_png, img)``) while the caller goes on decoding
+    the next batch on the GPU. Pillow's zlib encoder releases the GIL, so N threads encode about N
+    images at once (a 1024² PNG takes 0.2-0.5 s on one core: 160 of them were a minute of a sample
+    stage); the bytes are those of :func:`encode_png` one by one."""
+    return ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 2) - 1)), thread_name_prefix="png")
+
+
+def encode_pngs(images: Sequence[Image.Image]) -> list[bytes]:
+    """:func:`encode_png` of each image, on :func:`png_pool`'s threads, in order."""
+    with png_pool() as pool:
+        return list(pool.map(encode_png, images))
 
 
 def encode_jpeg(img: Image.Image, quality: int = 92) -> bytes:

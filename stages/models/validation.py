@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from stages.core import tracking
+from stages.core.images import encode_pngs
 from stages.core.io import atomic_file
 from stages.core.prompts import read_prompts, with_trigger
 
@@ -71,10 +72,10 @@ class Validator:
         finally:
             trainer.transformer.train(was_training)
         paths = []
-        for (k, seed), img in zip(jobs, images):
+        for (k, seed), img, png in zip(jobs, images, encode_pngs(images)):  # PNGs encoded on threads
             path = out_dir / f"step-{step:06d}-p{k}-s{seed}.png"
             with atomic_file(path, ".png") as tmp:  # a DVC output (reports/train/validation)
-                img.save(tmp, format="PNG")
+                tmp.write_bytes(png)
             tracking.log_image(img, f"validation/p{k}-s{seed}", step)
             paths.append(path)
         return paths
