@@ -135,7 +135,8 @@ def stage(name: str, root: Path, card: int, variant: str = "") -> dict:
     offload off / on in every plan); ``res=512``, ``sbatch=N``, ``ssteps=N``, ``seeds=N``, ``cmode=MODE``,
     ``attn=flash|cudnn``, ``keep=N`` (blocks not checkpointed); ``validate`` turns on
     validation images every 4 steps; ``flux-dev`` samples (and validates) the flux-dev profile's prompts,
-    seeds and LoRA scales (its image counts: per-image costs measured, not extrapolated); ``q=fp8`` / ``compile=0`` / ``cap=8.0`` set model.quantization,
+    seeds and LoRA scales (its image counts: per-image costs measured, not extrapolated); ``grid`` saves a
+    snapshot every 4 train steps and takes the flux-dev profile's operating-point grid; ``q=fp8`` / ``compile=0`` / ``cap=8.0`` set model.quantization,
     train/sample.compile and a pretended GPU generation; ``profile`` also writes
     profile-train-<card>.txt (see profile_train_steps) to $OUT or the project."""
     import dataclasses
@@ -207,6 +208,10 @@ def stage(name: str, root: Path, card: int, variant: str = "") -> dict:
             shutil.copyfile(REPO / prof["prompts"], "prompts-flux-dev.txt")
             sample.update(prompts="prompts-flux-dev.txt", seeds=prof["seeds"], batch_size=prof["batch_size"],
                           lora_scales=params_lib.Sample().lora_scales)
+        grid = {}
+        if "grid" in tokens:  # a snapshot every 4 steps (the grid's step axis) and the flux-dev profile's grid
+            train.update(save_every=4, keep_last=0)
+            grid = yaml.safe_load((REPO / "conf/profile/flux-dev.yaml").read_text())["eval"]["grid"]
         if "q" in settings:
             model["quantization"] = settings["q"]
         if "seeds" in settings:
@@ -221,7 +226,8 @@ def stage(name: str, root: Path, card: int, variant: str = "") -> dict:
             train["compile"] = sample["compile"] = settings["compile"] in ("1", "true", "on")
         return p.model_copy(update={"train": p.train.model_copy(update=train),
                                     "model": p.model.model_copy(update=model),
-                                    "sample": p.sample.model_copy(update=sample)})
+                                    "sample": p.sample.model_copy(update=sample),
+                                    "eval": p.eval.model_copy(update={"grid": p.eval.grid.model_copy(update=grid)})})
 
     params_lib.load = load
     if "profile" in tokens:
@@ -586,7 +592,7 @@ def main() -> None:
     r.add_argument("--out", type=Path, default=REPO / "reports" / "bench")
     sub.add_parser("build").add_argument("dir", type=Path)
     s = sub.add_parser("stage")
-    s.add_argument("name", choices=STAGES)
+    s.add_argument("name", choices=STAGES + ("operating_point",))
     s.add_argument("root", type=Path)
     s.add_argument("card", type=int)
     s.add_argument("variant", nargs="?", default="")
