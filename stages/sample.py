@@ -208,12 +208,14 @@ def write_samples(p: params.Params, out: Path, prompts: list[str], full: list[st
                 if scale == 0:
                     record["base_key"] = base_keys[k]  # which base render this is (stages.models.base_cache)
                 records.append(record)
-        grids = []
-        for seed in sp.seeds:
+        def sheet(seed):  # one seed's grid; the seeds' sheets on threads (Pillow's resize and PNG release the GIL)
             rows = [[by_scale[(pi, seed, s)] for s in scales] for pi in range(len(prompts))]
             name = f"grids/seed-{seed}.png"
             grid(rows, prompts, [scale_label(s) for s in scales], f"seed {seed}").save(tmp / name)
-            grids.append({"file": name, "seed": seed})
+            return {"file": name, "seed": seed}
+
+        with core_images.png_pool() as pool:
+            grids = list(pool.map(sheet, sp.seeds))
         index = {
             "prompts": prompts, "trigger": p.caption.trigger, "seeds": list(sp.seeds), "scales": scales,
             "steps": sp.steps, "guidance": sp.guidance, "resolution": sp.resolution,

@@ -33,7 +33,7 @@ def test_phases_use_the_last_warm_rows_and_the_profiles_counts(bench):
     def find(text):
         return next((mins, name) for name, mins, _ in rows if text in name)
 
-    assert find("load + first step")[0] == pytest.approx((16 + 14) / 60)  # the last (warm) train row
+    assert find("load + first step")[0] == pytest.approx((16 + 14) / 60)  # the quickest (warm) train row
     steps = find("more steps")
     assert "1499 more steps x 0.4 s" in steps[1] and steps[0] == pytest.approx(1499 * 0.4 / 60)
     fixed = 70 - 8 - 2  # the stage's time but the text encoders (cached prompts) and the timed denoising
@@ -41,7 +41,7 @@ def test_phases_use_the_last_warm_rows_and_the_profiles_counts(bench):
     assert "160 LoRA images x 28 steps" in sample[1]  # 20 prompts x 4 seeds x scales 0.5, 1
     assert sample[0] == pytest.approx((160 * 28 * 0.1 + fixed) / 60)
     grid = phases["operating point"]
-    assert "60 LoRA images" in grid[1]  # snapshots 1000, 1250, 1500 x 2 scales x 5 prompts x 2 seeds
+    assert "30 LoRA images" in grid[1]  # snapshots 1000, 1250, 1500 x 2 scales x 5 prompts x 1 seed
     assert "120 images x 4 steps" in phases["validation"][1]  # every 250 of 1500 steps x 20 prompts
     assert phases["evaluate"][0] == pytest.approx(0.5)
 
@@ -94,3 +94,28 @@ def test_a_run_with_the_profiles_image_counts_and_a_measured_validation_are_pref
     rows = bench.experiment(ROWS + [small], 24, evaluate_s=30.0)  # without them: as before, and it says so
     assert "the per-image VAE/PNG/grid costs of 160 not in it" in next(h for n, _, h in rows if n.startswith("sample: 160"))
     assert next(h for n, _, h in rows if n.startswith("validation")).startswith("extrapolated")
+
+
+def test_a_measured_grid_run_gives_the_grids_fixed_cost(bench):
+    """An operating_point row (the grid stage with warm caches) replaces the sample stage's fixed cost in the
+    grid's phase; its images are netted out at the warm rate like the sample stage's."""
+    grid = {"stage": "operating_point-flux-dev+grid+ssteps=2", "card_gib": 24, "seconds": 39.4, "denoise_s": 16.4,
+            "denoise_calls_s": [9.7, 2.2, 2.2, 2.2], "denoise_images": 40, "ok": True}
+    rows = bench.experiment(ROWS + [grid], 24, evaluate_s=30.0)
+    mins, how = next((m, h) for n, m, h in rows if n.startswith("operating point"))
+    fixed = 39.4 - 40 * 2 * 0.1
+    assert mins == pytest.approx((30 * 28 * 0.1 + fixed) / 60)
+    assert f"fixed {fixed:.0f} s measured (a grid run with warm caches, 40 images)" in how
+    mins, how = next((m, h) for n, m, h in bench.experiment(ROWS, 24, 30.0) if n.startswith("operating point"))
+    assert "grid not run at real size" in how and mins == pytest.approx((30 * 28 * 0.1 + 60) / 60)
+
+
+def test_the_start_is_the_quickest_train_rows_and_the_speed_the_last(bench):
+    """Rows of a fresh machine come last at times (cold caches): a second experiment's start is the quickest
+    load + first step among the card's train rows, while s/step stays the last row's."""
+    cold = {"stage": "train", "card_gib": 24, "s_per_step": 0.45, "first_step_s": 38.0, "transformer_load_s": 29.0,
+            "call": 10}
+    rows = bench.experiment(ROWS + [cold], 24, evaluate_s=30.0)
+    start = next((m, n, h) for n, m, h in rows if "first step" in n)
+    assert start[0] == pytest.approx((16 + 14) / 60) and "quickest of 3 train rows" in start[2]
+    assert any("x 0.45 s" in n for n, _, _ in rows)

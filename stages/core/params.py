@@ -379,7 +379,8 @@ class Grid(Section):
     """The operating point (stages/operating_point.py): style vs content over snapshot step x LoRA scale
     on the first ``prompts`` prompts of sample.prompts and ``seeds``, at sample's steps/guidance/resolution.
     Cost: (steps) x len(scales) x prompts x len(seeds) LoRA images (smoke: 3 x 2 x 4 x 2 = 48 tiny ones;
-    flux-dev: 3 x 2 x 5 x 2 = 60, a quarter of sample's 240); the base images come from the cache."""
+    flux-dev: 3 x 2 x 5 x 1 = 30, about 2 minutes at 80 GiB against the sample stage's 9); the base images
+    come from the cache."""
     enabled: bool = Field(True, description="render and measure the grid; false = operating_point.json says so")
     steps: Union[str, list[int]] = Field(
         "all", description="snapshot steps (train.save_every) to try; all = every saved one; the final "
