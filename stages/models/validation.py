@@ -25,7 +25,7 @@ import torch
 
 from stages.core import tracking
 from stages.core.images import encode_pngs
-from stages.core.io import atomic_file
+from stages.core.io import write_bytes
 from stages.core.prompts import read_prompts, with_trigger
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,7 @@ class Validator:
         paths = []
         for (k, seed), img, png in zip(jobs, images, encode_pngs(images)):  # PNGs encoded on threads
             path = out_dir / f"step-{step:06d}-p{k}-s{seed}.png"
-            with atomic_file(path, ".png") as tmp:  # a DVC output (reports/train/validation)
-                tmp.write_bytes(png)
+            write_bytes(path, png)  # a DVC output (reports/train/validation): atomic
             tracking.log_image(img, f"validation/p{k}-s{seed}", step)
             paths.append(path)
         return paths
