@@ -28,6 +28,7 @@ import io
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -559,10 +560,30 @@ def fresh(root: Path) -> None:
         shutil.rmtree(root / sub, ignore_errors=True)
 
 
+def run_killable(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
+    """``cmd`` in its own process group, killed with the bench: a SIGTERM to the bench (``timeout`` ending a
+    segment of a device call) kills the phase too. Without this the phase ran on as an orphan and shared the
+    GPU with the next rows of the call (2026-12-03, calls 9 and 10)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+    def stop(signum, frame):
+        os.killpg(proc.pid, signal.SIGKILL)  # the group this call started (the phase and what it spawned)
+        proc.wait()
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        out, err = proc.communicate()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def child(args: list[str], env: dict, logs: Path | None = None) -> dict:
     """One phase in a fresh process (peak RSS and VRAM are per process); its last line is JSON. The
     process's log (stderr, its last 150 lines) is appended to ``logs``."""
-    proc = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True)
+    proc = run_killable([sys.executable, __file__, *args], env)
     if logs is not None:
         with open(logs, "a") as fh:
             fh.write(f"===== {' '.join(args)} (exit {proc.returncode})\n")

@@ -119,3 +119,30 @@ def test_the_start_is_the_quickest_train_rows_and_the_speed_the_last(bench):
     start = next((m, n, h) for n, m, h in rows if "first step" in n)
     assert start[0] == pytest.approx((16 + 14) / 60) and "quickest of 3 train rows" in start[2]
     assert any("x 0.45 s" in n for n, _, _ in rows)
+
+
+def test_a_stopped_bench_takes_its_running_phase_with_it(tmp_path):
+    """``timeout`` stops the bench with SIGTERM: the phase it runs (a process of its own) must end too, or it
+    goes on rendering on the GPU beside the call's next rows and skews them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "phase.pid"
+    sleeper = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    driver = (f"import importlib.util, sys\n"
+              f"spec = importlib.util.spec_from_file_location('b', {str(REPO / 'benchmarks/bench_real_path.py')!r})\n"
+              f"b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b)\n"
+              f"b.run_killable([sys.executable, '-c', {sleeper!r}], {{}})\n")
+    bench = subprocess.Popen([sys.executable, "-c", driver])
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    phase = int(pid_file.read_text())
+    bench.send_signal(signal.SIGTERM)
+    assert bench.wait(timeout=30) == 128 + signal.SIGTERM
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):  # killed and reaped by the bench
+        os.kill(phase, 0)
