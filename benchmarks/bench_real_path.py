@@ -249,6 +249,20 @@ def stage(name: str, root: Path, card: int, variant: str = "") -> dict:
 
     timed(validation.Validator, "render", "validation_s")  # one call per validation (its images, PNGs, MLflow)
     module = __import__(f"stages.{name}", fromlist=["main"])
+    # where the rest of a sampling stage goes (an experiment's fixed costs): prompt embeddings, the base-image
+    # cache, the VAE (with the PNGs it overlaps), the output files and sheets, the grid's scoring, MLflow
+    from stages.core import tracking
+    from stages.models import base_cache
+
+    timed(render, "embed_prompts", "embed_s")
+    timed(base_cache, "lookup", "cache_read_s")
+    timed(tracking, "log_artifacts", "mlflow_s")
+    for attr, key in (("decode_pngs", "decode_s"), ("write_samples", "write_s"), ("measure", "measure_s"),
+                      ("write_outputs", "write_s")):
+        if hasattr(module, attr):
+            timed(module, attr, key)
+    if name == "operating_point":
+        timed(render, "decode", "decode_s")
     out = {"stage": name + (f"-{variant}" if variant else ""), "card_gib": card}
     t0 = time.perf_counter()
     try:
