@@ -425,6 +425,50 @@ def t5_options(base: Path) -> dict:
     return out
 
 
+def vae_decode(base: Path, images: int = 32, batch: int = 8) -> dict:
+    """Phase ``vae``: the sampling stages' decode (stages.models.render.decode, the plan's VAE batch) of
+    ``images`` 1024² latents as shipped, with the VAE in channels-last memory, and with its decoder
+    compiled (first call apart): seconds per image, and what the host-side pixels of diffusers' own
+    postprocess cost against the uint8 pixels made on the GPU (render.to_pil)."""
+    import torch
+    from diffusers.image_processor import VaeImageProcessor
+
+    from stages.core.params import Model
+    from stages.models import flux, render
+
+    warm_up()
+    vae = flux.load_vae(Model(base=str(base)), device="cuda")
+    g = torch.Generator().manual_seed(0)
+    latents = [torch.randn(1, 4096, 64, generator=g, dtype=torch.bfloat16) for _ in range(images)]
+    out = {"stage": "vae-decode", "card_gib": None, "ok": True, "images": images, "vae_batch": batch}
+
+    def timed(key):
+        render.decode(vae, latents[:batch], 1024, 1024, batch)  # warm-up (cuDNN autotune, a compile)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        render.decode(vae, latents, 1024, 1024, batch)
+        out[f"{key}_s_per_image"] = round((time.perf_counter() - t0) / images, 4)
+
+    timed("shipped")
+    x = torch.rand(batch, 3, 1024, 1024, device="cuda", dtype=vae.dtype) * 2 - 1
+    for key, fn in (("host_postprocess", lambda: VaeImageProcessor(vae_scale_factor=16).postprocess(x, output_type="pil")),
+                    ("gpu_postprocess", lambda: render.to_pil(x))):
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        out[f"{key}_s_per_image"] = round((time.perf_counter() - t0) / batch, 4)
+    vae.to(memory_format=torch.channels_last)
+    timed("channels_last")
+    try:
+        vae.decoder.compile()
+        timed("compiled")
+    except Exception as err:  # noqa: BLE001 - a result
+        out["compiled_error"] = f"{type(err).__name__}: {str(err)[-200:]}"
+    out["vram_peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
+    return out
+
+
 def peer(kind: str, base: Path) -> dict:
     """diffusers' documented low-memory recipe on the same folder (what a user would pick instead)."""
     import torch
@@ -470,7 +514,8 @@ def experiment(rows: list[dict], card: int, evaluate_s: float) -> list[tuple[str
     sample row without ``warm`` (caches filled by an earlier row, as in a second experiment: loads, the
     first call's compile-cache reads, VAE, PNGs, grids), preferring one with the profile's image counts
     (``flux-dev``), and validation from a ``validate+flux-dev`` train row where there is one. The counts come
-    from conf/profile/flux-dev.yaml."""
+    from conf/profile/flux-dev.yaml; evaluate from an ``evaluate`` row with ``flux-dev`` (after such a sample row).
+    """
     import yaml
 
     prof = yaml.safe_load((REPO / "conf/profile/flux-dev.yaml").read_text())
@@ -523,6 +568,13 @@ def experiment(rows: list[dict], card: int, evaluate_s: float) -> list[tuple[str
             f"measured: {calls[0]:.1f} s the first, {later:.1f} s each later one (images, PNGs; MLflow off)")
     else:
         val_min, val_how = validations * vsteps * denoise / 60, "extrapolated from the sample stage's s per denoising step"
+    ev = [r for r in rows if str(r.get("stage", "")).startswith("evaluate-") and r.get("card_gib") == card
+          and r.get("ok") and "flux-dev" in r["stage"].split("-", 1)[1].split("+")]
+    if ev:  # after a flux-dev sample row: the profile's 240 images scored; the last row has the held-out caches warm
+        evaluate_s, ev_how = ev[-1]["seconds"], (f"measured: the profile's {len(prompts) * len(sp['seeds']) * len(scales)}"
+                                                 f" images (call {ev[-1].get('call', '?')}, its {len(ev)}. evaluate row)")
+    else:
+        ev_how = "measured 2026-12-01 with 4 images (reports/bench/real_path.md)"
     m = 60.0
     return [
         ("train: load + first step", (first["transformer_load_s"] + first["first_step_s"]) / m,
@@ -537,7 +589,7 @@ def experiment(rows: list[dict], card: int, evaluate_s: float) -> list[tuple[str
         ("sample: base images", 0.0, "base-image cache (first run: + the base images)"),
         (f"sample: {lora_images} LoRA images x {sp['steps']} steps + fixed", (lora_images * sp["steps"] * denoise + fixed) / m,
          f"extrapolated from {denoise} s per denoising step; {fixed_how}"),
-        ("evaluate", evaluate_s / m, "measured 2026-12-01 (reports/bench/real_path.md)"),
+        ("evaluate", evaluate_s / m, ev_how),
     ]
 
 
@@ -648,7 +700,7 @@ def main() -> None:
     s.add_argument("root", type=Path)
     s.add_argument("card", type=int)
     s.add_argument("variant", nargs="?", default="")
-    for n in ("load", "peer", "t5"):
+    for n in ("load", "peer", "t5", "vae"):
         x = sub.add_parser(n)
         x.add_argument("kind")
         x.add_argument("base", type=Path)
@@ -670,6 +722,8 @@ def main() -> None:
         print(json.dumps(t5_options(a.base)), flush=True)
     elif a.cmd == "peer":
         print(json.dumps(peer(a.kind, a.base)), flush=True)
+    elif a.cmd == "vae":
+        print(json.dumps(vae_decode(a.base)), flush=True)
     elif a.cmd == "experiment":
         print(experiment_report(a.rows, [int(c) for c in a.cards.split(",")], a.evaluate_s))
     elif a.cmd == "report":
@@ -700,6 +754,8 @@ def main() -> None:
                 emit(child(["peer", kind, str(a.base)], env))
         if "t5" in phases:
             emit(child(["t5", "both", str(a.base)], env))
+        if "vae" in phases:
+            emit(child(["vae", "decode", str(a.base)], env))
         cards = [int(c) for c in a.cards.split(",")]
         if "stages" in phases:
             import shutil

@@ -51,14 +51,26 @@ def scale_label(scale: float) -> str:
     return "base" if scale == 0 else f"LoRA {scale:g}"
 
 
+def cell_side(side: int) -> int:
+    """A grid cell's side for images of ``side`` px: at least 128, at most 512."""
+    return min(max(side, 128), 512)
+
+
+def to_cell(img, cell: int):
+    """``img`` as a ``cell`` px grid cell: enlarged by nearest neighbour (pixels stay honest), shrunk
+    by Lanczos. A cell-sized image comes back as a copy, so cells can be made ahead (on threads)."""
+    from PIL import Image
+
+    return img.resize((cell, cell), Image.NEAREST if img.width < cell else Image.LANCZOS)
+
+
 def grid(rows: list[list], row_labels: list[str], col_labels: list[str], title: str,
          cell: int = 0, label_w: int = 180):
     """A prompt x scale grid: column headers on top, the prompt left of each row. Small images
     are enlarged (nearest neighbour, so pixels stay honest) to at least 128 px cells."""
     from PIL import Image, ImageDraw
 
-    side = rows[0][0].width
-    cell = cell or min(max(side, 128), 512)
+    cell = cell or cell_side(rows[0][0].width)
     head = 34
     sheet = Image.new("RGB", (label_w + cell * len(col_labels), head + cell * len(rows)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -71,8 +83,7 @@ def grid(rows: list[list], row_labels: list[str], col_labels: list[str], title: 
             lines[-1:] = [lines[-1] + " " + w] if len(lines[-1]) + len(w) < label_w // 7 else [lines[-1], w]
         draw.multiline_text((4, head + r * cell + 4), "\n".join(x.strip() for x in lines), fill="black")
         for c, img in enumerate(images):
-            resample = Image.NEAREST if img.width < cell else Image.LANCZOS
-            sheet.paste(img.resize((cell, cell), resample), (label_w + c * cell, head + r * cell))
+            sheet.paste(to_cell(img, cell), (label_w + c * cell, head + r * cell))
     return sheet
 
 
@@ -194,28 +205,30 @@ def write_samples(p: params.Params, out: Path, prompts: list[str], full: list[st
     from PIL import Image
 
     sp = p.sample
-    records, by_scale = [], {}
-    with atomic_dir(out) as tmp:
+    records = []
+    cell = cell_side(sp.resolution)
+    with atomic_dir(out) as tmp, core_images.png_pool() as pool:
         (tmp / "images").mkdir()
         (tmp / "grids").mkdir()
+        # the grids' cells, decoded and resized on threads (Pillow releases the GIL) while the files are written
+        cells = {(pi, seed, scale): pool.submit(lambda b: to_cell(Image.open(io.BytesIO(b)), cell), pngs[scale][k])
+                 for scale in scales for k, (pi, seed) in enumerate(jobs)}
         for scale in scales:
             for k, (pi, seed) in enumerate(jobs):
                 name = f"images/p{pi:02d}-s{seed}-l{scale:.2f}.png"
                 (tmp / name).write_bytes(pngs[scale][k])
-                by_scale[(pi, seed, scale)] = Image.open(io.BytesIO(pngs[scale][k]))
                 record = {"file": name, "prompt_index": pi, "prompt": prompts[pi], "full_prompt": full[pi],
                           "seed": seed, "scale": scale, "kind": "base" if scale == 0 else "lora"}
                 if scale == 0:
                     record["base_key"] = base_keys[k]  # which base render this is (stages.models.base_cache)
                 records.append(record)
-        def sheet(seed):  # one seed's grid; the seeds' sheets on threads (Pillow's resize and PNG release the GIL)
-            rows = [[by_scale[(pi, seed, s)] for s in scales] for pi in range(len(prompts))]
+        def sheet(seed):  # one seed's grid, on the threads too (PNG encoding releases the GIL)
+            rows = [[cells[(pi, seed, s)].result() for s in scales] for pi in range(len(prompts))]
             name = f"grids/seed-{seed}.png"
-            grid(rows, prompts, [scale_label(s) for s in scales], f"seed {seed}").save(tmp / name)
+            grid(rows, prompts, [scale_label(s) for s in scales], f"seed {seed}", cell=cell).save(tmp / name)
             return {"file": name, "seed": seed}
 
-        with core_images.png_pool() as pool:
-            grids = list(pool.map(sheet, sp.seeds))
+        grids = [f.result() for f in [pool.submit(sheet, seed) for seed in sp.seeds]]
         index = {
             "prompts": prompts, "trigger": p.caption.trigger, "seeds": list(sp.seeds), "scales": scales,
             "steps": sp.steps, "guidance": sp.guidance, "resolution": sp.resolution,

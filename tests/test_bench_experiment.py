@@ -146,3 +146,16 @@ def test_a_stopped_bench_takes_its_running_phase_with_it(tmp_path):
     time.sleep(0.2)
     with pytest.raises(ProcessLookupError):  # killed and reaped by the bench
         os.kill(phase, 0)
+
+
+def test_an_evaluate_row_after_the_profiles_samples_replaces_the_old_figure(bench):
+    rows = ROWS + [
+        {"stage": "evaluate", "card_gib": 24, "ok": True, "seconds": 11.0},  # 4 images: not the profile's counts
+        {"stage": "evaluate-flux-dev", "card_gib": 24, "ok": True, "seconds": 95.0, "call": 3},  # cold caches
+        {"stage": "evaluate-flux-dev", "card_gib": 24, "ok": True, "seconds": 48.0, "call": 3},  # warm
+        {"stage": "evaluate-flux-dev", "card_gib": 8, "ok": True, "seconds": 300.0},  # another card
+    ]
+    ev = next((mins, how) for name, mins, how in bench.experiment(rows, 24, evaluate_s=30.0) if name == "evaluate")
+    assert ev[0] == pytest.approx(48 / 60) and "240 images" in ev[1] and "call 3" in ev[1]
+    ev = next((mins, how) for name, mins, how in bench.experiment(ROWS, 24, evaluate_s=30.0) if name == "evaluate")
+    assert ev[0] == pytest.approx(0.5) and "4 images" in ev[1]

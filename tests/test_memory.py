@@ -141,6 +141,20 @@ def test_render_in_phases_gives_the_pipeline_images(tiny):
             assert diff.max() <= 1, diff.max()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_pixels_made_where_the_vae_ran_are_the_pipelines_bytes(dtype):
+    from diffusers.image_processor import VaeImageProcessor
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 3, 40, 48, generator=g) * 0.7).to(dtype)  # some beyond [-1, 1]: clamped
+    ties = (torch.arange(256, dtype=torch.float32) + 0.5) / 255 * 2 - 1  # 255 v lands on k + 0.5: ties to even
+    x[0, 0, 0, :48] = ties[:48].to(dtype)
+    ours = render.to_pil(x)
+    ref = VaeImageProcessor(vae_scale_factor=16).postprocess(x, output_type="pil")
+    assert [im.mode for im in ours] == ["RGB"] * 3 and ours[0].size == (48, 40)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(ours, ref))
+
+
 def test_prompt_embeddings_are_computed_once(tiny, cache_root, monkeypatch):
     m = Model(base=str(tiny))
     first = render.embed_prompts(m, ["a field of poppies"], 16, memory.UNCONSTRAINED, device="cpu")

@@ -150,19 +150,29 @@ def denoise(pipe, embeds: torch.Tensor, pooled: torch.Tensor, seeds: list[int], 
     return out
 
 
+def to_pil(images: torch.Tensor) -> list:
+    """RGB PIL images from VAE output in [-1, 1] (``(n, 3, H, W)``), the very bytes of diffusers'
+    ``VaeImageProcessor.postprocess(..., output_type="pil")``: the same denormalisation in the
+    VAE's dtype, then ``round(255 x)`` in float32 (ties to even, as numpy). The arithmetic runs
+    where the tensor is (on the GPU: ~1 ms per 1024² image, against 0.1 s for numpy on the host)
+    and only uint8 pixels are copied back."""
+    from PIL import Image
+
+    pixels = (images * 0.5 + 0.5).clamp(0, 1).float().mul(255).round().to(torch.uint8)
+    return [Image.fromarray(a) for a in pixels.permute(0, 2, 3, 1).cpu().numpy()]
+
+
 @torch.no_grad()
 def decode(vae, latents: list[torch.Tensor], height: int, width: int, batch: int = 1) -> list:
     """PIL images from packed latents (each (1, seq, C)), as FluxPipeline decodes them, ``batch``
     latents per VAE call (the card's plan: stages.models.memory.Plan.vae_batch)."""
     from diffusers import FluxPipeline
-    from diffusers.image_processor import VaeImageProcessor
 
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    processor = VaeImageProcessor(vae_scale_factor=factor * 2)
     images = []
     for i in range(0, len(latents), batch):
         packed = torch.cat(latents[i:i + batch]).to(vae.device, vae.dtype)
         x = FluxPipeline._unpack_latents(packed, height, width, factor)
         x = x / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        images += processor.postprocess(vae.decode(x, return_dict=False)[0], output_type="pil")
+        images += to_pil(vae.decode(x, return_dict=False)[0])
     return images
