@@ -132,7 +132,7 @@ def measure_scale(p: params.Params, name: str, recs: list[dict], samples: Path, 
                   ref: Reference) -> tuple[dict, list[dict], str]:
     """The metrics of one LoRA scale's samples (``name``: base, lora or scale<s>), per-image rows
     for details.json and a note on KID."""
-    imgs = [core_images.load(samples / r["file"]) for r in recs]
+    imgs = core_images.load_many([samples / r["file"] for r in recs])
     img_clip = models.clip.embed_images(imgs)
     sty = models.style(imgs, img_clip)
     txt = models.clip.embed_texts([r["prompt"] for r in recs])

@@ -101,3 +101,36 @@ def test_kill_9_of_download_leaves_no_workers_and_the_rerun_no_temp_folder(tmp_p
     subprocess.run([sys.executable, "-m", "stages.download"], cwd=tmp_path, env=env, check=True,
                    capture_output=True, timeout=300)
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["raw"]
+
+
+def test_threads_keep_the_order_and_use_the_cores_up_to_eight(monkeypatch):
+    from stages.core import pool
+
+    with pool.threads("t") as ex:
+        assert list(ex.map(lambda i: (time.sleep(0.01 * (i % 3)), i)[1], range(12))) == list(range(12))
+        assert 1 <= ex._max_workers <= 8
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    with pool.threads() as ex:
+        assert ex._max_workers == 8
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    with pool.threads() as ex:
+        assert ex._max_workers == 1
+
+
+def test_trait_table_on_threads_is_each_images_traits_in_order(monkeypatch, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from stages.core.images import load_many
+    from stages.metrics import traits
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)  # 4 threads anywhere
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (48 + 8 * i, 64, 3), dtype=np.uint8)) for i in range(6)]
+    table = traits.trait_table(imgs, 32)
+    for k in traits.NAMES:
+        assert table[k].tolist() == [traits.image_traits(im, 32)[k] for im in imgs]
+    paths = [tmp_path / f"{i}.png" for i in range(len(imgs))]
+    for path, im in zip(paths, imgs):
+        im.save(path)
+    assert [np.asarray(a).tolist() for a in load_many(paths)] == [np.asarray(im).tolist() for im in imgs]

@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
+from stages.core import pool
+
 
 def decode(data: bytes, min_side: Optional[int] = None, with_size: bool = False):
     """Bytes (as stored in shards) -> RGB PIL image, EXIF orientation applied.
@@ -35,6 +37,12 @@ def load(path: os.PathLike | str) -> Image.Image:
         return decode(fh.read())
 
 
+def load_many(paths: Sequence[os.PathLike | str]) -> list[Image.Image]:
+    """:func:`load` of each file, decoded on threads (stages.core.pool.threads), in order."""
+    with pool.threads("load") as ex:
+        return list(ex.map(load, paths))
+
+
 def to_array(img: Image.Image) -> np.ndarray:
     """RGB PIL -> float32 array in [0, 1], shape (H, W, 3)."""
     return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
@@ -51,7 +59,7 @@ def png_pool() -> ThreadPoolExecutor:
     the next batch on the GPU. Pillow's zlib encoder releases the GIL, so N threads encode about N
     images at once (a 1024² PNG takes 0.2-0.5 s on one core: 160 of them were a minute of a sample
     stage); the bytes are those of :func:`encode_png` one by one."""
-    return ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 2) - 1)), thread_name_prefix="png")
+    return pool.threads("png")
 
 
 def encode_pngs(images: Sequence[Image.Image]) -> list[bytes]:

@@ -1,6 +1,7 @@
 """The one process pool of the pipeline: :func:`parallel_map`, ``map(fn, items)`` on ``workers``
 processes, in input order (outputs do not depend on the number of workers), with a bounded
-number of items in flight (a source streaming image bytes never sits whole in memory).
+number of items in flight (a source streaming image bytes never sits whole in memory); and
+:func:`threads`, the thread pool for work that releases the GIL.
 
 Workers die with their parent: on Linux the kernel sends them SIGKILL when the stage process
 dies (``PR_SET_PDEATHSIG``), and a watchdog thread in each worker exits when its parent is gone
@@ -56,3 +57,11 @@ def parallel_map(fn: Callable, items: Iterable, workers: int, window: int = 256)
             yield from pool.map(fn, batch, chunksize=max(1, len(batch) // (4 * workers)))
     finally:
         pool.shutdown(cancel_futures=True)
+
+
+def threads(prefix: str = "work") -> cf.ThreadPoolExecutor:
+    """Threads for work that releases the GIL: Pillow's codecs and resampling, zlib, numpy and
+    scipy.ndimage filters. N threads do about N images at once (the image traits of 16 images:
+    1.65 s on one thread, 0.73 s on two). One per core, at most 8; ``map`` keeps the input order."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cf.ThreadPoolExecutor(max_workers=max(1, min(8, cores)), thread_name_prefix=prefix)

@@ -19,6 +19,7 @@ from typing import Iterable
 
 from stages.core.images import load as load_image
 from stages.core.io import atomic_file, write_json, write_text
+from stages.core.pool import threads
 from stages.metrics import pages
 
 QUESTIONS = {
@@ -61,8 +62,8 @@ def build_page(samples_dir: Path | str, out_dir: Path | str, key_path: Path | st
     pairs = make_pairs(index, lora_scale, seed)
     page_id = hashlib.sha256(json.dumps(pairs, sort_keys=True).encode()).hexdigest()[:12]
     (out_dir / "img").mkdir(parents=True, exist_ok=True)
-    shown = []
-    for pair in pairs:
+
+    def show(pair: dict) -> dict:  # its two images as the rater sees them (JPEGs, on threads)
         sides = {pair["lora_side"]: pair["lora"],
                  "right" if pair["lora_side"] == "left" else "left": pair["base"]}
         files = {}
@@ -73,7 +74,10 @@ def build_page(samples_dir: Path | str, out_dir: Path | str, key_path: Path | st
             with atomic_file(out_dir / name, ".jpg") as tmp:
                 img.save(tmp, format="JPEG", quality=92)
             files[side] = name
-        shown.append({"id": pair["id"], "prompt": pair["prompt"], **files})
+        return {"id": pair["id"], "prompt": pair["prompt"], **files}
+
+    with threads("abtest") as ex:
+        shown = list(ex.map(show, pairs))
     questions = {"style": QUESTIONS["style"]}
     if prompt_question:
         questions["prompt"] = QUESTIONS["prompt"]

@@ -222,7 +222,10 @@ def image_traits(img: Image.Image | np.ndarray, size: int = 64, diagnostics: boo
 
 def trait_table(images: Iterable[Image.Image | np.ndarray], size: int = 64) -> dict[str, np.ndarray]:
     """Per-trait arrays over ``images`` (one value per image, in order)."""
-    rows = [image_traits(im, size) for im in images]
+    from stages.core.pool import threads
+
+    with threads("traits") as ex:  # scipy's filters and Pillow's resize release the GIL
+        rows = list(ex.map(lambda im: image_traits(im, size), images))
     return {k: np.array([r[k] for r in rows], dtype=np.float64) for k in NAMES}
 
 

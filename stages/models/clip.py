@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,11 +89,11 @@ class ClipModel:
                      progress: bool = False) -> np.ndarray:
         """PIL images -> (N, D) float32, L2-normalised; batched on ``self.device``. Preprocessing
         runs in threads; on a GPU the next batch is prepared while the current one computes."""
-        from concurrent.futures import ThreadPoolExecutor
+        from stages.core.pool import threads
 
         bs = batch_size or self.batch_size
         out, running = [], None
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        with threads("clip-prep") as pool:
             for i in progress_bar(range(0, len(images), bs), desc="clip images", unit="batch",
                                   disable=not progress):
                 batch = torch.stack(list(pool.map(self._prep, images[i:i + bs])))
