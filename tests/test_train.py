@@ -142,6 +142,40 @@ def test_validation_prompts_seeds_and_resolution_from_config(workdir):
     assert np.abs(a.astype(int) - b).mean() > 0  # the seeds differ
 
 
+def test_validation_renders_the_plans_batch_per_call_with_the_same_images(workdir, monkeypatch):
+    """The 80 GiB class renders its validation images 4 per call (room beside training); the images are
+    those of one per call within float noise, and every (prompt, seed) keeps its file."""
+    import dataclasses
+
+    from PIL import Image
+
+    from stages.models import memory, render
+
+    prompts = workdir / "val.txt"
+    prompts.write_text("a harbour\na bowl of pears\na poplar row\n")
+    settings = dict(train__steps=2, train__validate_every=2, train__validation_steps=2, train__checkpoint_every=2,
+                    train__validation_prompts=str(prompts), train__validation_resolution=32)
+    val = workdir / "reports/train/validation"
+
+    def images():
+        return {p.name: np.asarray(Image.open(p), dtype=int) for p in sorted(val.glob("step-*.png"))}
+
+    run_train(workdir, **settings)
+    one = images()
+    calls = []
+    real = render.denoise
+    monkeypatch.setattr(render, "denoise", lambda pipe, embeds, *a, **k: calls.append(
+        (len(embeds), k.get("batch_size"))) or real(pipe, embeds, *a, **k))
+    monkeypatch.setattr(memory, "UNCONSTRAINED", dataclasses.replace(memory.UNCONSTRAINED, validation_batch=2))
+    shutil.rmtree(workdir / "models")
+    run_train(workdir, **settings)
+    assert calls == [(3, 2)]  # 3 images, 2 per call
+    two = images()
+    assert sorted(two) == sorted(one) == [f"step-000002-p{k}-s0.png" for k in range(3)]
+    assert all(np.abs(two[n] - one[n]).max() <= 2 for n in one)
+    assert memory.PLANS[80].validation_batch == 4 and all(memory.PLANS[c].validation_batch == 1 for c in (8, 24, 40))
+
+
 def test_validation_defaults_to_the_sample_prompt_file(workdir):
     smoke = trainkit.params.ROOT / "conf/prompts/smoke.txt"
     run_train(workdir, train__steps=1, train__validate_every=1, train__validation_steps=1, train__checkpoint_every=1,

@@ -61,8 +61,11 @@ class Plan:
     text_encoder_quantization: str   # "none" | "int8" | "nf4": T5 in encode and sample
     offload_activations: bool        # train: checkpointed block inputs in pinned host memory
     text_batch: int                  # prompts per T5 call
-    vae_batch: int = 1               # latents per VAE decode call (sample, operating point, validation)
+    vae_batch: int = 1               # latents per VAE decode call (sample, operating point)
     sample_batch: int = 2            # sample.batch_size: auto, images per transformer call (sample, operating point)
+    # images per transformer (and VAE) call of train's validation, beside the training state: more than one
+    # only where the class leaves room after every block kept out of recompute (80 GiB: 31 GiB reserved)
+    validation_batch: int = 1
 
     def describe(self) -> str:
         card = f"{self.card_gib} GiB card" if self.card_gib else "no memory limit"
@@ -76,7 +79,7 @@ PLANS = {
     16: Plan(16, "none", False, 16, vae_batch=2, sample_batch=2),
     24: Plan(24, "none", False, 32, vae_batch=4, sample_batch=4),
     40: Plan(40, "none", False, 32, vae_batch=8, sample_batch=4),
-    80: Plan(80, "none", False, 32, vae_batch=8, sample_batch=4),
+    80: Plan(80, "none", False, 32, vae_batch=8, sample_batch=4, validation_batch=4),
 }
 # the CPU: one image per VAE call, as before; 8 images per transformer call (the smoke profile's batch)
 UNCONSTRAINED = Plan(None, "none", False, 32, vae_batch=1, sample_batch=8)

@@ -49,6 +49,7 @@ class Validator:
     pooled: torch.Tensor   # (P, D') CLIP pooled, on CPU
     vae: torch.nn.Module
     p: object
+    batch: int = 1         # images per transformer and VAE call (the plan's validation_batch)
 
     def due(self, step: int) -> bool:
         every = self.p.train.validate_every
@@ -67,8 +68,9 @@ class Validator:
         try:
             with torch.autocast(trainer.device.type, dtype=trainer.base_dtype, enabled=trainer.autocast):
                 latents = render.denoise(pipe, self.embeds[rows], self.pooled[rows], [s for _, s in jobs],
-                                         steps=tp.validation_steps, guidance=tp.validation_guidance, height=n, width=n)
-            images = render.decode(self.vae, latents, n, n)
+                                         steps=tp.validation_steps, guidance=tp.validation_guidance, height=n, width=n,
+                                         batch_size=self.batch)
+            images = render.decode(self.vae, latents, n, n, self.batch)
         finally:
             trainer.transformer.train(was_training)
         paths = []
@@ -93,6 +95,6 @@ def prepare(p, device, plan) -> Validator:
     prompts = validation_prompts(p)
     embeds, pooled = render.embed_prompts(p.model, prompts, p.train.max_sequence_length, plan, device=device)
     vae = flux.load_vae(p.model, device=device)
-    log.info("validation: %d prompts x %d seeds every %d steps at %d px", len(prompts), len(p.train.validation_seeds),
-             p.train.validate_every, side(p))
-    return Validator(prompts, embeds, pooled, vae, p)
+    log.info("validation: %d prompts x %d seeds every %d steps at %d px, %d per call", len(prompts),
+             len(p.train.validation_seeds), p.train.validate_every, side(p), plan.validation_batch)
+    return Validator(prompts, embeds, pooled, vae, p, batch=plan.validation_batch)
