@@ -4,17 +4,17 @@
 the classes 8 / 12 / 16 / 24 / 40 / 80. Each class is a :class:`Plan`, measured at real size on FLUX.1-dev's
 shapes (benchmarks/bench_real_path.py, reports/bench/real_path.md, reports/bench/speed.md):
 
-| class | cards | T5-XXL in encode/sample | train: checkpointed block inputs | text batch | VAE decode batch | images per transformer call (``sample.batch_size: auto``) |
-|---|---|---|---|---|---|---|
-| 8  | RTX 3070/4060 | int8 weight-only (torchao), quantized while loading (4.6 GiB instead of 8.9) | offloaded to pinned host memory | 4 | 1 | 2 |
-| 12 | RTX 3060/4070 | bf16 | on the GPU | 4 | 2 | 2 |
-| 16 | RTX 4080, A4000 | bf16 | on the GPU | 16 | 2 | 2 |
-| 24 | RTX 3090/4090, A10, L4 | bf16 | on the GPU | 32 | 4 | 4 |
-| 40 | A100 40GB, A6000, L40S | bf16 | on the GPU | 32 | 8 | 4 |
-| 80 | A100/H100 80GB, H200 | bf16 | on the GPU | 32 | 8 | 4 |
+| class | cards | T5-XXL in encode/sample | train: checkpointed block inputs | text batch | VAE decode batch | images per transformer call (``sample.batch_size: auto``) | validation images per call |
+|---|---|---|---|---|---|---|---|
+| 8  | RTX 3070/4060 | int8 weight-only (torchao), quantized while loading (4.6 GiB instead of 8.9) | offloaded to pinned host memory | 4 | 1 | 2 | 1 |
+| 12 | RTX 3060/4070 | bf16 | on the GPU | 4 | 2 | 2 | 1 |
+| 16 | RTX 4080, A4000 | bf16 | on the GPU; offloaded with the fp8 base (:func:`with_base`) | 16 | 2 | 2 | 1 |
+| 24 | RTX 3090/4090, A10, L4 | bf16 | on the GPU | 32 | 4 | 4 | 1 |
+| 40 | A100 40GB, A6000, L40S | bf16 | on the GPU | 32 | 8 | 8 | 1 |
+| 80 | A100/H100 80GB, H200 | bf16 | on the GPU | 32 | 8 | 8 | 4 |
 
-(Sampling at 1024² on an fp8 base: 4 images per call 0.107 s per denoising step and image at 13.6 GiB reserved,
-2 per call 0.115 s at 11.9 GiB, H200, reports/bench/speed.md.)
+(Sampling at 1024² on an fp8 base, H200, reports/bench/speed.md: 8 images per call 0.1048 s per denoising step
+and image at 20.2 GiB reserved, 4 per call 0.107-0.109 s at 13.6 GiB, 2 per call 0.115 s at 11.9 GiB.)
 
 The larger the class, the more blocks train without gradient checkpointing (:func:`kept_blocks`): at
 1024² on an fp8 base, 9 of FLUX.1-dev's 57 at 24 GiB, about 30 at 40 GiB, all of them at 80 GiB.
@@ -36,6 +36,8 @@ tests exercise the low-memory paths on CPU.
 before anything is loaded and stops with the knob to change when they do not fit.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import logging
 import os
@@ -78,8 +80,10 @@ PLANS = {
     12: Plan(12, "none", False, 4, vae_batch=2, sample_batch=2),
     16: Plan(16, "none", False, 16, vae_batch=2, sample_batch=2),
     24: Plan(24, "none", False, 32, vae_batch=4, sample_batch=4),
-    40: Plan(40, "none", False, 32, vae_batch=8, sample_batch=4),
-    80: Plan(80, "none", False, 32, vae_batch=8, sample_batch=4, validation_batch=4),
+    # 8 images per sampling call from 40 GiB: 0.1048 s per denoising step and image against 0.1093 at 4,
+    # 20.2 GiB reserved (H200, fp8, 1024², 2026-12-03 call 18)
+    40: Plan(40, "none", False, 32, vae_batch=8, sample_batch=8),
+    80: Plan(80, "none", False, 32, vae_batch=8, sample_batch=8, validation_batch=4),
 }
 # the CPU: one image per VAE call, as before; 8 images per transformer call (the smoke profile's batch)
 UNCONSTRAINED = Plan(None, "none", False, 32, vae_batch=1, sample_batch=8)
@@ -96,14 +100,27 @@ def card_class(total_bytes: int) -> int:
 def plan(model_params, device: Optional[torch.device] = None) -> Plan:
     setting = getattr(model_params, "vram_gb", "auto")
     if setting != "auto":
-        return PLANS[int(setting)]
+        return with_base(PLANS[int(setting)], model_params)
     device = torch.device(device) if device is not None else None
     if device is None or device.type != "cuda" or not torch.cuda.is_available():
         return UNCONSTRAINED
     total = torch.cuda.get_device_properties(device).total_memory
     if os.environ.get("FLUXIMP_VRAM_LIMIT_GIB"):  # an emulated smaller card (benchmarks)
         total = min(total, float(os.environ["FLUXIMP_VRAM_LIMIT_GIB"]) * GIB)
-    return PLANS[card_class(int(total))]
+    return with_base(PLANS[card_class(int(total))], model_params)
+
+
+# the classes where the fp8 base (~11 GiB of weights) leaves no room for the block inputs autograd saves:
+# they go to pinned host memory (16 GiB: 12.6 GiB reserved, 4.1 GiB host RAM, measured)
+FP8_OFFLOAD_CLASSES = (16,)
+
+
+def with_base(pl: Plan, model_params) -> Plan:
+    """``pl`` for the transformer base ``model.quantization`` (resolved): the fp8 base on a 16 GiB card
+    trains with activation offload."""
+    if pl.card_gib in FP8_OFFLOAD_CLASSES and getattr(model_params, "quantization", None) == "fp8":
+        return dataclasses.replace(pl, offload_activations=True)
+    return pl
 
 
 # ----------------------------------------------------------------------------- model.quantization: auto
@@ -114,14 +131,17 @@ def pick_quantization(card_gib: Optional[int], capability: tuple[int, int]) -> s
     """The fastest transformer base that fits, by card class and GPU generation (train step at 1024²,
     rank 16; measured on an H200, reports/bench/speed.md, 2026-12-03):
 
-    - 8, 12 and 16 GiB classes: nf4 (the only base that fits with room for activations);
-    - 24 GiB and up with fp8 tensor cores (compute capability >= 8.9: Ada, Hopper, Blackwell): fp8
-      compute (stages.models.fp8), 0.407 s/step, faster than the bf16 base (0.480) even where it fits;
+    - 8 and 12 GiB classes: nf4 (the only base that fits with room for activations);
+    - 16 GiB and up with fp8 tensor cores (compute capability >= 8.9: Ada, Hopper, Blackwell): fp8
+      compute (stages.models.fp8), 0.407 s/step at 24 GiB, faster than the bf16 base (0.480) even where
+      it fits; at 16 GiB with activation offload (:func:`with_base`): 0.485-0.501 s/step against nf4's
+      0.639 on the same card class (12.6 and 12.5 GiB reserved, 2026-12-03 calls 22-23);
+    - 16 GiB without them: nf4;
     - without them (Ampere: RTX 3090, A100, A6000): the bf16 base (``none``) from the
       :data:`BF16_MIN_GIB` GiB class up (0.480 s/step against nf4's 0.591, measured with the Ampere
       fallback forced on the H200), else nf4. torchao int8 weight-only trains about 2x slower than
       compiled nf4 (reports/bench/gpu_train.md)."""
-    if card_gib is not None and card_gib <= 16:
+    if card_gib is not None and card_gib <= 12:
         return "nf4"
     if tuple(capability) >= (8, 9):
         return "fp8"
