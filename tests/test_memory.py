@@ -233,6 +233,18 @@ def test_preflight_names_the_knob():
 
 
 
+def test_the_fp8_base_fits_a_16_gib_card_only_with_its_block_inputs_offloaded():
+    """Measured at 12.6 GiB reserved with the offload (H200, 2026-12-03): the estimate says it fits the class
+    with it, and leaves no room without it (the fp8 weights alone are ~11 GiB)."""
+    p = params.Params()
+    p.model.quantization, p.train.resolution, p.train.max_sequence_length, p.train.batch_size = "fp8", 1024, 512, 1
+    sizes = {"transformer": int(22.2 * memory.GIB), "text_encoder_2": int(8.9 * memory.GIB),
+             "text_encoder": int(0.23 * memory.GIB), "vae": int(0.16 * memory.GIB)}
+    offloaded = memory.estimate("train", sizes, 3072, 57, p, memory.plan(p.model.model_copy(update={"vram_gb": 16})))
+    on_gpu = memory.estimate("train", sizes, 3072, 57, p, memory.PLANS[16])
+    assert 12.6 * memory.GIB <= offloaded.vram < 16 * 0.9 * memory.GIB < on_gpu.vram
+
+
 def test_cache_key_follows_the_hub_revision(tmp_path):
     """Hub snapshots link each file to a blob named by its content hash: another revision of the
     same files (same names, same sizes) is another key."""
