@@ -1,6 +1,8 @@
 """torch.compile of the transformer's blocks (stages/models/compiling.py) on the tiny model: on by default
 on CUDA only, a compile failure falls back to eager with one log line, compiled training gives the
 eager adapter within float tolerance, and a resume under compile continues at the right step."""
+import shutil
+
 import pytest
 import torch
 import torch._functorch.config
@@ -151,6 +153,24 @@ def test_compiled_training_traces_one_graph_per_block_kind(workdir, monkeypatch)
                        train__gradient_checkpointing=True)
     assert counters["stats"]["unique_graphs"] == 2  # one double block, one single block
     assert counters["frames"]["ok"] == 2
+
+
+def test_cuda_graph_benchmarks_mark_every_training_step(workdir, monkeypatch):
+    """``FLUXIMP_COMPILE_MODE=reduce-overhead`` (a benchmark of CUDA graphs): each step tells torch's graph
+    trees that a new step begins, so they may reuse the last step's buffers; no mark without that mode."""
+    import torch
+
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    real = compiling.compile_blocks
+    monkeypatch.setattr(compiling, "compile_blocks", lambda t, backend="inductor": real(t, backend="eager"))
+    monkeypatch.setenv("FLUXIMP_COMPILE_MODE", "reduce-overhead")
+    trainkit.run_train(workdir, train__compile=True, train__steps=3, train__checkpoint_every=3)
+    assert len(marks) == 3
+    monkeypatch.delenv("FLUXIMP_COMPILE_MODE")
+    shutil.rmtree(workdir / "models")
+    trainkit.run_train(workdir, train__compile=True, train__steps=2, train__checkpoint_every=2)
+    assert len(marks) == 3
 
 
 @pytest.mark.parametrize("shape,index", [((1, 10, 4), (slice(None), slice(3, None))), ((2, 10, 4), (slice(None), slice(3, None)))])

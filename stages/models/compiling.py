@@ -101,6 +101,13 @@ def compile_blocks(transformer, backend: Union[str, Callable] = "inductor") -> N
     transformer._fluximp_compiled = True
 
 
+def step_begin(transformer) -> None:
+    """A new training step for CUDA graphs (``FLUXIMP_COMPILE_MODE=reduce-overhead``, benchmarks): torch's
+    graph trees may then reuse the last step's output buffers. Nothing otherwise."""
+    if is_compiled(transformer) and "reduce-overhead" in (os.environ.get("FLUXIMP_COMPILE_MODE") or ""):
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 def same_layout(t):
     """``t`` with the strides of a contiguous tensor of its shape. dynamo guards on strides, and
     Flux's single blocks return slices of one tensor (text, image) while the double blocks return

@@ -186,6 +186,7 @@ class Trainer:
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.model.train()
+        compiling.step_begin(self.transformer)
         # the first call of compiled blocks builds them; if that fails the step reruns eager
         total = compiling.run_first(lambda: self.accumulate(batches, step), self.transformer,
                                     on_fallback=lambda: self.optimizer.zero_grad(set_to_none=True))
