@@ -521,7 +521,8 @@ def experiment(rows: list[dict], card: int, evaluate_s: float) -> list[tuple[str
     """Minutes of one ``dvc exp run`` on the flux-dev profile for ``card``, after a first run filled the
     caches, from the measured ``rows``: (phase, minutes, how it was obtained). The train figures come from
     the card's last train row (the last: warm caches), the time per denoising step from its last sample row
-    with ``warm`` (an untimed call first: no compile in it), the sample stage's fixed cost from its last
+    with ``warm`` (an untimed call first: no compile in it; rows rendering the plan's images per call,
+    ``sbatch=N``, before any other), the sample stage's fixed cost from its last
     sample row without ``warm`` (caches filled by an earlier row, as in a second experiment: loads, the
     first call's compile-cache reads, VAE, PNGs, grids), preferring one with the profile's image counts
     (``flux-dev``), and validation from a ``validate+flux-dev`` train row where there is one. The counts come
@@ -538,6 +539,11 @@ def experiment(rows: list[dict], card: int, evaluate_s: float) -> list[tuple[str
     train = [r for r in rows if r.get("stage") == "train" and r.get("card_gib") == card and r.get("s_per_step")]
     sample = [r for r in rows if str(r.get("stage", "")).startswith("sample") and r.get("card_gib") == card
               and r.get("ok") and r.get("denoise_calls_s")]
+    from stages.models.memory import PLANS
+
+    # rows at the images per call the card's plan renders with now (sbatch=N) first: the rate depends on it
+    batch = f"sbatch={PLANS[card].sample_batch}" if card in PLANS else None
+    sample = sorted(sample, key=lambda r: batch in r["stage"].split("-", 1)[-1].split("+"))  # stable: the last wins
     warm = [r for r in sample if "warm" in r["stage"]]
     if not train or not warm:
         return []

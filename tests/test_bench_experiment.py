@@ -172,3 +172,23 @@ def test_a_train_rows_step_time_leaves_out_the_warm_up_and_the_last_step(bench):
     call_20 = [5.79973, 0.302472, 0.303738, 0.315511, 0.323203, 0.319583, 0.303125, 0.0216701]
     assert bench.steady_step_time(call_20) == pytest.approx(0.316, abs=5e-4)  # was 0.310 with the last step
     assert bench.steady_step_time([9.0, 0.5]) == 0.5
+
+
+def test_sample_rows_at_the_plans_images_per_call_are_preferred(bench):
+    """The 80 GiB plan renders 8 images per call: a warm row with ``sbatch=8`` gives the rate even when a
+    row at another batch came after it; without one the last warm row does."""
+    from stages.models.memory import PLANS
+
+    train = {"stage": "train", "card_gib": 80, "s_per_step": 0.3, "first_step_s": 6.0, "transformer_load_s": 3.0}
+
+    def warm(batch, rate):
+        return {"stage": f"sample-warm+ssteps=8+sbatch={batch}", "card_gib": 80, "s_per_denoise_step": rate,
+                "seconds": 60.0, "denoise_s": 2.0, "denoise_calls_s": [1.0, 1.0], "ok": True}
+
+    assert PLANS[80].sample_batch == 8
+
+    def how(rows):
+        return next(h for n, _, h in bench.experiment([train, *rows], 80, 30.0) if n.startswith("sample: 160"))
+
+    assert "0.1048 s" in how([warm(8, 0.1048), warm(4, 0.1093)])
+    assert "0.1093 s" in how([warm(2, 0.115), warm(4, 0.1093)])
