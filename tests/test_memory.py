@@ -245,6 +245,21 @@ def test_the_fp8_base_fits_a_16_gib_card_only_with_its_block_inputs_offloaded():
     assert 12.6 * memory.GIB <= offloaded.vram < 16 * 0.9 * memory.GIB < on_gpu.vram
 
 
+def test_every_caller_gets_the_offload_of_the_base_auto_resolves_to(monkeypatch):
+    """validate checks memory with params whose quantization is still ``auto``; train with resolved ones:
+    on a 16 GiB card with fp8 tensor cores both must plan the offload that fp8 needs there."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(memory, "capability", lambda device: (8, 9))
+    cuda = torch.device("cuda")
+    auto = Model(vram_gb=16, quantization="auto")
+    assert memory.quantization(auto, cuda) == "fp8"
+    assert memory.plan(auto, cuda).offload_activations
+    assert memory.plan(Model(vram_gb=16, quantization="fp8"), cuda) == memory.plan(auto, cuda)
+    monkeypatch.setattr(memory, "capability", lambda device: (8, 6))  # Ampere: nf4, nothing offloaded
+    assert memory.quantization(auto, cuda) == "nf4" and not memory.plan(auto, cuda).offload_activations
+    assert not memory.plan(auto).offload_activations  # no device: nothing resolved, the class's plan
+
+
 def test_cache_key_follows_the_hub_revision(tmp_path):
     """Hub snapshots link each file to a blob named by its content hash: another revision of the
     same files (same names, same sizes) is another key."""

@@ -98,16 +98,27 @@ def card_class(total_bytes: int) -> int:
 
 
 def plan(model_params, device: Optional[torch.device] = None) -> Plan:
+    """The plan of the card class (``model.vram_gb``, or the device's) for the base ``model.quantization``
+    resolves to there (``auto`` too: every caller gets the same plan, resolved params or not)."""
+    pl = class_plan(model_params, device)
+    mode = getattr(model_params, "quantization", "none")
+    if mode == "auto":
+        mode = quantization(model_params, device) if device is not None else "none"
+    return with_base(pl, mode)
+
+
+def class_plan(model_params, device: Optional[torch.device] = None) -> Plan:
+    """The card class's plan, whatever the base."""
     setting = getattr(model_params, "vram_gb", "auto")
     if setting != "auto":
-        return with_base(PLANS[int(setting)], model_params)
+        return PLANS[int(setting)]
     device = torch.device(device) if device is not None else None
     if device is None or device.type != "cuda" or not torch.cuda.is_available():
         return UNCONSTRAINED
     total = torch.cuda.get_device_properties(device).total_memory
     if os.environ.get("FLUXIMP_VRAM_LIMIT_GIB"):  # an emulated smaller card (benchmarks)
         total = min(total, float(os.environ["FLUXIMP_VRAM_LIMIT_GIB"]) * GIB)
-    return with_base(PLANS[card_class(int(total))], model_params)
+    return PLANS[card_class(int(total))]
 
 
 # the classes where the fp8 base (~11 GiB of weights) leaves no room for the block inputs autograd saves:
@@ -115,10 +126,10 @@ def plan(model_params, device: Optional[torch.device] = None) -> Plan:
 FP8_OFFLOAD_CLASSES = (16,)
 
 
-def with_base(pl: Plan, model_params) -> Plan:
-    """``pl`` for the transformer base ``model.quantization`` (resolved): the fp8 base on a 16 GiB card
+def with_base(pl: Plan, quantization_mode: str) -> Plan:
+    """``pl`` for the transformer base ``quantization_mode`` (resolved): the fp8 base on a 16 GiB card
     trains with activation offload."""
-    if pl.card_gib in FP8_OFFLOAD_CLASSES and getattr(model_params, "quantization", None) == "fp8":
+    if pl.card_gib in FP8_OFFLOAD_CLASSES and quantization_mode == "fp8":
         return dataclasses.replace(pl, offload_activations=True)
     return pl
 
@@ -166,7 +177,7 @@ def quantization(model_params, device) -> str:
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return "none"
-    return pick_quantization(plan(model_params, device).card_gib, capability(device))
+    return pick_quantization(class_plan(model_params, device).card_gib, capability(device))
 
 
 def resolve(p, device):
