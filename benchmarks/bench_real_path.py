@@ -135,7 +135,8 @@ def stage(name: str, root: Path, card: int, variant: str = "") -> dict:
     ``variant`` (tokens joined by ``+``) changes the plan for a measurement: ``nooffload`` / ``offload`` (activation
     offload off / on in every plan); ``res=512``, ``sbatch=N``, ``ssteps=N``, ``seeds=N``, ``cmode=MODE``,
     ``attn=flash|cudnn``, ``keep=N`` (blocks not checkpointed); ``validate`` turns on
-    validation images every 4 steps; ``flux-dev`` samples (and validates) the flux-dev profile's prompts,
+    validation images every 4 steps; ``cvae`` compiles the VAE's decoder where a stage loads it (the cost of
+    its compile, cold and from the cache, inside the stage); ``flux-dev`` samples (and validates) the flux-dev profile's prompts,
     seeds and LoRA scales (its image counts: per-image costs measured, not extrapolated); ``grid`` saves a
     snapshot every 4 train steps and takes the flux-dev profile's operating-point grid; ``q=fp8`` / ``compile=0`` / ``cap=8.0`` set model.quantization,
     train/sample.compile and a pretended GPU generation; ``profile`` also writes
@@ -163,6 +164,18 @@ def stage(name: str, root: Path, card: int, variant: str = "") -> dict:
         os.environ["FLUXIMP_ATTENTION"] = settings["attn"]
     if "keep" in settings:  # blocks not checkpointed forced (else what memory.kept_blocks gives the card)
         memory.kept_blocks = lambda pl, vram, per_block, n, k=int(settings["keep"]): min(n, k)
+    if "cvae" in tokens:  # the VAE's decoder compiled in the stage (its graphs in the project's compile cache)
+        from stages.models import compiling, flux as flux_models
+
+        real_vae = flux_models.load_vae
+
+        def compiled_vae(*a, **k):
+            vae = real_vae(*a, **k)
+            compiling.configure_cache()
+            vae.decoder.compile()
+            return vae
+
+        flux_models.load_vae = compiled_vae
 
     cuda = torch.cuda.is_available()  # without one: a dry run of the driver on the tiny model
     os.environ["FLUXIMP_VRAM_LIMIT_GIB"] = str(card)  # what the memory preflight sees as free
