@@ -222,6 +222,36 @@ def test_a_stage_dies_with_the_dvc_process_that_runs_it_and_registers_nothing(wo
     assert [r.info.status for r in client.search_runs(client.search_experiments()[0].experiment_id)] == ["FAILED"]
 
 
+def test_the_death_of_dvc_is_one_stop_request_not_two(tmp_path):
+    """(The kernel's PDEATHSIG and the watch thread both signalled: the second SIGTERM ended train in
+    the middle of the checkpoint that the first asked for, with no "stopped by" line.)"""
+    stage = ("import sys, time, pathlib\n"
+             "from stages.core import lifecycle\n"
+             "assert lifecycle.die_with_parent(every=0.05)\n"
+             "with lifecycle.StopSignals('train') as stop:\n"
+             "    pathlib.Path('ready').touch()\n"
+             "    while stop.signal is None:\n"
+             "        time.sleep(0.01)\n"
+             "    time.sleep(1.0)  # a checkpoint being saved: many watch periods\n"
+             "    raise stop.exit('at step 1')\n")
+    fake_dvc = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys\n"
+        f"p = subprocess.Popen([sys.executable, '-c', {stage!r}], stderr=open('stage.err', 'w'))\n"
+        "print(p.pid, flush=True)\n"
+        "p.wait()\n")], cwd=tmp_path, env=stage_env(tmp_path, DVC_STAGE="train"), stdout=subprocess.PIPE, text=True)
+    pid = int(fake_dvc.stdout.readline())
+    end = time.time() + 30
+    while not (tmp_path / "ready").exists() and time.time() < end:
+        time.sleep(0.02)
+    fake_dvc.kill()
+    fake_dvc.wait()
+    end = time.time() + 30
+    while lifecycle.alive(pid) and time.time() < end:
+        time.sleep(0.05)
+    assert not lifecycle.alive(pid)
+    assert (tmp_path / "stage.err").read_text() == "train: stopped by SIGTERM at step 1\n"
+
+
 def test_die_with_parent_only_when_dvc_runs_the_stage(monkeypatch):
     monkeypatch.delenv("DVC_STAGE", raising=False)
     assert lifecycle.die_with_parent() is False  # by hand (nohup, a closed terminal): not armed

@@ -62,10 +62,17 @@ def _watched(parent: int) -> list[int]:
     return [parent, info[1]] if is_shell and info and info[1] > 1 else [parent]
 
 
-def _watch(parent: int, watched: list[int], sig: int, every: float) -> None:
+def _watch(parent: int, watched: list[int], sig: int, every: float, kernel_signals: bool) -> None:
+    """Send ``sig`` once when a watched process is gone, unless the kernel already sent it: the
+    stop is one request, and a second signal would end the stage at once, in the middle of the
+    checkpoint that the first one asked for (see StopSignals)."""
     while True:
         time.sleep(every)
-        if os.getppid() != parent or not all(alive(p) for p in watched):
+        if os.getppid() != parent:  # the parent itself died (reparenting and PDEATHSIG are one event)
+            if not kernel_signals:
+                os.kill(os.getpid(), sig)
+            return
+        if not all(alive(p) for p in watched):  # DVC above a shell that still runs
             os.kill(os.getpid(), sig)
             return
 
@@ -75,15 +82,17 @@ def die_with_parent(sig: int = signal.SIGTERM, every: float = 0.5) -> bool:
     if not os.environ.get("DVC_STAGE"):
         return False  # run by hand (maybe under nohup): a closed terminal must not stop it
     parent = os.getppid()
+    kernel_signals = False
     if sys.platform.startswith("linux"):
         try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig))
+            kernel_signals = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig)) == 0
         except (OSError, AttributeError):
             pass
     watched = _watched(parent)
     if os.getppid() != parent or not all(alive(p) for p in watched):  # gone before the line above
-        os.kill(os.getpid(), sig)
-    threading.Thread(target=_watch, args=(parent, watched, int(sig), every), daemon=True,
+        os.kill(os.getpid(), sig)  # (no stop point is armed yet: a second signal changes nothing)
+        return True
+    threading.Thread(target=_watch, args=(parent, watched, int(sig), every, kernel_signals), daemon=True,
                      name="parent-watch").start()
     return True
 
