@@ -24,8 +24,9 @@ Also writes reports/eval/ (metrics_all.json, details.json, traits.png, loss.png,
 reports/plots/{traits,sweep}.csv (DVC plots) and reports/report.html.
 
 The held-out paintings' embeddings and traits do not depend on the adapter: they are measured by the
-first experiment and read from the shared stage cache by the next ones (:func:`measure_reference`,
-stages.metrics.refcache; ``eval.reference_cache``), the same arrays bit for bit.
+first experiment (or its operating-point grid) and read from the shared stage cache by the next ones
+(stages.metrics.reference.measure_reference, stages.metrics.refcache; ``eval.reference_cache``), the same
+arrays bit for bit.
 """
 from __future__ import annotations
 
@@ -33,7 +34,6 @@ import json
 import logging
 import math
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +43,7 @@ from stages.core import gpus, log, params, registry, tracking
 from stages.core.io import atomic_dir, read_json, write_json
 from stages.core.paths import Evaluate
 from stages.metrics import ab, fidelity, report, style, traits, vocab
-from stages.metrics.reference import HOLDOUT_SIDE, Embedders, holdout_clip_embeddings, load_holdout
+from stages.metrics.reference import Embedders, Reference, measure_reference
 
 logger = logging.getLogger("stages.evaluate")
 
@@ -96,38 +96,6 @@ def read_index(samples: Path) -> tuple[dict, list[float]]:
     return index, scales
 
 
-@dataclass
-class Reference:
-    """The held-out paintings, measured once: what every sample set is compared against."""
-    ids: list[str]
-    clip: np.ndarray
-    style: np.ndarray
-    traits: dict = field(default_factory=dict)  # per-image trait table (traits.trait_table)
-
-
-def measure_reference(p: params.Params, paths: Evaluate, models: Embedders) -> Reference:
-    """The held-out paintings' ids, CLIP and style embeddings and traits: from the stage cache
-    (stages.metrics.refcache; ``eval.reference_cache``) when it holds them, else measured and stored."""
-    from stages.core import stagecache
-    from stages.metrics import refcache
-
-    holdout = paths.curated / "holdout"
-    use_cache = p.eval.reference_cache
-    if use_cache:
-        fields = refcache.fields(p, holdout, paths.embeddings, models.clip, HOLDOUT_SIDE)
-        key = stagecache.digest(fields)
-        payload = stagecache.get(refcache.KIND, key)
-        if payload is not None:
-            logger.info("held-out measurements from the stage cache (%s/%s)", refcache.KIND, key[:16])
-            return Reference(*refcache.unpack(payload))
-    ids, imgs = load_holdout(holdout)
-    hold_clip = holdout_clip_embeddings(models.clip, ids, imgs, paths.embeddings)
-    ref = Reference(ids, hold_clip, models.style(imgs, hold_clip), traits.trait_table(imgs, p.eval.trait_size))
-    if use_cache:
-        stagecache.put(refcache.KIND, key, fields, refcache.pack(ref.ids, ref.clip, ref.style, ref.traits))
-    return ref
-
-
 def measure_scale(p: params.Params, name: str, recs: list[dict], samples: Path, models: Embedders,
                   ref: Reference) -> tuple[dict, list[dict], str]:
     """The metrics of one LoRA scale's samples (``name``: base, lora or scale<s>), per-image rows
@@ -172,7 +140,7 @@ def run(p: params.Params, paths: Evaluate = Evaluate()) -> dict:
     index, scales = read_index(paths.samples)
     lora_scale = float(index.get("lora_scale") or scales[-1])  # sample.lora_scale (e.g. best), else the largest
     models = Embedders.load(p)
-    ref = measure_reference(p, paths, models)
+    ref = measure_reference(p, paths.curated / "holdout", paths.embeddings, models)
     metrics = {"n_holdout": len(ref.ids), "lora_scale": lora_scale}
     hold_metrics, _ = set_metrics("holdout", ref.style, ref.style, [], models.head.score(ref.clip), None,
                                   p.eval.trait_size, table=ref.traits)

@@ -35,7 +35,7 @@ from stages.core.paths import OperatingPoint
 from stages.core.prompts import read_prompts, with_trigger
 from stages.metrics import fidelity, style
 from stages.metrics import operating_point as op
-from stages.metrics.reference import Embedders, holdout_clip_embeddings, load_holdout
+from stages.metrics.reference import Embedders, measure_reference
 from stages.models import memory, snapshots
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -139,9 +139,8 @@ def render_grid(p: params.Params, full: list[str], jobs: list[tuple[int, int]],
 def measure(p: params.Params, paths: OperatingPoint, prompts: list[str], jobs, base, grid) -> tuple[list, float]:
     """Points with intervals, and the base images' style (a reference in the figure)."""
     models = Embedders.load(p)
-    ids, imgs = load_holdout(paths.curated / "holdout")
-    hold_clip = holdout_clip_embeddings(models.clip, ids, imgs, paths.embeddings)
-    ref = models.style(imgs, hold_clip)
+    # the held-out set measured once for this stage, evaluate and later experiments (eval.reference_cache)
+    ref = measure_reference(p, paths.curated / "holdout", paths.embeddings, models, with_traits=False).style
     txt = models.clip.embed_texts([prompts[pi] for pi, _ in jobs])  # content prompts, as evaluate scores them
 
     def scores(images):

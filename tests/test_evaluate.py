@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 from stages import evaluate
 from stages.core import images, params, shards
 from stages.core.paths import Evaluate
-from stages.metrics import traits, vocab
+from stages.metrics import reference, traits, vocab
 from tests.samplekit import PROMPTS
 from tests.stagerun import run_stage, write_params
 
@@ -140,12 +140,12 @@ def test_holdout_embeddings_reused_only_for_the_same_model(tmp_path):
 
     emb = np.eye(3, dtype=np.float32)
     cache = save_embeddings(tmp_path / Evaluate().embeddings.name, ["a", "b", "c"], emb, "tiny/seed=1")
-    got = evaluate.holdout_clip_embeddings(FakeClip(), ["c", "a"], [None, None], cache)
+    got = reference.holdout_clip_embeddings(FakeClip(), ["c", "a"], [None, None], cache)
     np.testing.assert_array_equal(got, emb[[2, 0]])
     FakeClip.name = "ViT-L-14/openai"  # another model: re-embed
-    assert evaluate.holdout_clip_embeddings(FakeClip(), ["c", "a"], [None, None], cache)[0, 0] == 7.0
+    assert reference.holdout_clip_embeddings(FakeClip(), ["c", "a"], [None, None], cache)[0, 0] == 7.0
     FakeClip.name = "tiny/seed=1"  # an id the cache lacks: re-embed
-    assert evaluate.holdout_clip_embeddings(FakeClip(), ["z"], [None], cache)[0, 0] == 7.0
+    assert reference.holdout_clip_embeddings(FakeClip(), ["z"], [None], cache)[0, 0] == 7.0
 
 
 @pytest.mark.slow

@@ -297,8 +297,11 @@ def test_publish_best_ships_the_snapshot_and_the_card_carries_the_strength(tmp_p
 
 def test_grid_base_images_come_from_the_cache(tmp_path, monkeypatch):
     """A second experiment's grid renders LoRA images only: its base images (and their bytes) come from
-    the base-image cache the sample stage shares (stages.models.base_cache); counted transformer calls."""
+    the base-image cache the sample stage shares (stages.models.base_cache); counted transformer calls.
+    Its held-out reference comes from the stage cache evaluate shares (stages.metrics.refcache)."""
     import shutil
+
+    from stages.metrics import traits
 
     from stages import operating_point
     from tests import samplekit
@@ -314,10 +317,16 @@ def test_grid_base_images_come_from_the_cache(tmp_path, monkeypatch):
     run_stage(operating_point.main, first)  # cold: 4 base + 2 steps x 2 scales x 4 LoRA images
     # one pipeline call per 4 images (sample.batch_size 4), 2 transformer calls each (sample.steps 2)
     assert counts["images"] == 4 + 16 and counts["forward"] == 2 * 5
+    from stages.metrics import refcache, reference
+
+    # the held-out set was measured once, into the entry evaluate reads too (traits included)
+    entries = list((tmp_path / "stage-cache" / refcache.KIND).rglob("*.bin"))
+    assert len(entries) == 1 and set(refcache.unpack(entries[0].read_bytes())[3]) == set(traits.NAMES)
     counts.update(images=0, forward=0)
-    run_stage(operating_point.main, second)  # warm: the LoRA images only
+    monkeypatch.setattr(reference, "load_holdout", lambda *a: pytest.fail("held-out paintings decoded"))
+    run_stage(operating_point.main, second)  # warm: the LoRA images only, the held-out set from the cache
     assert counts["images"] == 16 and counts["forward"] == 2 * 4
-    assert outputs(first) == outputs(second)  # the same numbers from cached base images
+    assert outputs(first) == outputs(second)  # the same numbers from cached base images and reference
 
 
 # ----------------------------------------------------------------------------- across experiments

@@ -9,7 +9,7 @@ import pytest
 from stages import evaluate
 from stages.core import params, stagecache
 from stages.core.paths import Evaluate
-from stages.metrics import refcache, traits
+from stages.metrics import refcache, reference, traits
 from tests.stagerun import run_stage, write_params
 from tests.test_evaluate import write_holdout
 
@@ -47,7 +47,7 @@ def test_warm_reference_cache_measures_no_holdout_and_writes_the_same_bytes(proj
     assert {k for k in off if off[k] != cold[k]} == {"reports/report.html"}
     measured = []
     table = traits.trait_table
-    monkeypatch.setattr(evaluate, "load_holdout", lambda *a: pytest.fail("held-out paintings decoded"))
+    monkeypatch.setattr(reference, "load_holdout", lambda *a: pytest.fail("held-out paintings decoded"))
     monkeypatch.setattr(traits, "trait_table", lambda imgs, size: measured.append(len(imgs)) or table(imgs, size))
     run_stage(evaluate.main, project)
     assert outputs(project) == cold
@@ -61,10 +61,10 @@ def test_reference_key_follows_data_embedders_and_settings(tmp_path):
     holdout, emb = tmp_path / "data/curated/holdout", tmp_path / "missing.safetensors"
     p = params.validate(params.compose([]))
     clip = load_clip(p.clip, device="cpu", seed=p.seed)
-    key = stagecache.digest(refcache.fields(p, holdout, emb, clip, evaluate.HOLDOUT_SIDE))
-    assert stagecache.digest(refcache.fields(p, holdout, emb, clip, evaluate.HOLDOUT_SIDE)) == key
+    key = stagecache.digest(refcache.fields(p, holdout, emb, clip, reference.HOLDOUT_SIDE))
+    assert stagecache.digest(refcache.fields(p, holdout, emb, clip, reference.HOLDOUT_SIDE)) == key
 
-    def other(p2=p, side=evaluate.HOLDOUT_SIDE) -> str:
+    def other(p2=p, side=reference.HOLDOUT_SIDE) -> str:
         return stagecache.digest(refcache.fields(p2, holdout, emb, clip, side))
 
     assert other(params.validate(params.compose(["eval.trait_size=32"]))) != key

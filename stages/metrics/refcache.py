@@ -1,8 +1,9 @@
-"""The held-out paintings measured once: evaluate's adapter-independent work, kept between experiments.
+"""The held-out paintings measured once: adapter-independent work, kept between experiments.
 
-Every experiment's evaluate compares its samples with the same held-out paintings: it decodes them,
-embeds them with CLIP (or reuses the filter stage's embeddings), with CSD when configured (the
-style embeddings, which are also KID's and FID's reference features), and measures their traits.
+Every experiment's operating-point grid and evaluate compare its images with the same held-out
+paintings: decoded, embedded with CLIP (or the filter stage's embeddings reused), with CSD when
+configured (the style embeddings, which are also KID's and FID's reference features), their traits
+measured (stages.metrics.reference.measure_reference).
 None of it depends on the adapter, so it is stored in the content-addressed stage cache
 (stages.core.stagecache, kind ``eval-reference``) as one safetensors payload (ids, CLIP and style
 embeddings, the per-image trait table), under a key of everything those numbers are a function of
@@ -10,7 +11,7 @@ embeddings, the per-image trait table), under a key of everything those numbers 
 file (sha256), the CLIP params and seed (the tiny model's weights are seeded) and its weights file
 when local, the CSD weights and architecture, ``eval.trait_size``, the decode size, the source of
 the code that computes them, the device class and the torch / open_clip versions. A warm cache
-gives the same arrays bit for bit, so evaluate's outputs are the same bytes. ``eval.reference_cache:
+gives the same arrays bit for bit, so the grid's and evaluate's outputs are the same bytes. ``eval.reference_cache:
 false`` measures every time; delete ``<stagecache.root()>/eval-reference`` to clear it.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from stages.core.io import file_digest
 KIND = "eval-reference"
 VERSION = 1
 # the code whose output is stored (any edit there measures again)
-CODE = ("stages/evaluate.py", "stages/core/images.py", "stages/models/clip.py", "stages/metrics/csd.py",
+CODE = ("stages/metrics/reference.py", "stages/core/images.py", "stages/models/clip.py", "stages/metrics/csd.py",
         "stages/metrics/traits.py", "stages/metrics/texture.py", "stages/metrics/texture_weights.py",
         "stages/metrics/refcache.py")
 

@@ -3,12 +3,13 @@
 Shared by the evaluate stage and the operating-point grid (stages/operating_point.py): the held-out
 set is decoded once (:func:`load_holdout`), its CLIP embeddings come from the filter stage's cache when
 they match (:func:`holdout_clip_embeddings`), and :class:`Embedders` holds CLIP, the aesthetic head and
-CSD when ``eval.csd_weights`` is set (the style embeddings: CSD's, else CLIP's).
+CSD when ``eval.csd_weights`` is set (the style embeddings: CSD's, else CLIP's). :func:`measure_reference`
+measures the held-out set once for both stages and every later experiment (stages.metrics.refcache).
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +18,7 @@ from PIL import Image
 
 from stages.core import images as core_images
 from stages.core import params, shards
+from stages.metrics import traits
 
 logger = logging.getLogger("stages.evaluate")
 
@@ -82,3 +84,38 @@ class Embedders:
     def note(self) -> str:
         return f"style embeddings: {self.csd.name}" if self.csd else \
             f"style embeddings: {self.clip.name} (CLIP image embeddings; set eval.csd_weights for CSD)"
+
+
+@dataclass
+class Reference:
+    """The held-out paintings, measured once: what every sample set is compared against."""
+    ids: list[str]
+    clip: np.ndarray
+    style: np.ndarray
+    traits: dict = field(default_factory=dict)  # per-image trait table (traits.trait_table)
+
+
+def measure_reference(p: params.Params, holdout: Path, embeddings: Path, models: Embedders,
+                      with_traits: bool = True) -> Reference:
+    """The held-out paintings' ids, CLIP and style embeddings and traits: from the stage cache
+    (stages.metrics.refcache; ``eval.reference_cache``) when it holds them, else measured and stored.
+    Evaluate and the operating-point grid (which runs first in an experiment) read the same entry.
+    ``with_traits=False`` (the grid) skips the traits when nothing is stored (the cache off)."""
+    from stages.core import stagecache
+    from stages.metrics import refcache
+
+    use_cache = p.eval.reference_cache
+    if use_cache:
+        fields = refcache.fields(p, holdout, embeddings, models.clip, HOLDOUT_SIDE)
+        key = stagecache.digest(fields)
+        payload = stagecache.get(refcache.KIND, key)
+        if payload is not None:
+            logger.info("held-out measurements from the stage cache (%s/%s)", refcache.KIND, key[:16])
+            return Reference(*refcache.unpack(payload))
+    ids, imgs = load_holdout(holdout)
+    hold_clip = holdout_clip_embeddings(models.clip, ids, imgs, embeddings)
+    table = traits.trait_table(imgs, p.eval.trait_size) if with_traits or use_cache else {}
+    ref = Reference(ids, hold_clip, models.style(imgs, hold_clip), table)
+    if use_cache:
+        stagecache.put(refcache.KIND, key, fields, refcache.pack(ref.ids, ref.clip, ref.style, ref.traits))
+    return ref
