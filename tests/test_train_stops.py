@@ -222,33 +222,65 @@ def test_a_stage_dies_with_the_dvc_process_that_runs_it_and_registers_nothing(wo
     assert [r.info.status for r in client.search_runs(client.search_experiments()[0].experiment_id)] == ["FAILED"]
 
 
-def test_the_death_of_dvc_is_one_stop_request_not_two(tmp_path):
-    """(The kernel's PDEATHSIG and the watch thread both signalled: the second SIGTERM ended train in
-    the middle of the checkpoint that the first asked for, with no "stopped by" line.)"""
-    stage = ("import sys, time, pathlib\n"
+# a stage with a slow stop point: it saves for 1 s (many watch periods) after the first signal
+SLOW_STOP = ("import os, sys, time, pathlib\n"
              "from stages.core import lifecycle\n"
              "assert lifecycle.die_with_parent(every=0.05)\n"
              "with lifecycle.StopSignals('train') as stop:\n"
-             "    pathlib.Path('ready').touch()\n"
+             "    pathlib.Path('ready').write_text(f'{os.getppid()} {os.getpid()}')\n"
              "    while stop.signal is None:\n"
              "        time.sleep(0.01)\n"
-             "    time.sleep(1.0)  # a checkpoint being saved: many watch periods\n"
+             "    pathlib.Path('stopping').touch()\n"
+             "    time.sleep(1.0)  # a checkpoint being saved\n"
              "    raise stop.exit('at step 1')\n")
+
+
+def run_under_fake_dvc(tmp_path: Path, command: str):
+    """(fake DVC, the stage's pid): a stand-in for DVC runs ``command`` (the stage, or a shell running it)."""
     fake_dvc = subprocess.Popen([sys.executable, "-c", (
         "import subprocess, sys\n"
-        f"p = subprocess.Popen([sys.executable, '-c', {stage!r}], stderr=open('stage.err', 'w'))\n"
-        "print(p.pid, flush=True)\n"
-        "p.wait()\n")], cwd=tmp_path, env=stage_env(tmp_path, DVC_STAGE="train"), stdout=subprocess.PIPE, text=True)
-    pid = int(fake_dvc.stdout.readline())
+        f"p = subprocess.Popen({command!r}, shell=True, stderr=open('stage.err', 'w'))\n"
+        "p.wait()\n")], cwd=tmp_path, env=stage_env(tmp_path, DVC_STAGE="train"))
     end = time.time() + 30
     while not (tmp_path / "ready").exists() and time.time() < end:
         time.sleep(0.02)
-    fake_dvc.kill()
-    fake_dvc.wait()
-    end = time.time() + 30
+    return fake_dvc
+
+
+def wait_gone(pid: int) -> None:
+    end = time.time() + 60
     while lifecycle.alive(pid) and time.time() < end:
         time.sleep(0.05)
     assert not lifecycle.alive(pid)
+
+
+def test_the_death_of_dvc_is_one_stop_request_not_two(tmp_path):
+    """(The kernel's PDEATHSIG and the watch thread both signalled: the second SIGTERM ended train in
+    the middle of the checkpoint that the first asked for, with no "stopped by" line.)"""
+    (tmp_path / "stage.py").write_text(SLOW_STOP)
+    fake_dvc = run_under_fake_dvc(tmp_path, f"exec {sys.executable} stage.py")
+    parent, stage = map(int, (tmp_path / "ready").read_text().split())
+    assert parent == fake_dvc.pid  # no shell between
+    fake_dvc.kill()
+    fake_dvc.wait()
+    wait_gone(stage)
+    assert (tmp_path / "stage.err").read_text() == "train: stopped by SIGTERM at step 1\n"
+
+
+def test_dvc_then_the_shell_between_dying_is_one_stop_request(tmp_path):
+    """DVC runs a stage's command through a shell: DVC dies (the watch thread signals), then the shell
+    (the kernel signals): the stop that saves the checkpoint goes on."""
+    (tmp_path / "stage.py").write_text(SLOW_STOP)
+    fake_dvc = run_under_fake_dvc(tmp_path, f"{sys.executable} stage.py; true")  # `; true`: the shell stays
+    shell, stage = map(int, (tmp_path / "ready").read_text().split())
+    assert shell != fake_dvc.pid
+    fake_dvc.kill()
+    fake_dvc.wait()
+    end = time.time() + 30
+    while not (tmp_path / "stopping").exists() and time.time() < end:
+        time.sleep(0.01)
+    os.kill(shell, signal.SIGKILL)  # the stage's parent dies while it saves
+    wait_gone(stage)
     assert (tmp_path / "stage.err").read_text() == "train: stopped by SIGTERM at step 1\n"
 
 

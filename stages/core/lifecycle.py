@@ -9,7 +9,9 @@
 - :class:`StopSignals`: within ``with StopSignals("train") as stop:``, SIGTERM and SIGINT only set
   ``stop.signal``; a long loop (train) checks it at a safe point, saves, and calls ``stop.exit``: one
   line on stderr and exit status 128 + the signal number. A second signal ends the process at once
-  (the default action). Without a stop point (other stages) a signal ends the process as usual.
+  (the default action), unless the first came from DVC's death: the kernel and the watch thread may
+  both signal it, and it is one request (the checkpoint is still saved). Without a stop point (other
+  stages) a signal ends the process as usual.
 - :func:`call`: a stage that relaunches itself (train with ``accelerate launch``) passes SIGTERM/SIGINT
   on to the launched processes, which die with it.
 """
@@ -77,8 +79,20 @@ def _watch(parent: int, watched: list[int], sig: int, every: float, kernel_signa
             return
 
 
+_armed: Optional[tuple[int, list[int]]] = None  # (parent, watched) once die_with_parent is armed
+
+
+def parent_gone() -> bool:
+    """Whether die_with_parent is armed and what it watches is gone (the stop is DVC's death)."""
+    if _armed is None:
+        return False
+    parent, watched = _armed
+    return os.getppid() != parent or not all(alive(p) for p in watched)
+
+
 def die_with_parent(sig: int = signal.SIGTERM, every: float = 0.5) -> bool:
     """When DVC runs this process: ``sig`` to it once DVC is gone. Returns whether it is armed."""
+    global _armed
     if not os.environ.get("DVC_STAGE"):
         return False  # run by hand (maybe under nohup): a closed terminal must not stop it
     parent = os.getppid()
@@ -89,6 +103,7 @@ def die_with_parent(sig: int = signal.SIGTERM, every: float = 0.5) -> bool:
         except (OSError, AttributeError):
             pass
     watched = _watched(parent)
+    _armed = (parent, watched)
     if os.getppid() != parent or not all(alive(p) for p in watched):  # gone before the line above
         os.kill(os.getpid(), sig)  # (no stop point is armed yet: a second signal changes nothing)
         return True
@@ -131,7 +146,11 @@ class StopSignals:
         self._old: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            return  # DVC's death signalled twice (a shell between: the watch thread, then the kernel)
         self.signal = signum
+        if parent_gone():
+            return  # DVC is gone: later signals are the same request; the stop point still saves
         for s in self.SIGNALS:  # a second signal: the default action (ends the process at once)
             signal.signal(s, self._old.get(s, signal.SIG_DFL))
 
