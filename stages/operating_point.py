@@ -38,8 +38,7 @@ from stages.metrics import operating_point as op
 from stages.metrics.reference import Embedders, measure_reference
 from stages.models import memory, snapshots
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
-ADAPTER = "grid"
+LORA_FILE = snapshots.DIFFUSERS_FILE
 logger = logging.getLogger("stages.operating_point")
 
 
@@ -76,7 +75,8 @@ def render_grid(p: params.Params, full: list[str], jobs: list[tuple[int, int]],
     """Images: the base ones, then {(step, scale): images} — one transformer, one adapter per step.
     The base images come from the base-image cache the sample stage shares (stages.models.base_cache,
     ``sample.base_cache``): in a second experiment the grid renders LoRA images only."""
-    from stages.models import attention, base_cache, compiling, flux, memory, render
+    from stages.models import base_cache, flux, memory, render
+    from stages.models.sampler import Sampler, decode_calls
 
     sp = p.sample
     plan = memory.plan(p.model, device)
@@ -88,52 +88,35 @@ def render_grid(p: params.Params, full: list[str], jobs: list[tuple[int, int]],
     keyed = base_cache.keys(base_cache.run_fields(p, device), [full[pi] for pi in rows], seeds, embeds, pooled,
                             sp.batch_size)
     cached, todo = base_cache.lookup(keyed, sp.batch_size) if sp.base_cache else ({}, list(range(len(jobs))))
-    kernel = attention.choose(p.model, device, memory.tokens(sp.resolution, p.train.max_sequence_length),
-                              backward=False)
-    pipe = render.transformer_pipeline(p.model, flux.load_transformer(p.model, device=device))
-    attention.set_backend(pipe.transformer, kernel)
-    # one adapter name for every step: the next snapshot is hot-swapped into the same layers and the scale
-    # set in place (render.set_lora_scale), so compiled blocks are built once for the base, once for LoRA
-    pipe.load_lora_weights(str(adapters[0][1]), weight_name=LORA_FILE, adapter_name=ADAPTER)
-    if compiling.enabled(sp.compile, device):  # as the sample stage (after the adapter: its layers are in the graphs)
-        compiling.compile_blocks(pipe.transformer)
-
-    def denoise(rows, job_seeds, progress=None):
-        return compiling.run_first(lambda: render.denoise(
-            pipe, embeds[rows], pooled[rows], job_seeds, steps=sp.steps, guidance=sp.guidance, height=sp.resolution,
-            width=sp.resolution, batch_size=sp.batch_size, progress=progress), pipe.transformer)
-
+    # one adapter for every step: the next snapshot is hot-swapped into the same layers and the scale set in
+    # place, so compiled blocks are built once; the sample stage's renderer (the base images are the same bytes)
+    sampler = Sampler(p, device, adapters[0][1])
     latents = {}
-    if todo:  # whole batches only (lookup), so the images are those of a cold run; the adapter off, as in sample
-        pipe.disable_lora()
-        latents["base"] = denoise(todo, [seeds[k] for k in todo])
-        pipe.enable_lora()
+    if todo:  # whole batches only (lookup), so the images are those of a cold run
+        latents["base"] = dict(zip(todo, sampler.latents(0.0, embeds[todo], pooled[todo], [seeds[k] for k in todo])))
     bar = log.progress(total=len(adapters) * len(scales) * len(jobs), desc="grid images", unit="img")
     for i, (step, folder) in enumerate(adapters):
         if i:
-            pipe.load_lora_weights(str(folder), weight_name=LORA_FILE, adapter_name=ADAPTER, hotswap=True)
+            sampler.swap(folder)
         for scale in scales:
-            render.set_lora_scale(pipe.transformer, ADAPTER, scale)
             done = bar.n
-            latents[(step, scale)] = denoise(list(range(len(jobs))), seeds,
-                                             progress=lambda n: bar.update(done + n - bar.n))
+            latents[(step, scale)] = dict(enumerate(sampler.latents(
+                scale, embeds, pooled, seeds, progress=lambda n: bar.update(done + n - bar.n))))
     bar.close()
-    del pipe
-    render.free_memory()
+    sampler.close()
     vae = flux.load_vae(p.model, device=device)
-    # the VAE batch of the sample stage (per pipeline call), so a base image stored here is the sample stage's
-    calls = {k: base_cache.batches(len(v), sp.batch_size) for k, v in latents.items()}
-    images = {k: [img for ks in calls[k] for img in render.decode(vae, [v[j] for j in ks], sp.resolution,
-                                                                   sp.resolution, plan.vae_batch)]
-              for k, v in latents.items()}
+    images = {k: dict(decode_calls(vae, lat, sp.batch_size, sp.resolution, plan.vae_batch))
+              for k, lat in latents.items()}
     del vae
     render.free_memory()
     pngs = dict(cached)
-    for k, png in zip(todo, core_images.encode_pngs(images.pop("base", []))):
+    base = images.pop("base", {})
+    for k, png in zip(todo, core_images.encode_pngs([base[k] for k in todo])):
         pngs[k] = png  # the bytes the sample stage writes for this image (encode_png, on threads)
         if sp.base_cache:
             base_cache.store(*keyed[k], pngs[k])
-    return [core_images.decode(pngs[k]) for k in range(len(jobs))], images
+    return ([core_images.decode(pngs[k]) for k in range(len(jobs))],
+            {k: [imgs[j] for j in range(len(jobs))] for k, imgs in images.items()})
 
 
 def measure(p: params.Params, paths: OperatingPoint, prompts: list[str], jobs, base, grid) -> tuple[list, float]:

@@ -40,10 +40,9 @@ from stages.core.device import default_device
 from stages.core.io import atomic_dir, write_json
 from stages.core.paths import Sample
 from stages.core.prompts import read_prompts, with_trigger  # noqa: F401 - sample.read_prompts is public
-from stages.models import memory, snapshots
+from stages.models import memory, render, snapshots
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
-ADAPTER = "style"
+LORA_FILE = snapshots.DIFFUSERS_FILE
 logger = logging.getLogger("stages.sample")
 
 
@@ -90,8 +89,6 @@ def grid(rows: list[list], row_labels: list[str], col_labels: list[str], title: 
 def embed(p: params.Params, full: list[str], jobs: list[tuple[int, int]], plan, device) -> tuple:
     """1. the prompt embeddings of every job, with the text encoders alone on the device (or from
     the prompt-embedding cache)."""
-    from stages.models import render
-
     t0 = time.perf_counter()
     embeds, pooled = render.embed_prompts(p.model, full, p.train.max_sequence_length, plan, device=device)
     rows = torch.tensor([pi for pi, _ in jobs])
@@ -103,65 +100,44 @@ def render_latents(p: params.Params, embeds, pooled, jobs: list[tuple[int, int]]
                    lora_dir: Path, device) -> dict:
     """2. latents of the jobs ``todo[scale]`` (indices into ``jobs``) for every scale, with the
     transformer (+ adapter) alone on the device; nothing is loaded when there is nothing to do."""
-    from stages.models import attention, compiling, flux, render
-
-    sp = p.sample
     todo = {scale: ks for scale, ks in todo.items() if ks}
     if not todo:
         return {}
+    from stages.models.sampler import Sampler
+
     t0 = time.perf_counter()
-    kernel = attention.choose(p.model, device, memory.tokens(sp.resolution, p.train.max_sequence_length),
-                              backward=False)
-    pipe = render.transformer_pipeline(p.model, flux.load_transformer(p.model, device=device))
-    attention.set_backend(pipe.transformer, kernel)
-    lora = any(s > 0 for s in todo)
-    if lora:
-        pipe.load_lora_weights(str(lora_dir), weight_name=LORA_FILE, adapter_name=ADAPTER)
-    if compiling.enabled(sp.compile, device):  # after the adapter: its layers are part of the graphs
-        compiling.compile_blocks(pipe.transformer)
+    sampler = Sampler(p, device, lora_dir if any(s > 0 for s in todo) else None)
     logger.info("transformer ready in %.1f s", time.perf_counter() - t0)
     latents = {}
     bar = log.progress(total=sum(len(ks) for ks in todo.values()), desc="sample images", unit="img")
     for scale, ks in todo.items():
         t1 = time.perf_counter()
-        if scale == 0:
-            if lora:
-                pipe.disable_lora()
-        else:
-            pipe.enable_lora()
-            render.set_lora_scale(pipe.transformer, ADAPTER, scale)  # in place: no recompiling per scale
         done = bar.n
         rows = torch.tensor(ks)
-        latents[scale] = dict(zip(ks, compiling.run_first(  # the first compiled call builds the graphs; eager if that fails
-            lambda: render.denoise(pipe, embeds[rows], pooled[rows], [jobs[k][1] for k in ks], steps=sp.steps,
-                                   guidance=sp.guidance, height=sp.resolution, width=sp.resolution,
-                                   batch_size=sp.batch_size, progress=lambda n: bar.update(done + n - bar.n)),
-            pipe.transformer)))
+        latents[scale] = dict(zip(ks, sampler.latents(scale, embeds[rows], pooled[rows], [jobs[k][1] for k in ks],
+                                                      progress=lambda n: bar.update(done + n - bar.n))))
         logger.info("%s: %d images in %.1f s", scale_label(scale), len(ks), time.perf_counter() - t1)
     bar.close()
-    del pipe
-    render.free_memory()
+    sampler.close()
     return latents
 
 
 def decode_pngs(p: params.Params, latents: dict, device) -> dict:
     """3. PNG bytes of the latents (``{scale: {job: bytes}}``), with the VAE alone on the device; the
     PNGs are encoded on threads while the VAE decodes the next batch (stages.core.images.png_pool)."""
-    from stages.models import base_cache, flux, render
+    from stages.models import flux
+    from stages.models.sampler import decode_calls
 
     if not latents:
         return {}
     t0 = time.perf_counter()
     vae = flux.load_vae(p.model, device=device)
-    res, batch = p.sample.resolution, memory.plan(p.model, device).vae_batch
+    sp, batch = p.sample, memory.plan(p.model, device).vae_batch
     with core_images.png_pool() as pool:
-        pending = {}
-        for scale, lat in latents.items():
-            # decoded per pipeline call (a base-cache miss re-renders its whole call): the same VAE batches
-            # whether the cache was cold or warm, so the same bytes
-            calls = [[k for k in chunk if k in lat] for chunk in base_cache.batches(max(lat) + 1, p.sample.batch_size)]
-            pending[scale] = {k: pool.submit(core_images.encode_png, img) for ks in calls if ks
-                              for k, img in zip(ks, render.decode(vae, [lat[k] for k in ks], res, res, batch))}
+        # decoded per pipeline call (a base-cache miss re-renders its whole call): the same bytes cold or warm
+        pending = {scale: {k: pool.submit(core_images.encode_png, img)
+                           for k, img in decode_calls(vae, lat, sp.batch_size, sp.resolution, batch)}
+                   for scale, lat in latents.items()}
         out = {scale: {k: f.result() for k, f in fs.items()} for scale, fs in pending.items()}
     del vae
     render.free_memory()

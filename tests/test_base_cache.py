@@ -232,6 +232,18 @@ def test_an_edit_of_the_render_code_misses(fields, tmp_path, monkeypatch):
     assert first_key(base_cache.run_fields(p, "cpu")) != first_key(common)
 
 
+def test_the_code_in_the_key_is_the_code_of_the_stages_that_render_base_images():
+    """index.json names each base image's key, which follows CODE's source: an edit there must rerun
+    sample (a dep), or the lock's outputs are not what the code now writes. Neither stage's own module is
+    in it (an edit of the grid's scoring re-rendered every base image, and reran nothing in DVC)."""
+    import yaml
+
+    stages = yaml.safe_load((stagecache.CODE_ROOT / "dvc.yaml").read_text())["stages"]
+    for name in ("sample", "operating_point"):
+        assert set(base_cache.CODE) <= set(stages[name]["deps"]), name
+    assert not {"stages/sample.py", "stages/operating_point.py"} & set(base_cache.CODE)
+
+
 @pytest.mark.slow
 def test_compiled_sampling_within_one_grey_level(tmp_path, cache, counted):
     """sample.compile=true: the same images within one grey level, and never the eager run's base

@@ -43,10 +43,12 @@ log = logging.getLogger(__name__)
 KIND = "base-images"
 VERSION = 1
 # the code an image's pixels come from (any edit there renders again)
-CODE = ("stages/sample.py", "stages/models/render.py", "stages/models/flux.py", "stages/models/streaming.py",
+# (the sample stage and the grid render them with stages.models.sampler and encode their PNGs with
+# images.encode_png: their own modules only choose what to render, which the key's fields say)
+CODE = ("stages/models/sampler.py", "stages/models/render.py", "stages/models/flux.py", "stages/models/streaming.py",
         "stages/models/quant.py", "stages/models/quant_cache.py", "stages/models/fp8.py",
         "stages/models/compiling.py", "stages/models/attention.py", "stages/models/base_cache.py",
-        "stages/operating_point.py", "stages/core/images.py")  # the grid stores base images too (encode_png)
+        "stages/core/images.py")
 
 
 def tensor_sha256(t: torch.Tensor) -> str:

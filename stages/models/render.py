@@ -8,7 +8,8 @@ the pipeline's three parts one after the other, each alone on the device:
    embeddings, then are freed; the embeddings are cached, so a rerun (another LoRA, another
    experiment) loads no text encoder at all;
 2. :func:`denoise`: the transformer (with its adapter) turns embeddings + seeded noise into
-   latents, through FluxPipeline's own loop (``output_type="latent"``); the caller frees it;
+   latents, through FluxPipeline's own loop (``output_type="latent"``); the caller frees it
+   (stages.models.sampler: that transformer with an adapter, as the sample stage and the grid use it);
 3. :func:`decode`: the VAE turns the latents into images, exactly as the pipeline would.
 
 The images are the pipeline's: same embeddings, same noise (one CPU generator per image), same
@@ -176,3 +177,4 @@ def decode(vae, latents: list[torch.Tensor], height: int, width: int, batch: int
         x = x / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
         images += to_pil(vae.decode(x, return_dict=False)[0])
     return images
+
